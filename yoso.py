@@ -1,0 +1,788 @@
+"""YOSO — You Only Sample Once: one-step generation by self-cooperative diffusion GANs.
+
+Y. Luo, X. Chen, X. Qu, T. Hu, J. Tang, "You Only Sample Once: Taming One-Step Text-to-Image
+Synthesis by Self-Cooperative Diffusion GANs", arXiv 2403.12931v6 (ICLR 2025).
+
+This file is the whole method in plain PyTorch (torch and the standard library only). The two
+scripts beside it apply it: train_cifar.py (from scratch) and finetune_t2i.py (PixArt-α, LoRA or
+full). Read it top to bottom beside the paper; sections follow the order one training step
+touches things.
+
+Paper symbol -> code name
+    T, t, t' ............ cfg.T, t (integer step 0..T-1), t_D / t_C (the smaller steps)
+    ᾱ_t ................. sched.alphas_cumprod[t]
+    α_t, σ_t, SNR_t ..... alpha_t, sigma_t, sched.snr(t)          (x_t = α_t x_0 + σ_t ε)
+    ε, v ................ eps, v                                  (v = α_t ε − σ_t x_0)
+    G_θ(x_t, t, c) ...... predict_x0(G, x_t, t, c, ...)           (the one-step x_0 predictor)
+    D(x, t, c) .......... D(x, t, c) -> logits (B,)
+    k_D, k_C ............ cfg.k_D, cfg.k_C   (gaps to the self-cooperative "real" and the consistency target)
+    γ, λ_con, λ_rec ..... cfg.gamma, cfg.lambda_con, cfg.lambda_rec
+    w_con(t), w_rec(t) .. consistency_weight, reconstruction_weight
+    sg[·] ............... torch.no_grad() / .detach()
+    μ̂, ŝ (IPI) .......... ipi.mean, ipi.std
+
+Sections
+    1. Config
+    2. Noise schedule and the zero-terminal-SNR fix          (Sec. 4.3 of the method doc)
+    3. Forward process and the x_0-parameterisation          (Sec. 1)
+    4. Fused ops: logistic loss, weighted MSE, foreach EMA   (custom autograd.Functions, no Triton)
+    5. Losses                                                (Sec. 2, Eq. for L_D and L_G)
+    6. Discriminators                                        (Sec. 3 and Sec. 4.2)
+    7. Train step                                            (Sec. 2, steps 1-4)
+    8. Sampling: one step, multi-step, informative prior     (Sec. 1, Sec. 4.3)
+    9. Quick adaption and weight transplant                  (Sec. 4.3, Sec. 4.4)
+   10. Run plumbing: checkpoints, metrics, distributed       (shared by both scripts)
+
+"Method doc" = shared/docs/yoso-method.md, which restates the paper; section numbers refer to it.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+Tensor = torch.Tensor
+
+
+# ==================================================================================================
+# 1. Config
+# ==================================================================================================
+
+@dataclass
+class YOSOConfig:
+    # --- noise schedule (Sec. 4.3) ---
+    T: int = 1000                      # number of diffusion steps (official: 1000)
+    beta_schedule: str = "linear"      # "linear" (DDPM, from scratch) or "scaled_linear" (SD-1.5 / PixArt-α)
+    beta_start: float = 1e-4           # DDPM's 1e-4; SD/PixArt use 0.00085
+    beta_end: float = 0.02             # DDPM's 0.02; SD/PixArt use 0.012
+    zero_terminal_snr: bool = False    # rescale betas so ᾱ_{T-1} = 0 (Lin et al. 2023; the PixArt fix)
+    # --- generator parameterisation (Sec. 1) ---
+    prediction_type: str = "v_prediction"  # "epsilon" | "v_prediction" | "sample"; v is exact at low noise (Sec. 5.1)
+    boundary_scaling: bool = False     # LCM's c_skip/c_out (official: on); pins G(x_0, 0) = x_0
+    # --- the self-cooperative objective (Sec. 2) ---
+    k_D: int = 250                     # gap to the discriminator's "real" step t_D = t - k_D (official: 250)
+    k_C: int = 25                      # gap to the consistency target's step t_C = t - k_C (official: 25)
+    gamma: float = 5.0                 # clip of both weights w_con, w_rec (official snr_gamma = 5)
+    lambda_con: float = 2.0            # weight of the consistency term (official: 2)
+    lambda_rec: float = 0.5            # weight of the reconstruction ("KL") term (official: 0.5)
+    gan_loss: str = "per_sample"       # "per_sample" (paper) | "batch_mean" (official code: softplus of the mean logit)
+    # --- optimisation (Sec. 2 step 4) ---
+    lr: float = 2e-5                   # official LoRA lr; from scratch use ~2e-4
+    betas_G: tuple = (0.9, 0.999)      # AdamW betas of the generator (official)
+    betas_D: tuple = (0.0, 0.999)      # AdamW betas of the discriminator (official)
+    weight_decay: float = 0.0          # AdamW weight decay of both
+    grad_clip: float = 1.0             # max grad norm of G (official max_grad_norm = 1)
+    ema_decay: float = 0.999           # EMA of G (official, fine-tuning); from scratch 0.9999 is usual
+
+    def __post_init__(self):
+        if not 0 < self.k_C < self.T or not 0 < self.k_D < self.T:
+            raise ValueError(f"need 0 < k_C, k_D < T, got k_C={self.k_C}, k_D={self.k_D}, T={self.T}")
+        if self.prediction_type not in ("epsilon", "v_prediction", "sample"):
+            raise ValueError(f"prediction_type must be epsilon, v_prediction or sample, got {self.prediction_type!r}")
+        if self.gan_loss not in ("per_sample", "batch_mean"):
+            raise ValueError(f"gan_loss must be per_sample or batch_mean, got {self.gan_loss!r}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# ==================================================================================================
+# 2. Noise schedule and the zero-terminal-SNR fix (Sec. 4.3)
+# ==================================================================================================
+
+def make_betas(T: int, kind: str, beta_start: float, beta_end: float) -> Tensor:
+    """β_1..β_T of DDPM ("linear") or of SD / PixArt ("scaled_linear", linear in sqrt β). float64."""
+    if kind == "linear":
+        return torch.linspace(beta_start, beta_end, T, dtype=torch.float64)
+    if kind == "scaled_linear":
+        return torch.linspace(beta_start ** 0.5, beta_end ** 0.5, T, dtype=torch.float64) ** 2
+    raise ValueError(f"beta_schedule must be linear or scaled_linear, got {kind!r}")
+
+
+def rescale_zero_terminal_snr(betas: Tensor) -> Tensor:
+    """Lin et al. 2023, Algorithm 1: shift and scale sqrt(ᾱ_t) so that ᾱ_{T-1} = 0 and ᾱ_0 is kept."""
+    sqrt_ab = torch.cumprod(1 - betas, 0).sqrt()
+    first, last = sqrt_ab[0].clone(), sqrt_ab[-1].clone()
+    sqrt_ab = (sqrt_ab - last) * first / (first - last)        # last -> 0 exactly, first -> first
+    ab = sqrt_ab ** 2
+    alphas = torch.cat([ab[:1], ab[1:] / ab[:-1]])
+    return 1 - alphas
+
+
+class NoiseSchedule:
+    """ᾱ_t on the integer grid t = 0..T-1, and α_t, σ_t, SNR_t read off it (stored in float64)."""
+
+    def __init__(self, betas: Tensor):
+        self.betas = betas.double()
+        self.alphas_cumprod = torch.cumprod(1 - self.betas, 0)
+        self.T = len(betas)
+
+    @classmethod
+    def from_config(cls, cfg: YOSOConfig, zero_terminal_snr: Optional[bool] = None) -> "NoiseSchedule":
+        betas = make_betas(cfg.T, cfg.beta_schedule, cfg.beta_start, cfg.beta_end)
+        ztsnr = cfg.zero_terminal_snr if zero_terminal_snr is None else zero_terminal_snr
+        return cls(rescale_zero_terminal_snr(betas) if ztsnr else betas)
+
+    def alpha_sigma(self, t: Tensor, ndim: int = 1) -> tuple[Tensor, Tensor]:
+        """α_t, σ_t as float32 of shape (B, 1, ..., 1) with `ndim` dims, ready to broadcast."""
+        ab = self.alphas_cumprod.to(t.device)[t]
+        shape = (-1,) + (1,) * (ndim - 1)
+        return ab.sqrt().float().view(shape), (1 - ab).sqrt().float().view(shape)
+
+    def snr(self, t: Tensor) -> Tensor:
+        ab = self.alphas_cumprod.to(t.device)[t]
+        return (ab / (1 - ab)).float()                          # inf at t where ᾱ = 1 never happens (β_0 > 0)
+
+    def add_noise(self, x0: Tensor, eps: Tensor, t: Tensor) -> Tensor:
+        alpha_t, sigma_t = self.alpha_sigma(t, x0.ndim)
+        return alpha_t * x0 + sigma_t * eps                     # x_t = α_t x_0 + σ_t ε
+
+
+# ==================================================================================================
+# 3. Forward process and the x_0-parameterisation (Sec. 1)
+# ==================================================================================================
+
+def x0_from_output(out: Tensor, x_t: Tensor, alpha_t: Tensor, sigma_t: Tensor, prediction_type: str) -> Tensor:
+    """Read a network output as an estimate of x_0 (Sec. 1)."""
+    if prediction_type == "epsilon":
+        return (x_t - sigma_t * out) / alpha_t                  # x̂_0 = (x_t − σ_t ε̂) / α_t
+    if prediction_type == "v_prediction":
+        return alpha_t * x_t - sigma_t * out                    # x̂_0 = α_t x_t − σ_t v̂
+    return out                                                  # "sample": x̂_0 = network output
+
+
+def eps_from_output(out: Tensor, x_t: Tensor, alpha_t: Tensor, sigma_t: Tensor, prediction_type: str) -> Tensor:
+    """The ε a network output implies; used by quick adaption (Sec. 4.3)."""
+    if prediction_type == "epsilon":
+        return out
+    if prediction_type == "v_prediction":
+        return sigma_t * x_t + alpha_t * out                    # ε = σ_t x_t + α_t v
+    return (x_t - alpha_t * out) / sigma_t
+
+
+def v_target(x0: Tensor, eps: Tensor, alpha_t: Tensor, sigma_t: Tensor) -> Tensor:
+    return alpha_t * eps - sigma_t * x0                         # v = α_t ε − σ_t x_0
+
+
+def boundary_scalings(t: Tensor, sigma_data: float = 0.5, timestep_scaling: float = 10.0) -> tuple[Tensor, Tensor]:
+    """LCM's c_skip(t), c_out(t): G = c_skip x_t + c_out x̂_0, so G(x_0, 0) = x_0 (Sec. 1)."""
+    s = timestep_scaling * t.float()
+    c_skip = sigma_data ** 2 / (s ** 2 + sigma_data ** 2)
+    c_out = s / (s ** 2 + sigma_data ** 2).sqrt()
+    return c_skip, c_out
+
+
+def predict_x0(G: nn.Module, x_t: Tensor, t: Tensor, cond, sched: NoiseSchedule, cfg: YOSOConfig) -> Tensor:
+    """G_θ(x_t, t, c): run the network and read its output as a one-step x_0 prediction (Sec. 1).
+
+    G is any module called as G(x_t, t, cond) -> tensor shaped like x_t (the scripts adapt
+    diffusers' UNet2DModel and PixArtTransformer2DModel to this call).
+    """
+    alpha_t, sigma_t = sched.alpha_sigma(t, x_t.ndim)
+    x0_hat = x0_from_output(G(x_t, t, cond), x_t, alpha_t, sigma_t, cfg.prediction_type)
+    if cfg.boundary_scaling:
+        c_skip, c_out = (c.view(alpha_t.shape) for c in boundary_scalings(t))
+        x0_hat = c_skip * x_t + c_out * x0_hat
+    return x0_hat
+
+
+# ==================================================================================================
+# 4. Fused ops — hand-written backward, identical code on CPU and CUDA, no Triton / torch.compile
+# ==================================================================================================
+# Each Function saves one tensor instead of the chain of intermediates eager autograd keeps, and
+# computes in float32 whatever the autocast dtype of its inputs.
+
+class _LogisticLoss(torch.autograd.Function):
+    """softplus(−s·x) per element, s = +1 for "real", −1 for "fake".  d/dx = −s·sigmoid(−s·x)."""
+
+    @staticmethod
+    def forward(ctx, logits: Tensor, sign: float) -> Tensor:
+        x = logits.float()
+        ctx.save_for_backward(x)
+        ctx.sign, ctx.dtype = sign, logits.dtype
+        return F.softplus(-sign * x)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        (x,) = ctx.saved_tensors
+        return (grad * (-ctx.sign) * torch.sigmoid(-ctx.sign * x)).to(ctx.dtype), None
+
+
+class _WeightedMSE(torch.autograd.Function):
+    """w_i · mean_j (a_ij − b_ij)² per sample i. Saves only a − b; no gradient to w."""
+
+    @staticmethod
+    def forward(ctx, a: Tensor, b: Tensor, w: Tensor) -> Tensor:
+        diff = a.float() - b.float()                            # (B, ...)
+        n = diff[0].numel()
+        ctx.save_for_backward(diff, w)
+        ctx.dtypes = (a.dtype, b.dtype)
+        return w.float() * diff.pow(2).flatten(1).sum(1) / n   # (B,)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        diff, w = ctx.saved_tensors
+        scale = (2.0 / diff[0].numel()) * grad * w.float()      # (B,)
+        g = scale.view((-1,) + (1,) * (diff.ndim - 1)) * diff
+        grad_a = g.to(ctx.dtypes[0]) if ctx.needs_input_grad[0] else None
+        grad_b = (-g).to(ctx.dtypes[1]) if ctx.needs_input_grad[1] else None
+        return grad_a, grad_b, None
+
+
+def logistic_loss(logits: Tensor, real: bool) -> Tensor:
+    """Non-saturating logistic GAN loss per element: softplus(−x) for real, softplus(x) for fake."""
+    return _LogisticLoss.apply(logits, 1.0 if real else -1.0)
+
+
+def weighted_mse(a: Tensor, b: Tensor, w: Optional[Tensor] = None) -> Tensor:
+    """Per-sample w · ‖a − b‖² / dim, shape (B,)."""
+    if w is None:
+        w = torch.ones(a.shape[0], device=a.device)
+    return _WeightedMSE.apply(a, b, w.detach())
+
+
+@torch.no_grad()
+def ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
+    """θ_ema ← decay·θ_ema + (1 − decay)·θ, as ONE multi-tensor op over all parameters (no Python loop)."""
+    ema_p = [p for p in ema.parameters()]
+    model_p = [p.detach() for p in model.parameters()]
+    torch._foreach_lerp_(ema_p, model_p, 1.0 - decay)
+    for b_ema, b in zip(ema.buffers(), model.buffers()):
+        b_ema.copy_(b)
+
+
+# ==================================================================================================
+# 5. Losses (Sec. 2) — small pure functions returning per-sample values; the caller weights and reduces
+# ==================================================================================================
+
+def consistency_weight(t: Tensor, t_C: Tensor, sched: NoiseSchedule, gamma: float) -> Tensor:
+    """w_con(t) = min(1 / (σ_t/α_t − σ_{t_C}/α_{t_C}), γ)   (Sec. 2 step 3)."""
+    ab = sched.alphas_cumprod.to(t.device)
+    inv_snr_sqrt = ((1 - ab) / ab).sqrt()                       # σ/α, inf where ᾱ = 0 (zero terminal SNR)
+    return (1 / (inv_snr_sqrt[t] - inv_snr_sqrt[t_C])).clamp(max=gamma).float()   # t == t_C -> 1/0 = inf -> γ
+
+
+def reconstruction_weight(t: Tensor, sched: NoiseSchedule, gamma: float) -> Tensor:
+    """w_rec(t) = min(SNR_t, γ)   (Sec. 2 step 3)."""
+    return sched.snr(t).clamp(max=gamma)
+
+
+def discriminator_loss(logits_real: Tensor, logits_fake: Tensor, batch_mean: bool = False) -> Tensor:
+    """L_D = softplus(−D(real)) + softplus(D(fake))   (Sec. 2 step 2).
+
+    batch_mean=True reproduces the official code, which applies softplus to the batch-mean logit;
+    it then returns one value, shape (1,).
+    """
+    if batch_mean:
+        logits_real, logits_fake = logits_real.mean(0, keepdim=True), logits_fake.mean(0, keepdim=True)
+    return logistic_loss(logits_real, real=True) + logistic_loss(logits_fake, real=False)
+
+
+def generator_adv_loss(logits_fake: Tensor, batch_mean: bool = False) -> Tensor:
+    """L_adv = softplus(−D(x̂))   (Sec. 2 step 3)."""
+    if batch_mean:
+        logits_fake = logits_fake.mean(0, keepdim=True)
+    return logistic_loss(logits_fake, real=True)
+
+
+def mse_distance(a: Tensor, b: Tensor, cond=None) -> Tensor:
+    """d(a, b) for training from scratch: per-sample MSE in pixel space."""
+    return weighted_mse(a, b)
+
+
+def latent_perceptual_distance(features: Callable) -> Callable:
+    """d(a, b) = mean ‖F(a) − F(b)‖²  with F a FROZEN network's features (Sec. 4.1).
+
+    `features(x, cond)` returns features of x (the pre-trained denoiser at t = 0). The target b is a
+    stop-gradient sample, so F(b) runs without a graph; gradient reaches a through F.
+    """
+    def distance(a: Tensor, b: Tensor, cond=None) -> Tensor:
+        with torch.no_grad():
+            f_b = features(b, cond)
+        return weighted_mse(features(a, cond), f_b)
+    return distance
+
+
+# ==================================================================================================
+# 6. Discriminators (Sec. 3 from scratch; Sec. 4.2 latent)
+# ==================================================================================================
+
+def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
+    """Sinusoidal embedding of integer steps t (B,) -> (B, dim)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+    args = t.float()[:, None] * freqs[None]
+    return torch.cat([args.cos(), args.sin()], dim=1)
+
+
+class DiscriminatorHead(nn.Module):
+    """norm → SiLU → attention pooling → SiLU → Linear(·, 1)  (Sec. 4.2).
+
+    Turns any feature map (B, C, H, W) or token sequence (B, N, C) into one logit per sample. The
+    pooling query is a learned vector plus the mean token plus (optionally) an embedding of t / c.
+    """
+
+    def __init__(self, channels: int, emb_dim: int = 0, num_heads: Optional[int] = None, groups: int = 32):
+        super().__init__()
+        self.norm = nn.GroupNorm(math.gcd(groups, channels), channels)
+        self.query = nn.Parameter(torch.zeros(channels))
+        self.emb_proj = nn.Linear(emb_dim, channels) if emb_dim else None
+        self.num_heads = num_heads or max(1, channels // 64)
+        self.kv = nn.Linear(channels, 2 * channels)
+        self.q = nn.Linear(channels, channels)
+        self.out = nn.Linear(channels, channels)
+        self.fc = nn.Linear(channels, 1)
+
+    def forward(self, h: Tensor, emb: Optional[Tensor] = None) -> Tensor:
+        if h.ndim == 4:
+            h = h.flatten(2)                                    # (B, C, H*W)
+        else:
+            h = h.transpose(1, 2)                               # (B, N, C) -> (B, C, N)
+        h = F.silu(self.norm(h)).transpose(1, 2)                # (B, N, C)
+        B, N, C = h.shape
+        query = self.query + h.mean(1)                          # (B, C)
+        if self.emb_proj is not None and emb is not None:
+            query = query + self.emb_proj(emb)
+        heads, d = self.num_heads, C // self.num_heads
+        q = self.q(query).view(B, heads, 1, d)
+        k, v = self.kv(h).view(B, N, 2, heads, d).permute(2, 0, 3, 1, 4)   # each (B, heads, N, d)
+        pooled = F.scaled_dot_product_attention(q, k, v).reshape(B, C)
+        return self.fc(F.silu(self.out(pooled))).squeeze(1)    # (B,)
+
+
+class _DBlock(nn.Module):
+    """Residual conv block with the time embedding added as a per-channel bias, then 2x downsample."""
+
+    def __init__(self, c_in: int, c_out: int, emb_dim: int, down: bool):
+        super().__init__()
+        self.norm1, self.conv1 = nn.GroupNorm(math.gcd(32, c_in), c_in), nn.Conv2d(c_in, c_out, 3, padding=1)
+        self.emb = nn.Linear(emb_dim, c_out)
+        self.norm2, self.conv2 = nn.GroupNorm(math.gcd(32, c_out), c_out), nn.Conv2d(c_out, c_out, 3, padding=1)
+        self.skip = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
+        self.down = down
+
+    def forward(self, x: Tensor, emb: Tensor) -> Tensor:
+        h = self.conv1(F.silu(self.norm1(x))) + self.emb(emb)[:, :, None, None]
+        h = self.conv2(F.silu(self.norm2(h)))
+        h = (h + self.skip(x)) / math.sqrt(2)
+        return F.avg_pool2d(h, 2) if self.down else h
+
+
+class Discriminator(nn.Module):
+    """Compact time-conditioned convolutional D for images or latents, trained from scratch (Sec. 3).
+
+    D(x, t, c) -> logits (B,). It sees clean x_0-space samples scored at step t; conditioning on t
+    lets one network judge every noise level's predictions. Unconditional in c (CIFAR-10).
+    """
+
+    def __init__(self, in_channels: int = 3, channels: tuple = (64, 128, 256, 256), emb_dim: int = 256):
+        super().__init__()
+        self.emb_dim = emb_dim
+        self.t_mlp = nn.Sequential(nn.Linear(emb_dim, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        self.stem = nn.Conv2d(in_channels, channels[0], 3, padding=1)
+        c_ins = (channels[0],) + tuple(channels[:-1])
+        self.blocks = nn.ModuleList(
+            _DBlock(ci, co, emb_dim, down=i < len(channels) - 1) for i, (ci, co) in enumerate(zip(c_ins, channels)))
+        self.head = DiscriminatorHead(channels[-1], emb_dim)
+
+    def forward(self, x: Tensor, t: Tensor, cond=None) -> Tensor:
+        emb = self.t_mlp(timestep_embedding(t, self.emb_dim))
+        h = self.stem(x)
+        for block in self.blocks:
+            h = block(h, emb)
+        return self.head(h, emb)
+
+
+class FeatureDiscriminator(nn.Module):
+    """Latent D of Sec. 4.2: a trainable copy of the pre-trained denoiser's first part + the head.
+
+    `features(x, t, cond)` returns (B, C, H, W) or (B, N, C); finetune_t2i.py builds it from the
+    first transformer blocks of PixArt-α, initialised from the pre-trained weights.
+    """
+
+    def __init__(self, features: nn.Module, channels: int):
+        super().__init__()
+        self.features = features
+        self.head = DiscriminatorHead(channels)
+
+    def forward(self, x: Tensor, t: Tensor, cond=None) -> Tensor:
+        return self.head(self.features(x, t, cond))
+
+
+# ==================================================================================================
+# 7. Train step (Sec. 2, steps 1-4)
+# ==================================================================================================
+
+def unwrap(module: nn.Module) -> nn.Module:
+    """The module inside DistributedDataParallel (or the module itself)."""
+    return getattr(module, "module", module)
+
+
+def cat_cond(*conds):
+    """Concatenate conditionings along the batch: None, a tensor, or a dict of tensors."""
+    if conds[0] is None:
+        return None
+    if isinstance(conds[0], dict):
+        return {k: cat_cond(*(c[k] for c in conds)) for k in conds[0]}
+    return torch.cat(conds)
+
+
+def split_cond(cond, n: int):
+    """Split a conditioning into n equal micro-batches (inverse of cat_cond)."""
+    if cond is None:
+        return [None] * n
+    if isinstance(cond, dict):
+        parts = {k: split_cond(v, n) for k, v in cond.items()}
+        return [{k: parts[k][i] for k in cond} for i in range(n)]
+    return list(cond.chunk(n))
+
+
+def sample_noise_levels(B: int, cfg: YOSOConfig, device) -> tuple[Tensor, Tensor, Tensor]:
+    """t ~ U{0..T-1}; t_D = max(t − k_D, 0); t_C = max(t − k_C, 0)   (Sec. 2 step 1)."""
+    t = torch.randint(0, cfg.T, (B,), device=device)
+    return t, (t - cfg.k_D).clamp(min=0), (t - cfg.k_C).clamp(min=0)
+
+
+def train_step(G: nn.Module, D: nn.Module, opt_G, opt_D, x0: Tensor, cond=None, *,
+               sched: NoiseSchedule, cfg: YOSOConfig, G_ema: Optional[nn.Module] = None,
+               distance: Callable = mse_distance, grad_accum: int = 1,
+               amp_dtype: Optional[torch.dtype] = None, scaler_G=None, scaler_D=None) -> dict:
+    """One YOSO iteration: a D step, a G step, an EMA update (Sec. 2). Returns diagnostics.
+
+    Same maths as the naive step of the method doc (4 G forwards, 3 D forwards) with fewer, larger
+    kernels: the two stop-gradient G evaluations run as ONE batched forward, G(x_t) with grad is
+    computed once and its detached copy is D's fake, and D scores real and fake in one forward.
+    With grad_accum > 1 the batch is split into micro-batches; G(x_t) is then recomputed in the G
+    step rather than kept alive across the D step (memory is the reason to accumulate).
+    G and D may be wrapped in DistributedDataParallel; scaler_G/D are GradScalers for fp16.
+    """
+    device = x0.device
+    autocast = lambda: torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None)
+    G_plain, D_plain = unwrap(G), unwrap(D)
+    batch_mean = cfg.gan_loss == "batch_mean"
+    keep_graph = grad_accum == 1
+    scale = lambda loss, scaler: scaler.scale(loss) if scaler is not None else loss
+
+    # --- 1. noise levels and inputs: one x_0, one ε, three steps -----------------------------------
+    micro = []
+    for x0_mb, c_mb in zip(x0.chunk(grad_accum), split_cond(cond, grad_accum)):
+        t, t_D, t_C = sample_noise_levels(x0_mb.shape[0], cfg, device)
+        eps = torch.randn_like(x0_mb)
+        micro.append(dict(x0=x0_mb, c=c_mb, t=t, t_C=t_C, x_t=sched.add_noise(x0_mb, eps, t),
+                          t_D=t_D, x_tD=sched.add_noise(x0_mb, eps, t_D), x_tC=sched.add_noise(x0_mb, eps, t_C)))
+
+    # --- 2. D step: real = sg G(x_{t_D}, t_D), fake = sg G(x_t, t), both scored at t ------------------
+    D.requires_grad_(True)
+    opt_D.zero_grad(set_to_none=True)
+    stats = torch.zeros(7, device=device)                      # loss_D, D_real, D_fake, adv, con, rec, loss_G
+    for m in micro:
+        B = m["x0"].shape[0]
+        with torch.no_grad(), autocast():                      # the two sg evaluations as ONE forward
+            both = predict_x0(G_plain, torch.cat([m["x_tD"], m["x_tC"]]), torch.cat([m["t_D"], m["t_C"]]),
+                              cat_cond(m["c"], m["c"]), sched, cfg)
+            x0_real, m["target"] = both[:B], both[B:]
+        with torch.set_grad_enabled(keep_graph), autocast():  # G(x_t): D's fake now, the G step's x̂ later
+            x0_hat = predict_x0(G, m["x_t"], m["t"], m["c"], sched, cfg)
+        m["x0_hat"] = x0_hat if keep_graph else None
+        with autocast():                                       # real and fake through D in one forward
+            logits = D(torch.cat([x0_real, x0_hat.detach()]), torch.cat([m["t"], m["t"]]), cat_cond(m["c"], m["c"]))
+        logits_real, logits_fake = logits.float()[:B], logits.float()[B:]
+        loss_D = discriminator_loss(logits_real, logits_fake, batch_mean).mean()
+        scale(loss_D / grad_accum, scaler_D).backward()
+        stats[:3] += torch.stack([loss_D.detach(), logits_real.detach().mean(), logits_fake.detach().mean()]) / grad_accum
+    grad_norm_D = _optimizer_step(opt_D, D.parameters(), scaler_D, max_norm=None)
+
+    # --- 3. G step: D frozen (its plain module, so DDP does not wait for D's gradients) --------------
+    D_plain.requires_grad_(False)                              # no parameter grads for D: G's step only
+    opt_G.zero_grad(set_to_none=True)
+    for m in micro:
+        with autocast():
+            x0_hat = m["x0_hat"] if keep_graph else predict_x0(G, m["x_t"], m["t"], m["c"], sched, cfg)
+            logits_fake = D_plain(x0_hat, m["t"], m["c"]).float()
+        L_adv = generator_adv_loss(logits_fake, batch_mean)                                    # softplus(−D(x̂))
+        L_con = consistency_weight(m["t"], m["t_C"], sched, cfg.gamma) * distance(x0_hat, m["target"], m["c"])
+        L_rec = weighted_mse(x0_hat, m["x0"], reconstruction_weight(m["t"], sched, cfg.gamma))   # w_rec ‖x̂ − x_0‖²
+        loss_G = L_adv.mean() + cfg.lambda_con * L_con.mean() + cfg.lambda_rec * L_rec.mean()
+        scale(loss_G / grad_accum, scaler_G).backward()
+        stats[3:] += torch.stack([L_adv.detach().mean(), L_con.detach().mean(), L_rec.detach().mean(),
+                                  loss_G.detach()]) / grad_accum
+        m.clear()                                              # free the graph's inputs early
+    grad_norm_G = _optimizer_step(opt_G, G.parameters(), scaler_G, max_norm=cfg.grad_clip)
+    D_plain.requires_grad_(True)
+
+    # --- 4. EMA of G --------------------------------------------------------------------------------
+    skipped = not (math.isfinite(grad_norm_G) and math.isfinite(grad_norm_D))
+    if G_ema is not None and not skipped:
+        ema_update(G_ema, G_plain, cfg.ema_decay)
+    names = ("loss_D", "D_real", "D_fake", "L_adv", "L_con", "L_rec", "loss_G")
+    out = dict(zip(names, stats.tolist()))                     # one device sync for all figures
+    out.update(grad_norm_G=grad_norm_G, grad_norm_D=grad_norm_D, skipped=int(skipped))
+    return out
+
+
+def _optimizer_step(opt, params, scaler, max_norm: Optional[float]) -> float:
+    """Unscale, clip (when max_norm), and step — unless the gradient is non-finite: then skip the step.
+
+    A NaN/inf gradient must never reach the weights; the caller counts skipped steps (Sec. 2 step 4).
+    """
+    params = [p for p in params if p.grad is not None]
+    if scaler is not None:
+        scaler.unscale_(opt)
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm is not None else float("inf"))
+    norm = float(norm)
+    if scaler is not None:
+        scaler.step(opt)                                       # GradScaler skips non-finite steps itself
+        scaler.update()
+    elif math.isfinite(norm):
+        opt.step()
+    opt.zero_grad(set_to_none=True)
+    return norm
+
+
+def make_optimizers(G: nn.Module, D: nn.Module, cfg: YOSOConfig, lr: Optional[float] = None):
+    """AdamW for G (β = 0.9, 0.999) and D (β = 0, 0.999), same lr (Sec. 2 step 4). Trainable params only."""
+    lr = cfg.lr if lr is None else lr
+    make = lambda m, betas: torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=lr,
+                                              betas=betas, weight_decay=cfg.weight_decay)
+    return make(G, cfg.betas_G), make(D, cfg.betas_D)
+
+
+# ==================================================================================================
+# 8. Sampling (Sec. 1; informative prior of Sec. 4.3)
+# ==================================================================================================
+
+@torch.no_grad()
+def sample(G: nn.Module, noise: Tensor, cond=None, *, sched: NoiseSchedule, cfg: YOSOConfig,
+           steps: int = 1, generator: Optional[torch.Generator] = None) -> Tensor:
+    """One-step (steps=1) or multi-step LCM-style sampling from x_{T-1} = `noise`.
+
+    steps = 1:  x_0 = G(x_{T-1}, T−1).
+    steps = k:  x̂_0 = G(x_{τ_i}, τ_i); x_{τ_{i+1}} = α x̂_0 + σ ε_new, on τ = T−1, T−1−T/k, ... ("trailing").
+    `noise` is N(0, I) for zero-terminal-SNR / from-scratch models, or ipi_prior(...) for IPI.
+    """
+    taus = [cfg.T - 1 - i * (cfg.T // steps) for i in range(steps)]
+    x = noise
+    for i, tau in enumerate(taus):
+        t = torch.full((x.shape[0],), tau, device=x.device, dtype=torch.long)
+        x0_hat = predict_x0(G, x, t, cond, sched, cfg)
+        if i + 1 < len(taus):
+            eps = torch.randn(x.shape, device=x.device, generator=generator, dtype=x.dtype)
+            x = sched.add_noise(x0_hat, eps, torch.full_like(t, taus[i + 1]))
+    return x0_hat
+
+
+@dataclass
+class IPI:
+    """Informative prior initialisation (Sec. 4.3): per-position mean latent μ̂ and scalar std ŝ."""
+    mean: Tensor    # (C, H, W)
+    std: float
+
+    @classmethod
+    def estimate(cls, latents: Tensor) -> "IPI":
+        """μ̂ = mean over training latents per position; ŝ = std of all their entries (official recipe)."""
+        return cls(mean=latents.float().mean(0), std=float(latents.float().std()))
+
+    def prior(self, batch: int, sched: NoiseSchedule, generator: Optional[torch.Generator] = None) -> Tensor:
+        """x_{T-1} = α_{T-1} (μ̂ + ŝ ε') + σ_{T-1} ε: noise that carries the signal the schedule left in."""
+        t = torch.full((batch,), sched.T - 1, dtype=torch.long)
+        shape = (batch,) + tuple(self.mean.shape)
+        eps_prime = torch.randn(shape, generator=generator)
+        eps = torch.randn(shape, generator=generator)
+        return sched.add_noise(self.mean + self.std * eps_prime, eps, t)
+
+    def state_dict(self) -> dict:
+        return {"ipi_mean": self.mean.contiguous(), "ipi_std": torch.tensor([self.std])}
+
+    @classmethod
+    def from_state_dict(cls, sd: dict) -> "IPI":
+        return cls(mean=sd["ipi_mean"], std=float(sd["ipi_std"][0]))
+
+
+# ==================================================================================================
+# 9. Quick adaption (Sec. 4.3) and the 1024 transplant (Sec. 4.4)
+# ==================================================================================================
+
+def adaption_target(teacher_out: Tensor, x_t_teacher: Tensor, t: Tensor, teacher_sched: NoiseSchedule,
+                    student_sched: NoiseSchedule, teacher_prediction_type: str = "epsilon") -> Tensor:
+    """v-target for the student from a frozen teacher, with decoupled schedules (Sec. 4.3).
+
+    Stage I  (student_sched = teacher_sched): ε → v distillation on the teacher's own schedule.
+    Stage II (student_sched = zero-terminal-SNR): the teacher keeps its schedule; its x̂_0 and ε̂
+    are re-combined with the NEW α_t, σ_t:  v = α'_t ε̂ − σ'_t x̂_0.
+    Both inputs come from one x_0 and one ε (see adaption_inputs).
+    """
+    alpha_t, sigma_t = teacher_sched.alpha_sigma(t, x_t_teacher.ndim)
+    x0_hat = x0_from_output(teacher_out, x_t_teacher, alpha_t, sigma_t, teacher_prediction_type)
+    eps_hat = eps_from_output(teacher_out, x_t_teacher, alpha_t, sigma_t, teacher_prediction_type)
+    alpha_new, sigma_new = student_sched.alpha_sigma(t, x_t_teacher.ndim)
+    return v_target(x0_hat, eps_hat, alpha_new, sigma_new)
+
+
+def adaption_inputs(x0: Tensor, eps: Tensor, t: Tensor, teacher_sched: NoiseSchedule,
+                    student_sched: NoiseSchedule) -> tuple[Tensor, Tensor]:
+    """The teacher's input on its old schedule and the student's on the new one, same x_0 and ε."""
+    return teacher_sched.add_noise(x0, eps, t), student_sched.add_noise(x0, eps, t)
+
+
+def transplant_delta(target_base: dict, source_base: dict, source_tuned: dict) -> tuple[dict, list]:
+    """θ_target + (θ_tuned − θ_source) per tensor (Sec. 4.4: YOSO-1024 = PixArt-1024 + (YOSO-512 − PixArt-512)).
+
+    Tensors present in target_base only, or whose shapes differ, are kept from target_base; their
+    names are returned so the caller can report them.
+    """
+    out, kept = {}, []
+    for name, w in target_base.items():
+        if name in source_base and name in source_tuned and source_base[name].shape == w.shape:
+            delta = source_tuned[name].double() - source_base[name].double()
+            out[name] = (w.double() + delta).to(w.dtype)
+        else:
+            out[name], _ = w.clone(), kept.append(name)
+    return out, kept
+
+
+# ==================================================================================================
+# 10. Run plumbing: checkpoints, metrics, distributed (shared by train_cifar.py and finetune_t2i.py)
+# ==================================================================================================
+# Checkpoints are one safetensors file each: every module's weights, every optimiser's state and the
+# RNG states as tensors, the rest as JSON metadata. safetensors is imported here, lazily, so the
+# method sections above need torch alone.
+
+def _flatten_optimizer(prefix: str, opt) -> tuple[dict, dict]:
+    sd = opt.state_dict()
+    tensors, meta = {}, {"param_groups": sd["param_groups"], "scalars": {}}
+    for idx, state in sd["state"].items():
+        for key, value in state.items():
+            name = f"{prefix}.state.{idx}.{key}"
+            if torch.is_tensor(value):
+                tensors[name] = value.detach().contiguous().clone()
+            else:
+                meta["scalars"][name] = value
+    return tensors, meta
+
+
+def _unflatten_optimizer(prefix: str, tensors: dict, meta: dict) -> dict:
+    state: dict = {}
+    items = [(k, v) for k, v in tensors.items() if k.startswith(prefix + ".state.")] + \
+            [(k, v) for k, v in meta["scalars"].items()]
+    for name, value in items:
+        idx, key = name[len(prefix) + len(".state."):].split(".", 1)
+        state.setdefault(int(idx), {})[key] = value
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def save_checkpoint(path: str, step: int, modules: dict, optimizers: dict, extra: Optional[dict] = None) -> None:
+    """Write modules, optimisers, step and RNG states to `path` atomically (temp file, fsync, rename).
+
+    A crash mid-write leaves the previous file untouched; the partial one is a *.tmp that loaders ignore.
+    """
+    from safetensors.torch import save_file
+    tensors, meta = {}, {"step": step, "optimizers": {}, "extra": extra or {}}
+    for name, m in modules.items():
+        for k, v in unwrap(m).state_dict().items():
+            tensors[f"{name}/{k}"] = v.detach().contiguous().clone()
+    for name, opt in optimizers.items():
+        t, m = _flatten_optimizer(f"opt_{name}", opt)
+        tensors.update(t)
+        meta["optimizers"][name] = m
+    tensors["rng/cpu"] = torch.get_rng_state()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        tensors["rng/cuda"] = torch.cuda.get_rng_state()
+    tmp = path + ".tmp"
+    save_file({k: v.cpu() for k, v in tensors.items()}, tmp, metadata={"yoso": json.dumps(meta)})
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: str, modules: dict, optimizers: dict, restore_rng: bool = True) -> dict:
+    """Load what save_checkpoint wrote into the given modules / optimisers; returns {step, extra}.
+
+    Raises ValueError with a plain sentence when the file does not match the modules (another
+    architecture, another preset) so scripts can print one line and exit.
+    """
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+    try:
+        with safe_open(path, "pt") as f:
+            meta = json.loads(f.metadata()["yoso"])
+        tensors = load_file(path)
+    except Exception as e:  # corrupt or foreign file
+        raise ValueError(f"{path} is not a YOSO checkpoint ({type(e).__name__}: {e})") from None
+    for name, m in modules.items():
+        sd = {k[len(name) + 1:]: v for k, v in tensors.items() if k.startswith(name + "/")}
+        try:
+            unwrap(m).load_state_dict(sd)
+        except RuntimeError as e:
+            first = str(e).strip().splitlines()
+            raise ValueError(f"{path}: '{name}' does not match this model "
+                             f"({first[1].strip() if len(first) > 1 else first[0]}); "
+                             f"was it written with another preset or architecture?") from None
+    for name, opt in optimizers.items():
+        opt.load_state_dict(_unflatten_optimizer(f"opt_{name}", tensors, meta["optimizers"][name]))
+    if restore_rng:
+        torch.set_rng_state(tensors["rng/cpu"])
+        if "rng/cuda" in tensors and torch.cuda.is_available():
+            torch.cuda.set_rng_state(tensors["rng/cuda"])
+    return {"step": meta["step"], "extra": meta["extra"]}
+
+
+def list_checkpoints(run_dir: str) -> list:
+    """Complete checkpoints of a run, oldest first (names ckpt-<step>.safetensors)."""
+    if not os.path.isdir(run_dir):
+        return []
+    names = [n for n in os.listdir(run_dir) if n.startswith("ckpt-") and n.endswith(".safetensors")]
+    return [os.path.join(run_dir, n) for n in sorted(names, key=lambda n: int(n[5:-12]))]
+
+
+def save_run_checkpoint(run_dir: str, step: int, modules: dict, optimizers: dict,
+                        extra: Optional[dict] = None, keep: int = 3) -> str:
+    """ckpt-<step>.safetensors in run_dir, then delete all but the newest `keep`."""
+    path = os.path.join(run_dir, f"ckpt-{step:08d}.safetensors")
+    save_checkpoint(path, step, modules, optimizers, extra)
+    for old in list_checkpoints(run_dir)[:-keep]:
+        os.remove(old)
+    return path
+
+
+class MetricsLog:
+    """Append-only JSONL of metrics, one line per logged step (rank 0 only)."""
+
+    def __init__(self, path: str, enabled: bool = True):
+        self.path, self.enabled = path, enabled
+
+    def write(self, **fields) -> None:
+        if self.enabled:
+            with open(self.path, "a") as f:
+                f.write(json.dumps({"time": round(time.time(), 3), **fields}) + "\n")
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device: Optional[str] = None) -> Dist:
+    """Set up DDP when launched by torchrun (NCCL on GPU, gloo on CPU); a single process otherwise."""
+    use_cuda = torch.cuda.is_available() if device is None else device.startswith("cuda")
+    if "RANK" not in os.environ:
+        return Dist(device=torch.device("cuda" if use_cuda else "cpu"))
+    import torch.distributed as dist
+    rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
+    if use_cuda:
+        torch.cuda.set_device(local)
+    dist.init_process_group("nccl" if use_cuda else "gloo")
+    return Dist(rank, world, local, torch.device(f"cuda:{local}" if use_cuda else "cpu"))
