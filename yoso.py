@@ -197,14 +197,18 @@ def predict_x0(G: nn.Module, x_t: Tensor, t: Tensor, cond, sched: NoiseSchedule,
 # 4. Fused ops — hand-written backward, identical code on CPU and CUDA, no Triton / torch.compile
 # ==================================================================================================
 # Each Function saves one tensor instead of the chain of intermediates eager autograd keeps, and
-# computes in float32 whatever the autocast dtype of its inputs.
+# computes in (at least) float32 whatever the autocast dtype of its inputs.
+
+def _upcast(x: Tensor) -> Tensor:
+    return x if x.dtype == torch.float64 else x.float()
+
 
 class _LogisticLoss(torch.autograd.Function):
     """softplus(−s·x) per element, s = +1 for "real", −1 for "fake".  d/dx = −s·sigmoid(−s·x)."""
 
     @staticmethod
     def forward(ctx, logits: Tensor, sign: float) -> Tensor:
-        x = logits.float()
+        x = _upcast(logits)
         ctx.save_for_backward(x)
         ctx.sign, ctx.dtype = sign, logits.dtype
         return F.softplus(-sign * x)
@@ -220,16 +224,16 @@ class _WeightedMSE(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, a: Tensor, b: Tensor, w: Tensor) -> Tensor:
-        diff = a.float() - b.float()                            # (B, ...)
+        diff = _upcast(a) - _upcast(b)                          # (B, ...)
         n = diff[0].numel()
         ctx.save_for_backward(diff, w)
         ctx.dtypes = (a.dtype, b.dtype)
-        return w.float() * diff.pow(2).flatten(1).sum(1) / n   # (B,)
+        return w.to(diff.dtype) * diff.pow(2).flatten(1).sum(1) / n   # (B,)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
         diff, w = ctx.saved_tensors
-        scale = (2.0 / diff[0].numel()) * grad * w.float()      # (B,)
+        scale = (2.0 / diff[0].numel()) * grad * w.to(diff.dtype)   # (B,)
         g = scale.view((-1,) + (1,) * (diff.ndim - 1)) * diff
         grad_a = g.to(ctx.dtypes[0]) if ctx.needs_input_grad[0] else None
         grad_b = (-g).to(ctx.dtypes[1]) if ctx.needs_input_grad[1] else None
@@ -471,12 +475,15 @@ def train_step(G: nn.Module, D: nn.Module, opt_G, opt_D, x0: Tensor, cond=None, 
     scale = lambda loss, scaler: scaler.scale(loss) if scaler is not None else loss
 
     # --- 1. noise levels and inputs: one x_0, one ε, three steps -----------------------------------
-    micro = []
-    for x0_mb, c_mb in zip(x0.chunk(grad_accum), split_cond(cond, grad_accum)):
-        t, t_D, t_C = sample_noise_levels(x0_mb.shape[0], cfg, device)
-        eps = torch.randn_like(x0_mb)
-        micro.append(dict(x0=x0_mb, c=c_mb, t=t, t_C=t_C, x_t=sched.add_noise(x0_mb, eps, t),
-                          t_D=t_D, x_tD=sched.add_noise(x0_mb, eps, t_D), x_tC=sched.add_noise(x0_mb, eps, t_C)))
+    # Drawn for the whole batch before splitting, so grad_accum does not change the random stream.
+    t, t_D, t_C = sample_noise_levels(x0.shape[0], cfg, device)
+    eps = torch.randn_like(x0)
+    full = dict(x0=x0, t=t, t_D=t_D, t_C=t_C, x_t=sched.add_noise(x0, eps, t),
+                x_tD=sched.add_noise(x0, eps, t_D), x_tC=sched.add_noise(x0, eps, t_C))
+    if x0.shape[0] % grad_accum:
+        raise ValueError(f"batch {x0.shape[0]} is not divisible by grad_accum={grad_accum}")
+    parts = {k: v.chunk(grad_accum) for k, v in full.items()}
+    micro = [{k: parts[k][i] for k in parts} | {"c": c} for i, c in enumerate(split_cond(cond, grad_accum))]
 
     # --- 2. D step: real = sg G(x_{t_D}, t_D), fake = sg G(x_t, t), both scored at t ------------------
     D.requires_grad_(True)
@@ -674,7 +681,8 @@ def _unflatten_optimizer(prefix: str, tensors: dict, meta: dict) -> dict:
     for name, value in items:
         idx, key = name[len(prefix) + len(".state."):].split(".", 1)
         state.setdefault(int(idx), {})[key] = value
-    return {"state": state, "param_groups": meta["param_groups"]}
+    groups = [{k: tuple(v) if k == "betas" else v for k, v in g.items()} for g in meta["param_groups"]]  # JSON made it a list
+    return {"state": state, "param_groups": groups}
 
 
 def save_checkpoint(path: str, step: int, modules: dict, optimizers: dict, extra: Optional[dict] = None) -> None:

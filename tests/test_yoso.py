@@ -1,0 +1,411 @@
+"""Unit tests of yoso.py against closed forms, invariants and the literal re-implementation in reference.py."""
+import copy
+import math
+import os
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import yoso
+from reference import literal_weights, naive_train_step
+
+
+# ---------------------------------------------------------------------------------------- helpers
+
+class TinyG(nn.Module):
+    """A small conv net called as G(x_t, t, cond) — time enters as a per-channel bias."""
+
+    def __init__(self, ch=3, width=16):
+        super().__init__()
+        self.inp, self.out = nn.Conv2d(ch, width, 3, padding=1), nn.Conv2d(width, ch, 3, padding=1)
+        self.t = nn.Linear(16, width)
+
+    def forward(self, x, t, cond=None):
+        h = self.inp(x) + self.t(yoso.timestep_embedding(t, 16))[:, :, None, None]
+        return self.out(F.silu(h))
+
+
+def setup(seed=0, **cfg_kw):
+    torch.manual_seed(seed)
+    cfg = yoso.YOSOConfig(**cfg_kw)
+    G, D = TinyG(), yoso.Discriminator(3, (16, 32), emb_dim=32)
+    return cfg, yoso.NoiseSchedule.from_config(cfg), G, D
+
+
+# ---------------------------------------------------------------------------------------- schedules
+
+@pytest.mark.parametrize("kind,start,end", [("linear", 1e-4, 0.02), ("scaled_linear", 0.00085, 0.012)])
+def test_schedules_match_diffusers(kind, start, end):
+    from diffusers import DDPMScheduler
+    ref = DDPMScheduler(num_train_timesteps=1000, beta_schedule=kind, beta_start=start, beta_end=end)
+    ours = yoso.NoiseSchedule(yoso.make_betas(1000, kind, start, end))
+    torch.testing.assert_close(ours.alphas_cumprod.float(), ref.alphas_cumprod, rtol=1e-5, atol=1e-7)
+
+
+def test_zero_terminal_snr_rescale():
+    betas = yoso.make_betas(1000, "scaled_linear", 0.00085, 0.012)
+    before = yoso.NoiseSchedule(betas)
+    after = yoso.NoiseSchedule(yoso.rescale_zero_terminal_snr(betas))
+    assert after.alphas_cumprod[-1].item() == 0.0                         # exactly, not 2**-24
+    # the flaw being fixed: SD / PixArt's last step keeps sqrt(ᾱ) = 0.068 of the signal (SNR 4.7e-3;
+    # DDPM's linear schedule keeps ᾱ = 4e-5)
+    assert math.isclose(before.snr(torch.tensor([999])).item(), 4.68e-3, rel_tol=0.01)
+    lin = yoso.NoiseSchedule(yoso.make_betas(1000, "linear", 1e-4, 0.02))
+    assert math.isclose(lin.alphas_cumprod[-1].item(), 4.04e-5, rel_tol=0.01)
+    assert abs(after.alphas_cumprod[0] - before.alphas_cumprod[0]).item() < 1e-12
+    assert (after.alphas_cumprod[1:] < after.alphas_cumprod[:-1]).all()   # still monotone
+    # diffusers implements the same algorithm (and then clamps the last value to 2**-24 in float32)
+    from diffusers import DDPMScheduler
+    ref = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, rescale_betas_zero_snr=True)
+    torch.testing.assert_close(after.alphas_cumprod[:-1].float(), ref.alphas_cumprod[:-1], rtol=1e-4, atol=1e-7)
+
+
+def test_bad_config_is_rejected():
+    with pytest.raises(ValueError, match="k_C"):
+        yoso.YOSOConfig(k_D=1000)
+    with pytest.raises(ValueError, match="prediction_type"):
+        yoso.YOSOConfig(prediction_type="x")
+
+
+# ---------------------------------------------------------------------------------------- x_0 parameterisation
+
+@pytest.mark.parametrize("ztsnr", [False, True])
+def test_x0_recovered_from_true_eps_and_v(ztsnr):
+    cfg = yoso.YOSOConfig(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    sched = yoso.NoiseSchedule.from_config(cfg, zero_terminal_snr=ztsnr)
+    x0, eps = torch.randn(64, 4, 8, 8), torch.randn(64, 4, 8, 8)
+    t = torch.randint(0, 998, (64,))                                      # ε-pred is singular at α = 0
+    x_t = sched.add_noise(x0, eps, t)
+    a, s = sched.alpha_sigma(t, 4)
+    torch.testing.assert_close(yoso.x0_from_output(eps, x_t, a, s, "epsilon"), x0, atol=2e-3, rtol=1e-3)
+    v = yoso.v_target(x0, eps, a, s)
+    torch.testing.assert_close(yoso.x0_from_output(v, x_t, a, s, "v_prediction"), x0, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(yoso.eps_from_output(v, x_t, a, s, "v_prediction"), eps, atol=1e-5, rtol=1e-5)
+    t_last = torch.full((64,), 999)                                       # v is exact even at α = 0
+    x_T = sched.add_noise(x0, eps, t_last)
+    a, s = sched.alpha_sigma(t_last, 4)
+    torch.testing.assert_close(yoso.x0_from_output(yoso.v_target(x0, eps, a, s), x_T, a, s, "v_prediction"),
+                               x0, atol=1e-5, rtol=1e-5)
+
+
+def test_boundary_scalings():
+    c_skip, c_out = yoso.boundary_scalings(torch.tensor([0, 1, 999]))
+    assert c_skip[0] == 1 and c_out[0] == 0                               # G(x_0, 0) = x_0
+    torch.testing.assert_close(c_skip[1], torch.tensor(0.25 / 100.25))
+    assert c_skip[2] < 1e-8 and abs(c_out[2] - 1) < 1e-8
+
+
+# ---------------------------------------------------------------------------------------- losses
+
+def test_loss_weights_equal_literal_formulas():
+    cfg = yoso.YOSOConfig()
+    for ztsnr in (False, True):
+        sched = yoso.NoiseSchedule.from_config(cfg, zero_terminal_snr=ztsnr)
+        t = torch.cat([torch.tensor([0, 1, 24, 25, 150, 600, 999]), torch.randint(0, 1000, (50,))])
+        t_C = (t - cfg.k_C).clamp(min=0)
+        w_con, w_rec = literal_weights(t, t_C, sched, cfg.gamma)
+        torch.testing.assert_close(yoso.consistency_weight(t, t_C, sched, cfg.gamma), w_con.float(), rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(yoso.reconstruction_weight(t, sched, cfg.gamma), w_rec.float(), rtol=1e-5, atol=1e-7)
+    # the method doc's landmarks (they hold for SD / PixArt's scaled-linear schedule)
+    sched = yoso.NoiseSchedule(yoso.make_betas(1000, "scaled_linear", 0.00085, 0.012))
+    w = lambda tt: yoso.consistency_weight(torch.tensor([tt]), torch.tensor([tt - 25]), sched, 5.0).item()
+    assert w(600) == 5.0 and w(700) < 5.0 and 0.45 < w(999) < 0.55
+    assert yoso.reconstruction_weight(torch.tensor([140]), sched, 5.0).item() == 5.0
+    assert 0.004 < yoso.reconstruction_weight(torch.tensor([999]), sched, 5.0).item() < 0.006
+
+
+def test_gan_losses_equal_literal():
+    r, f = torch.randn(16), torch.randn(16)
+    torch.testing.assert_close(yoso.discriminator_loss(r, f), torch.log1p(torch.exp(-r)) + torch.log1p(torch.exp(f)))
+    torch.testing.assert_close(yoso.discriminator_loss(r, f, batch_mean=True),
+                               (torch.log1p(torch.exp(-r.mean())) + torch.log1p(torch.exp(f.mean()))).view(1))
+    torch.testing.assert_close(yoso.generator_adv_loss(f), torch.log1p(torch.exp(-f)))
+    big = torch.tensor([-200.0, 200.0])                                   # stable where exp overflows
+    assert torch.isfinite(yoso.discriminator_loss(big, big)).all()
+
+
+def test_weighted_mse_equals_literal():
+    a, b, w = torch.randn(5, 3, 4, 4), torch.randn(5, 3, 4, 4), torch.rand(5)
+    literal = torch.stack([w[i] * ((a[i] - b[i]) ** 2).mean() for i in range(5)])
+    torch.testing.assert_close(yoso.weighted_mse(a, b, w), literal)
+
+
+def test_fused_ops_gradcheck_and_match_eager():
+    x = torch.randn(7, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda v: yoso.logistic_loss(v, True), (x,))
+    assert torch.autograd.gradcheck(lambda v: yoso.logistic_loss(v, False), (x,))
+    a = torch.randn(3, 2, 4, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(3, 2, 4, dtype=torch.float64, requires_grad=True)
+    w = torch.rand(3, dtype=torch.float64)
+    assert torch.autograd.gradcheck(lambda p, q: yoso.weighted_mse(p, q, w), (a, b))
+    # gradients equal eager autograd in float32
+    a32, b32 = a.detach().float().requires_grad_(), b.detach().float().requires_grad_()
+    yoso.weighted_mse(a32, b32, w.float()).sum().backward()
+    a2, b2 = a.detach().float().requires_grad_(), b.detach().float().requires_grad_()
+    (w.float() * ((a2 - b2) ** 2).flatten(1).mean(1)).sum().backward()
+    torch.testing.assert_close(a32.grad, a2.grad)
+    torch.testing.assert_close(b32.grad, b2.grad)
+    # a detached target gets no gradient, and bf16 inputs give bf16 gradients computed in fp32
+    a16 = torch.randn(2, 8, dtype=torch.bfloat16, requires_grad=True)
+    yoso.weighted_mse(a16, torch.zeros(2, 8)).sum().backward()
+    assert a16.grad.dtype == torch.bfloat16
+    torch.testing.assert_close(a16.grad.float(), (2 / 8 * a16.float()).detach(), rtol=1e-2, atol=1e-2)
+
+
+def test_foreach_ema_equals_per_parameter_loop():
+    torch.manual_seed(0)
+    model, ema = TinyG(), TinyG()
+    ref = copy.deepcopy(ema)
+    yoso.ema_update(ema, model, 0.9)
+    with torch.no_grad():
+        for pr, p in zip(ref.parameters(), model.parameters()):
+            pr.copy_(0.9 * pr + 0.1 * p)
+    for pe, pr in zip(ema.parameters(), ref.parameters()):
+        torch.testing.assert_close(pe, pr)
+
+
+def test_latent_perceptual_distance_zero_and_gradient_route():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(4, 8, 3, padding=1), nn.SiLU()).requires_grad_(False)
+    dist = yoso.latent_perceptual_distance(lambda x, c: net(x))
+    a = torch.randn(2, 4, 8, 8, requires_grad=True)
+    assert torch.all(dist(a, a.detach()) == 0)
+    b = torch.randn(2, 4, 8, 8, requires_grad=True)
+    dist(a, b).sum().backward()
+    assert a.grad.abs().sum() > 0 and b.grad is None                     # only through the first argument
+    assert all(p.grad is None for p in net.parameters())
+
+
+# ---------------------------------------------------------------------------------------- discriminators
+
+def test_discriminators_shapes_and_head_on_tokens():
+    D = yoso.Discriminator(4, (16, 32), emb_dim=32)
+    assert D(torch.randn(3, 4, 16, 16), torch.tensor([0, 10, 999])).shape == (3,)
+    head = yoso.DiscriminatorHead(64)
+    tokens = torch.randn(2, 10, 64)
+    assert head(tokens).shape == (2,)
+    # the head is permutation-invariant over positions (attention pooling over a set)
+    torch.testing.assert_close(head(tokens), head(tokens[:, torch.randperm(10)]), rtol=1e-5, atol=1e-5)
+    # a (B, C, H, W) map and its (B, N, C) token view give the same logits
+    fmap = torch.randn(2, 64, 3, 3)
+    torch.testing.assert_close(head(fmap), head(fmap.flatten(2).transpose(1, 2)))
+
+
+# ---------------------------------------------------------------------------------------- train step
+
+def _record_steps(opt, fn):
+    orig = opt.step
+
+    def step(*a, **k):
+        fn()
+        return orig(*a, **k)
+    opt.step = step
+
+
+def test_gradient_routing_D_step_leaves_G_and_vice_versa():
+    cfg, sched, G, D = setup(lr=1e-2)
+    opt_G, opt_D = yoso.make_optimizers(G, D, cfg)
+    G0, D0 = copy.deepcopy(G.state_dict()), copy.deepcopy(D.state_dict())
+    seen = {}
+
+    def at_D_step():                                                       # before D's update
+        seen["G_grads_at_D_step"] = [p.grad for p in G.parameters()]
+        seen["G_same_at_D_step"] = all(torch.equal(p, G0[k]) for k, p in G.state_dict().items())
+
+    def at_G_step():                                                       # before G's update
+        seen["D_grads_at_G_step"] = [p.grad for p in D.parameters()]
+        seen["D_after_D_step"] = copy.deepcopy(D.state_dict())
+    _record_steps(opt_D, at_D_step)
+    _record_steps(opt_G, at_G_step)
+    yoso.train_step(G, D, opt_G, opt_D, torch.randn(8, 3, 16, 16), sched=sched, cfg=cfg)
+    assert seen["G_same_at_D_step"]
+    assert all(g is None or g.abs().sum() == 0 for g in seen["G_grads_at_D_step"])
+    assert all(g is None for g in seen["D_grads_at_G_step"])
+    assert any(not torch.equal(D0[k], v) for k, v in seen["D_after_D_step"].items())   # D did move
+    assert all(torch.equal(v, D.state_dict()[k]) for k, v in seen["D_after_D_step"].items())  # G step left D alone
+    assert any(not torch.equal(G0[k], v) for k, v in G.state_dict().items())          # G did move
+    assert all(p.requires_grad for p in D.parameters())                                # toggles restored
+
+
+@pytest.mark.parametrize("cfg_kw", [
+    {},                                                                    # v-prediction, per-sample GAN loss
+    {"prediction_type": "epsilon", "boundary_scaling": True, "gan_loss": "batch_mean"},   # the official setting
+    {"prediction_type": "sample", "zero_terminal_snr": True},
+])
+def test_batched_train_step_equals_naive_four_forward_step(cfg_kw):
+    """Same draws, same losses and same updates as the literal step (float32; tolerance 1e-5 relative).
+
+    SGD, not Adam: Adam's first steps divide by |g|, turning 1e-9 differences in near-zero gradients
+    into O(lr) ones, which would test Adam rather than the step.
+    """
+    cfg, sched, G, D = setup(**cfg_kw)
+    G2, D2, E1, E2 = copy.deepcopy(G), copy.deepcopy(D), copy.deepcopy(G), copy.deepcopy(G)
+    sgd = lambda *ms: [torch.optim.SGD(m.parameters(), lr=0.05) for m in ms]
+    opts1, opts2 = sgd(G, D), sgd(G2, D2)
+    x0 = torch.randn(8, 3, 16, 16)
+    for step in range(3):
+        torch.manual_seed(100 + step)
+        ours = yoso.train_step(G, D, *opts1, x0, sched=sched, cfg=cfg, G_ema=E1)
+        torch.manual_seed(100 + step)
+        ref = naive_train_step(G2, D2, *opts2, x0, None, sched, cfg, G_ema=E2)
+        for k in ref:
+            assert math.isclose(ours[k], ref[k], rel_tol=1e-5, abs_tol=1e-6), (k, ours[k], ref[k])
+    for a, b in [(G, G2), (D, D2), (E1, E2)]:
+        for p, q in zip(a.parameters(), b.parameters()):
+            torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
+def test_grad_accumulation_equals_full_batch():
+    cfg, sched, G, D = setup()
+    G2, D2 = copy.deepcopy(G), copy.deepcopy(D)
+    sgd = lambda *ms: [torch.optim.SGD(m.parameters(), lr=0.05) for m in ms]
+    opts1, opts2 = sgd(G, D), sgd(G2, D2)
+    x0 = torch.randn(8, 3, 16, 16)
+    torch.manual_seed(5)
+    a = yoso.train_step(G, D, *opts1, x0, sched=sched, cfg=cfg)
+    torch.manual_seed(5)
+    b = yoso.train_step(G2, D2, *opts2, x0, sched=sched, cfg=cfg, grad_accum=4)
+    for k in ("loss_D", "loss_G", "L_con", "L_rec", "grad_norm_G"):
+        assert math.isclose(a[k], b[k], rel_tol=1e-5, abs_tol=1e-6), k
+    for p, q in zip(G.parameters(), G2.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="divisible"):
+        yoso.train_step(G, D, *opts1, torch.randn(6, 3, 16, 16), sched=sched, cfg=cfg, grad_accum=4)
+
+
+def test_dict_conditioning_and_bf16_autocast_run():
+    cfg, sched, _, _ = setup()
+
+    class CondG(TinyG):
+        def forward(self, x, t, cond):
+            return super().forward(x, t) + cond["emb"].mean(1)[:, :3, None, None]
+
+    class CondD(yoso.Discriminator):
+        def forward(self, x, t, cond):
+            return super().forward(x, t) + cond["emb"].mean((1, 2))
+
+    G, D = CondG(), CondD(3, (16, 32), emb_dim=32)
+    opts = yoso.make_optimizers(G, D, cfg)
+    cond = {"emb": torch.randn(4, 5, 8), "mask": torch.ones(4, 5)}
+    out = yoso.train_step(G, D, *opts, torch.randn(4, 3, 16, 16), cond, sched=sched, cfg=cfg,
+                          amp_dtype=torch.bfloat16, grad_accum=2)
+    assert all(math.isfinite(v) for v in out.values()) and out["skipped"] == 0
+
+
+def test_non_finite_gradient_skips_the_step():
+    cfg, sched, G, D = setup()
+    opts = yoso.make_optimizers(G, D, cfg)
+    before = copy.deepcopy(G.state_dict())
+    x0 = torch.randn(4, 3, 16, 16)
+    x0[0, 0, 0, 0] = float("nan")
+    out = yoso.train_step(G, D, *opts, x0, sched=sched, cfg=cfg, G_ema=copy.deepcopy(G))
+    assert out["skipped"] == 1
+    assert all(torch.equal(v, G.state_dict()[k]) for k, v in before.items())
+
+
+# ---------------------------------------------------------------------------------------- sampling
+
+def test_samplers_shapes_and_determinism():
+    cfg, sched, G, _ = setup()
+    noise = torch.randn(3, 3, 16, 16)
+    one = yoso.sample(G, noise, sched=sched, cfg=cfg)
+    alpha, sigma = sched.alpha_sigma(torch.full((3,), 999), 4)
+    torch.testing.assert_close(one, alpha * noise - sigma * G(noise, torch.full((3,), 999)))   # x_0 = G(x_{T-1}, T-1)
+    four = [yoso.sample(G, noise, sched=sched, cfg=cfg, steps=4, generator=torch.Generator().manual_seed(1))
+            for _ in range(2)]
+    assert four[0].shape == noise.shape and torch.equal(four[0], four[1])
+    assert not torch.allclose(four[0], one)
+
+
+def test_multistep_sampler_timesteps():
+    cfg, sched, _, _ = setup()
+    seen = []
+
+    class Spy(nn.Module):
+        def forward(self, x, t, cond=None):
+            seen.append(int(t[0]))
+            return torch.zeros_like(x)
+    yoso.sample(Spy(), torch.randn(1, 2), sched=sched, cfg=cfg, steps=4)
+    assert seen == [999, 749, 499, 249]
+
+
+def test_ipi_statistics_match_closed_form():
+    cfg = yoso.YOSOConfig(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    sched = yoso.NoiseSchedule.from_config(cfg)
+    torch.manual_seed(0)
+    mu_true = torch.randn(2, 4, 4)
+    latents = mu_true + 0.5 * torch.randn(20000, 2, 4, 4)
+    ipi = yoso.IPI.estimate(latents)
+    torch.testing.assert_close(ipi.mean, mu_true, atol=0.02, rtol=0)
+    assert abs(ipi.std - latents.std().item()) < 1e-5                    # ŝ: std of all latent entries
+    x = ipi.prior(40000, sched, generator=torch.Generator().manual_seed(0))
+    ab = sched.alphas_cumprod[-1].item()
+    # E[x_{T-1}] = α μ̂, Var = α² ŝ² + σ²
+    torch.testing.assert_close(x.mean(0), math.sqrt(ab) * ipi.mean, atol=0.02, rtol=0)
+    assert abs(x.var(0).mean().item() - (ab * ipi.std ** 2 + 1 - ab)) < 0.02
+    again = yoso.IPI.from_state_dict(ipi.state_dict())
+    assert torch.equal(again.mean, ipi.mean) and again.std == ipi.std
+
+
+# ---------------------------------------------------------------------------------------- adaption, transplant
+
+def test_adaption_targets_with_an_exact_teacher():
+    cfg = yoso.YOSOConfig(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    old, new = yoso.NoiseSchedule.from_config(cfg), yoso.NoiseSchedule.from_config(cfg, zero_terminal_snr=True)
+    x0, eps = torch.randn(32, 4, 4, 4), torch.randn(32, 4, 4, 4)
+    t = torch.randint(0, 1000, (32,))
+    x_teacher, x_student = yoso.adaption_inputs(x0, eps, t, old, new)
+    # a teacher that predicts the true ε on its own schedule
+    v1 = yoso.adaption_target(eps, x_teacher, t, old, old)               # Stage I: v on the old schedule
+    a, s = old.alpha_sigma(t, 4)
+    torch.testing.assert_close(v1, a * eps - s * x0, atol=5e-3, rtol=1e-3)
+    v2 = yoso.adaption_target(eps, x_teacher, t, old, new)               # Stage II: v on the NEW schedule
+    a2, s2 = new.alpha_sigma(t, 4)
+    torch.testing.assert_close(v2, a2 * eps - s2 * x0, atol=5e-3, rtol=1e-3)
+    # the student's input is on the new schedule, and v2 read there recovers x_0
+    torch.testing.assert_close(yoso.x0_from_output(v2, x_student, a2, s2, "v_prediction"), x0, atol=5e-3, rtol=1e-3)
+
+
+def test_transplant_is_exact():
+    base512 = {"w": torch.tensor([1.0, 2.0]), "b": torch.tensor([0.5])}
+    tuned512 = {"w": torch.tensor([1.5, 1.0]), "b": torch.tensor([0.25])}
+    base1024 = {"w": torch.tensor([10.0, 20.0]), "b": torch.tensor([3.0]), "ar_embed": torch.tensor([7.0])}
+    out, kept = yoso.transplant_delta(base1024, base512, tuned512)
+    assert torch.equal(out["w"], torch.tensor([10.5, 19.0])) and torch.equal(out["b"], torch.tensor([2.75]))
+    assert torch.equal(out["ar_embed"], torch.tensor([7.0])) and kept == ["ar_embed"]
+
+
+# ---------------------------------------------------------------------------------------- checkpoints
+
+def test_checkpoint_roundtrip_atomic_and_keep_last(tmp_path):
+    cfg, sched, G, D = setup()
+    opts = yoso.make_optimizers(G, D, cfg)
+    yoso.train_step(G, D, *opts, torch.randn(4, 3, 16, 16), sched=sched, cfg=cfg)
+    for step in (1, 2, 3, 4):
+        yoso.save_run_checkpoint(str(tmp_path), step, {"G": G, "D": D}, {"G": opts[0], "D": opts[1]},
+                                 extra={"epoch": step}, keep=2)
+    files = yoso.list_checkpoints(str(tmp_path))
+    assert [os.path.basename(f) for f in files] == ["ckpt-00000003.safetensors", "ckpt-00000004.safetensors"]
+    (tmp_path / "ckpt-00000005.safetensors.tmp").write_bytes(b"partial")   # a crash mid-write
+    assert yoso.list_checkpoints(str(tmp_path)) == files
+    rng_after_save = torch.get_rng_state()
+    _, _, G2, D2 = setup(seed=1)
+    opts2 = yoso.make_optimizers(G2, D2, cfg)
+    torch.manual_seed(123)
+    info = yoso.load_checkpoint(files[-1], {"G": G2, "D": D2}, {"G": opts2[0], "D": opts2[1]})
+    assert info == {"step": 4, "extra": {"epoch": 4}}
+    assert torch.equal(torch.get_rng_state(), rng_after_save)
+    for a, b in [(G, G2), (D, D2)]:
+        assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+    s1, s2 = opts[0].state_dict(), opts2[0].state_dict()
+    assert s1["param_groups"] == s2["param_groups"]
+    for k in s1["state"]:
+        for key in s1["state"][k]:
+            assert torch.equal(torch.as_tensor(s1["state"][k][key]), torch.as_tensor(s2["state"][k][key]))
+    with pytest.raises(ValueError, match="does not match"):
+        yoso.load_checkpoint(files[-1], {"G": yoso.Discriminator(3, (8,)), "D": D2}, {})
+    (tmp_path / "junk.safetensors").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="not a YOSO checkpoint"):
+        yoso.load_checkpoint(str(tmp_path / "junk.safetensors"), {"G": G2}, {})
