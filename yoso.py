@@ -37,6 +37,7 @@ Sections
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -489,7 +490,7 @@ def train_step(G: nn.Module, D: nn.Module, opt_G, opt_D, x0: Tensor, cond=None, 
     D.requires_grad_(True)
     opt_D.zero_grad(set_to_none=True)
     stats = torch.zeros(7, device=device)                      # loss_D, D_real, D_fake, adv, con, rec, loss_G
-    for m in micro:
+    for i, m in enumerate(micro):
         B = m["x0"].shape[0]
         with torch.no_grad(), autocast():                      # the two sg evaluations as ONE forward
             both = predict_x0(G_plain, torch.cat([m["x_tD"], m["x_tC"]]), torch.cat([m["t_D"], m["t_C"]]),
@@ -498,26 +499,28 @@ def train_step(G: nn.Module, D: nn.Module, opt_G, opt_D, x0: Tensor, cond=None, 
         with torch.set_grad_enabled(keep_graph), autocast():  # G(x_t): D's fake now, the G step's x̂ later
             x0_hat = predict_x0(G, m["x_t"], m["t"], m["c"], sched, cfg)
         m["x0_hat"] = x0_hat if keep_graph else None
-        with autocast():                                       # real and fake through D in one forward
-            logits = D(torch.cat([x0_real, x0_hat.detach()]), torch.cat([m["t"], m["t"]]), cat_cond(m["c"], m["c"]))
-        logits_real, logits_fake = logits.float()[:B], logits.float()[B:]
-        loss_D = discriminator_loss(logits_real, logits_fake, batch_mean).mean()
-        scale(loss_D / grad_accum, scaler_D).backward()
+        with _sync_on_last(D, i, grad_accum):                  # DDP: all-reduce after the last micro-batch
+            with autocast():                                   # real and fake through D in one forward
+                logits = D(torch.cat([x0_real, x0_hat.detach()]), torch.cat([m["t"], m["t"]]), cat_cond(m["c"], m["c"]))
+            logits_real, logits_fake = logits.float()[:B], logits.float()[B:]
+            loss_D = discriminator_loss(logits_real, logits_fake, batch_mean).mean()
+            scale(loss_D / grad_accum, scaler_D).backward()
         stats[:3] += torch.stack([loss_D.detach(), logits_real.detach().mean(), logits_fake.detach().mean()]) / grad_accum
     grad_norm_D = _optimizer_step(opt_D, D.parameters(), scaler_D, max_norm=None)
 
     # --- 3. G step: D frozen (its plain module, so DDP does not wait for D's gradients) --------------
     D_plain.requires_grad_(False)                              # no parameter grads for D: G's step only
     opt_G.zero_grad(set_to_none=True)
-    for m in micro:
-        with autocast():
-            x0_hat = m["x0_hat"] if keep_graph else predict_x0(G, m["x_t"], m["t"], m["c"], sched, cfg)
-            logits_fake = D_plain(x0_hat, m["t"], m["c"]).float()
-        L_adv = generator_adv_loss(logits_fake, batch_mean)                                    # softplus(−D(x̂))
-        L_con = consistency_weight(m["t"], m["t_C"], sched, cfg.gamma) * distance(x0_hat, m["target"], m["c"])
-        L_rec = weighted_mse(x0_hat, m["x0"], reconstruction_weight(m["t"], sched, cfg.gamma))   # w_rec ‖x̂ − x_0‖²
-        loss_G = L_adv.mean() + cfg.lambda_con * L_con.mean() + cfg.lambda_rec * L_rec.mean()
-        scale(loss_G / grad_accum, scaler_G).backward()
+    for i, m in enumerate(micro):
+        with _sync_on_last(G, i, grad_accum):
+            with autocast():
+                x0_hat = m["x0_hat"] if keep_graph else predict_x0(G, m["x_t"], m["t"], m["c"], sched, cfg)
+                logits_fake = D_plain(x0_hat, m["t"], m["c"]).float()
+            L_adv = generator_adv_loss(logits_fake, batch_mean)                                  # softplus(−D(x̂))
+            L_con = consistency_weight(m["t"], m["t_C"], sched, cfg.gamma) * distance(x0_hat, m["target"], m["c"])
+            L_rec = weighted_mse(x0_hat, m["x0"], reconstruction_weight(m["t"], sched, cfg.gamma))  # w_rec ‖x̂ − x_0‖²
+            loss_G = L_adv.mean() + cfg.lambda_con * L_con.mean() + cfg.lambda_rec * L_rec.mean()
+            scale(loss_G / grad_accum, scaler_G).backward()
         stats[3:] += torch.stack([L_adv.detach().mean(), L_con.detach().mean(), L_rec.detach().mean(),
                                   loss_G.detach()]) / grad_accum
         m.clear()                                              # free the graph's inputs early
@@ -532,6 +535,11 @@ def train_step(G: nn.Module, D: nn.Module, opt_G, opt_D, x0: Tensor, cond=None, 
     out = dict(zip(names, stats.tolist()))                     # one device sync for all figures
     out.update(grad_norm_G=grad_norm_G, grad_norm_D=grad_norm_D, skipped=int(skipped))
     return out
+
+
+def _sync_on_last(module: nn.Module, i: int, n: int):
+    """Under DDP, all-reduce gradients after the last micro-batch only."""
+    return module.no_sync() if i < n - 1 and hasattr(module, "no_sync") else contextlib.nullcontext()
 
 
 def _optimizer_step(opt, params, scaler, max_norm: Optional[float]) -> float:

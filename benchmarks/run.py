@@ -1,0 +1,330 @@
+"""Benchmarks: the YOSO train step, the sampler, the fused ops and the input pipeline, side by side.
+
+    python benchmarks/run.py                       # everything, CPU, float32
+    python benchmarks/run.py --device cuda --dtype bf16 --channels-last
+    python benchmarks/run.py --only step,fused     # a subset: step, roofline, sampling, fused, loader
+
+Every figure is measured in this run, and every ratio is between two figures of this run. Nothing
+here is pass/fail; the targets (issue 6) are printed beside the ratios.
+"""
+import argparse
+import copy
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
+import yoso  # noqa: E402
+from reference import naive_train_step  # noqa: E402
+
+DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+# ------------------------------------------------------------------------------------------ timing
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_it(fn, device, warmup=1, iters=3):
+    """Median wall time of fn() in seconds."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(iters):
+        sync(device)
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2]
+
+
+def rss_bytes():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def peak_step_memory(fn, device):
+    """Bytes a step needs above what was allocated before it: CUDA allocator peak, or CPU peak RSS.
+
+    On CPU the process peak only grows, so the caller runs each variant in a fresh subprocess.
+    """
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        fn()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - base
+    base = rss_bytes()
+    fn()
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
+
+
+# ------------------------------------------------------------------------------------------ workloads
+
+def workload(name, device, channels_last=False):
+    """(G, D, x0, cond, cfg, sched) for a named shape: 'cifar' (the paper preset) or 'pixart-small'."""
+    if name == "cifar":
+        import train_cifar
+        G, D, cfg = train_cifar.build_models(train_cifar.PRESETS["paper"])
+        x0, cond = torch.randn(train_cifar.BENCH_BATCH, 3, 32, 32), None
+    elif name == "pixart-small":
+        import finetune_t2i
+        G, D, x0, cond, cfg = finetune_t2i.benchmark_workload()
+    else:
+        raise ValueError(name)
+    G, D = G.to(device), D.to(device)
+    if channels_last and x0.ndim == 4:
+        G, D = G.to(memory_format=torch.channels_last), D.to(memory_format=torch.channels_last)
+    x0 = x0.to(device)
+    if cond is not None:
+        cond = {k: v.to(device) for k, v in cond.items()} if isinstance(cond, dict) else cond.to(device)
+    return G, D, x0, cond, cfg, yoso.NoiseSchedule.from_config(cfg)
+
+
+def make_step(variant, w, amp):
+    """A closure running one train step of `variant` ('ours' or 'naive') on workload w."""
+    G, D, x0, cond, cfg, sched = w
+    G, D = copy.deepcopy(G), copy.deepcopy(D)
+    E = copy.deepcopy(G).requires_grad_(False)
+    opt_G, opt_D = yoso.make_optimizers(G, D, cfg)
+    device = x0.device
+    if variant == "ours":
+        return lambda: yoso.train_step(G, D, opt_G, opt_D, x0, cond, sched=sched, cfg=cfg, G_ema=E, amp_dtype=amp)
+
+    def naive():
+        with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+            naive_train_step(G, D, opt_G, opt_D, x0, cond, sched, cfg, G_ema=E)
+    return naive
+
+
+# ------------------------------------------------------------------------------------------ 1. step
+
+def bench_step(args, device, amp):
+    rows = []
+    for shape in args.shapes:
+        w = workload(shape, device, args.channels_last)
+        t = {v: time_it(make_step(v, w, amp), device, iters=args.iters) for v in ("naive", "ours")}
+        mem = {v: step_memory(v, shape, args) if device.type == "cpu" else
+               peak_step_memory(make_step(v, w, amp), device) for v in ("naive", "ours")}
+        B = w[2].shape[0]
+        rows.append(dict(shape=shape, batch=B, naive_s=t["naive"], ours_s=t["ours"], time_ratio=t["ours"] / t["naive"],
+                         naive_mem_mb=mem["naive"] / 2**20, ours_mem_mb=mem["ours"] / 2**20,
+                         mem_ratio=mem["ours"] / mem["naive"], ours_img_per_s=B / t["ours"]))
+        print(f"[step] {shape:13s} batch {B:4d}  naive {t['naive']:.3f}s  ours {t['ours']:.3f}s  "
+              f"ratio {t['ours'] / t['naive']:.2f} (target <= 0.75)  peak mem naive {mem['naive'] / 2**20:.0f} MB  "
+              f"ours {mem['ours'] / 2**20:.0f} MB  ratio {mem['ours'] / mem['naive']:.2f}", flush=True)
+    return rows
+
+
+def step_memory(variant, shape, args):
+    """CPU: peak RSS of one step in a fresh process (the process-wide peak cannot be reset)."""
+    cmd = [sys.executable, __file__, "--_mem", f"{variant}:{shape}", "--dtype", args.dtype]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    return float(out.strip().splitlines()[-1])
+
+
+def _mem_child(spec, amp):
+    variant, shape = spec.split(":")
+    w = workload(shape, torch.device("cpu"))
+    step = make_step(variant, w, amp)
+    print(peak_step_memory(step, torch.device("cpu")))
+
+
+# ------------------------------------------------------------------------------------------ 2. roofline
+
+def bench_roofline(args, device, amp):
+    from torch.utils.flop_counter import FlopCounterMode
+    dtype = amp or torch.float32
+    n = 4096 if device.type == "cuda" else 1024
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    peak = 2 * n ** 3 / time_it(lambda: a @ b, device, warmup=2, iters=5)
+    rows = []
+    for shape in args.shapes:
+        w = workload(shape, device, args.channels_last)
+        step = make_step("ours", w, amp)
+        with FlopCounterMode(display=False) as fc:
+            step()
+        flops = fc.get_total_flops()
+        achieved = flops / time_it(step, device, iters=args.iters)
+        rows.append(dict(shape=shape, step_gflop=flops / 1e9, achieved_tflops=achieved / 1e12,
+                         matmul_tflops=peak / 1e12, fraction=achieved / peak))
+        print(f"[roofline] {shape:13s} {flops / 1e9:.1f} GFLOP/step  {achieved / 1e12:.3f} TFLOP/s  "
+              f"matmul {n}x{n} {dtype}: {peak / 1e12:.3f} TFLOP/s  fraction {achieved / peak:.0%} (target >= 50% on GPU)",
+              flush=True)
+    return rows
+
+
+# ------------------------------------------------------------------------------------------ 3. sampling
+
+def diffusers_sampler(scheduler, G, cfg, steps):
+    """Sample with a diffusers scheduler driving the same network (v- or ε-prediction output)."""
+    scheduler.set_timesteps(steps)
+
+    @torch.no_grad()
+    def run(noise):
+        x = noise * scheduler.init_noise_sigma
+        for t in scheduler.timesteps:
+            tt = torch.full((x.shape[0],), int(t), device=x.device, dtype=torch.long)
+            x = scheduler.step(G(scheduler.scale_model_input(x, t), tt, None), t, x).prev_sample
+        return x
+    return run
+
+
+def bench_sampling(args, device, amp):
+    from diffusers import DPMSolverMultistepScheduler, LCMScheduler
+    rows = []
+    for shape in args.shapes:
+        G, _, x0, cond, cfg, sched = workload(shape, device, args.channels_last)
+        if cond is not None:
+            print(f"[sampling] {shape}: conditional workload, skipped")
+            continue
+        G.eval()
+        sched_kw = dict(num_train_timesteps=cfg.T, beta_schedule=cfg.beta_schedule, beta_start=cfg.beta_start,
+                        beta_end=cfg.beta_end, prediction_type=cfg.prediction_type,
+                        rescale_betas_zero_snr=cfg.zero_terminal_snr)
+        runs = {
+            "yoso 1 step": lambda n: yoso.sample(G, n, sched=sched, cfg=cfg, steps=1),
+            "LCM 4 steps": diffusers_sampler(LCMScheduler(**sched_kw, timestep_spacing="trailing"), G, cfg, 4),
+            "DPM-Solver++ 20 steps": diffusers_sampler(
+                DPMSolverMultistepScheduler(**sched_kw, algorithm_type="dpmsolver++"), G, cfg, 20),
+        }
+        noise = torch.randn_like(x0)
+        res = {}
+        for name, fn in runs.items():
+            with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+                res[name] = x0.shape[0] / time_it(lambda: fn(noise), device, iters=args.iters)
+        base = res["yoso 1 step"]
+        for name, ips in res.items():
+            rows.append(dict(shape=shape, sampler=name, images_per_s=ips, speedup_of_yoso=base / ips))
+            print(f"[sampling] {shape:13s} {name:22s} {ips:9.1f} img/s   YOSO is {base / ips:.1f}x faster", flush=True)
+    return rows
+
+
+# ------------------------------------------------------------------------------------------ 4. fused ops
+
+def saved_bytes(fn):
+    """Bytes of tensors autograd saves for backward while fn() builds its graph."""
+    total = [0]
+
+    def pack(t):
+        total[0] += t.numel() * t.element_size()
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return out, total[0]
+
+
+def bench_fused(args, device, amp):
+    rows = []
+    # EMA over a 35M-parameter model: one foreach op against a per-parameter loop
+    import train_cifar
+    G, _, cfg = train_cifar.build_models(train_cifar.PRESETS["paper"])
+    G, E = G.to(device), copy.deepcopy(G).to(device)
+    n_params = sum(p.numel() for p in G.parameters())
+
+    def loop():
+        with torch.no_grad():
+            for pe, p in zip(E.parameters(), G.parameters()):
+                pe.copy_(0.999 * pe + 0.001 * p)
+    t_loop = time_it(loop, device, iters=5)
+    t_each = time_it(lambda: yoso.ema_update(E, G, 0.999), device, iters=5)
+    rows.append(dict(op=f"EMA {n_params / 1e6:.1f}M params", eager_ms=t_loop * 1e3, fused_ms=t_each * 1e3,
+                     time_ratio=t_each / t_loop))
+    # losses: the autograd.Functions against their eager composition (forward + backward, saved memory)
+    B = 256 if device.type == "cuda" else 64
+    a = torch.randn(B, 4, 64, 64, device=device)
+    b, w, logits = torch.randn_like(a), torch.rand(B, device=device), torch.randn(B, device=device)
+
+    def eager_mse():
+        x = a.clone().requires_grad_()
+        return x, w * ((x - b) ** 2).flatten(1).mean(1)
+
+    def fused_mse():
+        x = a.clone().requires_grad_()
+        return x, yoso.weighted_mse(x, b, w)
+
+    def eager_gan():
+        x = logits.clone().requires_grad_()
+        return x, torch.nn.functional.softplus(-x) + torch.nn.functional.softplus(x)
+
+    def fused_gan():
+        x = logits.clone().requires_grad_()
+        return x, yoso.discriminator_loss(x, x)
+    for name, eager, fused in [("weighted MSE (B,4,64,64)", eager_mse, fused_mse), ("logistic GAN loss", eager_gan, fused_gan)]:
+        fwd_bwd = lambda f: f()[1].sum().backward()
+        t_e, t_f = time_it(lambda: fwd_bwd(eager), device, iters=5), time_it(lambda: fwd_bwd(fused), device, iters=5)
+        (_, _), m_e = saved_bytes(eager)
+        (_, _), m_f = saved_bytes(fused)
+        rows.append(dict(op=name, eager_ms=t_e * 1e3, fused_ms=t_f * 1e3, time_ratio=t_f / t_e,
+                         eager_saved_mb=m_e / 2**20, fused_saved_mb=m_f / 2**20))
+    for r in rows:
+        extra = f"  saved for backward: eager {r['eager_saved_mb']:.1f} MB, fused {r['fused_saved_mb']:.1f} MB" \
+            if "eager_saved_mb" in r else ""
+        print(f"[fused] {r['op']:26s} eager {r['eager_ms']:8.2f} ms  fused {r['fused_ms']:8.2f} ms  "
+              f"ratio {r['time_ratio']:.2f}{extra}", flush=True)
+    return rows
+
+
+# ------------------------------------------------------------------------------------------ 5. loader
+
+def bench_loader(args, device, amp):
+    import train_cifar
+    if not os.path.exists(args.data):
+        print(f"[loader] {args.data} not found, skipped")
+        return []
+    loader = train_cifar.make_loader(args.data, batch=train_cifar.BENCH_BATCH, workers=args.workers)
+    it = iter(loader)
+    next(it)
+    n, t0 = 0, time.perf_counter()
+    for _ in range(20):
+        batch = next(it)
+        n += (batch[0] if isinstance(batch, (list, tuple)) else batch).shape[0]
+    dt = time.perf_counter() - t0
+    ips = n / dt
+    w = workload("cifar", device, args.channels_last)
+    step_ips = w[2].shape[0] / time_it(make_step("ours", w, amp), device, iters=args.iters)
+    print(f"[loader] cifar zip, {args.workers} workers: {ips:.0f} img/s; train step: {step_ips:.0f} img/s; "
+          f"loader/step = {ips / step_ips:.1f}x (must be > 1)", flush=True)
+    return [dict(loader_img_per_s=ips, step_img_per_s=step_ips, ratio=ips / step_ips)]
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default="fp32", choices=DTYPES)
+    p.add_argument("--channels-last", action="store_true")
+    p.add_argument("--only", default="step,roofline,sampling,fused,loader")
+    p.add_argument("--shapes", default="cifar,pixart-small")
+    p.add_argument("--iters", type=int, default=3)
+    p.add_argument("--data", default=os.path.join(ROOT, "..", "shared", "data", "cifar10-jpeg.zip"))
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--json", help="also write the rows to this file")
+    p.add_argument("--_mem", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    torch.manual_seed(0)
+    amp = DTYPES[args.dtype]
+    if args._mem:
+        return _mem_child(args._mem, amp)
+    args.shapes = args.shapes.split(",")
+    device = torch.device(args.device)
+    print(f"device {device} ({torch.cuda.get_device_name() if device.type == 'cuda' else f'{os.cpu_count()} CPU cores'}), "
+          f"dtype {args.dtype}, torch {torch.__version__}, threads {torch.get_num_threads()}", flush=True)
+    benches = dict(step=bench_step, roofline=bench_roofline, sampling=bench_sampling, fused=bench_fused, loader=bench_loader)
+    results = {name: benches[name](args, device, amp) for name in args.only.split(",")}
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
