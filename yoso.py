@@ -502,8 +502,8 @@ def train_step(G: nn.Module, D: nn.Module, opt_G, opt_D, x0: Tensor, cond=None, 
         with _sync_on_last(D, i, grad_accum):                  # DDP: all-reduce after the last micro-batch
             with autocast():                                   # real and fake through D in one forward
                 logits = D(torch.cat([x0_real, x0_hat.detach()]), torch.cat([m["t"], m["t"]]), cat_cond(m["c"], m["c"]))
-            logits_real, logits_fake = logits.float()[:B], logits.float()[B:]
-            loss_D = discriminator_loss(logits_real, logits_fake, batch_mean).mean()
+                logits_real, logits_fake = logits[:B], logits[B:]
+                loss_D = discriminator_loss(logits_real, logits_fake, batch_mean).mean()
             scale(loss_D / grad_accum, scaler_D).backward()
         stats[:3] += torch.stack([loss_D.detach(), logits_real.detach().mean(), logits_fake.detach().mean()]) / grad_accum
     grad_norm_D = _optimizer_step(opt_D, D.parameters(), scaler_D, max_norm=None)
@@ -513,13 +513,12 @@ def train_step(G: nn.Module, D: nn.Module, opt_G, opt_D, x0: Tensor, cond=None, 
     opt_G.zero_grad(set_to_none=True)
     for i, m in enumerate(micro):
         with _sync_on_last(G, i, grad_accum):
-            with autocast():
+            with autocast():                                   # the perceptual distance's network too
                 x0_hat = m["x0_hat"] if keep_graph else predict_x0(G, m["x_t"], m["t"], m["c"], sched, cfg)
-                logits_fake = D_plain(x0_hat, m["t"], m["c"]).float()
-            L_adv = generator_adv_loss(logits_fake, batch_mean)                                  # softplus(−D(x̂))
-            L_con = consistency_weight(m["t"], m["t_C"], sched, cfg.gamma) * distance(x0_hat, m["target"], m["c"])
-            L_rec = weighted_mse(x0_hat, m["x0"], reconstruction_weight(m["t"], sched, cfg.gamma))  # w_rec ‖x̂ − x_0‖²
-            loss_G = L_adv.mean() + cfg.lambda_con * L_con.mean() + cfg.lambda_rec * L_rec.mean()
+                L_adv = generator_adv_loss(D_plain(x0_hat, m["t"], m["c"]), batch_mean)           # softplus(−D(x̂))
+                L_con = consistency_weight(m["t"], m["t_C"], sched, cfg.gamma) * distance(x0_hat, m["target"], m["c"])
+                L_rec = weighted_mse(x0_hat, m["x0"], reconstruction_weight(m["t"], sched, cfg.gamma))  # w_rec ‖x̂ − x_0‖²
+                loss_G = L_adv.mean() + cfg.lambda_con * L_con.mean() + cfg.lambda_rec * L_rec.mean()
             scale(loss_G / grad_accum, scaler_G).backward()
         stats[3:] += torch.stack([L_adv.detach().mean(), L_con.detach().mean(), L_rec.detach().mean(),
                                   loss_G.detach()]) / grad_accum
