@@ -505,7 +505,7 @@ def train_step(G: nn.Module, D: nn.Module, opt_G, opt_D, x0: Tensor, cond=None, 
                 logits_real, logits_fake = logits[:B], logits[B:]
                 loss_D = discriminator_loss(logits_real, logits_fake, batch_mean).mean()
             scale(loss_D / grad_accum, scaler_D).backward()
-        stats[:3] += torch.stack([loss_D.detach(), logits_real.detach().mean(), logits_fake.detach().mean()]) / grad_accum
+        stats[:3] += torch.stack([loss_D.detach(), logits_real.detach().float().mean(), logits_fake.detach().float().mean()]) / grad_accum
     grad_norm_D = _optimizer_step(opt_D, D.parameters(), scaler_D, max_norm=None)
 
     # --- 3. G step: D frozen (its plain module, so DDP does not wait for D's gradients) --------------
