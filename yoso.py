@@ -478,7 +478,7 @@ def train_step(G: nn.Module, D: nn.Module, opt_G, opt_D, x0: Tensor, cond=None, 
     # --- 1. noise levels and inputs: one x_0, one ε, three steps -----------------------------------
     # Drawn for the whole batch before splitting, so grad_accum does not change the random stream.
     t, t_D, t_C = sample_noise_levels(x0.shape[0], cfg, device)
-    eps = torch.randn_like(x0)
+    eps = torch.randn(x0.shape, device=device, dtype=x0.dtype)   # not randn_like: its draw follows the memory layout
     full = dict(x0=x0, t=t, t_D=t_D, t_C=t_C, x_t=sched.add_noise(x0, eps, t),
                 x_tD=sched.add_noise(x0, eps, t_D), x_tC=sched.add_noise(x0, eps, t_C))
     if x0.shape[0] % grad_accum:
@@ -506,7 +506,7 @@ def train_step(G: nn.Module, D: nn.Module, opt_G, opt_D, x0: Tensor, cond=None, 
                 loss_D = discriminator_loss(logits_real, logits_fake, batch_mean).mean()
             scale(loss_D / grad_accum, scaler_D).backward()
         stats[:3] += torch.stack([loss_D.detach(), logits_real.detach().float().mean(), logits_fake.detach().float().mean()]) / grad_accum
-    grad_norm_D = _optimizer_step(opt_D, D.parameters(), scaler_D, max_norm=None)
+    grad_norm_D = optimizer_step(opt_D, D.parameters(), scaler_D, max_norm=None)
 
     # --- 3. G step: D frozen (its plain module, so DDP does not wait for D's gradients) --------------
     D_plain.requires_grad_(False)                              # no parameter grads for D: G's step only
@@ -523,7 +523,7 @@ def train_step(G: nn.Module, D: nn.Module, opt_G, opt_D, x0: Tensor, cond=None, 
         stats[3:] += torch.stack([L_adv.detach().mean(), L_con.detach().mean(), L_rec.detach().mean(),
                                   loss_G.detach()]) / grad_accum
         m.clear()                                              # free the graph's inputs early
-    grad_norm_G = _optimizer_step(opt_G, G.parameters(), scaler_G, max_norm=cfg.grad_clip)
+    grad_norm_G = optimizer_step(opt_G, G.parameters(), scaler_G, max_norm=cfg.grad_clip)
     D_plain.requires_grad_(True)
 
     # --- 4. EMA of G --------------------------------------------------------------------------------
@@ -541,7 +541,7 @@ def _sync_on_last(module: nn.Module, i: int, n: int):
     return module.no_sync() if i < n - 1 and hasattr(module, "no_sync") else contextlib.nullcontext()
 
 
-def _optimizer_step(opt, params, scaler, max_norm: Optional[float]) -> float:
+def optimizer_step(opt, params, scaler, max_norm: Optional[float]) -> float:
     """Unscale, clip (when max_norm), and step — unless the gradient is non-finite: then skip the step.
 
     A NaN/inf gradient must never reach the weights; the caller counts skipped steps (Sec. 2 step 4).
