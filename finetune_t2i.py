@@ -297,7 +297,8 @@ class Encoder:
             pix.append(TF.to_tensor(img) * 2 - 1)                 # [-1, 1]
         pix = torch.stack(pix).to(self.device, self.base.vae.dtype)
         # deviation: the posterior mean, not a sample — deterministic, so cached and on-the-fly latents agree
-        return self.base.vae.encode(pix).latent_dist.mode().float() * self.scaling
+        latents = self.base.vae.encode(pix).latent_dist.mode().float() * self.scaling
+        return latents.contiguous()     # the VAE returns channels-last strides; randn_like(x_0) would follow them
 
     @torch.no_grad()
     def teacher_latents(self, cond: dict, indices: list) -> torch.Tensor:
@@ -420,11 +421,12 @@ def sample_grid(path, G, vae, cond, noise, sched, ycfg, amp, steps=(1, 4)):
     save_image(torch.cat(rows) * 0.5 + 0.5, path, nrow=noise.shape[0])
 
 
-def lcm_scheduler(scheduler_config: dict, ycfg: yoso.YOSOConfig):
+def lcm_scheduler(ycfg: yoso.YOSOConfig):
     """diffusers' LCMScheduler for the trained model: its prediction type and schedule, trailing timesteps."""
     from diffusers import LCMScheduler
-    return LCMScheduler.from_config(scheduler_config, prediction_type=ycfg.prediction_type,
-                                    rescale_betas_zero_snr=ycfg.zero_terminal_snr, timestep_spacing="trailing")
+    return LCMScheduler(num_train_timesteps=ycfg.T, beta_schedule=ycfg.beta_schedule, beta_start=ycfg.beta_start,
+                        beta_end=ycfg.beta_end, prediction_type=ycfg.prediction_type,
+                        rescale_betas_zero_snr=ycfg.zero_terminal_snr, timestep_spacing="trailing")
 
 
 def export(cfg: T2IConfig, base: Base, model: nn.Module, ycfg, ipi, command: str, grid: str | None) -> None:
@@ -440,7 +442,7 @@ def export(cfg: T2IConfig, base: Base, model: nn.Module, ycfg, ipi, command: str
     else:
         merged = model
     merged.save_pretrained(os.path.join(out, "transformer"))
-    lcm_scheduler(base.scheduler_config, ycfg).save_pretrained(os.path.join(out, "scheduler"))
+    lcm_scheduler(ycfg).save_pretrained(os.path.join(out, "scheduler"))
     if ipi is not None:
         from safetensors.torch import save_file
         save_file(ipi.state_dict(), os.path.join(out, "ipi.safetensors"))
