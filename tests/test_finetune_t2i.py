@@ -275,3 +275,25 @@ def test_cache_gives_the_same_first_step_losses(base, data, tmp_path):
     assert ipi.mean.shape == (4, 8, 8) and ipi.std > 0
     r = run_script("--sample", out, "--prompt", "a red house", "--steps", "1")
     assert r.returncode == 0, r.stderr[-2000:]
+
+
+# --- prompts as data, and resuming into the next stage -----------------------------------------------
+
+def test_prompts_adapt_then_resume_into_yoso(base, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red house\n\na blue car on the hill\na small green bird\n")
+    out = str(tmp_path / "run")
+    args = ("--base", base, "--prompts", str(prompts), "--preset", "smoke", "--out", out, "--cache", str(tmp_path / "c"))
+    r = run_script(*args, "--stage", "adapt")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert {m["phase"] for m in metrics(out)} == {"adapt"}
+    from safetensors.torch import load_file
+    cached = load_file(str(tmp_path / "c" / "00000001.safetensors"))
+    assert cached["latent"].shape == (4, 8, 8) and torch.isfinite(cached["latent"]).all()   # the teacher's sample
+    r = run_script(*args, "--stage", "yoso", "--resume")
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = metrics(out)
+    assert [m["step"] for m in rows if m["phase"] == "yoso"] == [4, 5, 6]          # continues the global step
+    from diffusers import LCMScheduler
+    assert LCMScheduler.from_pretrained(os.path.join(out, "scheduler")).config.prediction_type == "v_prediction"
+    assert not os.path.exists(os.path.join(out, "ipi.safetensors"))                  # adapted weights: no IPI
