@@ -494,6 +494,8 @@ def build(cfg: T2IConfig, device):
     else:
         model = tf.to(device)
     frozen = FrozenBase(model)
+    if cfg.lora_rank == 0 and amp_dtype is not None:
+        frozen.model.to(amp_dtype)                              # full fine-tuning: the frozen copy in the compute dtype
     base.vae.to(device).requires_grad_(False)
     if base.text_encoder is not None:
         base.text_encoder.to(device).requires_grad_(False)
@@ -523,8 +525,8 @@ def train(cfg: T2IConfig, command: str) -> None:
         base.text_encoder = None                                # training runs without the T5 in memory
     data = Items(items, encoder, cfg.cache, device)
     G = PixArtDenoiser(model)
-    G_ddp = torch.nn.parallel.DistributedDataParallel(G, [device.index] if device.type == "cuda" else None) \
-        if dist.world > 1 else G
+    ddp = lambda m: torch.nn.parallel.DistributedDataParallel(m, [device.index] if device.type == "cuda" else None)
+    G_ddp, D_ddp = (ddp(G), ddp(D)) if dist.world > 1 else (G, D)
     ema = copy.deepcopy(params).requires_grad_(False)
     n_layers = len(frozen.transformer.transformer_blocks)
     features = perceptual_features(frozen, cfg.feature_block or n_layers // 2, cfg.grad_checkpointing)
@@ -594,7 +596,7 @@ def train(cfg: T2IConfig, command: str) -> None:
                 stats = dict(loss_adapt=loss, grad_norm_G=grad_norm, skipped=int(not math.isfinite(grad_norm)),
                              adapt_stage=1 if student_sched is teacher_sched else 2)
             else:
-                stats = yoso.train_step(G_ddp, D, opt_G, opt_D, x0, cond, sched=sched, cfg=ycfg,
+                stats = yoso.train_step(G_ddp, D_ddp, opt_G, opt_D, x0, cond, sched=sched, cfg=ycfg,
                                         distance=yoso.latent_perceptual_distance(features), grad_accum=cfg.grad_accum,
                                         amp_dtype=amp_dtype, scaler_G=scalers[0], scaler_D=scalers[1])
             if not stats["skipped"]:
