@@ -1,0 +1,755 @@
+"""finetune_t2i.py — turn PixArt-α into a one-step text-to-image generator with YOSO (method doc Sec. 4).
+
+    python finetune_t2i.py --base PixArt-alpha --data DIR          # images + metadata.jsonl {"file_name", "text"}
+    python finetune_t2i.py --base PixArt-alpha --prompts FILE      # the base's own 20-step samples are the data
+    python finetune_t2i.py --sample runs/yoso-pixart --prompt "a red house" --steps 1
+    python finetune_t2i.py --transplant runs/yoso-pixart           # 512 delta -> PixArt-alpha-1024 (Sec. 4.4)
+    torchrun --nproc-per-node 8 finetune_t2i.py ...                # DDP
+
+Two stages run in sequence (--stage all):
+  adapt  quick adaption (Sec. 4.3): Stage I distils ε -> v on the teacher's schedule, Stage II moves the
+         student to the zero-terminal-SNR schedule while the teacher keeps its own ("decoupled schedulers").
+  yoso   yoso.train_step with the latent perceptual loss (Sec. 4.1) and the latent discriminator (Sec. 4.2).
+--stage yoso on an ε-prediction base skips the adaption and samples with the informative prior (IPI).
+
+With LoRA (the default) the frozen pre-trained model — adaption teacher and perceptual feature network —
+is the trained model with its adapters switched off: no second copy of PixArt in memory.
+
+Output folder (--out): adapter/ (peft), transformer/ (merged, diffusers layout), scheduler/ (LCMScheduler
+config for one-step sampling), ipi.safetensors (IPI runs only), samples/, metrics.jsonl, checkpoints,
+README.md (model card). Load it with diffusers:
+    PixArtAlphaPipeline.from_pretrained(base, transformer=PixArtTransformer2DModel.from_pretrained(out + "/transformer"),
+                                        scheduler=LCMScheduler.from_pretrained(out + "/scheduler"))
+    pipe(prompt, num_inference_steps=1, guidance_scale=1.0)
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import dataclasses
+import json
+import math
+import os
+import shlex
+import sys
+import time
+from dataclasses import dataclass, field, replace
+
+import torch
+import torch.nn as nn
+
+import yoso
+
+BASES = {"PixArt-alpha": "PixArt-alpha/PixArt-XL-2-512x512",
+         "PixArt-alpha-1024": "PixArt-alpha/PixArt-XL-2-1024-MS"}
+
+
+class UserError(Exception):
+    """A problem with the command line or the inputs: printed as one line, exit code 2."""
+
+
+# ==================================================================================================
+# Config — defaults are the paper's PixArt-α run where it states them, the official SD-1.5 LoRA run otherwise
+# ==================================================================================================
+
+@dataclass
+class T2IConfig:
+    base: str = "PixArt-alpha"          # BASES key, hub id or local diffusers pipeline folder
+    data: str | None = None             # image folder with metadata.jsonl ({"file_name", "text"} per line)
+    prompts: str | None = None          # or: a prompt file; the base's own samples become the "real" data
+    cache: str | None = None            # precompute VAE latents + T5 embeddings here once (T5 then leaves memory)
+    out: str = "runs/yoso-pixart"
+    stage: str = "all"                  # adapt | yoso | all
+    lora_rank: int = 64                 # official LoRA rank; 0 = full fine-tuning (the paper's PixArt run)
+    lora_alpha: float = 8.0             # official lora_alpha (scale alpha/rank = 1/8)
+    adapt_steps: int = 1000             # quick adaption, "about 1k iterations" (Sec. 4.3); half Stage I, half Stage II
+    yoso_steps: int = 5000              # official LoRA run: 5000 steps
+    batch_size: int = 16                # per GPU per micro-batch (official: 16)
+    grad_accum: int = 4                 # official: 4 GPUs x 16 x 4 = 256
+    precision: str = "bf16"             # bf16 | fp16 | fp32 (mixed precision via autocast; trained weights fp32)
+    grad_checkpointing: bool = True     # recompute transformer blocks in backward: memory for ~30% time
+    feature_block: int | None = None    # perceptual features after this many blocks; None = the middle (Sec. 4.1)
+    disc_blocks: int | None = None      # blocks copied into D; None = the first half (as SD's down+mid half)
+    max_tokens: int = 120               # T5 tokens, PixArt-α's max_sequence_length
+    teacher_steps: int = 20             # DPM-Solver++ steps when --prompts makes the data
+    teacher_guidance: float = 4.5       # PixArt-α's default classifier-free guidance for those samples
+    ipi_items: int = 1000               # training latents used to estimate the informative prior
+    sample_prompts: tuple = ("a photo of a red house on a hill", "a small blue bird on a branch",
+                             "a cat wearing sunglasses, studio light", "an astronaut riding a horse, oil painting")
+    sample_every: int = 250             # steps between sample grids (fixed prompts, fixed noise)
+    ckpt_every: int = 500               # steps between resumable checkpoints
+    log_every: int = 10                 # steps between metrics.jsonl lines
+    seed: int = 0
+    resume: bool = False                # continue from the newest checkpoint in `out`
+    yoso: yoso.YOSOConfig = field(default_factory=lambda: yoso.YOSOConfig(
+        beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,   # overwritten by the base's scheduler
+        boundary_scaling=True,          # official on; pins G(x_0, 0) = x_0 as LCMScheduler assumes
+        lr=2e-5, ema_decay=0.999))      # official LoRA lr and EMA
+
+
+PRESETS = {
+    # CPU smoke test on a tiny pipeline: a few steps of everything, every output written.
+    "smoke": dict(lora_rank=4, adapt_steps=4, yoso_steps=3, batch_size=2, grad_accum=1, precision="fp32",
+                  grad_checkpointing=False, max_tokens=16, teacher_steps=2, teacher_guidance=1.0, ipi_items=8,
+                  sample_prompts=("a red house", "a blue car"), sample_every=3, ckpt_every=3, log_every=1,
+                  yoso=dict(lr=1e-3, ema_decay=0.5, k_D=250, k_C=25)),
+}
+
+
+# ==================================================================================================
+# The base model: loading, and PixArt-α read as yoso's G(x_t, t, cond)
+# ==================================================================================================
+
+@dataclass
+class Base:
+    path: str
+    tokenizer: object
+    text_encoder: nn.Module | None
+    vae: nn.Module
+    transformer: nn.Module
+    scheduler_config: dict
+
+
+def resolve_base(name: str) -> str:
+    path = BASES.get(name, name)
+    if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "model_index.json")):
+        raise UserError(f"--base {name}: {path} is a folder but not a diffusers pipeline (no model_index.json)")
+    return path
+
+
+def load_base(name: str, text_encoder: bool = True, dtype=torch.float32) -> Base:
+    """T5 encoder + tokenizer, VAE, PixArtTransformer2DModel and the scheduler config of a diffusers pipeline."""
+    from diffusers import AutoencoderKL, DDPMScheduler, PixArtTransformer2DModel
+    from transformers import AutoTokenizer, T5EncoderModel
+    path = resolve_base(name)
+    try:
+        return Base(path=path,
+                    tokenizer=AutoTokenizer.from_pretrained(path, subfolder="tokenizer"),
+                    text_encoder=T5EncoderModel.from_pretrained(path, subfolder="text_encoder", dtype=dtype)
+                    if text_encoder else None,
+                    vae=AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=dtype),
+                    transformer=PixArtTransformer2DModel.from_pretrained(path, subfolder="transformer"),
+                    scheduler_config=dict(DDPMScheduler.load_config(path, subfolder="scheduler")))
+    except Exception as e:  # hub errors, missing subfolders, wrong model types: all mean "not a PixArt pipeline"
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"--base {name}: cannot load a PixArt-α diffusers pipeline from {path!r} ({reason[:200]})") from None
+
+
+def schedule_config(yoso_cfg: yoso.YOSOConfig, sched: dict, adapted: bool) -> yoso.YOSOConfig:
+    """The base's schedule; after adaption v-prediction on its zero-terminal-SNR rescaling (Sec. 4.3)."""
+    return replace(yoso_cfg, T=sched["num_train_timesteps"], beta_schedule=sched["beta_schedule"],
+                   beta_start=sched["beta_start"], beta_end=sched["beta_end"], zero_terminal_snr=adapted,
+                   prediction_type="v_prediction" if adapted else sched.get("prediction_type", "epsilon"))
+
+
+def added_cond(tf, x):
+    """PixArt-α-1024's size conditioning (resolution, aspect ratio in pixels); the 512 model takes None."""
+    if not tf.use_additional_conditions:
+        return {"resolution": None, "aspect_ratio": None}
+    B, _, h, w = x.shape
+    size = torch.tensor([[h * 8.0, w * 8.0]], device=x.device).repeat(B, 1)     # PixArt's VAE downsamples 8x
+    return {"resolution": size, "aspect_ratio": size[:, :1] / size[:, 1:]}
+
+
+class PixArtDenoiser(nn.Module):
+    """G(x_t, t, cond) for yoso: cond = {"emb": T5 tokens (B, L, 4096), "mask": (B, L)}.
+
+    PixArt-α predicts [ε or v, learned variance] (out_channels = 2 x in); YOSO uses the first half only.
+    """
+
+    def __init__(self, transformer: nn.Module):
+        super().__init__()
+        self.transformer = transformer
+
+    def forward(self, x_t, t, cond):
+        tf = self.transformer.get_base_model() if hasattr(self.transformer, "get_base_model") else self.transformer
+        out = self.transformer(x_t, encoder_hidden_states=cond["emb"], encoder_attention_mask=cond["mask"],
+                               timestep=t, added_cond_kwargs=added_cond(tf, x_t), return_dict=False)[0]
+        return out[:, : x_t.shape[1]]                           # (B, 2C, H, W) -> (B, C, H, W): drop learned sigma
+
+
+def pixart_trunk(tf, x, t, cond, blocks, checkpoint: bool = False):
+    """PixArtTransformer2DModel.forward up to the end of `blocks`: the hidden tokens (B, N, C)."""
+    B = x.shape[0]
+    h = tf.pos_embed(x)                                         # (B, N, C) patch tokens + position
+    t_emb, _ = tf.adaln_single(t, added_cond(tf, x), batch_size=B, hidden_dtype=h.dtype)
+    c = tf.caption_projection(cond["emb"]).view(B, -1, h.shape[-1])
+    mask_bias = ((1 - cond["mask"].to(h.dtype)) * -10000.0).unsqueeze(1)   # (B, 1, L), diffusers' convention
+    for block in blocks:
+        run = lambda h, block=block: block(h, encoder_hidden_states=c, encoder_attention_mask=mask_bias, timestep=t_emb)
+        h = torch.utils.checkpoint.checkpoint(run, h, use_reentrant=False) if checkpoint and torch.is_grad_enabled() \
+            else run(h)
+    return h
+
+
+class PixArtTrunk(nn.Module):
+    """Trainable copy of PixArt-α's patch embed, timestep and caption embedders and first N blocks (Sec. 4.2)."""
+
+    def __init__(self, tf, n_blocks: int, checkpoint: bool = False):
+        super().__init__()
+        self.pos_embed, self.adaln_single = copy.deepcopy(tf.pos_embed), copy.deepcopy(tf.adaln_single)
+        self.caption_projection = copy.deepcopy(tf.caption_projection)
+        self.blocks = copy.deepcopy(tf.transformer_blocks[:n_blocks])
+        self.use_additional_conditions, self.checkpoint = tf.use_additional_conditions, checkpoint
+
+    def forward(self, x, t, cond):
+        return pixart_trunk(self, x, t, cond, self.blocks, self.checkpoint)
+
+
+class FrozenBase:
+    """The pre-trained PixArt-α, frozen: adaption teacher, perceptual features and --prompts sampler.
+
+    With LoRA it is the trained model with its adapters switched off (peft's disable_adapter), so no copy;
+    with full fine-tuning a frozen deep copy. Use as `with base(): base.denoiser(...)`.
+    """
+
+    def __init__(self, model: nn.Module):
+        self.lora = hasattr(model, "disable_adapter")
+        self.model = model if self.lora else copy.deepcopy(model).requires_grad_(False)
+        self.transformer = model.get_base_model() if self.lora else self.model
+        self.denoiser = PixArtDenoiser(self.transformer)
+
+    def __call__(self):
+        return self.model.disable_adapter() if self.lora else contextlib.nullcontext()
+
+
+def perceptual_features(base: FrozenBase, n_blocks: int, checkpoint: bool = False):
+    """F(x, c) of Sec. 4.1: the frozen base's tokens after `n_blocks` blocks, run at t = 0 on the latent."""
+    def features(x, cond):
+        t0 = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
+        with base():
+            return pixart_trunk(base.transformer, x, t0, cond, base.transformer.transformer_blocks[:n_blocks], checkpoint)
+    return features
+
+
+def add_lora(transformer: nn.Module, rank: int, alpha: float):
+    """peft LoRA on every attention and feed-forward linear of the transformer blocks (official target list)."""
+    from peft import LoraConfig, get_peft_model
+    targets = ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2"]
+    return get_peft_model(transformer, LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian",
+                                                  target_modules=targets))
+
+
+# ==================================================================================================
+# Data: (latent x_0, T5 conditioning) per item — from images, from the base's own samples, or from a cache
+# ==================================================================================================
+
+def read_captions(data_dir: str) -> list:
+    """(image path, caption) pairs from an HF imagefolder metadata.jsonl; one clear error per bad line."""
+    meta = os.path.join(data_dir, "metadata.jsonl")
+    if not os.path.isfile(meta):
+        raise UserError(f"--data {data_dir}: no metadata.jsonl (one {{\"file_name\": ..., \"text\": ...}} per line)")
+    items = []
+    with open(meta) as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise UserError(f"{meta} line {n}: not valid JSON ({e.msg})") from None
+            if not isinstance(rec, dict) or not isinstance(rec.get("text"), str) or not rec["text"].strip():
+                raise UserError(f"{meta} line {n}: no \"text\" caption")
+            path = os.path.join(data_dir, str(rec.get("file_name", "")))
+            if "file_name" not in rec or not os.path.isfile(path):
+                raise UserError(f"{meta} line {n}: \"file_name\" {rec.get('file_name')!r} is not a file in {data_dir}")
+            items.append((path, rec["text"]))
+    if not items:
+        raise UserError(f"{meta}: no items")
+    return items
+
+
+def read_prompts(path: str) -> list:
+    if not os.path.isfile(path):
+        raise UserError(f"--prompts {path}: no such file")
+    prompts = [line.strip() for line in open(path) if line.strip()]
+    if not prompts:
+        raise UserError(f"--prompts {path}: no prompts")
+    return [(None, p) for p in prompts]
+
+
+class Encoder:
+    """Turns items into (x_0 latents, {"emb", "mask"}) with the base's T5, VAE and (for --prompts) its sampler."""
+
+    def __init__(self, base: Base, frozen: FrozenBase, cfg: T2IConfig, device, amp):
+        self.base, self.frozen, self.cfg, self.device, self.amp = base, frozen, cfg, device, amp
+        vae_cfg = base.vae.config
+        self.latent_size = base.transformer.config.sample_size
+        self.image_size = self.latent_size * 2 ** (len(vae_cfg.block_out_channels) - 1)
+        self.scaling = vae_cfg.scaling_factor
+
+    @torch.no_grad()
+    def text(self, prompts: list) -> dict:
+        tok = self.base.tokenizer(list(prompts), padding="max_length", max_length=self.cfg.max_tokens, truncation=True,
+                                  add_special_tokens=True, return_tensors="pt")
+        mask = tok.attention_mask.to(self.device)
+        emb = self.base.text_encoder(tok.input_ids.to(self.device), attention_mask=mask)[0]
+        return {"emb": emb, "mask": mask}
+
+    @torch.no_grad()
+    def images(self, paths: list) -> torch.Tensor:
+        from PIL import Image
+        from torchvision.transforms import functional as TF
+        pix = []
+        for p in paths:
+            img = TF.center_crop(TF.resize(Image.open(p).convert("RGB"), self.image_size), self.image_size)
+            pix.append(TF.to_tensor(img) * 2 - 1)                 # [-1, 1]
+        pix = torch.stack(pix).to(self.device, self.base.vae.dtype)
+        # deviation: the posterior mean, not a sample — deterministic, so cached and on-the-fly latents agree
+        latents = self.base.vae.encode(pix).latent_dist.mode().float() * self.scaling
+        return latents.contiguous()     # the VAE returns channels-last strides; randn_like(x_0) would follow them
+
+    @torch.no_grad()
+    def teacher_latents(self, cond: dict, indices: list) -> torch.Tensor:
+        """The base's own DPM-Solver++ samples with CFG; item i always gets the same noise (seeded by i)."""
+        from diffusers import DPMSolverMultistepScheduler
+        solver = DPMSolverMultistepScheduler.from_config(self.base.scheduler_config)
+        solver.set_timesteps(self.cfg.teacher_steps)
+        C, S = self.base.transformer.config.in_channels, self.latent_size
+        x = torch.stack([torch.randn(C, S, S, generator=torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + i))
+                         for i in indices]).to(self.device) * solver.init_noise_sigma
+        uncond = self.text([""] * len(indices))
+        for t in solver.timesteps:
+            with self.frozen(), self.amp():
+                out = self.frozen.denoiser(torch.cat([x, x]), t.expand(2 * len(x)).to(self.device),
+                                           yoso.cat_cond(cond, uncond)).float()
+            out_c, out_u = out.chunk(2)
+            x = solver.step(out_u + self.cfg.teacher_guidance * (out_c - out_u), t, x).prev_sample
+        return x
+
+    def encode(self, items: list, indices: list) -> tuple:
+        cond = self.text([items[i][1] for i in indices])
+        if items[indices[0]][0] is None:
+            return self.teacher_latents(cond, indices), cond
+        return self.images([items[i][0] for i in indices]), cond
+
+
+class Items:
+    """Batches of (x_0, cond) by index: read from the --cache folder, or encoded on the fly."""
+
+    def __init__(self, items: list, encoder: Encoder | None, cache: str | None, device):
+        self.items, self.encoder, self.cache, self.device = items, encoder, cache, device
+
+    def __len__(self):
+        return len(self.items)
+
+    def get(self, indices: list) -> tuple:
+        if self.cache is None:
+            return self.encoder.encode(self.items, indices)
+        from safetensors.torch import load_file
+        rows = [load_file(os.path.join(self.cache, f"{i:08d}.safetensors")) for i in indices]
+        stack = lambda k: torch.stack([r[k] for r in rows]).to(self.device)
+        return stack("latent"), {"emb": stack("emb"), "mask": stack("mask")}
+
+
+def build_cache(cache: str, items: list, encoder: Encoder, cfg: T2IConfig, dist) -> None:
+    """Encode every item once (rank 0); meta.json, written last, marks a complete cache for these settings."""
+    from safetensors.torch import save_file
+    key = dict(base=cfg.base, data=cfg.data, prompts=cfg.prompts, n=len(items), max_tokens=cfg.max_tokens,
+               teacher_steps=cfg.teacher_steps, teacher_guidance=cfg.teacher_guidance, seed=cfg.seed)
+    meta = os.path.join(cache, "meta.json")
+    if os.path.isfile(meta) and json.load(open(meta)) == key:
+        return
+    if dist.main:
+        from tqdm import tqdm
+        os.makedirs(cache, exist_ok=True)
+        for s in tqdm(range(0, len(items), cfg.batch_size), desc="cache", disable=not dist.main):
+            idx = list(range(s, min(s + cfg.batch_size, len(items))))
+            x0, cond = encoder.encode(items, idx)
+            for j, i in enumerate(idx):
+                save_file({"latent": x0[j].cpu().contiguous(), "emb": cond["emb"][j].cpu().contiguous(),
+                           "mask": cond["mask"][j].cpu().contiguous()}, os.path.join(cache, f"{i:08d}.safetensors"))
+        json.dump(key, open(meta, "w"))
+    if dist.world > 1:
+        torch.distributed.barrier()
+
+
+def batches(n: int, batch: int, seed: int, dist):
+    """Endless index batches: a seeded permutation per epoch, split across ranks (tiny sets repeat to fill one)."""
+    g = torch.Generator().manual_seed(seed)
+    while True:
+        perm = torch.randperm(n, generator=g).tolist()[dist.rank::dist.world]
+        perm = perm * (batch // len(perm) + 1) if len(perm) < batch else perm
+        for s in range(0, len(perm) - batch + 1, batch):
+            yield perm[s:s + batch]
+
+
+# ==================================================================================================
+# Quick adaption (Sec. 4.3): one distillation step, Stage I or Stage II
+# ==================================================================================================
+
+def adaption_loss(G, frozen: FrozenBase, x0, cond, teacher_sched, student_sched, teacher_pred: str, amp):
+    """MSE(v_student, v_target): the student sees x_t on its schedule, the teacher on its own, same x_0 and ε."""
+    t = torch.randint(0, teacher_sched.T, (x0.shape[0],), device=x0.device)
+    eps = torch.randn_like(x0)
+    x_t_teacher, x_t_student = yoso.adaption_inputs(x0, eps, t, teacher_sched, student_sched)
+    with torch.no_grad(), frozen(), amp():
+        teacher_out = frozen.denoiser(x_t_teacher, t, cond).float()
+    target = yoso.adaption_target(teacher_out, x_t_teacher, t, teacher_sched, student_sched, teacher_pred)
+    with amp():
+        v = G(x_t_student, t, cond)
+    return yoso.weighted_mse(v, target).mean()
+
+
+# ==================================================================================================
+# Outputs: sample grids, export in diffusers / peft layout, model card
+# ==================================================================================================
+
+@contextlib.contextmanager
+def swapped(params: nn.ParameterList, ema: nn.ParameterList):
+    """Temporarily put the EMA weights into the model (a pointer swap, no copy)."""
+    for p, e in zip(params, ema):
+        p.data, e.data = e.data, p.data
+    try:
+        yield
+    finally:
+        for p, e in zip(params, ema):
+            p.data, e.data = e.data, p.data
+
+
+@torch.no_grad()
+def sample_grid(path, G, vae, cond, noise, sched, ycfg, amp, steps=(1, 4)):
+    """One row per step count, one column per prompt; the same noise every time so grids compare across steps."""
+    from torchvision.utils import save_image
+    rows = []
+    for k in steps:
+        with amp():
+            x0 = yoso.sample(G, noise, cond, sched=sched, cfg=ycfg, steps=k, generator=torch.Generator().manual_seed(0))
+        rows.append(vae.decode(x0.to(vae.dtype) / vae.config.scaling_factor).sample.float())
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    save_image(torch.cat(rows) * 0.5 + 0.5, path, nrow=noise.shape[0])
+
+
+def lcm_scheduler(ycfg: yoso.YOSOConfig):
+    """diffusers' LCMScheduler for the trained model: its prediction type and schedule, trailing timesteps."""
+    from diffusers import LCMScheduler
+    return LCMScheduler(num_train_timesteps=ycfg.T, beta_schedule=ycfg.beta_schedule, beta_start=ycfg.beta_start,
+                        beta_end=ycfg.beta_end, prediction_type=ycfg.prediction_type,
+                        rescale_betas_zero_snr=ycfg.zero_terminal_snr, timestep_spacing="trailing")
+
+
+def export(cfg: T2IConfig, base: Base, model: nn.Module, ycfg, ipi, command: str, grid: str | None) -> None:
+    """adapter/ (peft), transformer/ (merged, diffusers), scheduler/, ipi.safetensors, yoso_config.json, README.md."""
+    from diffusers import PixArtTransformer2DModel
+    out = cfg.out
+    if cfg.lora_rank > 0:
+        from peft import PeftModel
+        model.save_pretrained(os.path.join(out, "adapter"))
+        # merge into a fresh fp32 base: merging into bf16 weights would round the small delta away
+        fresh = PixArtTransformer2DModel.from_pretrained(base.path, subfolder="transformer")
+        merged = PeftModel.from_pretrained(fresh, os.path.join(out, "adapter")).merge_and_unload()
+    else:
+        merged = model
+    merged.save_pretrained(os.path.join(out, "transformer"))
+    lcm_scheduler(ycfg).save_pretrained(os.path.join(out, "scheduler"))
+    if ipi is not None:
+        from safetensors.torch import save_file
+        save_file(ipi.state_dict(), os.path.join(out, "ipi.safetensors"))
+    settings = dataclasses.asdict(cfg)
+    json.dump(dict(base=base.path, settings=settings, yoso=ycfg.to_dict()), open(os.path.join(out, "yoso_config.json"), "w"),
+              indent=1, default=str)
+    write_model_card(out, base.path, command, settings, ycfg, ipi is not None, grid)
+
+
+def write_model_card(out, base_path, command, settings, ycfg, ipi: bool, grid):
+    how = ("Starts from the informative prior (IPI, ipi.safetensors): pass its latents to the pipeline." if ipi
+           else "Starts from pure noise: v-prediction on the zero-terminal-SNR schedule (after quick adaption).")
+    lines = [f"# YOSO one-step generator from {base_path}", "",
+             "One-step text-to-image by YOSO (arXiv 2403.12931), fine-tuned with finetune_t2i.py.", "",
+             f"![samples]({os.path.relpath(grid, out)})" if grid else "", "",
+             "Rows: 1 step, 4 steps; columns: the run's fixed sample prompts.", "",
+             "## Use", "```python",
+             "from diffusers import LCMScheduler, PixArtAlphaPipeline, PixArtTransformer2DModel",
+             f"pipe = PixArtAlphaPipeline.from_pretrained({base_path!r},",
+             f"    transformer=PixArtTransformer2DModel.from_pretrained({os.path.join(out, 'transformer')!r}),",
+             f"    scheduler=LCMScheduler.from_pretrained({os.path.join(out, 'scheduler')!r}))",
+             "image = pipe(prompt, num_inference_steps=1, guidance_scale=1.0).images[0]", "```", how, "",
+             "## Command", "```", command, "```", "", "## Settings", "```json",
+             json.dumps(dict(settings, yoso=ycfg.to_dict()), indent=1, default=str), "```", ""]
+    with open(os.path.join(out, "README.md"), "w") as f:
+        f.write("\n".join(lines))
+
+
+# ==================================================================================================
+# Training
+# ==================================================================================================
+
+def build(cfg: T2IConfig, device):
+    """Base, G (LoRA or full), D, the frozen base and the trainable parameter list, in a fixed RNG order."""
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[cfg.precision]
+    base = load_base(cfg.base, dtype=amp_dtype or torch.float32)
+    tf = base.transformer
+    n_layers = len(tf.transformer_blocks)
+    torch.manual_seed(cfg.seed)
+    D = yoso.FeatureDiscriminator(PixArtTrunk(tf, cfg.disc_blocks or n_layers // 2, cfg.grad_checkpointing),
+                                  channels=tf.inner_dim).to(device)       # from the pre-trained weights, fp32
+    if cfg.grad_checkpointing:
+        tf.enable_gradient_checkpointing()
+    if cfg.lora_rank > 0:
+        tf.requires_grad_(False).to(device)
+        if amp_dtype is not None:
+            tf.to(amp_dtype)                                    # the frozen base in the compute dtype: half the memory
+        model = add_lora(tf, cfg.lora_rank, cfg.lora_alpha)               # adapters fp32 (peft's autocast_adapter_dtype)
+    else:
+        model = tf.to(device)
+    frozen = FrozenBase(model)
+    if cfg.lora_rank == 0 and amp_dtype is not None:
+        frozen.model.to(amp_dtype)                              # full fine-tuning: the frozen copy in the compute dtype
+    base.vae.to(device).requires_grad_(False)
+    if base.text_encoder is not None:
+        base.text_encoder.to(device).requires_grad_(False)
+    params = nn.ParameterList([p for p in model.parameters() if p.requires_grad])
+    return base, model, D, frozen, params, amp_dtype
+
+
+def read_checkpoint_state(path: str) -> dict:
+    """The training state a checkpoint was written in (its JSON metadata), without loading tensors."""
+    from safetensors import safe_open
+    with safe_open(path, "pt") as f:
+        return json.loads(f.metadata()["yoso"])["extra"]
+
+
+def train(cfg: T2IConfig, command: str) -> None:
+    from tqdm import tqdm
+    dist = yoso.init_distributed()
+    device = dist.device
+    os.makedirs(cfg.out, exist_ok=True)
+    items = read_captions(cfg.data) if cfg.data else read_prompts(cfg.prompts)
+    base, model, D, frozen, params, amp_dtype = build(cfg, device)
+    amp = lambda: torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None)
+    encoder = Encoder(base, frozen, cfg, device, amp)
+    sample_cond = encoder.text(cfg.sample_prompts)              # fixed prompts, encoded while T5 is loaded
+    if cfg.cache:
+        build_cache(cfg.cache, items, encoder, cfg, dist)
+        base.text_encoder = None                                # training runs without the T5 in memory
+    data = Items(items, encoder, cfg.cache, device)
+    G = PixArtDenoiser(model)
+    ddp = lambda m: torch.nn.parallel.DistributedDataParallel(m, [device.index] if device.type == "cuda" else None)
+    G_ddp, D_ddp = (ddp(G), ddp(D)) if dist.world > 1 else (G, D)
+    ema = copy.deepcopy(params).requires_grad_(False)
+    n_layers = len(frozen.transformer.transformer_blocks)
+    features = perceptual_features(frozen, cfg.feature_block or n_layers // 2, cfg.grad_checkpointing)
+    log = yoso.MetricsLog(os.path.join(cfg.out, "metrics.jsonl"), dist.main)
+    C, S = base.transformer.config.in_channels, encoder.latent_size
+    sample_noise = torch.randn(len(cfg.sample_prompts), C, S, S, generator=torch.Generator().manual_seed(cfg.seed)).to(device)
+
+    # --- where we are: global step, phase, whether the weights are already adapted (v, zero terminal SNR)
+    phases = ([("adapt", cfg.adapt_steps)] if cfg.stage in ("adapt", "all") else []) + \
+             ([("yoso", cfg.yoso_steps)] if cfg.stage in ("yoso", "all") else [])
+    step, state, ipi, resume = 0, dict(adapted=False), None, None
+    if cfg.resume and yoso.list_checkpoints(cfg.out):
+        resume_from = yoso.list_checkpoints(cfg.out)[-1]
+        resume = read_checkpoint_state(resume_from)             # {phase, phase_step, global_step, adapted}
+        state["adapted"] = resume["adapted"]
+    teacher_sched = yoso.NoiseSchedule.from_config(schedule_config(cfg.yoso, base.scheduler_config, False))
+    teacher_pred = base.scheduler_config.get("prediction_type", "epsilon")
+    grid = None
+
+    for phase, n_steps in phases:
+        adapted = phase == "adapt" or state["adapted"]
+        ycfg = schedule_config(cfg.yoso, base.scheduler_config, adapted)
+        sched = yoso.NoiseSchedule.from_config(ycfg)
+        if phase == "adapt":
+            opt = torch.optim.AdamW(list(params), lr=ycfg.lr, betas=ycfg.betas_G, weight_decay=ycfg.weight_decay)
+            optimizers, modules = {"G": opt}, {"G": params, "G_ema": ema}
+        else:
+            opt_G, opt_D = yoso.make_optimizers(G, D, ycfg)
+            optimizers, modules = {"G": opt_G, "D": opt_D}, {"G": params, "G_ema": ema, "D": D}
+        scalers = [torch.amp.GradScaler(device.type) if cfg.precision == "fp16" else None for _ in range(2)]
+        start = 0
+        if resume:
+            order = ("adapt", "yoso")
+            if order.index(resume["phase"]) > order.index(phase):  # this phase finished in an earlier run
+                continue
+            if resume["phase"] == phase:                            # continue it, optimisers included
+                start = yoso.load_checkpoint(resume_from, modules, optimizers)["extra"]["phase_step"]
+            else:                                                   # adaption finished earlier: its weights only
+                yoso.load_checkpoint(resume_from, {"G": params, "G_ema": ema}, {})
+                ycfg = schedule_config(cfg.yoso, base.scheduler_config, True)
+                sched = yoso.NoiseSchedule.from_config(ycfg)
+            step, state, resume = resume["global_step"] + 1, dict(resume, adapted=resume["adapted"] or phase != "adapt"), None
+            if start >= n_steps:
+                continue
+        if start == 0:
+            ema.load_state_dict(params.state_dict())               # an EMA across the ε -> v switch would mix both
+        if phase == "yoso" and ycfg.prediction_type == "epsilon" and not ycfg.zero_terminal_snr:
+            ipi_latents = torch.cat([data.get(list(range(s, min(s + cfg.batch_size, len(data), cfg.ipi_items))))[0].cpu()
+                                     for s in range(0, min(len(data), cfg.ipi_items), cfg.batch_size)])
+            ipi = yoso.IPI.estimate(ipi_latents)                     # Sec. 4.3: the ε base keeps its flawed schedule
+        noise = ipi.prior(len(cfg.sample_prompts), sched, torch.Generator().manual_seed(cfg.seed)).to(device) \
+            if ipi is not None else sample_noise
+        stream = batches(len(data), cfg.batch_size * cfg.grad_accum, cfg.seed + step, dist)
+        bar = tqdm(range(start, n_steps), desc=phase, disable=not dist.main, initial=start, total=n_steps)
+        for k in bar:
+            t0 = time.time()
+            x0, cond = data.get(next(stream))
+            if phase == "adapt":                                    # Stage I: v on the old schedule; II: new schedule
+                student_sched = teacher_sched if k < n_steps // 2 else sched
+                opt.zero_grad(set_to_none=True)
+                loss = 0.0
+                for x_mb, c_mb in zip(x0.chunk(cfg.grad_accum), yoso.split_cond(cond, cfg.grad_accum)):
+                    l_mb = adaption_loss(G_ddp, frozen, x_mb, c_mb, teacher_sched, student_sched, teacher_pred, amp)
+                    (scalers[0].scale(l_mb) if scalers[0] else l_mb).div(cfg.grad_accum).backward()
+                    loss += l_mb.item() / cfg.grad_accum
+                grad_norm = yoso._optimizer_step(opt, params, scalers[0], ycfg.grad_clip)
+                stats = dict(loss_adapt=loss, grad_norm_G=grad_norm, skipped=int(not math.isfinite(grad_norm)),
+                             adapt_stage=1 if student_sched is teacher_sched else 2)
+            else:
+                stats = yoso.train_step(G_ddp, D_ddp, opt_G, opt_D, x0, cond, sched=sched, cfg=ycfg,
+                                        distance=yoso.latent_perceptual_distance(features), grad_accum=cfg.grad_accum,
+                                        amp_dtype=amp_dtype, scaler_G=scalers[0], scaler_D=scalers[1])
+            if not stats["skipped"]:
+                yoso.ema_update(ema, params, ycfg.ema_decay)        # EMA of the trained weights (adapters for LoRA)
+            stats["step_time"] = time.time() - t0
+            step += 1
+            state = dict(phase=phase, phase_step=k + 1, global_step=step - 1, adapted=adapted)
+            if dist.main and ((k + 1) % cfg.log_every == 0 or k == start):
+                log.write(step=step - 1, phase=phase, **stats)
+                bar.set_postfix({n: f"{v:.3g}" for n, v in stats.items() if n in ("loss_adapt", "loss_D", "D_real",
+                                                                                  "D_fake", "L_con", "loss_G")})
+            if dist.main and ((k + 1) % cfg.sample_every == 0 or k + 1 == n_steps):
+                grid = os.path.join(cfg.out, "samples", f"{phase}-{step - 1:06d}.png")
+                with swapped(params, ema):
+                    sample_grid(grid, G, base.vae, sample_cond, noise, student_sched if phase == "adapt" else sched,
+                                replace(ycfg, zero_terminal_snr=student_sched is sched) if phase == "adapt" else ycfg, amp)
+            if (k + 1) % cfg.ckpt_every == 0 or k + 1 == n_steps:
+                if dist.main:
+                    yoso.save_run_checkpoint(cfg.out, step - 1, modules, optimizers, extra=state)
+        state["adapted"] = adapted
+
+    if dist.main:
+        # the exported weights: the EMA of the YOSO stage; after an adapt-only run, the adapted weights themselves
+        with (swapped(params, ema) if cfg.stage != "adapt" else contextlib.nullcontext()):
+            export(cfg, base, model, ycfg, ipi, command, grid)
+    if dist.world > 1:
+        torch.distributed.destroy_process_group()
+
+
+# ==================================================================================================
+# Sampling with diffusers, and the 1024 transplant (Sec. 4.4)
+# ==================================================================================================
+
+def load_run(out: str) -> dict:
+    path = os.path.join(out, "yoso_config.json")
+    if not os.path.isfile(path):
+        raise UserError(f"{out}: not a finetune_t2i.py output folder (no yoso_config.json)")
+    return json.load(open(path))
+
+
+def sample_cli(out: str, prompts: list, steps: int, n: int, seed: int) -> str:
+    """One-step (or few-step) images with diffusers' PixArtAlphaPipeline + LCMScheduler, as a grid."""
+    from diffusers import LCMScheduler, PixArtAlphaPipeline, PixArtTransformer2DModel
+    from torchvision.utils import save_image
+    run = load_run(out)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    pipe = PixArtAlphaPipeline.from_pretrained(
+        run["base"], transformer=PixArtTransformer2DModel.from_pretrained(os.path.join(out, "transformer")),
+        scheduler=LCMScheduler.from_pretrained(os.path.join(out, "scheduler"))).to(device)
+    size = pipe.transformer.config.sample_size
+    latents = None
+    if os.path.isfile(os.path.join(out, "ipi.safetensors")):          # ε-model without adaption: informative prior
+        from safetensors.torch import load_file
+        ipi = yoso.IPI.from_state_dict(load_file(os.path.join(out, "ipi.safetensors")))
+        sched = yoso.NoiseSchedule(pipe.scheduler.betas)
+        latents = ipi.prior(n * len(prompts), sched, torch.Generator().manual_seed(seed)).to(device)
+    images = pipe(prompts, num_images_per_prompt=n, num_inference_steps=steps, guidance_scale=1.0, latents=latents,
+                  generator=torch.Generator(device).manual_seed(seed), height=size * pipe.vae_scale_factor,
+                  width=size * pipe.vae_scale_factor, use_resolution_binning=False, clean_caption=False,
+                  max_sequence_length=run["settings"]["max_tokens"], output_type="pt").images
+    path = os.path.join(out, "samples", f"sample-{steps}step-{int(time.time())}.png")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    save_image(images, path, nrow=n)
+    return path
+
+
+def transplant(out: str, target: str) -> str:
+    """YOSO-target = target + (YOSO-512 − PixArt-512): with LoRA, the adapter merged into the target base."""
+    from diffusers import PixArtTransformer2DModel
+    from safetensors.torch import load_file
+    run = load_run(out)
+    target_path = resolve_base(target)
+    try:
+        tf = PixArtTransformer2DModel.from_pretrained(target_path, subfolder="transformer")
+    except Exception as e:
+        raise UserError(f"--base {target}: cannot load a PixArt-α transformer ({str(e).splitlines()[0][:200]})") from None
+    dest = os.path.join(out, "transplant-" + os.path.basename(target_path.rstrip("/")))
+    if os.path.isdir(os.path.join(out, "adapter")):
+        from peft import PeftModel
+        tf = PeftModel.from_pretrained(tf, os.path.join(out, "adapter")).merge_and_unload()
+        kept = []
+    else:
+        source = PixArtTransformer2DModel.from_pretrained(run["base"], subfolder="transformer").state_dict()
+        tuned = load_file(os.path.join(out, "transformer", "diffusion_pytorch_model.safetensors"))
+        sd, kept = yoso.transplant_delta(tf.state_dict(), source, tuned)
+        tf.load_state_dict(sd)
+    tf.save_pretrained(os.path.join(dest, "transformer"))
+    for name in ("scheduler", "ipi.safetensors"):                        # same training schedule at both sizes
+        src = os.path.join(out, name)
+        if os.path.exists(src):
+            os.system(f"cp -r {shlex.quote(src)} {shlex.quote(dest)}/")
+    json.dump(dict(run, base=target_path, transplanted_from=out), open(os.path.join(dest, "yoso_config.json"), "w"),
+              indent=1)
+    if kept:
+        print(f"kept from the target (no matching 512 tensor): {', '.join(kept)}")
+    return dest
+
+
+# ==================================================================================================
+# Command line
+# ==================================================================================================
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--base", help="PixArt-alpha (default), PixArt-alpha-1024, a hub id or a diffusers pipeline folder; "
+                                  "for --transplant the target (default PixArt-alpha-1024)")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--data", help="folder of images + metadata.jsonl ({\"file_name\", \"text\"} per line)")
+    src.add_argument("--prompts", help="prompt file, one per line; the base's own samples become the data")
+    p.add_argument("--cache", help="folder for precomputed latents and T5 embeddings (built once)")
+    p.add_argument("--out", default=T2IConfig.out)
+    p.add_argument("--stage", choices=("adapt", "yoso", "all"), default="all")
+    p.add_argument("--lora-rank", type=int, help=f"LoRA rank (default {T2IConfig.lora_rank})")
+    p.add_argument("--full", action="store_true", help="full fine-tuning instead of LoRA")
+    p.add_argument("--precision", choices=("bf16", "fp16", "fp32"))
+    p.add_argument("--preset", choices=sorted(PRESETS))
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    p.add_argument("--sample", metavar="OUT", help="write a grid from a finished run's folder")
+    p.add_argument("--prompt", action="append", help="prompt for --sample (repeatable)")
+    p.add_argument("--steps", type=int, default=1, help="sampling steps for --sample")
+    p.add_argument("--transplant", metavar="OUT", help="add the run's 512 delta to --base (Sec. 4.4)")
+    return p.parse_args(argv)
+
+
+def config_from_args(a) -> T2IConfig:
+    preset = dict(PRESETS.get(a.preset, {}))
+    ydelta = preset.pop("yoso", {})
+    cfg = T2IConfig(**preset)
+    cfg = replace(cfg, yoso=replace(cfg.yoso, **ydelta), base=a.base or cfg.base, data=a.data, prompts=a.prompts,
+                  cache=a.cache, out=a.out, stage=a.stage, resume=a.resume, precision=a.precision or preset.get("precision", cfg.precision),
+                  lora_rank=0 if a.full else (a.lora_rank or cfg.lora_rank))
+    return cfg
+
+
+def main(argv=None) -> int:
+    a = parse_args(argv)
+    command = "python finetune_t2i.py " + " ".join(shlex.quote(s) for s in (sys.argv[1:] if argv is None else argv))
+    try:
+        if a.sample:
+            print(sample_cli(a.sample, a.prompt or list(T2IConfig.sample_prompts[:1]), a.steps, n=4, seed=0))
+        elif a.transplant:
+            print(transplant(a.transplant, a.base or "PixArt-alpha-1024"))
+        else:
+            cfg = config_from_args(a)
+            if not (cfg.data or cfg.prompts):
+                raise UserError("give --data DIR or --prompts FILE")
+            resolve_base(cfg.base)
+            train(cfg, command)
+    except UserError as e:
+        print(f"finetune_t2i.py: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
