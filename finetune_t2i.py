@@ -592,7 +592,7 @@ def train(cfg: T2IConfig, command: str) -> None:
                     l_mb = adaption_loss(G_ddp, frozen, x_mb, c_mb, teacher_sched, student_sched, teacher_pred, amp)
                     (scalers[0].scale(l_mb) if scalers[0] else l_mb).div(cfg.grad_accum).backward()
                     loss += l_mb.item() / cfg.grad_accum
-                grad_norm = yoso._optimizer_step(opt, params, scalers[0], ycfg.grad_clip)
+                grad_norm = yoso.optimizer_step(opt, params, scalers[0], ycfg.grad_clip)
                 stats = dict(loss_adapt=loss, grad_norm_G=grad_norm, skipped=int(not math.isfinite(grad_norm)),
                              adapt_stage=1 if student_sched is teacher_sched else 2)
             else:
