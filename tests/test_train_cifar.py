@@ -25,6 +25,13 @@ SCRIPT = os.path.join(ROOT, "train_cifar.py")
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
 
 
+def free_port():
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def cli(*args, env=None, timeout=240):
     return subprocess.run([sys.executable, SCRIPT, *map(str, args)], cwd=ROOT, env={**ENV, **(env or {})},
                           capture_output=True, text=True, timeout=timeout)
@@ -107,7 +114,7 @@ def test_resume_is_bit_identical_to_an_uninterrupted_run(cifar_like_folder, tmp_
 @pytest.mark.distributed          # runs in the default `pytest -q` (CI) too: gloo on CPU, offline
 def test_two_process_gloo_run_and_its_checkpoint_loads(cifar_like_folder, tmp_path):
     run = tmp_path / "ddp"
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29731",
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
                         SCRIPT, "--preset", "smoke", "--data", cifar_like_folder, "--out", run, "--set", "steps=2"],
                        cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=240)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -182,7 +189,7 @@ def test_impossible_settings(cifar_like_folder, tmp_path):
     assert_one_error_line(cli(*base, "--set", "batch=64"), "only 24 usable images")
     assert_one_error_line(cli(*base, "--set", "nonsense=1"), "nonsense=1")
     # a 2-process launch with batch 7: caught before any process group is set up
-    dist_env = dict(RANK="0", WORLD_SIZE="2", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT="29732")
+    dist_env = dict(RANK="0", WORLD_SIZE="2", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     assert_one_error_line(cli(*base, "--set", "batch=7", env=dist_env), "not divisible")
 
 
