@@ -510,6 +510,8 @@ def resolve_config(args) -> tuple[TrainConfig, str, Optional[str]]:
     if not args.resume:
         cfg = make_config(args.preset or "paper", overrides=tuple(args.set) + ((f"data={args.data!r}",) if args.data else ()))
         return cfg, args.out or time.strftime("runs/cifar-%Y%m%d-%H%M%S"), None
+    if args.out and os.path.abspath(args.out) != os.path.abspath(args.resume):
+        raise UserError("--resume continues in the run's own folder; drop --out (or copy the run dir first)")
     config_path, ckpts = os.path.join(args.resume, "config.json"), yoso.list_checkpoints(args.resume)
     if not os.path.isfile(config_path) or not ckpts:
         raise UserError(f"--resume {args.resume}: not a run folder (needs config.json and ckpt-*.safetensors); "
@@ -622,7 +624,7 @@ def train(args) -> int:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n", 1)[1])
     p.add_argument("--preset", choices=list(PRESETS), help="named settings (default: paper; on --resume: the run's)")
     p.add_argument("--data", help="image folder or .zip (default: torchvision CIFAR-10, downloaded to ./data)")
     p.add_argument("--out", help="run dir (default runs/cifar-<time>); with --sample, where samples go")
