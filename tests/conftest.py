@@ -1,0 +1,47 @@
+"""Shared fixtures: small generated image sets for the training-script tests (offline, CPU)."""
+import os
+import sys
+import zipfile
+
+import numpy as np
+import pytest
+from PIL import Image
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+
+def write_image_folder(root, n_train=24, n_test=4, corrupt=1, size=32, seed=0):
+    """ImageFolder layout: train/<class>/*.png (+ `corrupt` broken .jpg files) and test/<class>/*.png."""
+    rng = np.random.default_rng(seed)
+    for split, n in (("train", n_train), ("test", n_test)):
+        for i in range(n):
+            d = os.path.join(root, split, "ab"[i % 2])
+            os.makedirs(d, exist_ok=True)
+            Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(os.path.join(d, f"{i:04d}.png"))
+    for i in range(corrupt):
+        with open(os.path.join(root, "train", "a", f"broken{i}.jpg"), "wb") as f:
+            f.write(b"\xff\xd8 this is not a jpeg")
+    return str(root)
+
+
+@pytest.fixture
+def cifar_like_folder(tmp_path):
+    """24 random 32x32 training images in two class folders, 4 test images, 1 corrupt file."""
+    return write_image_folder(tmp_path / "imgs")
+
+
+@pytest.fixture
+def cifar_like_zip(tmp_path):
+    """The same layout as cifar_like_folder, zipped like shared/data/cifar10-jpeg.zip."""
+    folder = write_image_folder(tmp_path / "imgs_for_zip", seed=1)
+    path = str(tmp_path / "imgs.zip")
+    with zipfile.ZipFile(path, "w") as zf:
+        for d, _, names in os.walk(folder):
+            for n in names:
+                zf.write(os.path.join(d, n), os.path.relpath(os.path.join(d, n), folder))
+    return path
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "distributed: multi-process (torchrun, gloo on CPU) test; runs by default")

