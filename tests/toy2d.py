@@ -283,6 +283,21 @@ def run_study(out_dir: str, steps: int = 10_000, seeds=(0, 1, 2), datasets=("rin
     return results
 
 
+def summarize(runs: list) -> list:
+    """One row per (dataset, method): mean, std and min/max over seeds of modes covered, share of
+    high-quality samples (within 3 std of a mode) and SWD."""
+    rows = []
+    for key in dict.fromkeys((r["dataset"], r["method"]) for r in runs):
+        rs = [r for r in runs if (r["dataset"], r["method"]) == key]
+        row = dict(dataset=key[0], method=key[1], seeds=len(rs), modes_total=len(rs[0]["shares"]))
+        for m in ("modes", "high_quality", "swd"):
+            v = torch.tensor([float(r[m]) for r in rs])
+            row.update({m: float(v.mean()), m + "_std": float(v.std(unbiased=False)),
+                        m + "_min": float(v.min()), m + "_max": float(v.max())})
+        rows.append(row)
+    return rows
+
+
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--study", metavar="OUT_DIR", required=True, help="run the study, write OUT_DIR/study.json")
