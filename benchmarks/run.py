@@ -71,15 +71,15 @@ def peak_step_memory(fn, device):
 
 # ------------------------------------------------------------------------------------------ workloads
 
-def workload(name, device, channels_last=False):
+def workload(name, device, batch, channels_last=False):
     """(G, D, x0, cond, cfg, sched) for a named shape: 'cifar' (the paper preset) or 'pixart-small'."""
     if name == "cifar":
         import train_cifar
-        G, D, cfg = train_cifar.build_models(train_cifar.PRESETS["paper"])
-        x0, cond = torch.randn(train_cifar.BENCH_BATCH, 3, 32, 32), None
+        cfg = train_cifar.make_config("paper")
+        G, D, _ = train_cifar.build_models(cfg)
+        x0, cond = torch.randn(batch, 3, 32, 32), None
     elif name == "pixart-small":
-        import finetune_t2i
-        G, D, x0, cond, cfg = finetune_t2i.benchmark_workload()
+        G, D, x0, cond, cfg = pixart_small(batch)
     else:
         raise ValueError(name)
     G, D = G.to(device), D.to(device)
@@ -87,8 +87,23 @@ def workload(name, device, channels_last=False):
         G, D = G.to(memory_format=torch.channels_last), D.to(memory_format=torch.channels_last)
     x0 = x0.to(device)
     if cond is not None:
-        cond = {k: v.to(device) for k, v in cond.items()} if isinstance(cond, dict) else cond.to(device)
+        cond = {k: v.to(device) for k, v in cond.items()}
     return G, D, x0, cond, cfg, yoso.NoiseSchedule.from_config(cfg)
+
+
+def pixart_small(batch):
+    """PixArt-α's architecture at a benchmark size: 12 blocks of width 384 on 32x32 latents (256 tokens),
+    120 text tokens of width 1024; D = a copy of the first 6 blocks + yoso's head (Sec. 4.2). Full fine-tune."""
+    from diffusers import PixArtTransformer2DModel
+    import finetune_t2i
+    tf = PixArtTransformer2DModel(num_attention_heads=6, attention_head_dim=64, in_channels=4, out_channels=8,
+                                  num_layers=12, cross_attention_dim=384, caption_channels=1024, sample_size=32,
+                                  patch_size=2, use_additional_conditions=False)
+    G = finetune_t2i.PixArtDenoiser(tf)
+    D = yoso.FeatureDiscriminator(finetune_t2i.PixArtTrunk(tf, 6), 384)
+    cfg = yoso.YOSOConfig(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, zero_terminal_snr=True)
+    cond = {"emb": torch.randn(batch, 120, 1024), "mask": torch.ones(batch, 120, dtype=torch.long)}
+    return G, D, torch.randn(batch, 4, 32, 32), cond, cfg
 
 
 def make_step(variant, w, amp):
@@ -112,7 +127,7 @@ def make_step(variant, w, amp):
 def bench_step(args, device, amp):
     rows = []
     for shape in args.shapes:
-        w = workload(shape, device, args.channels_last)
+        w = workload(shape, device, args.batch, args.channels_last)
         t = {v: time_it(make_step(v, w, amp), device, iters=args.iters) for v in ("naive", "ours")}
         mem = {v: step_memory(v, shape, args) if device.type == "cpu" else
                peak_step_memory(make_step(v, w, amp), device) for v in ("naive", "ours")}
@@ -128,14 +143,14 @@ def bench_step(args, device, amp):
 
 def step_memory(variant, shape, args):
     """CPU: peak RSS of one step in a fresh process (the process-wide peak cannot be reset)."""
-    cmd = [sys.executable, __file__, "--_mem", f"{variant}:{shape}", "--dtype", args.dtype]
+    cmd = [sys.executable, __file__, "--_mem", f"{variant}:{shape}", "--dtype", args.dtype, "--batch", str(args.batch)]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
     return float(out.strip().splitlines()[-1])
 
 
-def _mem_child(spec, amp):
+def _mem_child(spec, amp, batch):
     variant, shape = spec.split(":")
-    w = workload(shape, torch.device("cpu"))
+    w = workload(shape, torch.device("cpu"), batch)
     step = make_step(variant, w, amp)
     print(peak_step_memory(step, torch.device("cpu")))
 
@@ -150,7 +165,7 @@ def bench_roofline(args, device, amp):
     peak = 2 * n ** 3 / time_it(lambda: a @ b, device, warmup=2, iters=5)
     rows = []
     for shape in args.shapes:
-        w = workload(shape, device, args.channels_last)
+        w = workload(shape, device, args.batch, args.channels_last)
         step = make_step("ours", w, amp)
         with FlopCounterMode(display=False) as fc:
             step()
@@ -168,10 +183,9 @@ def bench_roofline(args, device, amp):
 
 def diffusers_sampler(scheduler, G, cfg, steps):
     """Sample with a diffusers scheduler driving the same network (v- or ε-prediction output)."""
-    scheduler.set_timesteps(steps)
-
     @torch.no_grad()
     def run(noise):
+        scheduler.set_timesteps(steps)                          # resets the solver's step index and history
         x = noise * scheduler.init_noise_sigma
         for t in scheduler.timesteps:
             tt = torch.full((x.shape[0],), int(t), device=x.device, dtype=torch.long)
@@ -184,7 +198,7 @@ def bench_sampling(args, device, amp):
     from diffusers import DPMSolverMultistepScheduler, LCMScheduler
     rows = []
     for shape in args.shapes:
-        G, _, x0, cond, cfg, sched = workload(shape, device, args.channels_last)
+        G, _, x0, cond, cfg, sched = workload(shape, device, args.batch, args.channels_last)
         if cond is not None:
             print(f"[sampling] {shape}: conditional workload, skipped")
             continue
@@ -228,8 +242,7 @@ def bench_fused(args, device, amp):
     rows = []
     # EMA over a 35M-parameter model: one foreach op against a per-parameter loop
     import train_cifar
-    G, _, cfg = train_cifar.build_models(train_cifar.PRESETS["paper"])
-    G, E = G.to(device), copy.deepcopy(G).to(device)
+    G, _, E = (m.to(device) for m in train_cifar.build_models(train_cifar.make_config("paper")))
     n_params = sum(p.numel() for p in G.parameters())
 
     def loop():
@@ -278,24 +291,22 @@ def bench_fused(args, device, amp):
 # ------------------------------------------------------------------------------------------ 5. loader
 
 def bench_loader(args, device, amp):
+    """train_cifar decodes the dataset once into memory, then indexes batches: time both against the step."""
     import train_cifar
     if not os.path.exists(args.data):
         print(f"[loader] {args.data} not found, skipped")
         return []
-    loader = train_cifar.make_loader(args.data, batch=train_cifar.BENCH_BATCH, workers=args.workers)
-    it = iter(loader)
-    next(it)
-    n, t0 = 0, time.perf_counter()
-    for _ in range(20):
-        batch = next(it)
-        n += (batch[0] if isinstance(batch, (list, tuple)) else batch).shape[0]
-    dt = time.perf_counter() - t0
-    ips = n / dt
-    w = workload("cifar", device, args.channels_last)
-    step_ips = w[2].shape[0] / time_it(make_step("ours", w, amp), device, iters=args.iters)
-    print(f"[loader] cifar zip, {args.workers} workers: {ips:.0f} img/s; train step: {step_ips:.0f} img/s; "
-          f"loader/step = {ips / step_ips:.1f}x (must be > 1)", flush=True)
-    return [dict(loader_img_per_s=ips, step_img_per_s=step_ips, ratio=ips / step_ips)]
+    t0 = time.perf_counter()
+    images, _ = train_cifar.load_images(args.data, 32)
+    decode_ips = len(images) / (time.perf_counter() - t0)
+    cfg = train_cifar.make_config("paper", overrides=(f"batch={args.batch}",))
+    batch_s = time_it(lambda: train_cifar.get_batch(images, 123, cfg, yoso.Dist()).to(device), device, iters=20)
+    w = workload("cifar", device, args.batch, args.channels_last)
+    step_s = time_it(make_step("ours", w, amp), device, iters=args.iters)
+    print(f"[loader] decode {len(images)} images once: {decode_ips:.0f} img/s ({len(images) / decode_ips:.1f} s); "
+          f"batch assembly {args.batch / batch_s:.0f} img/s; train step {args.batch / step_s:.1f} img/s; "
+          f"batch assembly is {step_s / batch_s:.0f}x faster than the step (must be > 1)", flush=True)
+    return [dict(decode_img_per_s=decode_ips, batch_img_per_s=args.batch / batch_s, step_img_per_s=args.batch / step_s)]
 
 
 def main():
@@ -306,17 +317,18 @@ def main():
     p.add_argument("--only", default="step,roofline,sampling,fused,loader")
     p.add_argument("--shapes", default="cifar,pixart-small")
     p.add_argument("--iters", type=int, default=3)
+    p.add_argument("--batch", type=int, help="per-step batch (default: 128 on GPU, 8 on CPU)")
     p.add_argument("--data", default=os.path.join(ROOT, "..", "shared", "data", "cifar10-jpeg.zip"))
-    p.add_argument("--workers", type=int, default=2)
     p.add_argument("--json", help="also write the rows to this file")
     p.add_argument("--_mem", help=argparse.SUPPRESS)
     args = p.parse_args()
     torch.manual_seed(0)
     amp = DTYPES[args.dtype]
     if args._mem:
-        return _mem_child(args._mem, amp)
+        return _mem_child(args._mem, amp, args.batch or 8)
     args.shapes = args.shapes.split(",")
     device = torch.device(args.device)
+    args.batch = args.batch or (128 if device.type == "cuda" else 8)
     print(f"device {device} ({torch.cuda.get_device_name() if device.type == 'cuda' else f'{os.cpu_count()} CPU cores'}), "
           f"dtype {args.dtype}, torch {torch.__version__}, threads {torch.get_num_threads()}", flush=True)
     benches = dict(step=bench_step, roofline=bench_roofline, sampling=bench_sampling, fused=bench_fused, loader=bench_loader)
