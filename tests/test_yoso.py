@@ -409,3 +409,27 @@ def test_checkpoint_roundtrip_atomic_and_keep_last(tmp_path):
     (tmp_path / "junk.safetensors").write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match="not a YOSO checkpoint"):
         yoso.load_checkpoint(str(tmp_path / "junk.safetensors"), {"G": G2}, {})
+
+
+def test_crash_during_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypatch):
+    """A write that dies half-way (disk full, kill) leaves the last good checkpoint loadable and unpruned."""
+    import safetensors.torch
+    cfg, sched, G, D = setup()
+    opts = yoso.make_optimizers(G, D, cfg)
+    modules, optimizers = {"G": G, "D": D}, {"G": opts[0], "D": opts[1]}
+    good = yoso.save_run_checkpoint(str(tmp_path), 1, modules, optimizers, keep=1)
+    weights = copy.deepcopy(G.state_dict())
+    yoso.train_step(G, D, *opts, torch.randn(4, 3, 16, 16), sched=sched, cfg=cfg)
+
+    def dying_save_file(tensors, path, metadata=None):
+        with open(path, "wb") as f:
+            f.write(b"\x00" * 1000)                                     # half a file, then the crash
+        raise OSError("No space left on device")
+    monkeypatch.setattr(safetensors.torch, "save_file", dying_save_file)
+    with pytest.raises(OSError):
+        yoso.save_run_checkpoint(str(tmp_path), 2, modules, optimizers, keep=1)
+    monkeypatch.undo()
+    assert yoso.list_checkpoints(str(tmp_path)) == [good]                # keep=1 did not prune the good one
+    _, _, G2, D2 = setup(seed=3)
+    assert yoso.load_checkpoint(good, {"G": G2, "D": D2}, {})["step"] == 1
+    assert all(torch.equal(v, G2.state_dict()[k]) for k, v in weights.items())
