@@ -183,7 +183,7 @@ def rec_step(G, opt_G, x0, *, sched, cfg) -> dict:
     loss = yoso.weighted_mse(x0_hat, x0, yoso.reconstruction_weight(t, sched, cfg.gamma)).mean()
     opt_G.zero_grad(set_to_none=True)
     loss.backward()
-    yoso._optimizer_step(opt_G, G.parameters(), None, max_norm=cfg.grad_clip)
+    yoso.optimizer_step(opt_G, G.parameters(), None, max_norm=cfg.grad_clip)
     return dict(L_rec=float(loss.detach()))
 
 
@@ -211,7 +211,7 @@ def gan_step(G, D, opt_G, opt_D, x0, *, sched, cfg, noised: bool) -> dict:
     loss_D = yoso.discriminator_loss(logits[:B], logits[B:]).mean()
     opt_D.zero_grad(set_to_none=True)
     loss_D.backward()
-    yoso._optimizer_step(opt_D, D.parameters(), None, max_norm=None)
+    yoso.optimizer_step(opt_D, D.parameters(), None, max_norm=None)
     # G step, D frozen so its parameters collect no gradient
     D.requires_grad_(False)
     L_adv = yoso.generator_adv_loss(D(renoise(x0_hat), s)).mean()
@@ -219,7 +219,7 @@ def gan_step(G, D, opt_G, opt_D, x0, *, sched, cfg, noised: bool) -> dict:
     loss_G = L_adv + cfg.lambda_rec * L_rec
     opt_G.zero_grad(set_to_none=True)
     loss_G.backward()
-    yoso._optimizer_step(opt_G, G.parameters(), None, max_norm=cfg.grad_clip)
+    yoso.optimizer_step(opt_G, G.parameters(), None, max_norm=cfg.grad_clip)
     D.requires_grad_(True)
     return dict(loss_D=float(loss_D.detach()), L_adv=float(L_adv.detach()), L_rec=float(L_rec.detach()))
 
