@@ -1,8 +1,10 @@
 """The tutorial notebooks run top to bottom without errors, in their fast mode (YOSO_NOTEBOOK_FAST=1).
 
-Fast mode shrinks every training budget (a 200-step demo, a 60-step one-seed study in a temporary
-folder) so the whole notebook executes in well under a minute; it checks that the code runs, not
-the numbers — tests/test_toy2d.py checks those.
+Fast mode shrinks every training budget so each notebook executes in well under a minute: 01 runs a
+200-step demo and a 60-step one-seed study in a temporary folder; 02 trains 4 steps on 256 CIFAR-10
+images (64 random images when shared/data/cifar10-jpeg.zip is absent: no network); 03 runs a few
+adaption and YOSO steps on the tiny offline PixArt-α pipeline. It checks that the code runs, not the
+numbers — tests/test_toy2d.py, test_train_cifar.py and test_finetune_t2i.py check those.
 """
 import os
 
@@ -14,7 +16,7 @@ nbclient = pytest.importorskip("nbclient", reason="nbclient is not installed (pi
 NOTEBOOKS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "notebooks")
 
 
-@pytest.mark.parametrize("name", ["01_yoso_in_2d.ipynb"])
+@pytest.mark.parametrize("name", ["01_yoso_in_2d.ipynb", "02_cifar10_one_step.ipynb", "03_one_step_text_to_image.ipynb"])
 def test_notebook_runs_in_fast_mode(name, monkeypatch):
     monkeypatch.setenv("YOSO_NOTEBOOK_FAST", "1")       # the kernel inherits this process's environment
     monkeypatch.setenv("MPLBACKEND", "Agg")
