@@ -274,10 +274,10 @@ def test_inception_resolution_order(tmp_path, monkeypatch):
 
 def test_data_order_is_a_permutation_per_epoch_and_ranks_split_the_global_batch():
     n, batch = 10, 4                                                    # 2 batches per epoch, 2 images dropped
-    epoch0 = torch.cat([tc.batch_indices(n, s, batch, seed=0) for s in range(2)])
+    epoch0 = torch.cat([yoso.batch_indices(n, s, batch, seed=0) for s in range(2)])
     assert len(set(epoch0.tolist())) == 8
-    assert not torch.equal(tc.batch_indices(n, 0, batch, 0), tc.batch_indices(n, 2, batch, 0))   # reshuffled
-    assert torch.equal(tc.batch_indices(n, 3, batch, 0), tc.batch_indices(n, 3, batch, 0))       # deterministic
+    assert not torch.equal(yoso.batch_indices(n, 0, batch, 0), yoso.batch_indices(n, 2, batch, 0))   # reshuffled
+    assert torch.equal(yoso.batch_indices(n, 3, batch, 0), yoso.batch_indices(n, 3, batch, 0))       # deterministic
     images = torch.arange(n, dtype=torch.uint8).view(n, 1, 1, 1).expand(n, 3, 2, 2).contiguous()
     cfg = tc.make_config("smoke", overrides=("batch=4", "hflip=False"))
     halves = [tc.get_batch(images, 5, cfg, yoso.Dist(rank=r, world=2)) for r in (0, 1)]
