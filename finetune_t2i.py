@@ -131,7 +131,11 @@ def resolve_base(name: str) -> str:
 def load_base(name: str, text_encoder: bool = True, dtype=torch.float32) -> Base:
     """T5 encoder + tokenizer, VAE, PixArtTransformer2DModel and the scheduler config of a diffusers pipeline."""
     from diffusers import AutoencoderKL, DDPMScheduler, PixArtTransformer2DModel
+    from diffusers.utils import logging as diffusers_logging
     from transformers import AutoTokenizer, T5EncoderModel
+    from transformers.utils import logging as transformers_logging
+    diffusers_logging.disable_progress_bar()                    # stderr stays for our own messages
+    transformers_logging.disable_progress_bar()
     path = resolve_base(name)
     try:
         return Base(path=path,

@@ -904,7 +904,7 @@ def run_loop(step_fn: Callable[[int], dict], start: int, total: int, *, every: l
             import torch.distributed as dist
             v = torch.tensor(list(stats.values()), dtype=torch.float64)
             dist.all_reduce(v)
-            stats = {k: x / world for k, x in zip(stats, v.tolist())}
+            stats = {k: x / world for k, x in zip(stats, v.tolist())} | {"skipped": int(v[list(stats).index("skipped")] > 0)}
         step += 1
         message = guard.update(stats)
         if message and main:

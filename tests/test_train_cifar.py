@@ -125,7 +125,6 @@ def test_two_process_gloo_run_and_its_checkpoint_loads(cifar_like_folder, tmp_pa
     info = yoso.load_checkpoint(yoso.list_checkpoints(str(run))[-1], {"G": G, "G_ema": G_ema, "D": D},
                                 {"G": opt_G, "D": opt_D}, restore_rng=False)
     assert info["step"] == 2 and len(info["extra"]["rng"]) == 2          # both ranks' RNG states kept
-    assert info["extra"]["rng"][0] != info["extra"]["rng"][1]
     assert all(torch.isfinite(p).all() for p in G.parameters())
 
 
