@@ -6,6 +6,7 @@ with LoRA through both stages; the tests read that run's outputs, or build the s
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -408,26 +409,27 @@ def test_sigint_checkpoints_and_says_how_to_resume(base, data, tmp_path):
     assert len(ckpts) == 1 and yoso.read_checkpoint_meta(ckpts[0])["step"] == metrics(tmp_path)[-1]["step"] >= 1
 
 
-def test_divergence_stops_with_exit_3_and_keeps_the_last_good_checkpoint(base, data, tmp_path):
-    args = ("--base", base, "--data", data, *YOSO_RUN, "--out", tmp_path)
-    assert run_script(*args, "--set", "yoso_steps=1").returncode == 0
-    good_path = os.path.join(tmp_path, "ckpt-00000001.safetensors")
+def test_divergence_stops_with_exit_3_and_keeps_the_last_good_checkpoint(base, data_with_corrupt, straight_run, tmp_path):
+    good_path = os.path.join(tmp_path, "ckpt-00000004.safetensors")
+    shutil.copy(os.path.join(straight_run, "ckpt-00000004.safetensors"), good_path)   # a run that stopped at step 4
     good = load_file(good_path)
-    # lr = inf: the first update makes the weights non-finite, every later gradient is too -> skipped;
-    # saturation_gap = -inf: any finite D gap counts as saturated, so the warning fires at once
-    r = run_script(*args, "--resume", "--set", "yoso_steps=50", "--set", "yoso.lr=inf", "--set", "max_skipped=3",
+    # lr = inf: D's first update is non-finite, so is G's gradient through it, and every one after -> skipped;
+    # saturation_gap = -inf: any finite D gap counts as saturated, so the warning fires on the first step
+    r = run_script("--base", base, "--data", data_with_corrupt, *YOSO_RUN, "--out", tmp_path, "--resume",
+                   "--set", "yoso_steps=50", "--set", "yoso.lr=inf", "--set", "max_skipped=3",
                    "--set", "saturation_gap=-inf", "--set", "saturation_steps=1")
     assert r.returncode == 3, r.stderr[-3000:]
-    assert "diverged" in r.stderr and "ckpt-00000001.safetensors" in r.stderr and "saturated" in r.stderr
+    assert "diverged" in r.stderr and "ckpt-00000004.safetensors" in r.stderr and "saturated" in r.stderr
     assert yoso.list_checkpoints(str(tmp_path)) == [good_path]
     assert all(torch.equal(v, good[k]) for k, v in load_file(good_path).items())
     rows = metrics(tmp_path)
-    assert rows[-1]["skipped_total"] == 3 and rows[-1]["step"] == 5                   # 1 good + 1 finite + 3 skipped
+    assert [r["skipped_total"] for r in rows] == [1, 2, 3] and rows[-1]["step"] == 7
 
 
-def test_resume_with_another_architecture_is_one_clear_error(base, data, straight_run):
-    r = run_script("--base", base, "--data", data, *YOSO_RUN, "--out", straight_run, "--resume", "--lora-rank", "8")
-    assert_clean_error(r, "does not match this model")
+def test_resume_with_another_architecture_is_one_clear_error(base, data, straight_run, capsys, monkeypatch):
+    monkeypatch.setattr(signal, "signal", lambda *a: None)      # in-process: keep pytest's own SIGINT handler
+    assert_main_error(capsys, ["--base", base, "--data", data, *YOSO_RUN, "--out", straight_run, "--resume",
+                               "--lora-rank", "8"], "does not match this model", "size mismatch")
 
 
 def test_bad_settings_and_inputs_are_one_clear_error(base, data, tmp_path, capsys, monkeypatch):
