@@ -45,10 +45,6 @@ BASES = {"PixArt-alpha": "PixArt-alpha/PixArt-XL-2-512x512",
          "PixArt-alpha-1024": "PixArt-alpha/PixArt-XL-2-1024-MS"}
 
 
-class UserError(Exception):
-    """A problem with the command line or the inputs: printed as one line, exit code 2."""
-
-
 # ==================================================================================================
 # Config — defaults are the paper's PixArt-α run where it states them, the official SD-1.5 LoRA run otherwise
 # ==================================================================================================
@@ -65,8 +61,9 @@ class T2IConfig:
     lora_alpha: float = 8.0             # official lora_alpha (scale alpha/rank = 1/8)
     adapt_steps: int = 1000             # quick adaption, "about 1k iterations" (Sec. 4.3); half Stage I, half Stage II
     yoso_steps: int = 5000              # official LoRA run: 5000 steps
-    batch_size: int = 16                # per GPU per micro-batch (official: 16)
-    grad_accum: int = 4                 # official: 4 GPUs x 16 x 4 = 256
+    batch_size: int = 256               # GLOBAL batch per step, split over processes (official: 4 GPUs x 16 x 4)
+    grad_accum: int = 4                 # micro-batches per process per step (official: 4)
+    resolution: int | None = None       # training image size in pixels; None = the base's own (512 for PixArt-α-512)
     precision: str = "bf16"             # bf16 | fp16 | fp32 (mixed precision via autocast; trained weights fp32)
     grad_checkpointing: bool = True     # recompute transformer blocks in backward: memory for ~30% time
     feature_block: int | None = None    # perceptual features after this many blocks; None = the middle (Sec. 4.1)
@@ -82,10 +79,23 @@ class T2IConfig:
     log_every: int = 10                 # steps between metrics.jsonl lines
     seed: int = 0
     resume: bool = False                # continue from the newest checkpoint in `out`
+    max_skipped: int = 20               # stop (exit 3) after this many non-finite steps in a row
+    saturation_gap: float = 10.0        # warn when the D(real) - D(fake) logit gap stays above this ...
+    saturation_steps: int = 2000        # ... for this many steps in a row (D has won; G learns little)
     yoso: yoso.YOSOConfig = field(default_factory=lambda: yoso.YOSOConfig(
         beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,   # overwritten by the base's scheduler
         boundary_scaling=True,          # official on; pins G(x_0, 0) = x_0 as LCMScheduler assumes
         lr=2e-5, ema_decay=0.999))      # official LoRA lr and EMA
+
+    def __post_init__(self):
+        if self.stage not in ("adapt", "yoso", "all"):
+            raise ValueError(f"stage must be adapt, yoso or all, got {self.stage!r}")
+        for name in (["adapt_steps"] if self.stage != "yoso" else []) + (["yoso_steps"] if self.stage != "adapt" else []) \
+                + ["batch_size", "grad_accum", "ckpt_every", "sample_every", "log_every", "max_skipped"]:
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {name}={getattr(self, name)}")
+        if self.precision not in ("bf16", "fp16", "fp32"):
+            raise ValueError(f"precision must be bf16, fp16 or fp32, got {self.precision!r}")
 
 
 PRESETS = {
@@ -114,14 +124,18 @@ class Base:
 def resolve_base(name: str) -> str:
     path = BASES.get(name, name)
     if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "model_index.json")):
-        raise UserError(f"--base {name}: {path} is a folder but not a diffusers pipeline (no model_index.json)")
+        raise yoso.UserError(f"--base {name}: {path} is a folder but not a diffusers pipeline (no model_index.json)")
     return path
 
 
 def load_base(name: str, text_encoder: bool = True, dtype=torch.float32) -> Base:
     """T5 encoder + tokenizer, VAE, PixArtTransformer2DModel and the scheduler config of a diffusers pipeline."""
     from diffusers import AutoencoderKL, DDPMScheduler, PixArtTransformer2DModel
+    from diffusers.utils import logging as diffusers_logging
     from transformers import AutoTokenizer, T5EncoderModel
+    from transformers.utils import logging as transformers_logging
+    diffusers_logging.disable_progress_bar()                    # stderr stays for our own messages
+    transformers_logging.disable_progress_bar()
     path = resolve_base(name)
     try:
         return Base(path=path,
@@ -133,7 +147,7 @@ def load_base(name: str, text_encoder: bool = True, dtype=torch.float32) -> Base
                     scheduler_config=dict(DDPMScheduler.load_config(path, subfolder="scheduler")))
     except Exception as e:  # hub errors, missing subfolders, wrong model types: all mean "not a PixArt pipeline"
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"--base {name}: cannot load a PixArt-α diffusers pipeline from {path!r} ({reason[:200]})") from None
+        raise yoso.UserError(f"--base {name}: cannot load a PixArt-α diffusers pipeline from {path!r} ({reason[:200]})") from None
 
 
 def schedule_config(yoso_cfg: yoso.YOSOConfig, sched: dict, adapted: bool) -> yoso.YOSOConfig:
@@ -235,11 +249,22 @@ def add_lora(transformer: nn.Module, rank: int, alpha: float):
 # Data: (latent x_0, T5 conditioning) per item — from images, from the base's own samples, or from a cache
 # ==================================================================================================
 
-def read_captions(data_dir: str) -> list:
-    """(image path, caption) pairs from an HF imagefolder metadata.jsonl; one clear error per bad line."""
+def readable_image(path: str) -> bool:
+    from PIL import Image
+    try:
+        with Image.open(path) as img:
+            img.convert("RGB")                                  # decodes it all: truncated files fail here
+        return True
+    except Exception:
+        return False
+
+
+def read_captions(data_dir: str) -> tuple[list, int]:
+    """(image path, caption) pairs from an HF imagefolder metadata.jsonl, and how many corrupt images were
+    skipped; one clear error per bad line."""
     meta = os.path.join(data_dir, "metadata.jsonl")
     if not os.path.isfile(meta):
-        raise UserError(f"--data {data_dir}: no metadata.jsonl (one {{\"file_name\": ..., \"text\": ...}} per line)")
+        raise yoso.UserError(f"--data {data_dir}: no metadata.jsonl (one {{\"file_name\": ..., \"text\": ...}} per line)")
     items = []
     with open(meta) as f:
         for n, line in enumerate(f, 1):
@@ -248,24 +273,27 @@ def read_captions(data_dir: str) -> list:
             try:
                 rec = json.loads(line)
             except json.JSONDecodeError as e:
-                raise UserError(f"{meta} line {n}: not valid JSON ({e.msg})") from None
+                raise yoso.UserError(f"{meta} line {n}: not valid JSON ({e.msg})") from None
             if not isinstance(rec, dict) or not isinstance(rec.get("text"), str) or not rec["text"].strip():
-                raise UserError(f"{meta} line {n}: no \"text\" caption")
+                raise yoso.UserError(f"{meta} line {n}: no \"text\" caption")
             path = os.path.join(data_dir, str(rec.get("file_name", "")))
             if "file_name" not in rec or not os.path.isfile(path):
-                raise UserError(f"{meta} line {n}: \"file_name\" {rec.get('file_name')!r} is not a file in {data_dir}")
+                raise yoso.UserError(f"{meta} line {n}: \"file_name\" {rec.get('file_name')!r} is not a file in {data_dir}")
             items.append((path, rec["text"]))
     if not items:
-        raise UserError(f"{meta}: no items")
-    return items
+        raise yoso.UserError(f"{meta}: no items")
+    good = [item for item in items if readable_image(item[0])]
+    if not good:
+        raise yoso.UserError(f"--data {data_dir}: all {len(items)} images are corrupt or unreadable")
+    return good, len(items) - len(good)
 
 
 def read_prompts(path: str) -> list:
     if not os.path.isfile(path):
-        raise UserError(f"--prompts {path}: no such file")
+        raise yoso.UserError(f"--prompts {path}: no such file")
     prompts = [line.strip() for line in open(path) if line.strip()]
     if not prompts:
-        raise UserError(f"--prompts {path}: no prompts")
+        raise yoso.UserError(f"--prompts {path}: no prompts")
     return [(None, p) for p in prompts]
 
 
@@ -274,9 +302,13 @@ class Encoder:
 
     def __init__(self, base: Base, frozen: FrozenBase, cfg: T2IConfig, device, amp):
         self.base, self.frozen, self.cfg, self.device, self.amp = base, frozen, cfg, device, amp
-        vae_cfg = base.vae.config
-        self.latent_size = base.transformer.config.sample_size
-        self.image_size = self.latent_size * 2 ** (len(vae_cfg.block_out_channels) - 1)
+        vae_cfg, tf_cfg = base.vae.config, base.transformer.config
+        down = 2 ** (len(vae_cfg.block_out_channels) - 1)       # the VAE's downsampling (8 for PixArt-α)
+        self.image_size = cfg.resolution or tf_cfg.sample_size * down
+        if self.image_size % (down * tf_cfg.patch_size):
+            raise yoso.UserError(f"resolution {self.image_size} is not divisible by {down * tf_cfg.patch_size} = VAE "
+                                 f"factor {down} x patch size {tf_cfg.patch_size}; pick a multiple of it")
+        self.latent_size = self.image_size // down
         self.scaling = vae_cfg.scaling_factor
 
     @torch.no_grad()
@@ -365,24 +397,17 @@ def build_cache(cache: str, items: list, encoder: Encoder, cfg: T2IConfig, dist)
         torch.distributed.barrier()
 
 
-def batches(n: int, batch: int, seed: int, dist):
-    """Endless index batches: a seeded permutation per epoch, split across ranks (tiny sets repeat to fill one)."""
-    g = torch.Generator().manual_seed(seed)
-    while True:
-        perm = torch.randperm(n, generator=g).tolist()[dist.rank::dist.world]
-        perm = perm * (batch // len(perm) + 1) if len(perm) < batch else perm
-        for s in range(0, len(perm) - batch + 1, batch):
-            yield perm[s:s + batch]
-
-
 # ==================================================================================================
 # Quick adaption (Sec. 4.3): one distillation step, Stage I or Stage II
 # ==================================================================================================
 
-def adaption_loss(G, frozen: FrozenBase, x0, cond, teacher_sched, student_sched, teacher_pred: str, amp):
-    """MSE(v_student, v_target): the student sees x_t on its schedule, the teacher on its own, same x_0 and ε."""
-    t = torch.randint(0, teacher_sched.T, (x0.shape[0],), device=x0.device)
-    eps = torch.randn_like(x0)
+def adaption_loss(G, frozen: FrozenBase, x0, cond, teacher_sched, student_sched, teacher_pred: str, amp, noise=None):
+    """MSE(v_student, v_target): the student sees x_t on its schedule, the teacher on its own, same x_0 and ε.
+
+    noise = (t, ε) given (yoso.step_noise), or drawn here."""
+    if noise is None:
+        noise = torch.randint(0, teacher_sched.T, (x0.shape[0],)), torch.randn(x0.shape)
+    t, eps = (v.to(x0.device) for v in noise)
     x_t_teacher, x_t_student = yoso.adaption_inputs(x0, eps, t, teacher_sched, student_sched)
     with torch.no_grad(), frozen(), amp():
         teacher_out = frozen.denoiser(x_t_teacher, t, cond).float()
@@ -411,14 +436,13 @@ def swapped(params: nn.ParameterList, ema: nn.ParameterList):
 @torch.no_grad()
 def sample_grid(path, G, vae, cond, noise, sched, ycfg, amp, steps=(1, 4)):
     """One row per step count, one column per prompt; the same noise every time so grids compare across steps."""
-    from torchvision.utils import save_image
     rows = []
     for k in steps:
         with amp():
             x0 = yoso.sample(G, noise, cond, sched=sched, cfg=ycfg, steps=k, generator=torch.Generator().manual_seed(0))
         rows.append(vae.decode(x0.to(vae.dtype) / vae.config.scaling_factor).sample.float())
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    save_image(torch.cat(rows) * 0.5 + 0.5, path, nrow=noise.shape[0])
+    yoso.save_image_grid(torch.cat(rows), path, nrow=noise.shape[0])
 
 
 def lcm_scheduler(ycfg: yoso.YOSOConfig):
@@ -503,22 +527,41 @@ def build(cfg: T2IConfig, device):
     return base, model, D, frozen, params, amp_dtype
 
 
-def read_checkpoint_state(path: str) -> dict:
-    """The training state a checkpoint was written in (its JSON metadata), without loading tensors."""
-    from safetensors import safe_open
-    with safe_open(path, "pt") as f:
-        return json.loads(f.metadata()["yoso"])["extra"]
+PHASES = ("adapt", "yoso")
 
 
-def train(cfg: T2IConfig, command: str) -> None:
-    from tqdm import tqdm
+def resume_point(out: str) -> dict:
+    """Where --resume continues: the newest checkpoint in `out` and the state it was written in."""
+    ckpts = yoso.list_checkpoints(out)
+    if not ckpts:
+        raise yoso.UserError(f"--resume: {out} holds no checkpoint (ckpt-*.safetensors); it is not a finetune_t2i.py "
+                             "run folder (pass the --out of an earlier run)")
+    meta = yoso.read_checkpoint_meta(ckpts[-1])
+    if "phase" not in meta["extra"]:
+        raise yoso.UserError(f"--resume: {ckpts[-1]} was not written by finetune_t2i.py")
+    return dict(meta["extra"], path=ckpts[-1], step=meta["step"])
+
+
+def train(cfg: T2IConfig, command: str) -> int:
+    """Returns the exit code: 0 done or interrupted (checkpointed), 3 diverged."""
+    world = int(os.environ.get("WORLD_SIZE", 1))                # checked before any process group waits
+    if cfg.batch_size % (world * cfg.grad_accum):
+        raise yoso.UserError(f"batch_size {cfg.batch_size} is not divisible by {world} processes x grad_accum "
+                             f"{cfg.grad_accum}; the global batch is split evenly (--set batch_size=N)")
+    resume = resume_point(cfg.out) if cfg.resume else None
+    items, corrupt = read_captions(cfg.data) if cfg.data else (read_prompts(cfg.prompts), 0)
+    if len(items) < cfg.batch_size:
+        raise yoso.UserError(f"only {len(items)} usable items for a batch of {cfg.batch_size}; use more data "
+                             "or --set batch_size=N")
     dist = yoso.init_distributed()
     device = dist.device
-    os.makedirs(cfg.out, exist_ok=True)
-    items = read_captions(cfg.data) if cfg.data else read_prompts(cfg.prompts)
     base, model, D, frozen, params, amp_dtype = build(cfg, device)
     amp = lambda: torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None)
     encoder = Encoder(base, frozen, cfg, device, amp)
+    os.makedirs(cfg.out, exist_ok=True)
+    if dist.main:
+        print(f"{len(items)} items{f', {corrupt} corrupt images skipped' if corrupt else ''}; out {cfg.out}; "
+              f"world {dist.world}")
     sample_cond = encoder.text(cfg.sample_prompts)              # fixed prompts, encoded while T5 is loaded
     if cfg.cache:
         build_cache(cfg.cache, items, encoder, cfg, dist)
@@ -533,22 +576,18 @@ def train(cfg: T2IConfig, command: str) -> None:
     log = yoso.MetricsLog(os.path.join(cfg.out, "metrics.jsonl"), dist.main)
     C, S = base.transformer.config.in_channels, encoder.latent_size
     sample_noise = torch.randn(len(cfg.sample_prompts), C, S, S, generator=torch.Generator().manual_seed(cfg.seed)).to(device)
-
-    # --- where we are: global step, phase, whether the weights are already adapted (v, zero terminal SNR)
-    phases = ([("adapt", cfg.adapt_steps)] if cfg.stage in ("adapt", "all") else []) + \
-             ([("yoso", cfg.yoso_steps)] if cfg.stage in ("yoso", "all") else [])
-    step, state, ipi, resume = 0, dict(adapted=False), None, None
-    if cfg.resume and yoso.list_checkpoints(cfg.out):
-        resume_from = yoso.list_checkpoints(cfg.out)[-1]
-        resume = read_checkpoint_state(resume_from)             # {phase, phase_step, global_step, adapted}
-        state["adapted"] = resume["adapted"]
     teacher_sched = yoso.NoiseSchedule.from_config(schedule_config(cfg.yoso, base.scheduler_config, False))
     teacher_pred = base.scheduler_config.get("prediction_type", "epsilon")
-    grid = None
+    stop = yoso.GracefulStop()
+    guard = yoso.DivergenceGuard(cfg.max_skipped, cfg.saturation_gap, cfg.saturation_steps)
+    phases = [p for p in PHASES if cfg.stage in (p, "all")]
+    n_steps = dict(adapt=cfg.adapt_steps, yoso=cfg.yoso_steps)
+    step, adapted, ipi, grid = 0, False, None, None            # step: global steps done, over both phases
 
-    for phase, n_steps in phases:
-        adapted = phase == "adapt" or state["adapted"]
-        ycfg = schedule_config(cfg.yoso, base.scheduler_config, adapted)
+    for phase in phases:
+        if resume and PHASES.index(phase) < PHASES.index(resume["phase"]):
+            continue                                            # finished in an earlier run
+        ycfg = schedule_config(cfg.yoso, base.scheduler_config, phase == "adapt" or adapted or bool(resume and resume["adapted"]))
         sched = yoso.NoiseSchedule.from_config(ycfg)
         if phase == "adapt":
             opt = torch.optim.AdamW(list(params), lr=ycfg.lr, betas=ycfg.betas_G, weight_decay=ycfg.weight_decay)
@@ -556,74 +595,102 @@ def train(cfg: T2IConfig, command: str) -> None:
         else:
             opt_G, opt_D = yoso.make_optimizers(G, D, ycfg)
             optimizers, modules = {"G": opt_G, "D": opt_D}, {"G": params, "G_ema": ema, "D": D}
-        scalers = [torch.amp.GradScaler(device.type) if cfg.precision == "fp16" else None for _ in range(2)]
         start = 0
-        if resume:
-            order = ("adapt", "yoso")
-            if order.index(resume["phase"]) > order.index(phase):  # this phase finished in an earlier run
-                continue
-            if resume["phase"] == phase:                            # continue it, optimisers included
-                start = yoso.load_checkpoint(resume_from, modules, optimizers)["extra"]["phase_step"]
-            else:                                                   # adaption finished earlier: its weights only
-                yoso.load_checkpoint(resume_from, {"G": params, "G_ema": ema}, {})
-                ycfg = schedule_config(cfg.yoso, base.scheduler_config, True)
-                sched = yoso.NoiseSchedule.from_config(ycfg)
-            step, state, resume = resume["global_step"] + 1, dict(resume, adapted=resume["adapted"] or phase != "adapt"), None
-            if start >= n_steps:
-                continue
+        if resume:                                              # this phase's full state, or an earlier phase's weights
+            same = resume["phase"] == phase
+            try:
+                yoso.load_checkpoint(resume["path"], modules if same else {"G": params, "G_ema": ema},
+                                     optimizers if same else {})
+            except ValueError as e:
+                raise yoso.UserError(str(e)) from None
+            for o in optimizers.values():                       # the config, not the saved groups, sets lr
+                for group in o.param_groups:
+                    group["lr"] = ycfg.lr
+            if len(resume["rng"]) == dist.world:
+                yoso.set_rng_state(resume["rng"], dist)
+            start, step, adapted = (resume["phase_step"] if same else 0), resume["step"], resume["adapted"]
+            if dist.main:
+                print(f"resumed from {resume['path']} at step {step} ({phase} step {start})")
+            resume = None
         if start == 0:
-            ema.load_state_dict(params.state_dict())               # an EMA across the ε -> v switch would mix both
+            ema.load_state_dict(params.state_dict())           # an EMA across the ε -> v switch would mix both
         if phase == "yoso" and ycfg.prediction_type == "epsilon" and not ycfg.zero_terminal_snr:
             ipi_latents = torch.cat([data.get(list(range(s, min(s + cfg.batch_size, len(data), cfg.ipi_items))))[0].cpu()
                                      for s in range(0, min(len(data), cfg.ipi_items), cfg.batch_size)])
-            ipi = yoso.IPI.estimate(ipi_latents)                     # Sec. 4.3: the ε base keeps its flawed schedule
+            ipi = yoso.IPI.estimate(ipi_latents)                 # Sec. 4.3: the ε base keeps its flawed schedule
         noise = ipi.prior(len(cfg.sample_prompts), sched, torch.Generator().manual_seed(cfg.seed)).to(device) \
             if ipi is not None else sample_noise
-        stream = batches(len(data), cfg.batch_size * cfg.grad_accum, cfg.seed + step, dist)
-        bar = tqdm(range(start, n_steps), desc=phase, disable=not dist.main, initial=start, total=n_steps)
-        for k in bar:
-            t0 = time.time()
-            x0, cond = data.get(next(stream))
-            if phase == "adapt":                                    # Stage I: v on the old schedule; II: new schedule
-                student_sched = teacher_sched if k < n_steps // 2 else sched
+        offset, total = step - start, n_steps[phase]
+        # Stage I (first half of adaption): v on the teacher's schedule; Stage II: on the new one
+        student = lambda k: teacher_sched if phase == "adapt" and k < total // 2 else sched
+
+        def step_fn(k: int) -> dict:
+            idx = yoso.batch_indices(len(data), offset + k, cfg.batch_size, cfg.seed)   # pure function of the step
+            x0, cond = data.get(yoso.rank_slice(idx, dist).tolist())
+            t, eps = yoso.step_noise(cfg.batch_size, x0.shape[1:], ycfg.T, offset + k, cfg.seed, dist)
+            if phase == "adapt":
                 opt.zero_grad(set_to_none=True)
                 loss = 0.0
-                for x_mb, c_mb in zip(x0.chunk(cfg.grad_accum), yoso.split_cond(cond, cfg.grad_accum)):
-                    l_mb = adaption_loss(G_ddp, frozen, x_mb, c_mb, teacher_sched, student_sched, teacher_pred, amp)
+                for x_mb, c_mb, t_mb, e_mb in zip(x0.chunk(cfg.grad_accum), yoso.split_cond(cond, cfg.grad_accum),
+                                                  t.chunk(cfg.grad_accum), eps.chunk(cfg.grad_accum)):
+                    l_mb = adaption_loss(G_ddp, frozen, x_mb, c_mb, teacher_sched, student(k), teacher_pred, amp,
+                                         noise=(t_mb, e_mb))
                     (scalers[0].scale(l_mb) if scalers[0] else l_mb).div(cfg.grad_accum).backward()
                     loss += l_mb.item() / cfg.grad_accum
                 grad_norm = yoso.optimizer_step(opt, params, scalers[0], ycfg.grad_clip)
                 stats = dict(loss_adapt=loss, grad_norm_G=grad_norm, skipped=int(not math.isfinite(grad_norm)),
-                             adapt_stage=1 if student_sched is teacher_sched else 2)
+                             adapt_stage=1 if student(k) is teacher_sched else 2)
             else:
                 stats = yoso.train_step(G_ddp, D_ddp, opt_G, opt_D, x0, cond, sched=sched, cfg=ycfg,
                                         distance=yoso.latent_perceptual_distance(features), grad_accum=cfg.grad_accum,
-                                        amp_dtype=amp_dtype, scaler_G=scalers[0], scaler_D=scalers[1])
+                                        amp_dtype=amp_dtype, scaler_G=scalers[0], scaler_D=scalers[1], noise=(t, eps))
             if not stats["skipped"]:
-                yoso.ema_update(ema, params, ycfg.ema_decay)        # EMA of the trained weights (adapters for LoRA)
-            stats["step_time"] = time.time() - t0
-            step += 1
-            state = dict(phase=phase, phase_step=k + 1, global_step=step - 1, adapted=adapted)
-            if dist.main and ((k + 1) % cfg.log_every == 0 or k == start):
-                log.write(step=step - 1, phase=phase, **stats)
-                bar.set_postfix({n: f"{v:.3g}" for n, v in stats.items() if n in ("loss_adapt", "loss_D", "D_real",
-                                                                                  "D_fake", "L_con", "loss_G")})
-            if dist.main and ((k + 1) % cfg.sample_every == 0 or k + 1 == n_steps):
-                grid = os.path.join(cfg.out, "samples", f"{phase}-{step - 1:06d}.png")
+                yoso.ema_update(ema, params, ycfg.ema_decay)    # EMA of the trained weights (adapters for LoRA)
+            return stats
+
+        def save(k: int) -> None:                              # collective (RNG gather): every rank calls it
+            rng = yoso.rng_states(dist)
+            if dist.main:
+                yoso.save_run_checkpoint(cfg.out, offset + k, modules, optimizers, extra=dict(
+                    phase=phase, phase_step=k, adapted=phase == "adapt" or adapted, rng=rng))
+
+        def sample(k: int) -> None:
+            nonlocal grid
+            if dist.main:
+                grid = os.path.join(cfg.out, "samples", f"{phase}-{offset + k:06d}.png")
+                s_sched = student(k - 1)
                 with swapped(params, ema):
-                    sample_grid(grid, G, base.vae, sample_cond, noise, student_sched if phase == "adapt" else sched,
-                                replace(ycfg, zero_terminal_snr=student_sched is sched) if phase == "adapt" else ycfg, amp)
-            if (k + 1) % cfg.ckpt_every == 0 or k + 1 == n_steps:
+                    sample_grid(grid, G, base.vae, sample_cond, noise, s_sched,
+                                replace(ycfg, zero_terminal_snr=s_sched is sched) if phase == "adapt" else ycfg, amp)
+
+        scalers = [torch.amp.GradScaler(device.type) if cfg.precision == "fp16" else None for _ in range(2)]
+        if start < total:
+            done, reason = yoso.run_loop(
+                step_fn, start, total, every=[(cfg.ckpt_every, save), (cfg.sample_every, sample)],
+                log=lambda step, **m: log.write(step=offset + step, phase=phase, **m), log_every=cfg.log_every,
+                guard=guard, stop=stop, world=dist.world, main=dist.main, desc=phase)
+            if reason == "diverged":                            # keep the last good checkpoint: write nothing
                 if dist.main:
-                    yoso.save_run_checkpoint(cfg.out, step - 1, modules, optimizers, extra=state)
-        state["adapted"] = adapted
+                    last = yoso.list_checkpoints(cfg.out)
+                    print(f"error: training diverged at step {offset + done} ({guard.in_row} non-finite steps in a "
+                          f"row); last good checkpoint: {last[-1] if last else 'none'}; lower lr or check the data",
+                          file=sys.stderr)
+                return 3
+            save(done)
+            sample(done)
+            if reason == "interrupted":
+                if dist.main:
+                    print(f"\ninterrupted at step {offset + done}; checkpoint saved. Resume with:\n  "
+                          f"{command}{'' if cfg.resume else ' --resume'}")
+                return 0
+        step, adapted = offset + total, adapted or phase == "adapt"
 
     if dist.main:
         # the exported weights: the EMA of the YOSO stage; after an adapt-only run, the adapted weights themselves
         with (swapped(params, ema) if cfg.stage != "adapt" else contextlib.nullcontext()):
             export(cfg, base, model, ycfg, ipi, command, grid)
-    if dist.world > 1:
-        torch.distributed.destroy_process_group()
+        print(f"done: {step} steps, {guard.total} skipped; out {cfg.out}")
+    return 0
 
 
 # ==================================================================================================
@@ -633,14 +700,13 @@ def train(cfg: T2IConfig, command: str) -> None:
 def load_run(out: str) -> dict:
     path = os.path.join(out, "yoso_config.json")
     if not os.path.isfile(path):
-        raise UserError(f"{out}: not a finetune_t2i.py output folder (no yoso_config.json)")
+        raise yoso.UserError(f"{out}: not a finetune_t2i.py output folder (no yoso_config.json)")
     return json.load(open(path))
 
 
 def sample_cli(out: str, prompts: list, steps: int, n: int, seed: int) -> str:
     """One-step (or few-step) images with diffusers' PixArtAlphaPipeline + LCMScheduler, as a grid."""
     from diffusers import LCMScheduler, PixArtAlphaPipeline, PixArtTransformer2DModel
-    from torchvision.utils import save_image
     run = load_run(out)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     pipe = PixArtAlphaPipeline.from_pretrained(
@@ -659,7 +725,7 @@ def sample_cli(out: str, prompts: list, steps: int, n: int, seed: int) -> str:
                   max_sequence_length=run["settings"]["max_tokens"], output_type="pt").images
     path = os.path.join(out, "samples", f"sample-{steps}step-{int(time.time())}.png")
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    save_image(images, path, nrow=n)
+    yoso.save_image_grid(images * 2 - 1, path, nrow=n)
     return path
 
 
@@ -672,7 +738,7 @@ def transplant(out: str, target: str) -> str:
     try:
         tf = PixArtTransformer2DModel.from_pretrained(target_path, subfolder="transformer")
     except Exception as e:
-        raise UserError(f"--base {target}: cannot load a PixArt-α transformer ({str(e).splitlines()[0][:200]})") from None
+        raise yoso.UserError(f"--base {target}: cannot load a PixArt-α transformer ({str(e).splitlines()[0][:200]})") from None
     dest = os.path.join(out, "transplant-" + os.path.basename(target_path.rstrip("/")))
     if os.path.isdir(os.path.join(out, "adapter")):
         from peft import PeftModel
@@ -714,6 +780,8 @@ def parse_args(argv=None):
     p.add_argument("--precision", choices=("bf16", "fp16", "fp32"))
     p.add_argument("--preset", choices=sorted(PRESETS))
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a T2IConfig field (yoso.KEY for a YOSOConfig one), e.g. --set yoso_steps=2000")
     p.add_argument("--sample", metavar="OUT", help="write a grid from a finished run's folder")
     p.add_argument("--prompt", action="append", help="prompt for --sample (repeatable)")
     p.add_argument("--steps", type=int, default=1, help="sampling steps for --sample")
@@ -722,13 +790,17 @@ def parse_args(argv=None):
 
 
 def config_from_args(a) -> T2IConfig:
+    """Preset deltas, then the flags, then --set overrides -> a validated T2IConfig (UserError if impossible)."""
     preset = dict(PRESETS.get(a.preset, {}))
     ydelta = preset.pop("yoso", {})
-    cfg = T2IConfig(**preset)
-    cfg = replace(cfg, yoso=replace(cfg.yoso, **ydelta), base=a.base or cfg.base, data=a.data, prompts=a.prompts,
-                  cache=a.cache, out=a.out, stage=a.stage, resume=a.resume, precision=a.precision or preset.get("precision", cfg.precision),
-                  lora_rank=0 if a.full else (a.lora_rank or cfg.lora_rank))
-    return cfg
+    try:
+        cfg = T2IConfig(**preset)
+        cfg = replace(cfg, yoso=replace(cfg.yoso, **ydelta), base=a.base or cfg.base, data=a.data, prompts=a.prompts,
+                      cache=a.cache, out=a.out, stage=a.stage, resume=a.resume, precision=a.precision or cfg.precision,
+                      lora_rank=0 if a.full else (a.lora_rank or cfg.lora_rank))
+    except ValueError as e:
+        raise yoso.UserError(f"impossible settings: {e}") from None
+    return yoso.apply_overrides(cfg, a.set)
 
 
 def main(argv=None) -> int:
@@ -737,18 +809,19 @@ def main(argv=None) -> int:
     try:
         if a.sample:
             print(sample_cli(a.sample, a.prompt or list(T2IConfig.sample_prompts[:1]), a.steps, n=4, seed=0))
-        elif a.transplant:
+            return 0
+        if a.transplant:
             print(transplant(a.transplant, a.base or "PixArt-alpha-1024"))
-        else:
-            cfg = config_from_args(a)
-            if not (cfg.data or cfg.prompts):
-                raise UserError("give --data DIR or --prompts FILE")
-            resolve_base(cfg.base)
-            train(cfg, command)
-    except UserError as e:
-        print(f"finetune_t2i.py: error: {e}", file=sys.stderr)
+            return 0
+        cfg = config_from_args(a)
+        if not (cfg.data or cfg.prompts):
+            raise yoso.UserError("give --data DIR or --prompts FILE")
+        resolve_base(cfg.base)
+        return train(cfg, command)
+    except yoso.UserError as e:
+        if int(os.environ.get("RANK", 0)) == 0:
+            print(f"error: {e}", file=sys.stderr)
         return 2
-    return 0
 
 
 if __name__ == "__main__":

@@ -170,26 +170,13 @@ def load_images(path: Optional[str], res: int) -> tuple[torch.Tensor, int]:
     return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous(), corrupt
 
 
-def batch_indices(n: int, step: int, batch: int, seed: int) -> torch.Tensor:
-    """Indices of the GLOBAL batch at `step`: a fresh permutation per epoch seeded by (seed, epoch).
-
-    A pure function of the step (like DistributedSampler.set_epoch), so resuming needs only the step,
-    and every rank agrees on the batch without communication. The last incomplete batch is dropped.
-    """
-    per_epoch = n // batch
-    epoch, i = divmod(step, per_epoch)
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
-    return perm[i * batch:(i + 1) * batch]
-
-
 def get_batch(images: torch.Tensor, step: int, cfg: TrainConfig, dist: yoso.Dist) -> torch.Tensor:
     """This rank's share of the global batch at `step`, as float in [-1, 1], flipped deterministically."""
-    idx = batch_indices(len(images), step, cfg.batch, cfg.seed)
-    per_rank = cfg.batch // dist.world
-    x = images[idx[dist.rank * per_rank:(dist.rank + 1) * per_rank]].float() / 127.5 - 1
-    if cfg.hflip:                                               # own generator: the global RNG stays train_step's
+    idx = yoso.batch_indices(len(images), step, cfg.batch, cfg.seed)
+    x = images[yoso.rank_slice(idx, dist)].float() / 127.5 - 1
+    if cfg.hflip:                                               # seeded by the step, like the data order
         flip = torch.rand(cfg.batch, generator=torch.Generator().manual_seed(cfg.seed + 7919 * step)) < 0.5
-        flip = flip[dist.rank * per_rank:(dist.rank + 1) * per_rank]
+        flip = yoso.rank_slice(flip, dist)
         x = torch.where(flip[:, None, None, None], x.flip(3), x)
     return x
 
@@ -401,7 +388,6 @@ def train(args) -> int:
     G, D, G_ema = (m.to(device) for m in build_models(cfg))
     opt_G, opt_D = yoso.make_optimizers(G, D, cfg)
     modules, optimizers = {"G": G, "G_ema": G_ema, "D": D}, {"G": opt_G, "D": opt_D}
-    torch.manual_seed(cfg.seed + 1 + dist.rank)                # each rank draws its own t and ε
     step = 0
     if resume_ckpt:
         try:
@@ -433,8 +419,9 @@ def train(args) -> int:
 
     def step_fn(s: int) -> dict:
         x0 = get_batch(images, s, cfg, dist).to(device)
+        noise = yoso.step_noise(cfg.batch, x0.shape[1:], cfg.T, s, cfg.seed, dist)   # this rank's share of the global draw
         return yoso.train_step(G, D, opt_G, opt_D, x0, sched=sched, cfg=cfg, G_ema=G_ema, amp_dtype=amp_dtype,
-                               scaler_G=scalers[0], scaler_D=scalers[1])
+                               scaler_G=scalers[0], scaler_D=scalers[1], noise=noise)
 
     def save(s: int) -> None:                                  # collective (RNG gather): every rank calls it
         rng = yoso.rng_states(dist)

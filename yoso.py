@@ -460,7 +460,8 @@ def sample_noise_levels(B: int, cfg: YOSOConfig, device) -> tuple[Tensor, Tensor
 def train_step(G: nn.Module, D: nn.Module, opt_G, opt_D, x0: Tensor, cond=None, *,
                sched: NoiseSchedule, cfg: YOSOConfig, G_ema: Optional[nn.Module] = None,
                distance: Callable = mse_distance, grad_accum: int = 1,
-               amp_dtype: Optional[torch.dtype] = None, scaler_G=None, scaler_D=None) -> dict:
+               amp_dtype: Optional[torch.dtype] = None, scaler_G=None, scaler_D=None,
+               noise: Optional[tuple[Tensor, Tensor]] = None) -> dict:
     """One YOSO iteration: a D step, a G step, an EMA update (Sec. 2). Returns diagnostics.
 
     Same maths as the naive step of the method doc (4 G forwards, 3 D forwards) with fewer, larger
@@ -478,9 +479,14 @@ def train_step(G: nn.Module, D: nn.Module, opt_G, opt_D, x0: Tensor, cond=None, 
     scale = lambda loss, scaler: scaler.scale(loss) if scaler is not None else loss
 
     # --- 1. noise levels and inputs: one x_0, one ε, three steps -----------------------------------
-    # Drawn for the whole batch before splitting, so grad_accum does not change the random stream.
-    t, t_D, t_C = sample_noise_levels(x0.shape[0], cfg, device)
-    eps = torch.randn(x0.shape, device=device, dtype=x0.dtype)   # not randn_like: its draw follows the memory layout
+    # Drawn for the whole batch before splitting, so grad_accum does not change the random stream;
+    # or given (`noise` = (t, ε), e.g. yoso.step_noise: the same draws for any number of processes).
+    if noise is None:
+        t, t_D, t_C = sample_noise_levels(x0.shape[0], cfg, device)
+        eps = torch.randn(x0.shape, device=device, dtype=x0.dtype)   # not randn_like: its draw follows the memory layout
+    else:
+        t, eps = (v.to(device) for v in noise)
+        t_D, t_C = (t - cfg.k_D).clamp(min=0), (t - cfg.k_C).clamp(min=0)
     full = dict(x0=x0, t=t, t_D=t_D, t_C=t_C, x_t=sched.add_noise(x0, eps, t),
                 x_tD=sched.add_noise(x0, eps, t_D), x_tC=sched.add_noise(x0, eps, t_C))
     if x0.shape[0] % grad_accum:
@@ -874,7 +880,7 @@ class DivergenceGuard:
         if self.in_row >= self.max_skipped:
             self.diverged = True
             return f"training diverged: {self.in_row} steps in a row had non-finite gradients"
-        self.saturated = self.saturated + 1 if stats["D_real"] - stats["D_fake"] > self.gap else 0
+        self.saturated = self.saturated + 1 if stats.get("D_real", 0) - stats.get("D_fake", 0) > self.gap else 0
         if self.saturated >= self.patience and not self.warned:
             self.warned = True
             return (f"warning: D(real) - D(fake) has stayed above {self.gap} for {self.saturated} steps; "
@@ -887,12 +893,18 @@ def run_loop(step_fn: Callable[[int], dict], start: int, total: int, *, every: l
              desc: str = "train") -> tuple[int, str]:
     """Run step_fn(step) for step = start..total-1 with tqdm, interval-mean metrics, divergence guard
     and graceful stop. `every` = [(n, fn)]: fn(step) after each n-th step (not the last; the caller
-    writes the final state). Returns (steps done, "done" | "interrupted" | "diverged")."""
+    writes the final state). Under DDP the logged figures are the means over ranks. Returns
+    (steps done, "done" | "interrupted" | "diverged")."""
     from tqdm import tqdm                                      # the scripts' dependency, not the method's
     bar = tqdm(total=total, initial=start, desc=desc, disable=not main, dynamic_ncols=True)
     sums, n, t0, step = {}, 0, time.time(), start
     while step < total:
         stats = step_fn(step)
+        if world > 1:                                          # log the GLOBAL batch's figures, as one process would
+            import torch.distributed as dist
+            v = torch.tensor(list(stats.values()), dtype=torch.float64)
+            dist.all_reduce(v)
+            stats = {k: x / world for k, x in zip(stats, v.tolist())} | {"skipped": int(v[list(stats).index("skipped")] > 0)}
         step += 1
         message = guard.update(stats)
         if message and main:
@@ -901,8 +913,10 @@ def run_loop(step_fn: Callable[[int], dict], start: int, total: int, *, every: l
             sums[k] = sums.get(k, 0.0) + v
         n += 1
         bar.update(1)
-        bar.set_postfix(loss_G=f"{stats['loss_G']:.3f}", loss_D=f"{stats['loss_D']:.3f}",
-                        D_gap=f"{stats['D_real'] - stats['D_fake']:.2f}", skipped=guard.total, refresh=False)
+        shown = {k: f"{v:.3f}" for k, v in stats.items() if k.startswith("loss")}
+        if "D_real" in stats:
+            shown["D_gap"] = f"{stats['D_real'] - stats['D_fake']:.2f}"
+        bar.set_postfix(shown, skipped=guard.total, refresh=False)
         if step % log_every == 0 or step == total:
             means = {k: v / n for k, v in sums.items() if k != "skipped"}
             log(step=step, **means, skipped=int(sums["skipped"]), skipped_total=guard.total,
@@ -916,6 +930,69 @@ def run_loop(step_fn: Callable[[int], dict], start: int, total: int, *, every: l
                 fn(step)
     bar.close()
     return step, "done"
+
+
+def batch_indices(n: int, step: int, batch: int, seed: int) -> Tensor:
+    """Indices of the GLOBAL batch at `step`: a fresh permutation per epoch seeded by (seed, epoch).
+
+    A pure function of the step (like DistributedSampler.set_epoch), so resuming needs only the step,
+    and every rank agrees on the batch without communication. The last incomplete batch is dropped.
+    """
+    per_epoch = n // batch
+    epoch, i = divmod(step, per_epoch)
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+    return perm[i * batch:(i + 1) * batch]
+
+
+def rank_slice(x, dist: Dist):
+    """This rank's equal share of a global-batch tensor (or index list)."""
+    per = len(x) // dist.world
+    return x[dist.rank * per:(dist.rank + 1) * per]
+
+
+def step_noise(batch: int, shape: tuple, T: int, step: int, seed: int, dist: Dist) -> tuple[Tensor, Tensor]:
+    """This rank's share of the GLOBAL batch's t ~ U{0..T-1} and ε ~ N(0, I) at `step` (train_step's `noise`).
+
+    Drawn on the CPU from a generator seeded by (seed, step): 1 or N processes see the same draws,
+    and a resumed run the same as an uninterrupted one, whatever the global RNG did in between.
+    """
+    g = torch.Generator().manual_seed(seed * 1_000_003 + step + 2 ** 40)   # a stream apart from batch_indices'
+    t = torch.randint(0, T, (batch,), generator=g)
+    eps = torch.randn((batch,) + tuple(shape), generator=g)
+    return rank_slice(t, dist), rank_slice(eps, dist)
+
+
+def apply_overrides(cfg, items):
+    """`--set KEY=VALUE` items onto a config dataclass; KEY may be SUB.KEY for a nested one (yoso.lr).
+
+    Values are Python literals (a bare word stays a string; "inf" becomes a float for float fields).
+    Unknown keys, ill-typed values and settings that __post_init__ rejects raise UserError.
+    """
+    import ast
+    import dataclasses
+    for item in items:
+        key, sep, raw = item.partition("=")
+        sub, _, name = key.rpartition(".")
+        target = getattr(cfg, sub, None) if sub else cfg
+        if not sep or not dataclasses.is_dataclass(target) or name not in {f.name for f in dataclasses.fields(target)}:
+            raise UserError(f"--set {item!r}: expected KEY=VALUE with KEY a config field")
+        try:
+            value = ast.literal_eval(raw)
+        except (ValueError, SyntaxError):
+            value = raw                                         # a bare string such as precision=fp32
+        default = getattr(target, name)
+        if isinstance(default, float) and isinstance(value, (int, str)) and not isinstance(value, bool):
+            try:
+                value = float(value)                            # also "inf", "nan": e.g. to test the guard
+            except ValueError:
+                raise UserError(f"--set {item!r}: expected a number") from None
+        elif isinstance(default, tuple) and isinstance(value, list):
+            value = tuple(value)
+        try:
+            cfg = dataclasses.replace(cfg, **({sub: dataclasses.replace(target, **{name: value})} if sub else {name: value}))
+        except (ValueError, TypeError) as e:
+            raise UserError(f"impossible settings: {e}") from None
+    return cfg
 
 
 def rng_states(dist: Dist) -> list:

@@ -6,11 +6,15 @@ with LoRA through both stages; the tests read that run's outputs, or build the s
 import json
 import math
 import os
+import shutil
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -26,10 +30,21 @@ import yoso  # noqa: E402
 torch.set_num_threads(1)
 
 
-def run_script(*args):
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
-    return subprocess.run([sys.executable, os.path.join(ROOT, "finetune_t2i.py"), *args],
-                          capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+ENV = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+SCRIPT = os.path.join(ROOT, "finetune_t2i.py")
+
+
+def run_script(*args, env=None, torchrun=False):
+    launcher = ["-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}"] if torchrun else []
+    return subprocess.run([sys.executable, *launcher, SCRIPT, *map(str, args)],
+                          capture_output=True, text=True, cwd=ROOT, env={**ENV, **(env or {})}, timeout=300)
+
+
+def free_port():
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def metrics(out):
@@ -113,7 +128,7 @@ def test_sample_cli_writes_a_grid(lora_run):
     assert r.returncode == 0, r.stderr[-2000:]
     from PIL import Image
     path = r.stdout.strip().splitlines()[-1]
-    assert Image.open(path).size == (4 * 16 + 5 * 2, 2 * 16 + 3 * 2)                  # 2 prompts x 4 images, padded
+    assert Image.open(path).size == (4 * 16, 2 * 16)                                  # 2 prompts x 4 images
 
 
 def test_reloaded_lora_reproduces_merged_model(lora_run, base):
@@ -234,7 +249,16 @@ def test_lora_transplant_adds_the_adapter_delta(lora_run, base, tmp_path):
 def assert_clean_error(r, *words):
     assert r.returncode == 2, (r.returncode, r.stderr[-2000:])
     err = r.stderr.strip()
-    assert "Traceback" not in err and len(err.splitlines()) == 1, err
+    assert "Traceback" not in err and len(err.splitlines()) == 1 and err.startswith("error: "), err
+    for w in words:
+        assert w in err, err
+
+
+def assert_main_error(capsys, argv, *words):
+    """The same check in-process, for errors raised before any training starts (no import cost)."""
+    assert ft.main([str(a) for a in argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("error: "), err
     for w in words:
         assert w in err, err
 
@@ -298,7 +322,131 @@ def test_prompts_adapt_then_resume_into_yoso(base, tmp_path):
     r = run_script(*args, "--stage", "yoso", "--resume")
     assert r.returncode == 0, r.stderr[-3000:]
     rows = metrics(out)
-    assert [m["step"] for m in rows if m["phase"] == "yoso"] == [4, 5, 6]          # continues the global step
+    assert [m["step"] for m in rows if m["phase"] == "yoso"] == [5, 6, 7]          # continues the global step
     from diffusers import LCMScheduler
     assert LCMScheduler.from_pretrained(os.path.join(out, "scheduler")).config.prediction_type == "v_prediction"
     assert not os.path.exists(os.path.join(out, "ipi.safetensors"))                  # adapted weights: no IPI
+
+
+# --- reliability: exact resume, 1 vs 2 processes, SIGINT, divergence, bad input (yoso stage, smoke) ----
+
+YOSO_RUN = ("--preset", "smoke", "--stage", "yoso", "--set", "ckpt_every=100")
+FIGURES = ("loss_D", "D_real", "D_fake", "L_adv", "L_con", "L_rec", "loss_G", "grad_norm_G", "grad_norm_D")
+
+
+@pytest.fixture(scope="session")
+def data_with_corrupt(data, tmp_path_factory):
+    """The 6 caption images plus a 7th listed item that is not an image: skipped and counted."""
+    d = tmp_path_factory.mktemp("captions_corrupt")
+    for name in os.listdir(data):
+        if name.endswith(".png"):
+            os.symlink(os.path.join(data, name), d / name)
+    (d / "broken.png").write_bytes(b"\x89PNG this is not a png")
+    (d / "metadata.jsonl").write_text(open(os.path.join(data, "metadata.jsonl")).read()
+                                      + '{"file_name": "broken.png", "text": "a photo of a red house"}\n')
+    return str(d)
+
+
+@pytest.fixture(scope="session")
+def straight_run(base, data_with_corrupt, tmp_path_factory):
+    """4 YOSO steps in one go: the reference for the resume and the 2-process tests."""
+    out = tmp_path_factory.mktemp("straight")
+    r = run_script("--base", base, "--data", data_with_corrupt, *YOSO_RUN, "--out", out, "--set", "yoso_steps=4")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "6 items, 1 corrupt images skipped" in r.stdout
+    return str(out)
+
+
+def assert_same_checkpoints(a, b):
+    ta, tb = (load_file(os.path.join(d, "ckpt-00000004.safetensors")) for d in (a, b))
+    assert ta.keys() == tb.keys()
+    for prefix in ("G/", "G_ema/", "D/", "opt_G.state", "opt_D.state"):                # adapters, EMA, D, optimisers
+        assert any(k.startswith(prefix) for k in ta), prefix
+    for k in ta:
+        if not k.startswith("rng/"):
+            assert torch.equal(ta[k], tb[k]), k
+
+
+def test_resume_is_bit_identical_to_an_uninterrupted_run(base, data_with_corrupt, straight_run, tmp_path):
+    # fp32, one thread, data order and (t, ε) functions of (seed, step): 2 steps + --resume 2 = 4 steps, bit for bit
+    args = ("--base", base, "--data", data_with_corrupt, *YOSO_RUN, "--out", tmp_path)
+    assert run_script(*args, "--set", "yoso_steps=2").returncode == 0
+    r = run_script(*args, "--set", "yoso_steps=4", "--resume")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "at step 2" in r.stdout
+    assert [m["step"] for m in metrics(tmp_path)] == [1, 2, 3, 4]
+    assert_same_checkpoints(straight_run, tmp_path)
+
+
+@pytest.mark.distributed          # runs in the default `pytest -q` too: gloo on CPU, offline
+def test_two_processes_match_one_and_resume_under_torchrun(base, data_with_corrupt, straight_run, tmp_path):
+    # global batch 2 = 1 per rank; each rank takes its slice of the global batch's data, t and ε
+    args = ("--base", base, "--data", data_with_corrupt, *YOSO_RUN, "--out", tmp_path)
+    r = run_script(*args, "--set", "yoso_steps=2", torchrun=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "world 2" in r.stdout
+    r = run_script(*args, "--set", "yoso_steps=4", "--resume", torchrun=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    one, two = metrics(straight_run), metrics(tmp_path)
+    assert [m["step"] for m in two] == [1, 2, 3, 4]                                    # rank 0 writes, once
+    for a, b in zip(one, two):                                                         # measured: < 1e-6 relative
+        for k in FIGURES:
+            assert b[k] == pytest.approx(a[k], rel=1e-4, abs=1e-6), (a["step"], k)
+
+
+def test_sigint_checkpoints_and_says_how_to_resume(base, data, tmp_path):
+    p = subprocess.Popen([sys.executable, SCRIPT, "--base", base, "--data", data, *YOSO_RUN, "--out", str(tmp_path),
+                          "--set", "yoso_steps=100000", "--set", "sample_every=100000"],
+                         cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    log, deadline = tmp_path / "metrics.jsonl", time.time() + 180
+    while not (log.exists() and log.read_text().count("\n") >= 1) and time.time() < deadline:
+        time.sleep(0.2)
+    p.send_signal(signal.SIGINT)
+    out, err = p.communicate(timeout=120)
+    assert p.returncode == 0, err[-3000:]
+    assert "interrupted" in out and "--resume" in out and "Traceback" not in err
+    ckpts = yoso.list_checkpoints(str(tmp_path))
+    assert len(ckpts) == 1 and yoso.read_checkpoint_meta(ckpts[0])["step"] == metrics(tmp_path)[-1]["step"] >= 1
+
+
+def test_divergence_stops_with_exit_3_and_keeps_the_last_good_checkpoint(base, data_with_corrupt, straight_run, tmp_path):
+    good_path = os.path.join(tmp_path, "ckpt-00000004.safetensors")
+    shutil.copy(os.path.join(straight_run, "ckpt-00000004.safetensors"), good_path)   # a run that stopped at step 4
+    good = load_file(good_path)
+    # lr = inf: D's first update is non-finite, so is G's gradient through it, and every one after -> skipped;
+    # saturation_gap = -inf: any finite D gap counts as saturated, so the warning fires on the first step
+    r = run_script("--base", base, "--data", data_with_corrupt, *YOSO_RUN, "--out", tmp_path, "--resume",
+                   "--set", "yoso_steps=50", "--set", "yoso.lr=inf", "--set", "max_skipped=3",
+                   "--set", "saturation_gap=-inf", "--set", "saturation_steps=1")
+    assert r.returncode == 3, r.stderr[-3000:]
+    assert "diverged" in r.stderr and "ckpt-00000004.safetensors" in r.stderr and "saturated" in r.stderr
+    assert yoso.list_checkpoints(str(tmp_path)) == [good_path]
+    assert all(torch.equal(v, good[k]) for k, v in load_file(good_path).items())
+    rows = metrics(tmp_path)
+    assert [r["skipped_total"] for r in rows] == [1, 2, 3] and rows[-1]["step"] == 7
+
+
+def test_resume_with_another_architecture_is_one_clear_error(base, data, straight_run, capsys, monkeypatch):
+    monkeypatch.setattr(signal, "signal", lambda *a: None)      # in-process: keep pytest's own SIGINT handler
+    assert_main_error(capsys, ["--base", base, "--data", data, *YOSO_RUN, "--out", straight_run, "--resume",
+                               "--lora-rank", "8"], "does not match this model", "size mismatch")
+
+
+def test_bad_settings_and_inputs_are_one_clear_error(base, data, tmp_path, capsys, monkeypatch):
+    run = ("--base", base, "--data", data, "--preset", "smoke", "--out", tmp_path / "o")
+    assert_main_error(capsys, [*run, "--resume"], "not a finetune_t2i.py run folder")
+    assert_main_error(capsys, [*run, "--set", "yoso.k_D=1000"], "k_D=1000")
+    assert_main_error(capsys, [*run, "--set", "yoso_steps=0"], "yoso_steps must be positive")
+    assert_main_error(capsys, [*run, "--set", "adapt_steps=-1"], "adapt_steps must be positive")
+    assert_main_error(capsys, [*run, "--set", "nonsense=1"], "nonsense=1")
+    assert_main_error(capsys, [*run, "--set", "resolution=18"], "not divisible by 4", "patch size 2")
+    assert_main_error(capsys, [*run, "--set", "batch_size=7"], "only 6 usable items")
+    corrupt = tmp_path / "corrupt"
+    corrupt.mkdir()
+    (corrupt / "0.png").write_bytes(b"\x89PNG garbage")
+    (corrupt / "metadata.jsonl").write_text('{"file_name": "0.png", "text": "a red house"}\n')
+    assert_main_error(capsys, ["--base", base, "--data", corrupt, "--preset", "smoke"], "all 1 images are corrupt")
+    # a 2-process launch with batch 3: caught before any process group is set up
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert_main_error(capsys, [*run, "--set", "batch_size=3"], "not divisible by 2 processes")
+    assert not (tmp_path / "o").exists()                                               # nothing written for a failed start

@@ -110,22 +110,36 @@ def test_resume_is_bit_identical_to_an_uninterrupted_run(cifar_like_folder, tmp_
     assert meta["step"] == 4 and meta["extra"]["data"] == dict(n=24, seed=0, epoch=1, index=1)
 
 
+def torchrun(*args):
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                           f"--master_port={free_port()}", SCRIPT, *map(str, args)],
+                          cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=240)
+
+
 @pytest.mark.distributed          # runs in the default `pytest -q` (CI) too: gloo on CPU, offline
-def test_two_process_gloo_run_and_its_checkpoint_loads(cifar_like_folder, tmp_path):
-    run = tmp_path / "ddp"
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
-                        SCRIPT, "--preset", "smoke", "--data", cifar_like_folder, "--out", run, "--set", "steps=2"],
-                       cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=240)
+def test_two_processes_match_one_and_resume_under_torchrun(cifar_like_folder, tmp_path):
+    # the global batch of 8 is split 4 + 4; each rank takes its slice of the global batch's images, flips,
+    # t and ε (yoso.step_noise), so 2 processes follow 1 up to the order of the gradient all-reduce
+    one, run = tmp_path / "one", tmp_path / "ddp"
+    common = ("--preset", "smoke", "--data", cifar_like_folder, "--set", "ckpt_every=100")
+    assert cli(*common, "--out", one, "--set", "steps=3").returncode == 0
+    r = torchrun(*common, "--out", run, "--set", "steps=2")
     assert r.returncode == 0, r.stderr[-3000:]
     assert "world 2" in r.stdout
-    assert [m["step"] for m in read_metrics(str(run))] == [1, 2]         # one writer: rank 0
+    r = torchrun("--resume", run, "--set", "steps=3")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "at step 2" in r.stdout
+    rows_1, rows_2 = read_metrics(str(one)), read_metrics(str(run))
+    assert [m["step"] for m in rows_2] == [1, 2, 3]                      # one writer: rank 0
+    for a, b in zip(rows_1, rows_2):                                     # measured: < 1e-6 relative
+        for k in ("loss_D", "D_real", "D_fake", "L_adv", "L_con", "L_rec", "loss_G", "grad_norm_G", "grad_norm_D"):
+            assert b[k] == pytest.approx(a[k], rel=1e-4, abs=1e-6), (a["step"], k)
     cfg = tc.make_config("smoke")
     G, D, G_ema = tc.build_models(cfg)
     opt_G, opt_D = yoso.make_optimizers(G, D, cfg)
     info = yoso.load_checkpoint(yoso.list_checkpoints(str(run))[-1], {"G": G, "G_ema": G_ema, "D": D},
                                 {"G": opt_G, "D": opt_D}, restore_rng=False)
-    assert info["step"] == 2 and len(info["extra"]["rng"]) == 2          # both ranks' RNG states kept
-    assert info["extra"]["rng"][0] != info["extra"]["rng"][1]
+    assert info["step"] == 3 and len(info["extra"]["rng"]) == 2          # both ranks' RNG states kept
     assert all(torch.isfinite(p).all() for p in G.parameters())
 
 
@@ -274,10 +288,10 @@ def test_inception_resolution_order(tmp_path, monkeypatch):
 
 def test_data_order_is_a_permutation_per_epoch_and_ranks_split_the_global_batch():
     n, batch = 10, 4                                                    # 2 batches per epoch, 2 images dropped
-    epoch0 = torch.cat([tc.batch_indices(n, s, batch, seed=0) for s in range(2)])
+    epoch0 = torch.cat([yoso.batch_indices(n, s, batch, seed=0) for s in range(2)])
     assert len(set(epoch0.tolist())) == 8
-    assert not torch.equal(tc.batch_indices(n, 0, batch, 0), tc.batch_indices(n, 2, batch, 0))   # reshuffled
-    assert torch.equal(tc.batch_indices(n, 3, batch, 0), tc.batch_indices(n, 3, batch, 0))       # deterministic
+    assert not torch.equal(yoso.batch_indices(n, 0, batch, 0), yoso.batch_indices(n, 2, batch, 0))   # reshuffled
+    assert torch.equal(yoso.batch_indices(n, 3, batch, 0), yoso.batch_indices(n, 3, batch, 0))       # deterministic
     images = torch.arange(n, dtype=torch.uint8).view(n, 1, 1, 1).expand(n, 3, 2, 2).contiguous()
     cfg = tc.make_config("smoke", overrides=("batch=4", "hflip=False"))
     halves = [tc.get_batch(images, 5, cfg, yoso.Dist(rank=r, world=2)) for r in (0, 1)]
