@@ -806,7 +806,7 @@ def config_from_args(a) -> T2IConfig:
 def main(argv=None) -> int:
     a = parse_args(argv)
     command = "python finetune_t2i.py " + " ".join(shlex.quote(s) for s in (sys.argv[1:] if argv is None else argv))
-    try:
+    def body() -> int:
         if a.sample:
             print(sample_cli(a.sample, a.prompt or list(T2IConfig.sample_prompts[:1]), a.steps, n=4, seed=0))
             return 0
@@ -818,11 +818,7 @@ def main(argv=None) -> int:
             raise yoso.UserError("give --data DIR or --prompts FILE")
         resolve_base(cfg.base)
         return train(cfg, command)
-    except yoso.UserError as e:
-        if int(os.environ.get("RANK", 0)) == 0:
-            print(f"error: {e}", file=sys.stderr)
-        return 2
-
+    return yoso.run_cli(body)
 
 if __name__ == "__main__":
     sys.exit(main())

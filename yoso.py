@@ -816,6 +816,16 @@ class UserError(Exception):
     """A problem with the user's input or settings: main() prints it as ONE line and exits with code 2."""
 
 
+def run_cli(body: Callable[[], int]) -> int:
+    """A script's main: a UserError becomes ONE line on stderr (rank 0 only) and exit code 2, no traceback."""
+    try:
+        return body()
+    except UserError as e:
+        if int(os.environ.get("RANK", 0)) == 0:
+            print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
 def save_image_grid(images: torch.Tensor, path: str, nrow: Optional[int] = None) -> None:
     """Images in [-1, 1], (B, 3, H, W) -> one PNG grid, written atomically."""
     from PIL import Image

@@ -11,7 +11,6 @@ import argparse
 import copy
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -47,15 +46,31 @@ def time_it(fn, device, warmup=1, iters=3):
     return sorted(times)[len(times) // 2]
 
 
-def rss_bytes():
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+def time_pair(fn_a, fn_b, device, warmup=1, iters=3):
+    """Median wall times of fn_a and fn_b, alternated so a change in machine load hits both alike."""
+    for _ in range(warmup):
+        fn_a(), fn_b()
+    times = ([], [])
+    for _ in range(iters):
+        for fn, out in ((fn_a, times[0]), (fn_b, times[1])):
+            sync(device)
+            t0 = time.perf_counter()
+            fn()
+            sync(device)
+            out.append(time.perf_counter() - t0)
+    return tuple(sorted(t)[len(t) // 2] for t in times)
+
+
+def _proc_status_kb(field):
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
 
 
 def peak_step_memory(fn, device):
-    """Bytes a step needs above what was allocated before it: CUDA allocator peak, or CPU peak RSS.
+    """Bytes one step needs above what was allocated before it: CUDA allocator peak, or CPU peak RSS.
 
-    On CPU the process peak only grows, so the caller runs each variant in a fresh subprocess.
+    On CPU the kernel's peak-RSS mark is reset first (Linux: write 5 to /proc/self/clear_refs), and the
+    caller measures the FIRST step of a fresh process, before the allocator holds freed memory.
     """
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -64,9 +79,11 @@ def peak_step_memory(fn, device):
         fn()
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated() - base
-    base = rss_bytes()
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    base = _proc_status_kb("VmRSS")
     fn()
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
+    return (_proc_status_kb("VmHWM") - base) * 1024
 
 
 # ------------------------------------------------------------------------------------------ workloads
@@ -128,7 +145,8 @@ def bench_step(args, device, amp):
     rows = []
     for shape in args.shapes:
         w = workload(shape, device, args.batch, args.channels_last)
-        t = {v: time_it(make_step(v, w, amp), device, iters=args.iters) for v in ("naive", "ours")}
+        t = dict(zip(("naive", "ours"), time_pair(make_step("naive", w, amp), make_step("ours", w, amp), device,
+                                                   iters=args.iters)))
         mem = {v: step_memory(v, shape, args) if device.type == "cpu" else
                peak_step_memory(make_step(v, w, amp), device) for v in ("naive", "ours")}
         B = w[2].shape[0]
