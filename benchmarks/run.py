@@ -3,6 +3,7 @@
     python benchmarks/run.py                       # everything, CPU, float32
     python benchmarks/run.py --device cuda --dtype bf16 --channels-last
     python benchmarks/run.py --only step,fused     # a subset: step, roofline, sampling, fused, loader
+    python benchmarks/run.py --shapes pixart-tiny   # shapes: cifar, pixart-small, pixart-tiny
 
 Every figure is measured in this run, and every ratio is between two figures of this run. Nothing
 here is pass/fail; the targets (issue 6) are printed beside the ratios.
@@ -89,7 +90,7 @@ def peak_step_memory(fn, device):
 # ------------------------------------------------------------------------------------------ workloads
 
 def workload(name, device, batch, channels_last=False):
-    """(G, D, x0, cond, cfg, sched) for a named shape: 'cifar' (the paper preset) or 'pixart-small'."""
+    """(G, D, x0, cond, cfg, sched) for a named shape: 'cifar' (the paper preset), 'pixart-small', 'pixart-tiny'."""
     if name == "cifar":
         import train_cifar
         cfg = train_cifar.make_config("paper")
@@ -97,6 +98,8 @@ def workload(name, device, batch, channels_last=False):
         x0, cond = torch.randn(batch, 3, 32, 32), None
     elif name == "pixart-small":
         G, D, x0, cond, cfg = pixart_small(batch)
+    elif name == "pixart-tiny":
+        G, D, x0, cond, cfg = pixart_tiny(batch)
     else:
         raise ValueError(name)
     G, D = G.to(device), D.to(device)
@@ -106,6 +109,18 @@ def workload(name, device, batch, channels_last=False):
     if cond is not None:
         cond = {k: v.to(device) for k, v in cond.items()}
     return G, D, x0, cond, cfg, yoso.NoiseSchedule.from_config(cfg)
+
+
+def pixart_tiny(batch):
+    """The tests' tiny PixArt-α (tests/tiny_pixart.py: 4 blocks of width 16 on 8x8 latents); D = first 2 blocks."""
+    import finetune_t2i
+    import tiny_pixart
+    tf = tiny_pixart.make_pipeline().transformer
+    G = finetune_t2i.PixArtDenoiser(tf)
+    D = yoso.FeatureDiscriminator(finetune_t2i.PixArtTrunk(tf, 2), tf.inner_dim)
+    cfg = yoso.YOSOConfig(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, zero_terminal_snr=True)
+    cond = {"emb": torch.randn(batch, 16, 32), "mask": torch.ones(batch, 16, dtype=torch.long)}
+    return G, D, torch.randn(batch, 4, 8, 8), cond, cfg
 
 
 def pixart_small(batch):
