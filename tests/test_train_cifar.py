@@ -317,3 +317,9 @@ def test_save_image_grid(tmp_path):
     assert img.shape == (2 * 4, 3 * 4, 3)                               # 5 images -> 3 per row, 2 rows
     assert (img[:4, :4] == yoso.to_uint8(x[0]).permute(1, 2, 0).numpy()).all()
     assert img[4:, 8:].max() == 0                                       # the empty 6th cell
+
+
+def test_fid_reference_subset_spreads_over_the_set():
+    images = torch.arange(100).view(100, 1, 1, 1)                      # class-sorted sets stay balanced
+    assert tc.reference_subset(images, 10).flatten().tolist() == [0, 11, 22, 33, 44, 55, 66, 77, 88, 99]
+    assert tc.reference_subset(images, 0) is images and tc.reference_subset(images, 500) is images
