@@ -31,7 +31,7 @@ Sections
     7. Train step                                            (Sec. 2, steps 1-4)
     8. Sampling: one step, multi-step, informative prior     (Sec. 1, Sec. 4.3)
     9. Quick adaption and weight transplant                  (Sec. 4.3, Sec. 4.4)
-   10. Run plumbing: checkpoints, metrics, distributed       (shared by both scripts)
+   10. Run plumbing: checkpoints, metrics, DDP, the loop    (shared by both scripts)
 
 "Method doc" = shared/docs/yoso-method.md, which restates the paper; section numbers refer to it.
 """
