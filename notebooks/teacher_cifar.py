@@ -301,14 +301,18 @@ def evaluate(a):
     clf = make_classifier()
     clf.load_state_dict(torch.load(os.path.join(a.out, "classifier.pt")))
     clf.eval()
-    rows = {f"teacher_{k}step": dict(steps=k) for k in a.teacher_steps}
+    rows = {"real": dict(steps=0)} if a.real else {}             # N CIFAR-10 test images: the small-N FID floor
+    rows.update({f"teacher_{k}step": dict(steps=k) for k in a.teacher_steps})
     for spec in a.student or []:
         name, folder = spec.split("=")
         for k in (1, 2):
             rows[f"{name}_{k}step"] = dict(steps=k, student=folder)
     for name, row in rows.items():
         t0 = time.time()
-        imgs, labels = generate(a, row)
+        if name == "real":
+            imgs, labels = (t[:a.n] for t in load_cifar(a.out, "test"))
+        else:
+            imgs, labels = generate(a, row)
         t_gen = time.time() - t0
         mu, sig = train_cifar.feature_stats((imgs[i:i + 100] for i in range(0, len(imgs), 100)), features)
         with torch.no_grad():
@@ -318,8 +322,8 @@ def evaluate(a):
                              gen_seconds=round(t_gen, 1), eval_seconds=round(time.time() - t0, 1))
         print(name, results[name], flush=True)
         grid = torch.cat([imgs[labels == c][:4] for c in range(10)])          # 4 per class, one class per row
-        save_image(grid.float() / 255, os.path.join(results_dir, f"teacher_{name}.png" if not name.startswith("teacher")
-                                                   else f"{name}.png"), nrow=4)
+        png = f"{name}.png" if name.startswith("teacher") else f"teacher_{name}.png"
+        save_image(grid.float() / 255, os.path.join(results_dir, png), nrow=4)
         json.dump(results, open(path, "w"), indent=1)
 
 
@@ -339,6 +343,7 @@ def main(argv=None):
     p.add_argument("--n", type=int, default=200, help="samples per eval row (FID and adherence)")
     p.add_argument("--n-ref", type=int, default=1000, help="training images for the FID reference statistics")
     p.add_argument("--teacher-steps", type=int, nargs="*", default=[20, 4, 2, 1])
+    p.add_argument("--real", action="store_true", help="also a row of N CIFAR-10 test images (the FID floor)")
     p.add_argument("--student", action="append", help="NAME=FOLDER of a finetune_t2i.py run to evaluate (1, 2 steps)")
     a = p.parse_args(argv)
     torch.set_num_threads(1)
