@@ -310,7 +310,9 @@ def evaluate(a):
     for name, row in rows.items():
         t0 = time.time()
         if name == "real":
-            imgs, labels = (t[:a.n] for t in load_cifar(a.out, "test"))
+            xt, yt = load_cifar(a.out, "test")
+            pick = torch.randperm(len(xt), generator=torch.Generator().manual_seed(3))[:a.n]
+            imgs, labels = xt[pick], yt[pick]
         else:
             imgs, labels = generate(a, row)
         t_gen = time.time() - t0
