@@ -223,6 +223,8 @@ def train_classifier(a):
     opt = torch.optim.AdamW(net.parameters(), lr=2e-3, weight_decay=5e-4)
     more, step, t0 = budget(a.minutes), 0, time.time()
     while more():
+        for g in opt.param_groups:                              # cosine decay over the wall-clock budget
+            g["lr"] = 1e-3 * (1 + np.cos(np.pi * min(1.0, (time.time() - t0) / (60 * a.minutes))))
         idx = torch.randint(0, len(x), (128,))
         xb = to_unit(x[idx])
         xb = torch.where(torch.rand(len(xb), 1, 1, 1) < 0.5, xb.flip(3), xb)       # horizontal flips
