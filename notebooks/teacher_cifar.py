@@ -321,7 +321,12 @@ def evaluate(a):
         mu, sig = train_cifar.feature_stats((imgs[i:i + 100] for i in range(0, len(imgs), 100)), features)
         with torch.no_grad():
             acc = (clf(to_unit(imgs)).argmax(1) == labels).float().mean().item()
-        results[name] = dict(fid=train_cifar.frechet_distance(mu, sig, mu_r, sig_r), adherence=acc, n=a.n,
+        np.savez(os.path.join(a.out, f"stats-{name}.npz"), mu=mu, sigma=sig)
+        t20 = os.path.join(a.out, "stats-teacher_20step.npz")     # how far from the 20-step teacher's own samples
+        to_teacher = train_cifar.frechet_distance(mu, sig, np.load(t20)["mu"], np.load(t20)["sigma"]) \
+            if os.path.isfile(t20) else None
+        results[name] = dict(fid=train_cifar.frechet_distance(mu, sig, mu_r, sig_r), fid_to_teacher20=to_teacher,
+                             adherence=acc, n=a.n,
                              n_ref=a.n_ref, steps=row["steps"], model=row.get("student", "teacher"),
                              gen_seconds=round(t_gen, 1), eval_seconds=round(time.time() - t0, 1))
         print(name, results[name], flush=True)
