@@ -16,7 +16,6 @@ Everything runs on one CPU thread; the budgets (--minutes) are wall-clock, so a 
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
 import sys
