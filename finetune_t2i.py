@@ -104,6 +104,13 @@ PRESETS = {
                   grad_checkpointing=False, max_tokens=16, teacher_steps=2, teacher_guidance=1.0, ipi_items=8,
                   sample_prompts=("a red house", "a blue car"), sample_every=3, ckpt_every=3, log_every=1,
                   yoso=dict(lr=1e-3, ema_decay=0.5, k_D=250, k_C=25)),
+    # One busy CPU core, ~15 min: the small CIFAR-10 PixArt teacher of notebooks/teacher_cifar.py (issue 8).
+    # LoRA scale 1 and a 15x larger lr than the official run: 1000 YOSO steps of batch 32 instead of 5000 of 256.
+    "cifar-teacher": dict(lora_rank=32, lora_alpha=32.0, adapt_steps=400, yoso_steps=1000, batch_size=32, grad_accum=1,
+                          precision="fp32", grad_checkpointing=False, max_tokens=16, ipi_items=1000,
+                          sample_prompts=("a photo of a airplane", "a photo of a cat", "a photo of a horse",
+                                          "a photo of a truck"), sample_every=250, ckpt_every=250, log_every=10,
+                          yoso=dict(lr=3e-4, ema_decay=0.99)),
 }
 
 
