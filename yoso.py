@@ -817,13 +817,17 @@ class UserError(Exception):
 
 
 def run_cli(body: Callable[[], int]) -> int:
-    """A script's main: a UserError becomes ONE line on stderr (rank 0 only) and exit code 2, no traceback."""
+    """A script's main: a UserError becomes ONE line on stderr (rank 0 only) and exit code 2, no traceback;
+    the process group, if any, is shut down on every way out."""
     try:
         return body()
     except UserError as e:
         if int(os.environ.get("RANK", 0)) == 0:
             print(f"error: {e}", file=sys.stderr)
         return 2
+    finally:                                                   # a process that exits with its gloo / NCCL group
+        if torch.distributed.is_available() and torch.distributed.is_initialized():   # still up can abort
+            torch.distributed.destroy_process_group()
 
 
 def save_image_grid(images: torch.Tensor, path: str, nrow: Optional[int] = None) -> None:
