@@ -678,10 +678,7 @@ def train(cfg: T2IConfig, command: str) -> int:
                 guard=guard, stop=stop, world=dist.world, main=dist.main, desc=phase)
             if reason == "diverged":                            # keep the last good checkpoint: write nothing
                 if dist.main:
-                    last = yoso.list_checkpoints(cfg.out)
-                    print(f"error: training diverged at step {offset + done} ({guard.in_row} non-finite steps in a "
-                          f"row); last good checkpoint: {last[-1] if last else 'none'}; lower lr or check the data",
-                          file=sys.stderr)
+                    guard.report(offset + done, cfg.out)
                 return 3
             save(done)
             sample(done)

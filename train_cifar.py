@@ -434,11 +434,8 @@ def train(args) -> int:
                             log=metrics.write, log_every=cfg.log_every, guard=guard, stop=stop,
                             world=dist.world, main=main)
     if reason == "diverged":                                   # keep the last good checkpoint: write nothing
-        last = yoso.list_checkpoints(out)
         if main:
-            print(f"error: training diverged at step {step} ({guard.in_row} non-finite steps in a row); "
-                  f"last good checkpoint: {last[-1] if last else 'none'}; lower lr or check the data",
-                  file=sys.stderr)
+            guard.report(step, out)
         return 3
     save(step)
     grid(step)

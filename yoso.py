@@ -901,6 +901,12 @@ class DivergenceGuard:
                     "D is saturated and G learns little (lower lr, or check the data)")
         return None
 
+    def report(self, step: int, run_dir: str) -> None:
+        """The one-line error after a divergence: where, and which checkpoint is the last good one."""
+        last = list_checkpoints(run_dir)
+        print(f"error: training diverged at step {step} ({self.in_row} non-finite steps in a row); "
+              f"last good checkpoint: {last[-1] if last else 'none'}; lower lr or check the data", file=sys.stderr)
+
 
 def run_loop(step_fn: Callable[[int], dict], start: int, total: int, *, every: list, log: Callable,
              log_every: int, guard: DivergenceGuard, stop: GracefulStop, world: int = 1, main: bool = True,
