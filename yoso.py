@@ -16,7 +16,7 @@ Paper symbol -> code name
     G_θ(x_t, t, c) ...... predict_x0(G, x_t, t, c, ...)           (the one-step x_0 predictor)
     D(x, t, c) .......... D(x, t, c) -> logits (B,)
     k_D, k_C ............ cfg.k_D, cfg.k_C   (gaps to the self-cooperative "real" and the consistency target)
-    γ, λ_con, λ_rec ..... cfg.gamma, cfg.lambda_con, cfg.lambda_rec
+    γ, λ_adv, λ_con, λ_rec  cfg.gamma, cfg.lambda_adv (1; 0 drops D), cfg.lambda_con, cfg.lambda_rec
     w_con(t), w_rec(t) .. consistency_weight, reconstruction_weight
     sg[·] ............... torch.no_grad() / .detach()
     μ̂, ŝ (IPI) .......... ipi.mean, ipi.std
@@ -73,6 +73,7 @@ class YOSOConfig:
     k_D: int = 250                     # gap to the discriminator's "real" step t_D = t - k_D (official: 250)
     k_C: int = 25                      # gap to the consistency target's step t_C = t - k_C (official: 25)
     gamma: float = 5.0                 # clip of both weights w_con, w_rec (official snr_gamma = 5)
+    lambda_adv: float = 1.0            # weight of the adversarial term; 0 = no discriminator (ablation)
     lambda_con: float = 2.0            # weight of the consistency term (official: 2)
     lambda_rec: float = 0.5            # weight of the reconstruction ("KL") term (official: 0.5)
     gan_loss: str = "per_sample"       # "per_sample" (paper) | "batch_mean" (official code: softplus of the mean logit)
@@ -89,6 +90,8 @@ class YOSOConfig:
             raise ValueError(f"need 0 < k_C, k_D < T, got k_C={self.k_C}, k_D={self.k_D}, T={self.T}")
         if self.prediction_type not in ("epsilon", "v_prediction", "sample"):
             raise ValueError(f"prediction_type must be epsilon, v_prediction or sample, got {self.prediction_type!r}")
+        if self.lambda_adv < 0 or self.lambda_con < 0 or self.lambda_rec < 0:
+            raise ValueError("the loss weights lambda_adv, lambda_con, lambda_rec must be >= 0")
         if self.gan_loss not in ("per_sample", "batch_mean"):
             raise ValueError(f"gan_loss must be per_sample or batch_mean, got {self.gan_loss!r}")
 
@@ -495,6 +498,7 @@ def train_step(G: nn.Module, D: nn.Module, opt_G, opt_D, x0: Tensor, cond=None, 
     micro = [{k: parts[k][i] for k in parts} | {"c": c} for i, c in enumerate(split_cond(cond, grad_accum))]
 
     # --- 2. D step: real = sg G(x_{t_D}, t_D), fake = sg G(x_t, t), both scored at t ------------------
+    use_D = cfg.lambda_adv > 0                                 # λ_adv = 0: the no-discriminator ablation
     D.requires_grad_(True)
     opt_D.zero_grad(set_to_none=True)
     stats = torch.zeros(7, device=device)                      # loss_D, D_real, D_fake, adv, con, rec, loss_G
@@ -502,11 +506,14 @@ def train_step(G: nn.Module, D: nn.Module, opt_G, opt_D, x0: Tensor, cond=None, 
         B = m["x0"].shape[0]
         with torch.no_grad(), autocast():                      # the two sg evaluations as ONE forward
             both = predict_x0(G_plain, torch.cat([m["x_tD"], m["x_tC"]]), torch.cat([m["t_D"], m["t_C"]]),
-                              cat_cond(m["c"], m["c"]), sched, cfg)
+                              cat_cond(m["c"], m["c"]), sched, cfg) if use_D else \
+                torch.cat([m["x_tD"], predict_x0(G_plain, m["x_tC"], m["t_C"], m["c"], sched, cfg)])
             x0_real, m["target"] = both[:B], both[B:]
         with torch.set_grad_enabled(keep_graph), autocast():  # G(x_t): D's fake now, the G step's x̂ later
             x0_hat = predict_x0(G, m["x_t"], m["t"], m["c"], sched, cfg)
         m["x0_hat"] = x0_hat if keep_graph else None
+        if not use_D:
+            continue
         with _sync_on_last(D, i, grad_accum):                  # DDP: all-reduce after the last micro-batch
             with autocast():                                   # real and fake through D in one forward
                 logits = D(torch.cat([x0_real, x0_hat.detach()]), torch.cat([m["t"], m["t"]]), cat_cond(m["c"], m["c"]))
@@ -514,7 +521,7 @@ def train_step(G: nn.Module, D: nn.Module, opt_G, opt_D, x0: Tensor, cond=None, 
                 loss_D = discriminator_loss(logits_real, logits_fake, batch_mean).mean()
             scale(loss_D / grad_accum, scaler_D).backward()
         stats[:3] += torch.stack([loss_D.detach(), logits_real.detach().float().mean(), logits_fake.detach().float().mean()]) / grad_accum
-    grad_norm_D = optimizer_step(opt_D, D.parameters(), scaler_D, max_norm=None)
+    grad_norm_D = optimizer_step(opt_D, D.parameters(), scaler_D, max_norm=None) if use_D else 0.0
 
     # --- 3. G step: D frozen (its plain module, so DDP does not wait for D's gradients) --------------
     D_plain.requires_grad_(False)                              # no parameter grads for D: G's step only
@@ -523,10 +530,11 @@ def train_step(G: nn.Module, D: nn.Module, opt_G, opt_D, x0: Tensor, cond=None, 
         with _sync_on_last(G, i, grad_accum):
             with autocast():                                   # the perceptual distance's network too
                 x0_hat = m["x0_hat"] if keep_graph else predict_x0(G, m["x_t"], m["t"], m["c"], sched, cfg)
-                L_adv = generator_adv_loss(D_plain(x0_hat, m["t"], m["c"]), batch_mean)           # softplus(−D(x̂))
+                L_adv = generator_adv_loss(D_plain(x0_hat, m["t"], m["c"]), batch_mean) if use_D \
+                    else x0_hat.new_zeros(())                                                       # softplus(−D(x̂))
                 L_con = consistency_weight(m["t"], m["t_C"], sched, cfg.gamma) * distance(x0_hat, m["target"], m["c"])
                 L_rec = weighted_mse(x0_hat, m["x0"], reconstruction_weight(m["t"], sched, cfg.gamma))  # w_rec ‖x̂ − x_0‖²
-                loss_G = L_adv.mean() + cfg.lambda_con * L_con.mean() + cfg.lambda_rec * L_rec.mean()
+                loss_G = cfg.lambda_adv * L_adv.mean() + cfg.lambda_con * L_con.mean() + cfg.lambda_rec * L_rec.mean()
             scale(loss_G / grad_accum, scaler_G).backward()
         stats[3:] += torch.stack([L_adv.detach().mean(), L_con.detach().mean(), L_rec.detach().mean(),
                                   loss_G.detach()]) / grad_accum

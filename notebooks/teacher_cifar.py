@@ -8,7 +8,9 @@
                     saved as a diffusers PixArtAlphaPipeline folder (out/pipeline) + a metadata.jsonl image
                     folder (out/data) for `finetune_t2i.py --base out/pipeline --data out/data`
         classifier  a small CIFAR-10 CNN for prompt adherence (generated image's class vs the prompt's)
-        eval        FID (offline Inception) and adherence for teacher rows and for --student runs
+        generate    (optional) every eval row's images to out/samples/*.npz, e.g. on a GPU (--device)
+        eval        FID (offline Inception) and adherence for teacher rows and for --student runs; reads the
+                    images of --stage generate where present, else generates them on --device
     python notebooks/teacher_cifar.py --out /work/runs/teacher --stage eval --student NAME=/work/runs/student ...
 
 Everything runs on one CPU thread; the budgets (--minutes) are wall-clock, so a busier machine gets fewer steps.
@@ -246,6 +248,21 @@ def train_classifier(a):
 # Stage eval: FID against a fixed subset of training images + prompt adherence, same N for every row
 # ==================================================================================================
 
+def eval_rows(a) -> dict:
+    """name -> row: the teacher at each step count, a second teacher-20 draw (the distance floor), students."""
+    rows = {"real": dict(steps=0)} if a.real else {}             # N CIFAR-10 test images: the small-N FID floor
+    rows.update({f"teacher_{k}step": dict(steps=k) for k in a.teacher_steps})
+    if 20 in a.teacher_steps:                                   # same sampler, other noise: how close "the same" is
+        rows["teacher_20step_seed2"] = dict(steps=20, seed=10_000)
+    for spec in a.student or []:
+        name, folder = spec.split("=")
+        for k in a.student_steps:                               # "1", "2": LCM as exported; "ddim20": 20 DDIM steps
+            ddim = k.startswith("ddim")
+            rows[f"{name}_{k}" if ddim else f"{name}_{k}step"] = dict(steps=int(k[4:] if ddim else k),
+                                                                      student=folder, ddim=ddim)
+    return rows
+
+
 @torch.no_grad()
 def generate(a, row: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """N uint8 images for one row and the class each prompt asked for (prompts cycle through the 10 classes)."""
@@ -253,15 +270,19 @@ def generate(a, row: dict) -> tuple[torch.Tensor, torch.Tensor]:
                            PixArtTransformer2DModel)
     base = os.path.join(a.out, "pipeline")
     if row.get("student"):
+        scheduler = LCMScheduler.from_pretrained(os.path.join(row["student"], "scheduler"))
+        if row.get("ddim"):                                     # the student as a plain v / zero-SNR denoiser
+            scheduler = DDIMScheduler.from_config(scheduler.config)
         pipe = PixArtAlphaPipeline.from_pretrained(
             base, transformer=PixArtTransformer2DModel.from_pretrained(os.path.join(row["student"], "transformer")),
-            scheduler=LCMScheduler.from_pretrained(os.path.join(row["student"], "scheduler")))
+            scheduler=scheduler)
     else:
         pipe = PixArtAlphaPipeline.from_pretrained(base)
         # 1 step: the pipeline reads the x_0 prediction from step()[1], which DDIM returns and DPM-Solver does not;
         # one first-order step from t = 999 to 0 is the same update in both: x̂_0 = (x_T − σ ε̂) / α
         pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, timestep_spacing="trailing") \
             if row["steps"] == 1 else DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
+    pipe.to(a.device)
     pipe.set_progress_bar_config(disable=True)
     labels = torch.arange(a.n) % 10
     images = []
@@ -273,12 +294,28 @@ def generate(a, row: dict) -> tuple[torch.Tensor, torch.Tensor]:
             from safetensors.torch import load_file
             ipi = yoso.IPI.from_state_dict(load_file(ipi_path))
             latents = ipi.prior(len(lab), yoso.NoiseSchedule(pipe.scheduler.betas), torch.Generator().manual_seed(s))
+        seed = row.get("seed", 0) + 1000 + s
         img = pipe([PROMPTS[i] for i in lab], num_inference_steps=row["steps"], guidance_scale=row.get("cfg", 1.0),
-                   generator=torch.Generator().manual_seed(1000 + s), latents=latents, height=32, width=32,
+                   generator=torch.Generator().manual_seed(seed), latents=latents, height=32, width=32,
                    use_resolution_binning=False, clean_caption=False, max_sequence_length=MAX_TOKENS,
                    output_type="pt").images
-        images.append(yoso.to_uint8(img * 2 - 1))
+        images.append(yoso.to_uint8(img.float().cpu() * 2 - 1))
     return torch.cat(images), labels
+
+
+def samples_path(a, name: str) -> str:
+    return os.path.join(a.out, "samples", f"{name}-n{a.n}.npz")
+
+
+def generate_all(a):
+    """Stage generate: every row's images to out/samples/NAME-nN.npz (e.g. on a GPU; eval reads them anywhere)."""
+    os.makedirs(os.path.join(a.out, "samples"), exist_ok=True)
+    for name, row in eval_rows(a).items():
+        if name != "real":
+            t0 = time.time()
+            imgs, labels = generate(a, row)
+            np.savez_compressed(samples_path(a, name), images=imgs.numpy(), labels=labels.numpy())
+            print(f"{name}: {len(imgs)} images in {time.time() - t0:.1f}s", flush=True)
 
 
 def evaluate(a):
@@ -302,33 +339,30 @@ def evaluate(a):
     clf = make_classifier()
     clf.load_state_dict(torch.load(os.path.join(a.out, "classifier.pt")))
     clf.eval()
-    rows = {"real": dict(steps=0)} if a.real else {}             # N CIFAR-10 test images: the small-N FID floor
-    rows.update({f"teacher_{k}step": dict(steps=k) for k in a.teacher_steps})
-    for spec in a.student or []:
-        name, folder = spec.split("=")
-        for k in (1, 2):
-            rows[f"{name}_{k}step"] = dict(steps=k, student=folder)
-    for name, row in rows.items():
+    t20 = os.path.join(a.out, f"stats-teacher_20step-n{a.n}.npz")   # how far from the 20-step teacher's own samples
+    for name, row in sorted(eval_rows(a).items(), key=lambda kv: kv[0] != "teacher_20step"):   # teacher-20 first
         t0 = time.time()
         if name == "real":
             xt, yt = load_cifar(a.out, "test")
             pick = torch.randperm(len(xt), generator=torch.Generator().manual_seed(3))[:a.n]
             imgs, labels = xt[pick], yt[pick]
+        elif os.path.isfile(samples_path(a, name)):            # made earlier by --stage generate
+            f = np.load(samples_path(a, name))
+            imgs, labels = torch.from_numpy(f["images"]), torch.from_numpy(f["labels"])
         else:
             imgs, labels = generate(a, row)
         t_gen = time.time() - t0
         mu, sig = train_cifar.feature_stats((imgs[i:i + 100] for i in range(0, len(imgs), 100)), features)
         with torch.no_grad():
             acc = (clf(to_unit(imgs)).argmax(1) == labels).float().mean().item()
-        np.savez(os.path.join(a.out, f"stats-{name}.npz"), mu=mu, sigma=sig)
-        t20 = os.path.join(a.out, "stats-teacher_20step.npz")     # how far from the 20-step teacher's own samples
+        np.savez(os.path.join(a.out, f"stats-{name}-n{a.n}.npz"), mu=mu, sigma=sig)
         to_teacher = train_cifar.frechet_distance(mu, sig, np.load(t20)["mu"], np.load(t20)["sigma"]) \
             if os.path.isfile(t20) else None
-        results[name] = dict(fid=train_cifar.frechet_distance(mu, sig, mu_r, sig_r), fid_to_teacher20=to_teacher,
-                             adherence=acc, n=a.n,
-                             n_ref=a.n_ref, steps=row["steps"], model=row.get("student", "teacher"),
-                             gen_seconds=round(t_gen, 1), eval_seconds=round(time.time() - t0, 1))
-        print(name, results[name], flush=True)
+        key = name if a.n == 200 else f"{name}@n{a.n}"          # N = 200 rows keep their names from the first eval
+        results[key] = dict(fid=train_cifar.frechet_distance(mu, sig, mu_r, sig_r), fid_to_teacher20=to_teacher,
+                            adherence=acc, n=a.n, n_ref=a.n_ref, steps=row["steps"], model=row.get("student", "teacher"),
+                            gen_seconds=round(t_gen, 1), eval_seconds=round(time.time() - t0, 1))
+        print(key, results[key], flush=True)
         grid = torch.cat([imgs[labels == c][:4] for c in range(10)])          # 4 per class, one class per row
         png = f"{name}.png" if name.startswith("teacher") else f"teacher_{name}.png"
         save_image(grid.float() / 255, os.path.join(results_dir, png), nrow=4)
@@ -342,7 +376,7 @@ def evaluate(a):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", default="runs/teacher")
-    p.add_argument("--stage", choices=("vae", "teacher", "classifier", "eval", "all"), default="all")
+    p.add_argument("--stage", choices=("vae", "teacher", "classifier", "generate", "eval", "all"), default="all")
     p.add_argument("--minutes", type=float, help="wall-clock budget of a training stage (defaults: vae 5, "
                                                  "teacher 25, classifier 4)")
     p.add_argument("--batch", type=int, default=64, help="teacher batch size")
@@ -352,7 +386,9 @@ def main(argv=None):
     p.add_argument("--n-ref", type=int, default=1000, help="training images for the FID reference statistics")
     p.add_argument("--teacher-steps", type=int, nargs="*", default=[20, 4, 2, 1])
     p.add_argument("--real", action="store_true", help="also a row of N CIFAR-10 test images (the FID floor)")
-    p.add_argument("--student", action="append", help="NAME=FOLDER of a finetune_t2i.py run to evaluate (1, 2 steps)")
+    p.add_argument("--student", action="append", help="NAME=FOLDER of a finetune_t2i.py run to evaluate")
+    p.add_argument("--student-steps", nargs="*", default=["1", "2"], help="student rows: 1, 2 (LCM), ddim20 (DDIM)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="for generation")
     a = p.parse_args(argv)
     torch.set_num_threads(1)
     defaults = dict(vae=5, teacher=25, classifier=4)
@@ -360,7 +396,8 @@ def main(argv=None):
     for stage in stages:
         a.minutes = a.minutes if a.minutes is not None and a.stage != "all" else defaults.get(stage)
         t0 = time.time()
-        dict(vae=train_vae, teacher=train_teacher, classifier=train_classifier, eval=evaluate)[stage](a)
+        dict(vae=train_vae, teacher=train_teacher, classifier=train_classifier, generate=generate_all,
+             eval=evaluate)[stage](a)
         print(f"stage {stage}: {time.time() - t0:.0f}s", flush=True)
 
 

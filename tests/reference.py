@@ -74,7 +74,7 @@ def naive_train_step(G, D, opt_G, opt_D, x0, cond, sched, cfg, G_ema=None):
     L_adv = F.softplus(-mean(D(x0_hat, t, cond))).mean()          # D forward 3
     L_con = (w_con * ((x0_hat - target) ** 2).flatten(1).mean(1)).mean()
     L_rec = (w_rec * ((x0_hat - x0) ** 2).flatten(1).mean(1)).mean()
-    loss_G = L_adv + cfg.lambda_con * L_con + cfg.lambda_rec * L_rec
+    loss_G = cfg.lambda_adv * L_adv + cfg.lambda_con * L_con + cfg.lambda_rec * L_rec
     opt_G.zero_grad()
     loss_G.backward()
     torch.nn.utils.clip_grad_norm_(G.parameters(), cfg.grad_clip)

@@ -257,6 +257,31 @@ def test_batched_train_step_equals_naive_four_forward_step(cfg_kw):
             torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
 
 
+def test_no_discriminator_ablation_matches_literal_step_and_never_runs_D():
+    """λ_adv = 0: G takes the literal step's update (consistency + reconstruction only); D is never called."""
+    cfg, sched, G, D = setup(lambda_adv=0.0)
+    G2, D2 = copy.deepcopy(G), copy.deepcopy(D)
+    D0 = copy.deepcopy(D.state_dict())
+    calls = []
+    D.register_forward_hook(lambda *a: calls.append(1))
+    sgd = lambda *ms: [torch.optim.SGD(m.parameters(), lr=0.05) for m in ms]
+    opts1, opts2 = sgd(G, D), sgd(G2, D2)
+    x0 = torch.randn(8, 3, 16, 16)
+    for step in range(2):
+        torch.manual_seed(7 + step)
+        ours = yoso.train_step(G, D, *opts1, x0, sched=sched, cfg=cfg)
+        torch.manual_seed(7 + step)
+        ref = naive_train_step(G2, D2, *opts2, x0, None, sched, cfg)
+        for k in ("L_con", "L_rec", "loss_G"):
+            assert math.isclose(ours[k], ref[k], rel_tol=1e-5, abs_tol=1e-6), (k, ours[k], ref[k])
+        assert ours["L_adv"] == ours["loss_D"] == ours["grad_norm_D"] == 0
+    for p, q in zip(G.parameters(), G2.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+    assert not calls and all(torch.equal(v, D.state_dict()[k]) for k, v in D0.items())
+    with pytest.raises(ValueError, match="lambda_adv"):
+        yoso.YOSOConfig(lambda_adv=-1.0)
+
+
 def test_grad_accumulation_equals_full_batch():
     cfg, sched, G, D = setup()
     G2, D2 = copy.deepcopy(G), copy.deepcopy(D)
