@@ -602,9 +602,10 @@ def train(cfg: T2IConfig, command: str) -> int:
         else:
             opt_G, opt_D = yoso.make_optimizers(G, D, ycfg)
             optimizers, modules = {"G": opt_G, "D": opt_D}, {"G": params, "G_ema": ema, "D": D}
-        start = 0
+        start, resumed = 0, {}
         if resume:                                              # this phase's full state, or an earlier phase's weights
             same = resume["phase"] == phase
+            resumed = resume if same else {}
             try:
                 yoso.load_checkpoint(resume["path"], modules if same else {"G": params, "G_ema": ema},
                                      optimizers if same else {})
@@ -659,7 +660,8 @@ def train(cfg: T2IConfig, command: str) -> int:
             rng = yoso.rng_states(dist)
             if dist.main:
                 yoso.save_run_checkpoint(cfg.out, offset + k, modules, optimizers, extra=dict(
-                    phase=phase, phase_step=k, adapted=phase == "adapt" or adapted, rng=rng))
+                    phase=phase, phase_step=k, adapted=phase == "adapt" or adapted, rng=rng,
+                    scalers=yoso.scaler_states(scalers)))
 
         def sample(k: int) -> None:
             nonlocal grid
@@ -671,6 +673,7 @@ def train(cfg: T2IConfig, command: str) -> int:
                                 replace(ycfg, zero_terminal_snr=s_sched is sched) if phase == "adapt" else ycfg, amp)
 
         scalers = [torch.amp.GradScaler(device.type) if cfg.precision == "fp16" else None for _ in range(2)]
+        yoso.load_scaler_states(scalers, resumed)               # fp16: the loss scales go on where they were
         if start < total:
             done, reason = yoso.run_loop(
                 step_fn, start, total, every=[(cfg.ckpt_every, save), (cfg.sample_every, sample)],

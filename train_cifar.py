@@ -382,7 +382,7 @@ def train(args) -> int:
     G, D, G_ema = (m.to(device) for m in build_models(cfg))
     opt_G, opt_D = yoso.make_optimizers(G, D, cfg)
     modules, optimizers = {"G": G, "G_ema": G_ema, "D": D}, {"G": opt_G, "D": opt_D}
-    step = 0
+    step, info = 0, None
     if resume_ckpt:
         try:
             info = yoso.load_checkpoint(resume_ckpt, modules, optimizers)
@@ -407,6 +407,7 @@ def train(args) -> int:
     sched = yoso.NoiseSchedule.from_config(cfg)
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}[cfg.amp]
     scalers = [torch.amp.GradScaler(device.type) for _ in "GD"] if cfg.amp == "fp16" else [None, None]
+    yoso.load_scaler_states(scalers, info["extra"] if info else {})  # fp16: the loss scales go on where they were
     fixed_noise = torch.randn(cfg.n_grid, 3, cfg.resolution, cfg.resolution,
                               generator=torch.Generator().manual_seed(cfg.seed)).to(device)
     metrics = yoso.MetricsLog(os.path.join(out, "metrics.jsonl"), enabled=main)
@@ -422,7 +423,8 @@ def train(args) -> int:
         if main:
             epoch, index = divmod(s, len(images) // cfg.batch)
             yoso.save_run_checkpoint(out, s, modules, optimizers, keep=cfg.keep, extra=dict(
-                config=cfg.to_dict(), rng=rng, data=dict(n=len(images), seed=cfg.seed, epoch=epoch, index=index)))
+                config=cfg.to_dict(), rng=rng, data=dict(n=len(images), seed=cfg.seed, epoch=epoch, index=index),
+                scalers=yoso.scaler_states(scalers)))
 
     def grid(s: int) -> None:
         if main:

@@ -603,7 +603,9 @@ def sample(G: nn.Module, noise: Tensor, cond=None, *, sched: NoiseSchedule, cfg:
         t = torch.full((x.shape[0],), tau, device=x.device, dtype=torch.long)
         x0_hat = predict_x0(G, x, t, cond, sched, cfg)
         if i + 1 < len(taus):
-            eps = torch.randn(x.shape, device=x.device, generator=generator, dtype=x.dtype)
+            # drawn where the generator lives (a CPU generator gives the same samples on any device)
+            eps = torch.randn(x.shape, device=generator.device if generator is not None else x.device,
+                              generator=generator, dtype=x.dtype).to(x.device)
             x = sched.add_noise(x0_hat, eps, torch.full_like(t, taus[i + 1]))
     return x0_hat
 
@@ -731,6 +733,18 @@ def save_checkpoint(path: str, step: int, modules: dict, optimizers: dict, extra
     with open(tmp, "rb") as f:
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def scaler_states(scalers: list) -> list:
+    """fp16 GradScalers' states (loss scale, growth tracker) for a checkpoint's extra; None where no scaler."""
+    return [s.state_dict() if s is not None else None for s in scalers]
+
+
+def load_scaler_states(scalers: list, extra: dict) -> None:
+    """Restore what scaler_states saved (a checkpoint without them, or a bf16/fp32 one, leaves the scalers fresh)."""
+    for s, state in zip(scalers, extra.get("scalers") or []):
+        if s is not None and state:
+            s.load_state_dict(state)
 
 
 def load_checkpoint(path: str, modules: dict, optimizers: dict, restore_rng: bool = True) -> dict:

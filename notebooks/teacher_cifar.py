@@ -254,6 +254,8 @@ def eval_rows(a) -> dict:
     rows.update({f"teacher_{k}step": dict(steps=k) for k in a.teacher_steps})
     if 20 in a.teacher_steps:                                   # same sampler, other noise: how close "the same" is
         rows["teacher_20step_seed2"] = dict(steps=20, seed=10_000)
+    if a.teacher_ipi:                                           # the teacher itself started from the informative prior
+        rows.update({f"teacher_{k}step_ipi": dict(steps=k, ipi=a.teacher_ipi) for k in (1, 2)})
     for spec in a.student or []:
         name, folder = spec.split("=")
         for k in a.student_steps:                               # "1", "2": LCM as exported; "ddim20": 20 DDIM steps
@@ -289,8 +291,8 @@ def generate(a, row: dict) -> tuple[torch.Tensor, torch.Tensor]:
     for s in range(0, a.n, 100):
         lab = labels[s:s + 100]
         latents = None
-        ipi_path = os.path.join(row.get("student", ""), "ipi.safetensors")
-        if row.get("student") and os.path.isfile(ipi_path):     # ε-student without adaption: informative prior
+        ipi_path = row.get("ipi") or os.path.join(row.get("student", ""), "ipi.safetensors")
+        if (row.get("ipi") or row.get("student")) and os.path.isfile(ipi_path):   # ε-model: informative prior
             from safetensors.torch import load_file
             ipi = yoso.IPI.from_state_dict(load_file(ipi_path))
             latents = ipi.prior(len(lab), yoso.NoiseSchedule(pipe.scheduler.betas), torch.Generator().manual_seed(s))
@@ -388,6 +390,8 @@ def main(argv=None):
     p.add_argument("--real", action="store_true", help="also a row of N CIFAR-10 test images (the FID floor)")
     p.add_argument("--student", action="append", help="NAME=FOLDER of a finetune_t2i.py run to evaluate")
     p.add_argument("--student-steps", nargs="*", default=["1", "2"], help="student rows: 1, 2 (LCM), ddim20 (DDIM)")
+    p.add_argument("--teacher-ipi", metavar="FILE", help="also the teacher's 1 and 2 steps from this informative "
+                                                          "prior (a no-adaption student's ipi.safetensors)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="for generation")
     a = p.parse_args(argv)
     torch.set_num_threads(1)

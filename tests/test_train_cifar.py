@@ -110,6 +110,14 @@ def test_resume_is_bit_identical_to_an_uninterrupted_run(cifar_like_folder, tmp_
     assert meta["step"] == 4 and meta["extra"]["data"] == dict(n=24, seed=0, epoch=1, index=1)
 
 
+def test_fp16_checkpoint_keeps_both_loss_scales(cifar_like_folder, tmp_path):
+    r = cli("--preset", "smoke", "--data", cifar_like_folder, "--out", tmp_path / "r", "--set", "amp=fp16",
+            "--set", "steps=2")
+    assert r.returncode == 0, r.stderr[-3000:]
+    extra = yoso.read_checkpoint_meta(os.path.join(tmp_path / "r", "ckpt-00000002.safetensors"))["extra"]
+    assert [set(s) >= {"scale", "_growth_tracker"} for s in extra["scalers"]] == [True, True]   # G's and D's
+
+
 def torchrun(*args):
     return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
                            f"--master_port={free_port()}", SCRIPT, *map(str, args)],

@@ -257,6 +257,26 @@ def test_batched_train_step_equals_naive_four_forward_step(cfg_kw):
             torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
 
 
+def test_grad_scaler_state_survives_a_checkpoint(tmp_path):
+    """fp16: the loss scale and growth tracker are saved and restored, so a resumed run scales as before."""
+    net = nn.Linear(4, 1)
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0, growth_interval=1)
+    for _ in range(3):                                         # finite steps: the scale doubles each time
+        scaler.scale(net(torch.randn(2, 4)).sum()).backward()
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad()
+    path = str(tmp_path / "ckpt.safetensors")
+    yoso.save_checkpoint(path, 3, {"G": net}, {}, extra=dict(scalers=yoso.scaler_states([scaler, None])))
+    fresh = [torch.amp.GradScaler("cpu", init_scale=1024.0, growth_interval=1), None]
+    yoso.load_scaler_states(fresh, yoso.read_checkpoint_meta(path)["extra"])
+    assert scaler.get_scale() == 8192.0 and fresh[0].state_dict() == scaler.state_dict()
+    untouched = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    yoso.load_scaler_states([untouched], {})                    # a bf16 / fp32 checkpoint: nothing to restore
+    assert untouched.state_dict()["scale"] == 1024.0
+
+
 def test_no_discriminator_ablation_matches_literal_step_and_never_runs_D():
     """λ_adv = 0: G takes the literal step's update (consistency + reconstruction only); D is never called."""
     cfg, sched, G, D = setup(lambda_adv=0.0)
