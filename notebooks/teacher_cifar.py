@@ -11,6 +11,7 @@
         generate    (optional) every eval row's images to out/samples/*.npz, e.g. on a GPU (--device)
         eval        FID (offline Inception) and adherence for teacher rows and for --student runs; reads the
                     images of --stage generate where present, else generates them on --device
+        figure      notebooks/results/teacher_rows.png: 20 samples of each --rows name, one strip a row
     python notebooks/teacher_cifar.py --out /work/runs/teacher --stage eval --student NAME=/work/runs/student ...
 
 Everything runs on one CPU thread; the budgets (--minutes) are wall-clock, so a busier machine gets fewer steps.
@@ -371,6 +372,26 @@ def evaluate(a):
         json.dump(results, open(path, "w"), indent=1)
 
 
+def figure(a):
+    """Stage figure: one strip of 20 samples (2 per class, classes left to right) per --rows name, one PNG."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(len(a.rows), 1, figsize=(10, 0.62 * len(a.rows) + 0.3))
+    for ax, name in zip(np.atleast_1d(axes), a.rows):
+        f = np.load(samples_path(a, name))
+        imgs, labels = f["images"], f["labels"]
+        pick = np.concatenate([np.flatnonzero(labels == c)[:2] for c in range(10)])
+        ax.imshow(np.concatenate(list(imgs[pick].transpose(0, 2, 3, 1)), axis=1))
+        ax.set_xticks([]), ax.set_yticks([])
+        ax.set_ylabel(name.replace("_", " "), rotation=0, ha="right", va="center", fontsize=8)
+    fig.suptitle("2 samples per class, classes " + ", ".join(CLASSES), fontsize=8)
+    fig.tight_layout()
+    path = os.path.join(ROOT, "notebooks", "results", "teacher_rows.png")
+    fig.savefig(path, dpi=100)
+    print(path)
+
+
 # ==================================================================================================
 # Command line
 # ==================================================================================================
@@ -378,7 +399,8 @@ def evaluate(a):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", default="runs/teacher")
-    p.add_argument("--stage", choices=("vae", "teacher", "classifier", "generate", "eval", "all"), default="all")
+    p.add_argument("--stage", choices=("vae", "teacher", "classifier", "generate", "eval", "figure", "all"),
+                   default="all")
     p.add_argument("--minutes", type=float, help="wall-clock budget of a training stage (defaults: vae 5, "
                                                  "teacher 25, classifier 4)")
     p.add_argument("--batch", type=int, default=64, help="teacher batch size")
@@ -392,6 +414,7 @@ def main(argv=None):
     p.add_argument("--student-steps", nargs="*", default=["1", "2"], help="student rows: 1, 2 (LCM), ddim20 (DDIM)")
     p.add_argument("--teacher-ipi", metavar="FILE", help="also the teacher's 1 and 2 steps from this informative "
                                                           "prior (a no-adaption student's ipi.safetensors)")
+    p.add_argument("--rows", nargs="*", help="--stage figure: the sample sets (row names) to show, top to bottom")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="for generation")
     a = p.parse_args(argv)
     torch.set_num_threads(1)
@@ -401,7 +424,7 @@ def main(argv=None):
         a.minutes = a.minutes if a.minutes is not None and a.stage != "all" else defaults.get(stage)
         t0 = time.time()
         dict(vae=train_vae, teacher=train_teacher, classifier=train_classifier, generate=generate_all,
-             eval=evaluate)[stage](a)
+             eval=evaluate, figure=figure)[stage](a)
         print(f"stage {stage}: {time.time() - t0:.0f}s", flush=True)
 
 
