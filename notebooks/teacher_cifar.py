@@ -378,13 +378,14 @@ def figure(a):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(len(a.rows), 1, figsize=(10, 0.62 * len(a.rows) + 0.3))
-    for ax, name in zip(np.atleast_1d(axes), a.rows):
+    for ax, spec in zip(np.atleast_1d(axes), a.rows):
+        name, _, label = spec.partition(":")                   # NAME or NAME:LABEL
         f = np.load(samples_path(a, name))
         imgs, labels = f["images"], f["labels"]
         pick = np.concatenate([np.flatnonzero(labels == c)[:2] for c in range(10)])
         ax.imshow(np.concatenate(list(imgs[pick].transpose(0, 2, 3, 1)), axis=1))
         ax.set_xticks([]), ax.set_yticks([])
-        ax.set_ylabel(name.replace("_", " "), rotation=0, ha="right", va="center", fontsize=8)
+        ax.set_ylabel(label or name.replace("_", " "), rotation=0, ha="right", va="center", fontsize=8)
     fig.suptitle("2 samples per class, classes " + ", ".join(CLASSES), fontsize=8)
     fig.tight_layout()
     path = os.path.join(ROOT, "notebooks", "results", "teacher_rows.png")
@@ -414,7 +415,7 @@ def main(argv=None):
     p.add_argument("--student-steps", nargs="*", default=["1", "2"], help="student rows: 1, 2 (LCM), ddim20 (DDIM)")
     p.add_argument("--teacher-ipi", metavar="FILE", help="also the teacher's 1 and 2 steps from this informative "
                                                           "prior (a no-adaption student's ipi.safetensors)")
-    p.add_argument("--rows", nargs="*", help="--stage figure: the sample sets (row names) to show, top to bottom")
+    p.add_argument("--rows", nargs="*", help="--stage figure: the sample sets to show, top to bottom: NAME or NAME:LABEL")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="for generation")
     a = p.parse_args(argv)
     torch.set_num_threads(1)
