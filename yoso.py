@@ -504,11 +504,13 @@ def train_step(G: nn.Module, D: nn.Module, opt_G, opt_D, x0: Tensor, cond=None, 
     stats = torch.zeros(7, device=device)                      # loss_D, D_real, D_fake, adv, con, rec, loss_G
     for i, m in enumerate(micro):
         B = m["x0"].shape[0]
-        with torch.no_grad(), autocast():                      # the two sg evaluations as ONE forward
-            both = predict_x0(G_plain, torch.cat([m["x_tD"], m["x_tC"]]), torch.cat([m["t_D"], m["t_C"]]),
-                              cat_cond(m["c"], m["c"]), sched, cfg) if use_D else \
-                torch.cat([m["x_tD"], predict_x0(G_plain, m["x_tC"], m["t_C"], m["c"], sched, cfg)])
-            x0_real, m["target"] = both[:B], both[B:]
+        with torch.no_grad(), autocast():
+            if use_D:                                          # the two sg evaluations as ONE forward
+                both = predict_x0(G_plain, torch.cat([m["x_tD"], m["x_tC"]]), torch.cat([m["t_D"], m["t_C"]]),
+                                  cat_cond(m["c"], m["c"]), sched, cfg)
+                x0_real, m["target"] = both[:B], both[B:]
+            else:                                              # no D: only the consistency target
+                m["target"] = predict_x0(G_plain, m["x_tC"], m["t_C"], m["c"], sched, cfg)
         with torch.set_grad_enabled(keep_graph), autocast():  # G(x_t): D's fake now, the G step's x̂ later
             x0_hat = predict_x0(G, m["x_t"], m["t"], m["c"], sched, cfg)
         m["x0_hat"] = x0_hat if keep_graph else None
