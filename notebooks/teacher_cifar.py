@@ -64,6 +64,15 @@ def to_unit(x_uint8: torch.Tensor) -> torch.Tensor:
     return x_uint8.float() / 127.5 - 1                         # [-1, 1], the VAE's range
 
 
+def optimise(opt, loss, clip_params=None) -> None:
+    """One plain optimiser step (the three training stages share it); clip_params: clip their grad norm to 1."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if clip_params is not None:
+        torch.nn.utils.clip_grad_norm_(clip_params, 1.0)
+    opt.step()
+
+
 def budget(minutes: float):
     """True while the wall-clock budget lasts."""
     end = time.time() + 60 * minutes
@@ -94,9 +103,7 @@ def train_vae(a):
         mse = F.mse_loss(rec, batch)
         kl = post.kl().mean() / batch[0].numel()                # per pixel, so the weight reads as in SD's VAE
         loss = mse + 1e-4 * kl                                  # small KL: a near-deterministic, well-scaled latent
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        optimise(opt, loss)
         if step % 50 == 0:
             print(f"vae step {step} mse {mse.item():.4f} kl {kl.item():.2f} ({time.time() - t0:.0f}s)", flush=True)
         step += 1
@@ -169,10 +176,7 @@ def train_teacher(a):
                           encoder_attention_mask=cond["mask"][label], timestep=t,
                           added_cond_kwargs={"resolution": None, "aspect_ratio": None}, return_dict=False)[0]
         loss = F.mse_loss(out[:, :4], eps)                      # ε-prediction; the learned-sigma half is left alone
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(transformer.parameters(), 1.0)
-        opt.step()
+        optimise(opt, loss, transformer.parameters())
         with torch.no_grad():
             decay = min(0.999, (1 + step) / (10 + step))        # warm-up EMA, as in diffusers' EMAModel
             for e_, p in zip(ema, transformer.parameters()):
@@ -231,9 +235,7 @@ def train_classifier(a):
         xb = to_unit(x[idx])
         xb = torch.where(torch.rand(len(xb), 1, 1, 1) < 0.5, xb.flip(3), xb)       # horizontal flips
         loss = F.cross_entropy(net(xb), y[idx])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        optimise(opt, loss)
         if step % 100 == 0:
             print(f"classifier step {step} loss {loss.item():.3f} ({time.time() - t0:.0f}s)", flush=True)
         step += 1
