@@ -844,7 +844,10 @@ def run_cli(body: Callable[[], int]) -> int:
     """A script's main: a UserError becomes ONE line on stderr (rank 0 only) and exit code 2, no traceback;
     the process group, if any, is shut down on every way out."""
     try:
-        return body()
+        code = body()
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.barrier()                        # leave together: a rank that tears its gloo group
+        return code                                            # down while a peer still works can abort at exit
     except UserError as e:
         if int(os.environ.get("RANK", 0)) == 0:
             print(f"error: {e}", file=sys.stderr)
