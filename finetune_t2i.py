@@ -83,7 +83,7 @@ class T2IConfig:
     saturation_gap: float = 10.0        # warn when the D(real) - D(fake) logit gap stays above this ...
     saturation_steps: int = 2000        # ... for this many steps in a row (D has won; G learns little)
     yoso: yoso.YOSOConfig = field(default_factory=lambda: yoso.YOSOConfig(
-        beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,   # overwritten by the base's scheduler
+        beta_schedule="linear", beta_start=1e-4, beta_end=0.02,   # PixArt-α's; overwritten by the base's scheduler
         boundary_scaling=True,          # official on; pins G(x_0, 0) = x_0 as LCMScheduler assumes
         lr=2e-5, ema_decay=0.999))      # official LoRA lr and EMA
 

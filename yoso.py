@@ -62,10 +62,10 @@ Tensor = torch.Tensor
 class YOSOConfig:
     # --- noise schedule (Sec. 4.3) ---
     T: int = 1000                      # number of diffusion steps (official: 1000)
-    beta_schedule: str = "linear"      # "linear" (DDPM, from scratch) or "scaled_linear" (SD-1.5 / PixArt-α)
-    beta_start: float = 1e-4           # DDPM's 1e-4; SD/PixArt use 0.00085
-    beta_end: float = 0.02             # DDPM's 0.02; SD/PixArt use 0.012
-    zero_terminal_snr: bool = False    # rescale betas so ᾱ_{T-1} = 0 (Lin et al. 2023; the PixArt fix)
+    beta_schedule: str = "linear"      # "linear" (DDPM, PixArt-α: ᾱ_{T-1} ≈ 4.0e-5) or "scaled_linear" (SD-1.5: ≈ 0.0047)
+    beta_start: float = 1e-4           # DDPM's and PixArt-α's 1e-4; SD-1.5 uses 0.00085
+    beta_end: float = 0.02             # DDPM's and PixArt-α's 0.02; SD-1.5 uses 0.012
+    zero_terminal_snr: bool = False    # rescale betas so ᾱ_{T-1} = 0 (Lin et al. 2023; the PixArt fix); needs v or x_0
     # --- generator parameterisation (Sec. 1) ---
     prediction_type: str = "v_prediction"  # "epsilon" | "v_prediction" | "sample"; v is exact at low noise (Sec. 5.1)
     boundary_scaling: bool = False     # LCM's c_skip/c_out (official: on); pins G(x_0, 0) = x_0
@@ -77,11 +77,13 @@ class YOSOConfig:
     lambda_con: float = 2.0            # weight of the consistency term (official: 2)
     lambda_rec: float = 0.5            # weight of the reconstruction ("KL") term (official: 0.5)
     gan_loss: str = "per_sample"       # "per_sample" (paper) | "batch_mean" (official code: softplus of the mean logit)
+    rec_weight: str = "paper"          # "paper": each sample's own w_rec(t_i) | "released": the batch mean of w_rec, as
+                                       # train_yoso_lora.py executes it (its mean over an empty dim list; Sec. 2 step 3)
     # --- optimisation (Sec. 2 step 4) ---
     lr: float = 2e-5                   # official LoRA lr; from scratch use ~2e-4
     betas_G: tuple = (0.9, 0.999)      # AdamW betas of the generator (official)
     betas_D: tuple = (0.0, 0.999)      # AdamW betas of the discriminator (official)
-    weight_decay: float = 0.0          # AdamW weight decay of both
+    weight_decay: float = 1e-2         # AdamW weight decay of both (released code: 1e-2, diffusers' default; paper: unstated)
     grad_clip: float = 1.0             # max grad norm of G (official max_grad_norm = 1)
     ema_decay: float = 0.999           # EMA of G (official, fine-tuning); from scratch 0.9999 is usual
 
@@ -94,6 +96,11 @@ class YOSOConfig:
             raise ValueError("the loss weights lambda_adv, lambda_con, lambda_rec must be >= 0")
         if self.gan_loss not in ("per_sample", "batch_mean"):
             raise ValueError(f"gan_loss must be per_sample or batch_mean, got {self.gan_loss!r}")
+        if self.rec_weight not in ("paper", "released"):
+            raise ValueError(f"rec_weight must be paper or released, got {self.rec_weight!r}")
+        if self.zero_terminal_snr and self.prediction_type == "epsilon":
+            raise ValueError("prediction_type epsilon with zero_terminal_snr gives x̂_0 = ±inf at t = T-1 (α = 0); "
+                             "use v_prediction or sample")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -279,9 +286,16 @@ def consistency_weight(t: Tensor, t_C: Tensor, sched: NoiseSchedule, gamma: floa
     return (1 / (inv_snr_sqrt[t] - inv_snr_sqrt[t_C])).clamp(max=gamma).float()   # t == t_C -> 1/0 = inf -> γ
 
 
-def reconstruction_weight(t: Tensor, sched: NoiseSchedule, gamma: float) -> Tensor:
-    """w_rec(t) = min(SNR_t, γ)   (Sec. 2 step 3)."""
-    return sched.snr(t).clamp(max=gamma)
+def reconstruction_weight(t: Tensor, sched: NoiseSchedule, gamma: float, form: str = "paper") -> Tensor:
+    """w_rec(t) = min(SNR_t, γ) per sample   (Sec. 2 step 3), shape (B,).
+
+    form="released" gives every sample the BATCH MEAN of min(SNR_t, γ) instead: what train_yoso_lora.py
+    executes (it reduces the already per-sample loss with mean(dim=[]), a mean over everything). On
+    SD-1.5's schedule that is ~0.27x the paper's weight at low t, ~3.6x at t = 500, 100-300x at t >= 900,
+    and it stays > 0 at t = T-1 on a zero-terminal-SNR schedule, where the paper's weight is 0.
+    """
+    w = sched.snr(t).clamp(max=gamma)
+    return w.mean().expand_as(w) if form == "released" else w
 
 
 def discriminator_loss(logits_real: Tensor, logits_fake: Tensor, batch_mean: bool = False) -> Tensor:
@@ -535,7 +549,8 @@ def train_step(G: nn.Module, D: nn.Module, opt_G, opt_D, x0: Tensor, cond=None, 
                 L_adv = generator_adv_loss(D_plain(x0_hat, m["t"], m["c"]), batch_mean) if use_D \
                     else x0_hat.new_zeros(())                                                       # softplus(−D(x̂))
                 L_con = consistency_weight(m["t"], m["t_C"], sched, cfg.gamma) * distance(x0_hat, m["target"], m["c"])
-                L_rec = weighted_mse(x0_hat, m["x0"], reconstruction_weight(m["t"], sched, cfg.gamma))  # w_rec ‖x̂ − x_0‖²
+                w_rec = reconstruction_weight(m["t"], sched, cfg.gamma, cfg.rec_weight)
+                L_rec = weighted_mse(x0_hat, m["x0"], w_rec)                                       # w_rec ‖x̂ − x_0‖²
                 loss_G = cfg.lambda_adv * L_adv.mean() + cfg.lambda_con * L_con.mean() + cfg.lambda_rec * L_rec.mean()
             scale(loss_G / grad_accum, scaler_G).backward()
         stats[3:] += torch.stack([L_adv.detach().mean(), L_con.detach().mean(), L_rec.detach().mean(),

@@ -3,7 +3,7 @@
     python notebooks/teacher_cifar.py --out /work/runs/teacher                  # all stages in order
     python notebooks/teacher_cifar.py --out /work/runs/teacher --stage vae      # or one at a time:
         vae         AutoencoderKL, 32x32x3 -> 8x8x4 latents (reconstruction MSE + small KL)
-        teacher     PixArtTransformer2DModel, ε-prediction on PixArt-α's own scaled_linear schedule (flawed
+        teacher     PixArtTransformer2DModel, ε-prediction on PixArt-α's own linear 1e-4..0.02 schedule (flawed
                     terminal SNR kept on purpose), captions "a photo of a <class>" through a tiny frozen T5;
                     saved as a diffusers PixArtAlphaPipeline folder (out/pipeline) + a metadata.jsonl image
                     folder (out/data) for `finetune_t2i.py --base out/pipeline --data out/data`
@@ -37,7 +37,7 @@ import yoso  # noqa: E402
 
 CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 PROMPTS = [f"a photo of a {c}" for c in CLASSES]
-ZIP = "/work/shared/data/cifar10-jpeg.zip"
+ZIP = os.environ.get("YOSO_CIFAR_ZIP", os.path.join(ROOT, "..", "shared", "data", "cifar10-jpeg.zip"))
 MAX_TOKENS = 16                        # finetune_t2i's max_tokens in the matching preset; captions are ~7 tokens
 
 
@@ -156,8 +156,8 @@ def train_teacher(a):
         cross_attention_dim=128, caption_channels=64, sample_size=8, patch_size=2, norm_num_groups=32,
         use_additional_conditions=False)                        # out_channels 8: PixArt's learned-sigma half, unused
     print(f"transformer: {sum(p.numel() for p in transformer.parameters()) / 1e6:.2f}M parameters")
-    # PixArt-α's schedule: scaled_linear 0.00085..0.012, 1000 steps, ε-prediction (SNR_{T-1} ≈ 4e-5 > 0)
-    ycfg = yoso.YOSOConfig(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, prediction_type="epsilon")
+    # PixArt-α's schedule: "linear" β 1e-4..0.02, 1000 steps, ε-prediction (ᾱ_{T-1} ≈ 4.0e-5 > 0: the flawed schedule)
+    ycfg = yoso.YOSOConfig(beta_schedule="linear", beta_start=1e-4, beta_end=0.02, prediction_type="epsilon")
     sched = yoso.NoiseSchedule.from_config(ycfg)
     with torch.no_grad():                                       # latents of all training images (posterior mean)
         z = torch.cat([vae.encode(to_unit(x[i:i + 1000])).latent_dist.mode() for i in range(0, len(x), 1000)])
@@ -188,7 +188,7 @@ def train_teacher(a):
     with torch.no_grad():
         for e_, p in zip(ema, transformer.parameters()):
             p.copy_(e_)
-    scheduler = DPMSolverMultistepScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+    scheduler = DPMSolverMultistepScheduler(beta_schedule="linear", beta_start=1e-4, beta_end=0.02,
                                             prediction_type="epsilon", num_train_timesteps=1000)
     pipe = PixArtAlphaPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer,
                                scheduler=scheduler)

@@ -72,8 +72,14 @@ def naive_train_step(G, D, opt_G, opt_D, x0, cond, sched, cfg, G_ema=None):
         target = literal_G(G, x_tC, t_C, cond, sched, cfg)        # G forward 4
     w_con, w_rec = literal_weights(t, t_C, sched, cfg.gamma)
     L_adv = F.softplus(-mean(D(x0_hat, t, cond))).mean()          # D forward 3
-    L_con = (w_con * ((x0_hat - target) ** 2).flatten(1).mean(1)).mean()
-    L_rec = (w_rec * ((x0_hat - x0) ** 2).flatten(1).mean(1)).mean()
+    loss = w_con * ((x0_hat - target) ** 2).flatten(1).mean(1)   # (B,), as `loss` in train_yoso_lora.py
+    L_con = loss.mean()
+    if cfg.rec_weight == "released":                              # train_yoso_lora.py's lines, as written:
+        kl_loss = F.mse_loss(x0_hat.float(), x0.float(), reduction="none").mean(
+            dim=list(range(1, len(loss.shape)))) * w_rec         # len(loss.shape) == 1: a mean over dim=[]
+        L_rec = kl_loss.mean()
+    else:
+        L_rec = (w_rec * ((x0_hat - x0) ** 2).flatten(1).mean(1)).mean()
     loss_G = cfg.lambda_adv * L_adv + cfg.lambda_con * L_con + cfg.lambda_rec * L_rec
     opt_G.zero_grad()
     loss_G.backward()
