@@ -142,7 +142,8 @@ def train_teacher(a):
                            PixArtTransformer2DModel)
     from transformers import T5Config, T5EncoderModel
     x, y = load_cifar(a.out)
-    vae = AutoencoderKL.from_pretrained(os.path.join(a.out, "vae")).eval()
+    dev = torch.device(a.device)
+    vae = AutoencoderKL.from_pretrained(a.vae or os.path.join(a.out, "vae")).eval().to(dev)
     torch.manual_seed(0)
     tokenizer = make_tokenizer()
     text_encoder = T5EncoderModel(T5Config(vocab_size=len(tokenizer), d_model=64, d_kv=16, d_ff=128, num_layers=2,
@@ -152,49 +153,57 @@ def train_teacher(a):
     e = cond["emb"][:10].flatten(1)
     print("min pairwise distance between caption embeddings:", torch.cdist(e, e).add(torch.eye(10) * 1e9).min().item())
     transformer = PixArtTransformer2DModel(
-        num_attention_heads=4, attention_head_dim=32, in_channels=4, out_channels=8, num_layers=6,
-        cross_attention_dim=128, caption_channels=64, sample_size=8, patch_size=2, norm_num_groups=32,
-        use_additional_conditions=False)                        # out_channels 8: PixArt's learned-sigma half, unused
+        num_attention_heads=a.heads, attention_head_dim=a.head_dim, in_channels=4, out_channels=8,
+        num_layers=a.layers, cross_attention_dim=a.heads * a.head_dim, caption_channels=64, sample_size=8,
+        patch_size=2, norm_num_groups=32, use_additional_conditions=False)   # out_channels 8: learned-sigma half, unused
+    transformer.to(dev)
+    cond = {k: v.to(dev) for k, v in cond.items()}
     print(f"transformer: {sum(p.numel() for p in transformer.parameters()) / 1e6:.2f}M parameters")
     # PixArt-α's schedule: "linear" β 1e-4..0.02, 1000 steps, ε-prediction (ᾱ_{T-1} ≈ 4.0e-5 > 0: the flawed schedule)
     ycfg = yoso.YOSOConfig(beta_schedule="linear", beta_start=1e-4, beta_end=0.02, prediction_type="epsilon")
     sched = yoso.NoiseSchedule.from_config(ycfg)
     with torch.no_grad():                                       # latents of all training images (posterior mean)
-        z = torch.cat([vae.encode(to_unit(x[i:i + 1000])).latent_dist.mode() for i in range(0, len(x), 1000)])
+        z = torch.cat([vae.encode(to_unit(x[i:i + 1000]).to(dev)).latent_dist.mode() for i in range(0, len(x), 1000)])
         z = z * vae.config.scaling_factor
     print(f"latents {tuple(z.shape)}, std {z.std():.3f}")
-    opt = torch.optim.AdamW(transformer.parameters(), lr=a.lr, weight_decay=0.0)
-    ema = [p.detach().clone() for p in transformer.parameters()]
-    more, step, t0, run = budget(a.minutes), 0, time.time(), 0.0
+    y, sched.alphas_cumprod = y.to(dev), sched.alphas_cumprod.to(dev)   # the whole loop stays on the device
+    params = list(transformer.parameters())
+    opt = torch.optim.AdamW(params, lr=a.lr, weight_decay=0.0)
+    ema = [p.detach().clone() for p in params]
+    more, step, t0, run, last = budget(a.minutes), 0, time.time(), torch.zeros((), device=dev), 0.0
     while more():
-        idx = torch.randint(0, len(z), (a.batch,))
+        for g in opt.param_groups:                              # linear warm-up: large batches start stable
+            g["lr"] = a.lr * min(1.0, (step + 1) / a.warmup)
+        idx = torch.randint(0, len(z), (a.batch,), device=dev)
         x0, label = z[idx], y[idx].clone()
-        label[torch.rand(a.batch) < 0.1] = 10                   # caption dropout 10%: "" (allows CFG later)
-        t = torch.randint(0, ycfg.T, (a.batch,))
+        label[torch.rand(a.batch, device=dev) < 0.1] = 10      # caption dropout 10%: "" (allows CFG later)
+        t = torch.randint(0, ycfg.T, (a.batch,), device=dev)
         eps = torch.randn_like(x0)
         out = transformer(sched.add_noise(x0, eps, t), encoder_hidden_states=cond["emb"][label],
                           encoder_attention_mask=cond["mask"][label], timestep=t,
                           added_cond_kwargs={"resolution": None, "aspect_ratio": None}, return_dict=False)[0]
         loss = F.mse_loss(out[:, :4], eps)                      # ε-prediction; the learned-sigma half is left alone
-        optimise(opt, loss, transformer.parameters())
+        optimise(opt, loss, params)
         with torch.no_grad():
             decay = min(0.999, (1 + step) / (10 + step))        # warm-up EMA, as in diffusers' EMAModel
-            for e_, p in zip(ema, transformer.parameters()):
-                e_.lerp_(p, 1 - decay)
-        run = loss.item() if step == 0 else 0.98 * run + 0.02 * loss.item()
-        if step % 100 == 0:
-            print(f"teacher step {step} loss {run:.4f} ({time.time() - t0:.0f}s)", flush=True)
+            torch._foreach_lerp_(ema, params, 1 - decay)        # one fused update: on a GPU the step is launch-bound
+            run = loss.detach() if step == 0 else 0.98 * run + 0.02 * loss.detach()   # no sync per step
+        if step % 100 == 0 or time.time() - last > 10:
+            last = time.time()
+            print(f"teacher step {step} loss {run.item():.4f} ({time.time() - t0:.0f}s)", flush=True)
         step += 1
+    run = run.item()
     with torch.no_grad():
-        for e_, p in zip(ema, transformer.parameters()):
+        for e_, p in zip(ema, params):
             p.copy_(e_)
+    transformer.cpu(), vae.cpu()
     scheduler = DPMSolverMultistepScheduler(beta_schedule="linear", beta_start=1e-4, beta_end=0.02,
                                             prediction_type="epsilon", num_train_timesteps=1000)
     pipe = PixArtAlphaPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer,
                                scheduler=scheduler)
     pipe.save_pretrained(os.path.join(a.out, "pipeline"))
     print(f"teacher done: {step} steps of batch {a.batch} in {time.time() - t0:.0f}s, final loss {run:.4f}")
-    write_image_folder(a.out, x, y, a.data_items)
+    write_image_folder(a.out, x, y.cpu(), a.data_items)
 
 
 def write_image_folder(out: str, x, y, n: int):
@@ -257,6 +266,8 @@ def eval_rows(a) -> dict:
     rows.update({f"teacher_{k}step": dict(steps=k) for k in a.teacher_steps})
     if 20 in a.teacher_steps:                                   # same sampler, other noise: how close "the same" is
         rows["teacher_20step_seed2"] = dict(steps=20, seed=10_000)
+    for g in a.teacher_cfg or []:                               # classifier-free guidance at sampling (prompt adherence)
+        rows.update({f"teacher_{k}step_cfg{g:g}": dict(steps=k, cfg=g) for k in a.cfg_steps})
     if a.teacher_ipi:                                           # the teacher itself started from the informative prior
         rows.update({f"teacher_{k}step_ipi": dict(steps=k, ipi=a.teacher_ipi) for k in (1, 2)})
     for spec in a.student or []:
@@ -313,21 +324,48 @@ def samples_path(a, name: str) -> str:
 
 
 def generate_all(a):
-    """Stage generate: every row's images to out/samples/NAME-nN.npz (e.g. on a GPU; eval reads them anywhere)."""
+    """Stage generate: every row's images to out/samples/NAME-nN.npz (e.g. on a GPU; eval reads them anywhere).
+
+    Each file also records its row (steps, cfg, model), so `--stage eval --all-samples` needs no flags to rebuild the
+    rows. A row that fails is reported and skipped: the others still get written (exit code 1 at the end)."""
     os.makedirs(os.path.join(a.out, "samples"), exist_ok=True)
+    failed = []
     for name, row in eval_rows(a).items():
         if name != "real":
             t0 = time.time()
-            imgs, labels = generate(a, row)
-            np.savez_compressed(samples_path(a, name), images=imgs.numpy(), labels=labels.numpy())
+            try:
+                imgs, labels = generate(a, row)
+            except Exception as e:  # one broken student must not cost the other rows
+                print(f"{name}: FAILED {type(e).__name__}: {e}", flush=True)
+                failed.append(name)
+                continue
+            tmp = samples_path(a, name) + ".tmp.npz"
+            np.savez(tmp, images=imgs.numpy(), labels=labels.numpy(), row=json.dumps(row))   # packed later
+            os.replace(tmp, samples_path(a, name))
             print(f"{name}: {len(imgs)} images in {time.time() - t0:.1f}s", flush=True)
+    if failed:
+        raise SystemExit(f"generate: {len(failed)} rows failed: {' '.join(failed)}")
+
+
+def sample_rows(a) -> dict:
+    """--all-samples: the rows of every out/samples/*-nN.npz, read back from the files themselves."""
+    rows, suffix = {}, f"-n{a.n}.npz"
+    for f in sorted(os.listdir(os.path.join(a.out, "samples"))):
+        if f.endswith(suffix):
+            d = np.load(os.path.join(a.out, "samples", f))
+            rows[f[:-len(suffix)]] = json.loads(str(d["row"])) if "row" in d else dict(steps=-1)
+    if a.real:
+        rows = {"real": dict(steps=0), "real_vae": dict(steps=0)} | rows
+    return rows
 
 
 def evaluate(a):
     from torchvision.utils import save_image
     results_dir = os.path.join(ROOT, "notebooks", "results")
     os.makedirs(results_dir, exist_ok=True)
-    path = os.path.join(results_dir, "teacher_eval.json")
+    path = os.path.join(results_dir, f"teacher{'_' + a.tag if a.tag else ''}_eval.json")
+    grids = os.path.join(results_dir, f"teacher_{a.tag}") if a.tag else results_dir     # a tagged run's own folder
+    os.makedirs(grids, exist_ok=True)
     results = json.load(open(path)) if os.path.isfile(path) else {}
     x, _ = load_cifar(a.out)
     features = train_cifar.inception_features(train_cifar.resolve_inception(), "cpu")
@@ -342,15 +380,18 @@ def evaluate(a):
         np.savez(ref_cache, mu=mu_r, sigma=sig_r)
         print(f"reference stats of {a.n_ref} training images in {time.time() - t0:.0f}s", flush=True)
     clf = make_classifier()
-    clf.load_state_dict(torch.load(os.path.join(a.out, "classifier.pt")))
+    clf.load_state_dict(torch.load(a.classifier or os.path.join(a.out, "classifier.pt")))
     clf.eval()
     t20 = os.path.join(a.out, f"stats-teacher_20step-n{a.n}.npz")   # how far from the 20-step teacher's own samples
-    for name, row in sorted(eval_rows(a).items(), key=lambda kv: kv[0] != "teacher_20step"):   # teacher-20 first
+    rows = sample_rows(a) if a.all_samples else eval_rows(a)
+    for name, row in sorted(rows.items(), key=lambda kv: kv[0] != "teacher_20step"):   # teacher-20 first
         t0 = time.time()
-        if name == "real":
+        if name in ("real", "real_vae"):
             xt, yt = load_cifar(a.out, "test")
             pick = torch.randperm(len(xt), generator=torch.Generator().manual_seed(3))[:a.n]
             imgs, labels = xt[pick], yt[pick]
+            if name == "real_vae":                              # through the VAE: the best a latent model can reach
+                imgs, labels = vae_roundtrip(a, imgs), labels
         elif os.path.isfile(samples_path(a, name)):            # made earlier by --stage generate
             f = np.load(samples_path(a, name))
             imgs, labels = torch.from_numpy(f["images"]), torch.from_numpy(f["labels"])
@@ -365,13 +406,23 @@ def evaluate(a):
             if os.path.isfile(t20) else None
         key = name if a.n == 200 else f"{name}@n{a.n}"          # N = 200 rows keep their names from the first eval
         results[key] = dict(fid=train_cifar.frechet_distance(mu, sig, mu_r, sig_r), fid_to_teacher20=to_teacher,
-                            adherence=acc, n=a.n, n_ref=a.n_ref, steps=row["steps"], model=row.get("student", "teacher"),
+                            adherence=acc, n=a.n, n_ref=a.n_ref, steps=row["steps"], cfg=row.get("cfg", 1.0),
+                            model=row.get("student", "teacher"),
                             gen_seconds=round(t_gen, 1), eval_seconds=round(time.time() - t0, 1))
         print(key, results[key], flush=True)
         grid = torch.cat([imgs[labels == c][:4] for c in range(10)])          # 4 per class, one class per row
-        png = f"{name}.png" if name.startswith("teacher") else f"teacher_{name}.png"
-        save_image(grid.float() / 255, os.path.join(results_dir, png), nrow=4)
+        png = f"{name}.png" if name.startswith("teacher") or a.tag else f"teacher_{name}.png"
+        save_image(grid.float() / 255, os.path.join(grids, png), nrow=4)
         json.dump(results, open(path, "w"), indent=1)
+
+
+@torch.no_grad()
+def vae_roundtrip(a, imgs: torch.Tensor) -> torch.Tensor:
+    """uint8 images encoded (posterior mean) and decoded by the teacher's VAE."""
+    from diffusers import AutoencoderKL
+    vae = AutoencoderKL.from_pretrained(a.vae or os.path.join(a.out, "vae")).eval()
+    out = [vae.decode(vae.encode(to_unit(imgs[i:i + 100])).latent_dist.mode()).sample for i in range(0, len(imgs), 100)]
+    return yoso.to_uint8(torch.cat(out).clamp(-1, 1))
 
 
 def figure(a):
@@ -396,23 +447,168 @@ def figure(a):
 
 
 # ==================================================================================================
+# Stages pack / unpack / table: a GPU run's results in a few files, read back and summarised here
+# ==================================================================================================
+
+PACK_LIMIT = int(15.5 * 2 ** 20)                                # the GPU machine returns files of at most 16 MiB
+
+
+def _xz(path: str) -> bytes:
+    """An uncompressed .npz, compressed with a horizontal-delta filter: ~0.9 MB per 500 CIFAR images (npz: 1.3)."""
+    import lzma
+    return lzma.compress(open(path, "rb").read(), format=lzma.FORMAT_XZ,
+                         filters=[{"id": lzma.FILTER_DELTA, "dist": 1}, {"id": lzma.FILTER_LZMA2, "preset": 9}])
+
+
+def pack(a):
+    """Stage pack: out/logs, the students' small files and every out/samples/*.npz into at most --pack-files tar
+    files of <= 15.5 MiB in --pack-dir, in order of importance; MANIFEST.json (in the first) lists what was left out."""
+    import io
+    import tarfile
+    from concurrent.futures import ProcessPoolExecutor
+    small = []                                                  # (arcname, path): logs, metrics, sample grids, configs
+    for top in ("logs", "students"):
+        for root, _, files in os.walk(os.path.join(a.out, top)):
+            for f in sorted(files):
+                path = os.path.join(root, f)
+                rel = os.path.relpath(path, a.out)
+                keep = top == "logs" or (f.endswith((".json", ".jsonl", ".md", ".png", ".txt", ".log"))
+                                         and "/transformer/" not in "/" + rel and "/adapter/" not in "/" + rel)
+                if keep and os.path.getsize(path) < 2 ** 20:
+                    small.append((rel, path))
+    for f in ("pipeline/model_index.json", "pipeline/transformer/config.json", "pipeline/scheduler/scheduler_config.json"):
+        if os.path.isfile(os.path.join(a.out, f)):
+            small.append((f, os.path.join(a.out, f)))
+    folder = os.path.join(a.out, "samples")
+    npz = sorted(f for f in os.listdir(folder) if f.endswith(".npz") and ".tmp" not in f) if os.path.isdir(folder) else []
+    first = lambda f: (not f.startswith("teacher_"), "abl-" in f, not f.endswith("_1step" + f[f.rindex("-n"):]), f)
+    npz.sort(key=first)                                         # teacher rows, main students' 1 step, 2 steps, ablations
+    with ProcessPoolExecutor(max(1, min(8, os.cpu_count() or 1))) as pool:
+        blobs = list(pool.map(_xz, [os.path.join(folder, f) for f in npz]))
+    members = [(rel, open(path, "rb").read()) for rel, path in small]
+    members += [(f"samples/{f}.xz", b) for f, b in zip(npz, blobs)]
+    bins, left = [[] for _ in range(a.pack_files)], []
+    room = [PACK_LIMIT - 64 * 1024] * a.pack_files              # the first keeps room for MANIFEST.json
+    for rel, data in members:
+        size = 512 + (len(data) + 511) // 512 * 512             # tar header + padded data
+        i = next((i for i in range(a.pack_files) if room[i] >= size), None)
+        if i is None:
+            left.append(rel)
+            continue
+        bins[i].append((rel, data))
+        room[i] -= size
+    manifest = dict(files={f"teacher-{i + 1}.tar": [r for r, _ in b] for i, b in enumerate(bins) if b}, left_out=left)
+    bins[0].insert(0, ("MANIFEST.json", json.dumps(manifest, indent=1).encode()))
+    os.makedirs(a.pack_dir, exist_ok=True)
+    for i, b in enumerate(bins):
+        if not b:
+            continue
+        path = os.path.join(a.pack_dir, f"teacher-{i + 1}.tar")
+        with tarfile.open(path + ".tmp", "w") as tar:
+            for rel, data in b:
+                info = tarfile.TarInfo(rel)
+                info.size, info.mtime = len(data), int(time.time())
+                tar.addfile(info, io.BytesIO(data))
+        os.replace(path + ".tmp", path)
+        print(f"{path}: {len(b)} files, {os.path.getsize(path) / 2 ** 20:.1f} MiB", flush=True)
+    print(f"packed {len(npz)} sample files; left out: {left or 'nothing'}")
+
+
+def unpack(a):
+    """Stage unpack: the tar files of --pack-dir into out (samples/*.npz decompressed, logs/, students/)."""
+    import lzma
+    import tarfile
+    for f in sorted(os.listdir(a.pack_dir)):
+        if f.startswith("teacher-") and f.endswith(".tar"):
+            with tarfile.open(os.path.join(a.pack_dir, f)) as tar:
+                for m in tar.getmembers():
+                    if not m.isfile() or m.name.startswith("/") or ".." in m.name.split("/"):
+                        continue
+                    data = tar.extractfile(m).read()
+                    name = m.name
+                    if name.endswith(".npz.xz"):
+                        data, name = lzma.decompress(data), name[:-3]
+                    path = os.path.join(a.out, name)
+                    os.makedirs(os.path.dirname(path), exist_ok=True)
+                    open(path, "wb").write(data)
+            print(f"unpacked {f}")
+    manifest = os.path.join(a.out, "MANIFEST.json")
+    if os.path.isfile(manifest):
+        print("left out on the GPU machine:", json.load(open(manifest))["left_out"] or "nothing")
+
+
+ROUTES = (("paper", "adaption + zero-SNR, per-sample w_rec"), ("released", "adaption + zero-SNR, batch-mean w_rec"),
+          ("noadapt", "no adaption, ε base from the IPI"))
+
+
+def table(a):
+    """Stage table: the 3-route x 3-seed teacher table from the --tag results, and per seed whether a route is
+    "far closer" to the 20-step teacher: to-teacher-20 <= floor + (teacher 2-step - floor) / 2, where the floor is
+    a second 20-step teacher draw's distance."""
+    path = os.path.join(ROOT, "notebooks", "results", f"teacher{'_' + a.tag if a.tag else ''}_eval.json")
+    res = json.load(open(path))
+    get = lambda name: res.get(name if a.n == 200 else f"{name}@n{a.n}")
+    fmt = lambda v, f="{:6.1f}": (f.format(v) if v is not None else "     -")
+    line = lambda label, r: print(f"{label:34s} {fmt(r and r['fid'])} {fmt(r and r['fid_to_teacher20'])} "
+                                  f"{fmt(r and 100 * r['adherence'], '{:5.1f}%')}")
+    print(f"{'row (N = ' + str(a.n) + ')':34s} {'FID':>6s} {'to T20':>6s} {'adher.':>6s}")
+    for name in ("real", "real_vae", "teacher_20step", "teacher_20step_seed2", "teacher_4step", "teacher_2step",
+                 "teacher_1step") + tuple(sorted(k.split("@")[0] for k in res if "_cfg" in k and k.startswith("teacher"))):
+        if get(name):
+            line(name, get(name))
+    floor, t2 = get("teacher_20step_seed2"), get("teacher_2step")
+    bar = floor and t2 and floor["fid_to_teacher20"] + (t2["fid_to_teacher20"] - floor["fid_to_teacher20"]) / 2
+    print(f"far closer: to T20 <= {fmt(bar)} (floor {fmt(floor and floor['fid_to_teacher20'])}, "
+          f"teacher 2-step {fmt(t2 and t2['fid_to_teacher20'])})")
+    students = sorted({k.split("@")[0].rsplit("_", 1)[0] for k in res if k.split("@")[0].endswith("step")
+                       and not k.startswith(("teacher", "real"))})
+    verdict = {}
+    for route, what in ROUTES + tuple((s, "ablation") for s in students if s.startswith("abl-")):
+        print(f"-- {route}: {what}")
+        for name in [s for s in students if s == route or s.startswith(route + "_s")]:
+            for k in (1, 2):
+                r = get(f"{name}_{k}step")
+                if r:
+                    far = bar is not None and r["fid_to_teacher20"] <= bar
+                    line(f"  {name} {k}-step" + ("  far closer" if far else ""), r)
+                    if k == 1:
+                        verdict.setdefault(route, []).append(far)
+    for route, v in verdict.items():
+        print(f"{route}: far closer in {sum(v)} of {len(v)} seeds (1 step)")
+
+
+# ==================================================================================================
 # Command line
 # ==================================================================================================
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", default="runs/teacher")
-    p.add_argument("--stage", choices=("vae", "teacher", "classifier", "generate", "eval", "figure", "all"),
-                   default="all")
+    p.add_argument("--stage", choices=("vae", "teacher", "classifier", "generate", "eval", "figure", "pack", "unpack",
+                                       "table", "all"), default="all")
     p.add_argument("--minutes", type=float, help="wall-clock budget of a training stage (defaults: vae 5, "
                                                  "teacher 25, classifier 4)")
     p.add_argument("--batch", type=int, default=64, help="teacher batch size")
     p.add_argument("--lr", type=float, default=5e-4, help="teacher learning rate")
+    p.add_argument("--warmup", type=int, default=1, help="teacher lr warm-up steps")
+    p.add_argument("--layers", type=int, default=6, help="teacher transformer blocks")
+    p.add_argument("--heads", type=int, default=4, help="teacher attention heads")
+    p.add_argument("--head-dim", type=int, default=32, help="teacher attention head width")
+    p.add_argument("--vae", help="the VAE folder (default OUT/vae)")
+    p.add_argument("--classifier", help="the adherence classifier (default OUT/classifier.pt)")
     p.add_argument("--data-items", type=int, default=5000, help="images in the student's --data folder")
     p.add_argument("--n", type=int, default=200, help="samples per eval row (FID and adherence)")
     p.add_argument("--n-ref", type=int, default=1000, help="training images for the FID reference statistics")
     p.add_argument("--teacher-steps", type=int, nargs="*", default=[20, 4, 2, 1])
-    p.add_argument("--real", action="store_true", help="also a row of N CIFAR-10 test images (the FID floor)")
+    p.add_argument("--real", action="store_true", help="also a row of N CIFAR-10 test images (the FID floor); with "
+                                                         "--all-samples also those images through the VAE")
+    p.add_argument("--teacher-cfg", type=float, nargs="*", help="also teacher rows with this guidance scale ...")
+    p.add_argument("--cfg-steps", type=int, nargs="*", default=[20], help="... at these step counts")
+    p.add_argument("--all-samples", action="store_true", help="eval: the rows of every out/samples/*-nN.npz")
+    p.add_argument("--tag", help="eval/table: results in notebooks/results/teacher_TAG_eval.json, grids in "
+                                 "notebooks/results/teacher_TAG/ (a new teacher's rows apart from the old ones)")
+    p.add_argument("--pack-dir", help="pack/unpack: the folder of teacher-N.tar files")
+    p.add_argument("--pack-files", type=int, default=3, help="pack: at most this many tar files")
     p.add_argument("--student", action="append", help="NAME=FOLDER of a finetune_t2i.py run to evaluate")
     p.add_argument("--student-steps", nargs="*", default=["1", "2"], help="student rows: 1, 2 (LCM), ddim20 (DDIM)")
     p.add_argument("--teacher-ipi", metavar="FILE", help="also the teacher's 1 and 2 steps from this informative "
@@ -427,7 +623,7 @@ def main(argv=None):
         a.minutes = a.minutes if a.minutes is not None and a.stage != "all" else defaults.get(stage)
         t0 = time.time()
         dict(vae=train_vae, teacher=train_teacher, classifier=train_classifier, generate=generate_all,
-             eval=evaluate, figure=figure)[stage](a)
+             eval=evaluate, figure=figure, pack=pack, unpack=unpack, table=table)[stage](a)
         print(f"stage {stage}: {time.time() - t0:.0f}s", flush=True)
 
 
