@@ -14,7 +14,12 @@
         figure      notebooks/results/teacher_rows.png: 20 samples of each --rows name, one strip a row
     python notebooks/teacher_cifar.py --out /work/runs/teacher --stage eval --student NAME=/work/runs/student ...
 
-Everything runs on one CPU thread; the budgets (--minutes) are wall-clock, so a busier machine gets fewer steps.
+Everything runs on one CPU thread by default; the budgets (--minutes) are wall-clock, so a busier machine gets fewer
+steps. On a GPU, notebooks/teacher_gpu.sh runs the teacher, all students and their images in one ~7-minute call (issue
+12); pack / unpack carry the images back, table prints the 3-route x 3-seed comparison:
+    python notebooks/teacher_cifar.py --out runs/teacher-linear --stage unpack --pack-dir GPU_OUT/teacher
+    python notebooks/teacher_cifar.py --out runs/teacher-linear --stage eval --n 500 --real --all-samples --tag linear
+    python notebooks/teacher_cifar.py --stage table --n 500 --tag linear
 """
 from __future__ import annotations
 
@@ -51,13 +56,20 @@ def load_cifar(out: str, split: str = "train") -> tuple[torch.Tensor, torch.Tens
     if os.path.isfile(cache):
         d = torch.load(cache)
         return d["x"], d["y"]
-    zf = zipfile.ZipFile(ZIP)
-    names = sorted(n for n in zf.namelist() if n.startswith(split + "/") and n.endswith(".jpg"))
-    x = torch.from_numpy(np.stack([train_cifar._decode(zf.read(n), 32) for n in names])).permute(0, 3, 1, 2).contiguous()
+    names = sorted(n for n in zipfile.ZipFile(ZIP).namelist() if n.startswith(split + "/") and n.endswith(".jpg"))
+    from concurrent.futures import ProcessPoolExecutor
+    with ProcessPoolExecutor(min(8, os.cpu_count() or 1)) as pool:       # ~2 ms a JPEG: 36k take a minute on one core
+        x = np.concatenate(list(pool.map(_decode_names, [names[i:i + 2000] for i in range(0, len(names), 2000)])))
+    x = torch.from_numpy(x).permute(0, 3, 1, 2).contiguous()
     y = torch.tensor([CLASSES.index(n.split("/")[1]) for n in names])
     os.makedirs(out, exist_ok=True)
     torch.save({"x": x, "y": y}, cache)
     return x, y
+
+
+def _decode_names(names: list) -> np.ndarray:
+    zf = zipfile.ZipFile(ZIP)
+    return np.stack([train_cifar._decode(zf.read(n), 32) for n in names])
 
 
 def to_unit(x_uint8: torch.Tensor) -> torch.Tensor:
@@ -614,9 +626,11 @@ def main(argv=None):
     p.add_argument("--teacher-ipi", metavar="FILE", help="also the teacher's 1 and 2 steps from this informative "
                                                           "prior (a no-adaption student's ipi.safetensors)")
     p.add_argument("--rows", nargs="*", help="--stage figure: the sample sets to show, top to bottom: NAME or NAME:LABEL")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="for generation")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="for the teacher's training and for generation")
+    p.add_argument("--threads", type=int, default=1, help="CPU threads (eval's Inception on a free machine: more)")
     a = p.parse_args(argv)
-    torch.set_num_threads(1)
+    torch.set_num_threads(a.threads)
     defaults = dict(vae=5, teacher=25, classifier=4)
     stages = ("vae", "teacher", "classifier", "eval") if a.stage == "all" else (a.stage,)
     for stage in stages:

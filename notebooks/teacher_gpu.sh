@@ -94,17 +94,27 @@ student() {   # NAME ADAPT_STEPS ARGS...: train, rescale if the probe says so, e
         --teacher-steps --student "$name=$out" >"$WORK/logs/$name-generate.log" 2>&1
     log "$name: images exit $?"
 }
-probe() {     # after PROBE s: the summed speed (in YOSO-step equivalents / s) against the work left
+probe() {     # after PROBE s (up to 3 x 15 s more until 3/4 of them log): summed speed against the work left
     sleep $PROBE
     $PY - "$WORK" $STUDENT_END $ADAPT $YOSO "${PROBE_FORCE:-}" <<'PYEOF' >>"$WORK/logs/status.txt" 2>&1
 import json, os, sys, time
 work, end, adapt, yoso, force = sys.argv[1], float(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
 ADAPT_COST = 1 / 3          # an adaption step: one frozen and one trained forward + backward; a YOSO step ~3x that
+names = sorted(os.listdir(os.path.join(work, "pids")))          # every student launched, started or not
+for attempt in range(4):
+    logging = [n for n in names if os.path.isfile(os.path.join(work, "students", n, "metrics.jsonl"))]
+    if 4 * len(logging) >= 3 * len(names) or attempt == 3:
+        break
+    time.sleep(15)
+# conservative on purpose: students not yet logging add work but no speed; the first window includes warm-up
 rate, need, seen = 0.0, 0.0, 0
-for name in sorted(os.listdir(os.path.join(work, "students"))):
+for name in names:
     total_a = 0 if name.startswith("noadapt") else (adapt * 3 if name.startswith("abl-adapt") else adapt)
     path = os.path.join(work, "students", name, "metrics.jsonl")
-    last = json.loads(open(path).readlines()[-1]) if os.path.isfile(path) and os.path.getsize(path) else None
+    try:
+        last = json.loads(open(path).readlines()[-1])
+    except (OSError, IndexError, ValueError):                  # not started, or a line half written
+        last = None
     if os.path.isfile(os.path.join(work, "students", name, "yoso_config.json")):
         continue
     if last is None:        # still starting: counts as work, not as speed
