@@ -101,8 +101,18 @@ import json, os, sys, time
 work, end, adapt, yoso, force = sys.argv[1], float(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
 ADAPT_COST = 1 / 3          # an adaption step: one frozen and one trained forward + backward; a YOSO step ~3x that
 names = sorted(os.listdir(os.path.join(work, "pids")))          # every student launched, started or not
+
+
+def last_line(name):        # the newest 10-step window; None before the 2nd (the 1st holds CUDA's warm-up)
+    try:
+        lines = open(os.path.join(work, "students", name, "metrics.jsonl")).readlines()
+        return json.loads(lines[-1]) if len(lines) >= 2 else None
+    except (OSError, ValueError):                              # not started, or a line half written
+        return None
+
+
 for attempt in range(4):
-    logging = [n for n in names if os.path.isfile(os.path.join(work, "students", n, "metrics.jsonl"))]
+    logging = [n for n in names if last_line(n)]
     if 4 * len(logging) >= 3 * len(names) or attempt == 3:
         break
     time.sleep(15)
@@ -110,11 +120,7 @@ for attempt in range(4):
 rate, need, seen = 0.0, 0.0, 0
 for name in names:
     total_a = 0 if name.startswith("noadapt") else (adapt * 3 if name.startswith("abl-adapt") else adapt)
-    path = os.path.join(work, "students", name, "metrics.jsonl")
-    try:
-        last = json.loads(open(path).readlines()[-1])
-    except (OSError, IndexError, ValueError):                  # not started, or a line half written
-        last = None
+    last = last_line(name)
     if os.path.isfile(os.path.join(work, "students", name, "yoso_config.json")):
         continue
     if last is None:        # still starting: counts as work, not as speed
