@@ -360,15 +360,20 @@ def generate_all(a):
 
 
 def sample_rows(a) -> dict:
-    """--all-samples: the rows of every out/samples/*-nN.npz, read back from the files themselves."""
+    """--all-samples: the rows of every out/samples/*-nN.npz, read back from the files themselves, most needed
+    first (an eval stopped early still has the floors, the teacher's 2 and 1 steps and the main students' 1 step)."""
     rows, suffix = {}, f"-n{a.n}.npz"
     for f in sorted(os.listdir(os.path.join(a.out, "samples"))):
         if f.endswith(suffix):
             d = np.load(os.path.join(a.out, "samples", f))
             rows[f[:-len(suffix)]] = json.loads(str(d["row"])) if "row" in d else dict(steps=-1)
     if a.real:
-        rows = {"real": dict(steps=0), "real_vae": dict(steps=0)} | rows
-    return rows
+        rows |= {"real": dict(steps=0), "real_vae": dict(steps=0)}
+    first = ["teacher_20step", "teacher_20step_seed2", "teacher_2step", "teacher_1step", "real"]
+    main = [f"{r}_s{s}_1step" for s in range(3) for r in ("paper", "released", "noadapt")]
+    rank = lambda n: (first.index(n) if n in first else len(first) + main.index(n) if n in main
+                      else 20 + ("cfg" not in n) + 2 * n.startswith("abl-") + 4 * (n == "real_vae"))
+    return dict(sorted(rows.items(), key=lambda kv: (rank(kv[0]), kv[0])))
 
 
 def evaluate(a):
@@ -397,6 +402,9 @@ def evaluate(a):
     t20 = os.path.join(a.out, f"stats-teacher_20step-n{a.n}.npz")   # how far from the 20-step teacher's own samples
     rows = sample_rows(a) if a.all_samples else eval_rows(a)
     for name, row in sorted(rows.items(), key=lambda kv: kv[0] != "teacher_20step"):   # teacher-20 first
+        key = name if a.n == 200 else f"{name}@n{a.n}"          # N = 200 rows keep their names from the first eval
+        if a.skip_done and key in results and os.path.isfile(t20):
+            continue
         t0 = time.time()
         if name in ("real", "real_vae"):
             xt, yt = load_cifar(a.out, "test")
@@ -416,7 +424,6 @@ def evaluate(a):
         np.savez(os.path.join(a.out, f"stats-{name}-n{a.n}.npz"), mu=mu, sigma=sig)
         to_teacher = train_cifar.frechet_distance(mu, sig, np.load(t20)["mu"], np.load(t20)["sigma"]) \
             if os.path.isfile(t20) else None
-        key = name if a.n == 200 else f"{name}@n{a.n}"          # N = 200 rows keep their names from the first eval
         results[key] = dict(fid=train_cifar.frechet_distance(mu, sig, mu_r, sig_r), fid_to_teacher20=to_teacher,
                             adherence=acc, n=a.n, n_ref=a.n_ref, steps=row["steps"], cfg=row.get("cfg", 1.0),
                             model=row.get("student", "teacher"),
@@ -617,6 +624,7 @@ def main(argv=None):
     p.add_argument("--teacher-cfg", type=float, nargs="*", help="also teacher rows with this guidance scale ...")
     p.add_argument("--cfg-steps", type=int, nargs="*", default=[20], help="... at these step counts")
     p.add_argument("--all-samples", action="store_true", help="eval: the rows of every out/samples/*-nN.npz")
+    p.add_argument("--skip-done", action="store_true", help="eval: leave out rows already in the results (resume)")
     p.add_argument("--tag", help="eval/table: results in notebooks/results/teacher_TAG_eval.json, grids in "
                                  "notebooks/results/teacher_TAG/ (a new teacher's rows apart from the old ones)")
     p.add_argument("--pack-dir", help="pack/unpack: the folder of teacher-N.tar files")
