@@ -12,6 +12,9 @@
         eval        FID (offline Inception) and adherence for teacher rows and for --student runs; reads the
                     images of --stage generate where present, else generates them on --device
         figure      notebooks/results/teacher_rows.png: 20 samples of each --rows name, one strip a row
+        pack        logs, students' small files and every out/samples/*.npz (xz) into <= 3 tar files of <= 15.5 MiB
+        unpack      those tar files back into out (samples/*.npz, logs/, students/)
+        table       the 3-route x 3-seed table of a --tag's results, with the "far closer" verdict per seed
     python notebooks/teacher_cifar.py --out /work/runs/teacher --stage eval --student NAME=/work/runs/student ...
 
 Everything runs on one CPU thread by default; the budgets (--minutes) are wall-clock, so a busier machine gets fewer
