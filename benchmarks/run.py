@@ -87,6 +87,62 @@ def peak_step_memory(fn, device):
     return (_proc_status_kb("VmHWM") - base) * 1024
 
 
+class SavedBytes:
+    """Peak bytes autograd holds saved for backward while a step runs: exact, and the same on any machine.
+
+    Counts each storage once (two saved views of one tensor are one buffer), from the moment an op saves
+    it until its graph is freed; storages that existed before (parameters, buffers, the batch) are not
+    counted, as a GPU allocator's peak above the step's start would not count them either. This is the
+    part of a step's memory that its structure decides: which graphs are alive at the same time.
+        with SavedBytes(G, D, x0) as m: step()
+        m.peak                                            # bytes
+    """
+
+    def __init__(self, *existing):
+        tensors = [t for obj in existing if obj is not None for t in
+                   (list(obj.parameters()) + list(obj.buffers()) if isinstance(obj, torch.nn.Module) else
+                    list(obj.values()) if isinstance(obj, dict) else [obj])]
+        self.skip = {t.untyped_storage().data_ptr() for t in tensors}
+        self.live, self.now, self.peak = {}, 0, 0               # storage -> [bytes, times saved]
+
+    def _pack(self, t):
+        key = t.untyped_storage().data_ptr()
+        if key in self.skip:
+            return t
+        entry = self.live.setdefault(key, [t.untyped_storage().nbytes(), 0])
+        if entry[1] == 0:
+            self.now += entry[0]
+            self.peak = max(self.peak, self.now)
+        entry[1] += 1
+        return _Saved(t, key, self)
+
+    def _release(self, key):
+        entry = self.live[key]
+        entry[1] -= 1
+        if entry[1] == 0:
+            self.now -= entry[0]
+            del self.live[key]
+
+    def __enter__(self):
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda p: p.t if isinstance(p, _Saved) else p)
+        self._hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self._hooks.__exit__(*exc)
+
+
+class _Saved:
+    """One saved tensor; tells its SavedBytes when autograd lets go of it (graph freed after backward)."""
+    __slots__ = ("t", "key", "owner")
+
+    def __init__(self, t, key, owner):
+        self.t, self.key, self.owner = t, key, owner
+
+    def __del__(self):
+        self.owner._release(self.key)
+
+
 # ------------------------------------------------------------------------------------------ workloads
 
 def workload(name, device, batch, channels_last=False):
