@@ -614,11 +614,19 @@ def optimizer_step(opt, params, scaler, max_norm: Optional[float]) -> float:
     return norm
 
 
-def make_optimizers(G: nn.Module, D: nn.Module, cfg: YOSOConfig, lr: Optional[float] = None):
-    """AdamW for G (β = 0.9, 0.999) and D (β = 0, 0.999), same lr (Sec. 2 step 4). Trainable params only."""
+def make_optimizers(G: nn.Module, D: nn.Module, cfg: YOSOConfig, lr: Optional[float] = None,
+                    fused: Optional[bool] = None):
+    """AdamW for G (β = 0.9, 0.999) and D (β = 0, 0.999), same lr (Sec. 2 step 4). Trainable params only.
+
+    fused: one multi-tensor kernel per step instead of a chain per parameter; None = on CUDA only (the
+    same update, to float rounding).
+    """
     lr = cfg.lr if lr is None else lr
-    make = lambda m, betas: torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=lr,
-                                              betas=betas, weight_decay=cfg.weight_decay)
+
+    def make(m, betas):
+        params = [p for p in m.parameters() if p.requires_grad]
+        on_cuda = fused if fused is not None else all(p.is_cuda for p in params)
+        return torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=cfg.weight_decay, fused=on_cuda or None)
     return make(G, cfg.betas_G), make(D, cfg.betas_D)
 
 
