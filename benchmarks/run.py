@@ -278,32 +278,30 @@ def bench_measures(args, device, amp):
 
 def profile_step(args, device, amp):
     """torch.profiler over a few train steps of the first shape: the top kernels, and kernel time vs wall time."""
-    from torch.profiler import ProfilerActivity, profile, schedule
+    from torch.profiler import ProfilerActivity, profile
     shape = args.shapes[0]
     w = workload(shape, device, args.batch, args.channels_last)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     step, _ = make_step("ours", w, amp)
-    warmup, active = 2, 3
-    cuda = device.type == "cuda"
+    for _ in range(2):                                         # warm-up outside: autotuning, allocator, optimiser state
+        step()
+    active, cuda = 3, device.type == "cuda"
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-    with profile(activities=acts, schedule=schedule(wait=0, warmup=warmup, active=active), record_shapes=False) as prof:
-        for _ in range(warmup):
-            step()
-            prof.step()
+    with profile(activities=acts) as prof:
         sync(device)
         t0 = time.perf_counter()
         for _ in range(active):
             step()
-            prof.step()
         sync(device)
         wall = (time.perf_counter() - t0) / active
     key = "self_cuda_time_total" if cuda else "self_cpu_time_total"
     events = prof.key_averages()
     print(f"[profile] {shape}, batch {w[2].shape[0]}, {args.dtype}, {active} steps; top ops by {key}:")
     print(events.table(sort_by=key, row_limit=args.profile_rows, max_name_column_width=70), flush=True)
-    if cuda:                                                   # kernels only: self device time of every op
-        kernel_s = sum(e.self_device_time_total for e in events) / 1e6 / active
+    if cuda:
+        from torch.autograd import DeviceType                  # the kernel rows only (ops' rows repeat them)
+        kernel_s = sum(e.self_device_time_total for e in events if e.device_type == DeviceType.CUDA) / 1e6 / active
         print(f"[profile] per step: CUDA kernel time {kernel_s * 1e3:.1f} ms, wall {wall * 1e3:.1f} ms, "
               f"GPU idle (launch gaps, syncs, host work) {(1 - kernel_s / wall):.0%}", flush=True)
     else:
