@@ -380,6 +380,9 @@ def train(args) -> int:
     # --- models, optimisers, state -----------------------------------------------------------------
     torch.manual_seed(cfg.seed)                                 # identical initial weights on every rank
     G, D, G_ema = (m.to(device) for m in build_models(cfg))
+    if device.type == "cuda":                                   # measured in benchmarks/run.py --only measures
+        torch.backends.cudnn.benchmark = True                   # fixed shapes: autotune each conv once
+        G, D, G_ema = (m.to(memory_format=torch.channels_last) for m in (G, D, G_ema))   # NHWC tensor-core convs
     opt_G, opt_D = yoso.make_optimizers(G, D, cfg)
     modules, optimizers = {"G": G, "G_ema": G_ema, "D": D}, {"G": opt_G, "D": opt_D}
     step, info = 0, None

@@ -481,9 +481,11 @@ def train_step(G: nn.Module, D: nn.Module, opt_G, opt_D, x0: Tensor, cond=None, 
                noise: Optional[tuple[Tensor, Tensor]] = None) -> dict:
     """One YOSO iteration: a D step, a G step, an EMA update (Sec. 2). Returns diagnostics.
 
-    Same maths as the naive step of the method doc (4 G forwards, 3 D forwards) with fewer, larger
-    kernels: the two stop-gradient G evaluations run as ONE batched forward, G(x_t) with grad is
-    computed once and its detached copy is D's fake, and D scores real and fake in one forward.
+    Same maths as the naive step of the method doc (4 G forwards, 3 D forwards) with less work and no
+    more memory: the two stop-gradient G evaluations run as ONE batched forward, G(x_t) with grad is
+    computed once and its detached copy is D's fake. Memory: D scores the real batch (forward and
+    backward) before G(x_t)'s graph exists, and the fake in two halves on top of it, so no moment holds
+    more saved activations than the G step itself (benchmarks/run.py measures it: "saved MB").
     With grad_accum > 1 the batch is split into micro-batches; G(x_t) is then recomputed in the G
     step rather than kept alive across the D step (memory is the reason to accumulate).
     G and D may be wrapped in DistributedDataParallel; scaler_G/D are GradScalers for fp16.
@@ -512,6 +514,7 @@ def train_step(G: nn.Module, D: nn.Module, opt_G, opt_D, x0: Tensor, cond=None, 
     micro = [{k: parts[k][i] for k in parts} | {"c": c} for i, c in enumerate(split_cond(cond, grad_accum))]
 
     # --- 2. D step: real = sg G(x_{t_D}, t_D), fake = sg G(x_t, t), both scored at t ------------------
+    # L_D = real term + fake term (Sec. 2 step 2), so each term runs forward and backward on its own.
     use_D = cfg.lambda_adv > 0                                 # λ_adv = 0: the no-discriminator ablation
     D.requires_grad_(True)
     opt_D.zero_grad(set_to_none=True)
@@ -520,23 +523,35 @@ def train_step(G: nn.Module, D: nn.Module, opt_G, opt_D, x0: Tensor, cond=None, 
         B = m["x0"].shape[0]
         with torch.no_grad(), autocast():
             if use_D:                                          # the two sg evaluations as ONE forward
-                both = predict_x0(G_plain, torch.cat([m["x_tD"], m["x_tC"]]), torch.cat([m["t_D"], m["t_C"]]),
-                                  cat_cond(m["c"], m["c"]), sched, cfg)
-                x0_real, m["target"] = both[:B], both[B:]
+                x0_real, m["target"] = predict_x0(G_plain, torch.cat([m["x_tD"], m["x_tC"]]),
+                                                  torch.cat([m["t_D"], m["t_C"]]), cat_cond(m["c"], m["c"]),
+                                                  sched, cfg).chunk(2)
             else:                                              # no D: only the consistency target
                 m["target"] = predict_x0(G_plain, m["x_tC"], m["t_C"], m["c"], sched, cfg)
+        if use_D:                                              # real first: its D graph is gone before G's exists
+            with D.no_sync() if hasattr(D, "no_sync") else contextlib.nullcontext(), autocast():   # DDP: fake syncs
+                logits_real = D(x0_real, m["t"], m["c"])
+                loss_real = _discriminator_loss_half(logits_real, True, batch_mean)
+            scale(loss_real / grad_accum, scaler_D).backward()
         with torch.set_grad_enabled(keep_graph), autocast():  # G(x_t): D's fake now, the G step's x̂ later
             x0_hat = predict_x0(G, m["x_t"], m["t"], m["c"], sched, cfg)
         m["x0_hat"] = x0_hat if keep_graph else None
         if not use_D:
             continue
-        with _sync_on_last(D, i, grad_accum):                  # DDP: all-reduce after the last micro-batch
-            with autocast():                                   # real and fake through D in one forward
-                logits = D(torch.cat([x0_real, x0_hat.detach()]), torch.cat([m["t"], m["t"]]), cat_cond(m["c"], m["c"]))
-                logits_real, logits_fake = logits[:B], logits[B:]
-                loss_D = discriminator_loss(logits_real, logits_fake, batch_mean).mean()
-            scale(loss_D / grad_accum, scaler_D).backward()
-        stats[:3] += torch.stack([loss_D.detach(), logits_real.detach().float().mean(), logits_fake.detach().float().mean()]) / grad_accum
+        # The fake runs on top of G(x_t)'s graph, in two halves: D with parameter gradients saves about
+        # twice what the G step's D (input gradient only) saves, so a half-batch D graph keeps this peak
+        # under the G step's. softplus of the batch-mean logit does not split: batch_mean runs it whole.
+        pieces = min(2, B) if keep_graph and not batch_mean else 1
+        loss_fake, sum_fake = 0.0, 0.0
+        for j, (x0_fake, t_j, c_j) in enumerate(zip(x0_hat.detach().chunk(pieces), m["t"].chunk(pieces),
+                                                    split_cond(m["c"], pieces))):
+            with _sync_on_last(D, i * pieces + j, grad_accum * pieces), autocast():   # DDP: all-reduce once, last
+                logits_fake = D(x0_fake, t_j, c_j)
+                loss = _discriminator_loss_half(logits_fake, False, batch_mean) * (logits_fake.shape[0] / B)
+            scale(loss / grad_accum, scaler_D).backward()
+            loss_fake, sum_fake = loss_fake + loss.detach(), sum_fake + logits_fake.detach().float().sum()
+        stats[:3] += torch.stack([loss_real.detach() + loss_fake, logits_real.detach().float().mean(),
+                                  sum_fake / B]) / grad_accum
     grad_norm_D = optimizer_step(opt_D, D.parameters(), scaler_D, max_norm=None) if use_D else 0.0
 
     # --- 3. G step: D frozen (its plain module, so DDP does not wait for D's gradients) --------------
@@ -569,6 +584,12 @@ def train_step(G: nn.Module, D: nn.Module, opt_G, opt_D, x0: Tensor, cond=None, 
     return out
 
 
+def _discriminator_loss_half(logits: Tensor, real: bool, batch_mean: bool) -> Tensor:
+    """The real or the fake term of discriminator_loss, batch-reduced: L_D is their sum, so each term can
+    run forward and backward on its own graph and D's gradient is the same sum."""
+    return logistic_loss(logits.mean(0, keepdim=True) if batch_mean else logits, real).mean()
+
+
 def _sync_on_last(module: nn.Module, i: int, n: int):
     """Under DDP, all-reduce gradients after the last micro-batch only."""
     return module.no_sync() if i < n - 1 and hasattr(module, "no_sync") else contextlib.nullcontext()
@@ -593,11 +614,19 @@ def optimizer_step(opt, params, scaler, max_norm: Optional[float]) -> float:
     return norm
 
 
-def make_optimizers(G: nn.Module, D: nn.Module, cfg: YOSOConfig, lr: Optional[float] = None):
-    """AdamW for G (β = 0.9, 0.999) and D (β = 0, 0.999), same lr (Sec. 2 step 4). Trainable params only."""
+def make_optimizers(G: nn.Module, D: nn.Module, cfg: YOSOConfig, lr: Optional[float] = None,
+                    fused: Optional[bool] = None):
+    """AdamW for G (β = 0.9, 0.999) and D (β = 0, 0.999), same lr (Sec. 2 step 4). Trainable params only.
+
+    fused: one multi-tensor kernel per step instead of a chain per parameter; None = on CUDA only (the
+    same update, to float rounding).
+    """
     lr = cfg.lr if lr is None else lr
-    make = lambda m, betas: torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=lr,
-                                              betas=betas, weight_decay=cfg.weight_decay)
+
+    def make(m, betas):
+        params = [p for p in m.parameters() if p.requires_grad]
+        on_cuda = fused if fused is not None else all(p.is_cuda for p in params)
+        return torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=cfg.weight_decay, fused=on_cuda or None)
     return make(G, cfg.betas_G), make(D, cfg.betas_D)
 
 
