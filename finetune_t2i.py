@@ -190,15 +190,22 @@ class PixArtDenoiser(nn.Module):
         return out[:, : x_t.shape[1]]                           # (B, 2C, H, W) -> (B, C, H, W): drop learned sigma
 
 
-def pixart_trunk(tf, x, t, cond, blocks, checkpoint: bool = False):
-    """PixArtTransformer2DModel.forward up to the end of `blocks`: the hidden tokens (B, N, C)."""
+def pixart_trunk(tf, x, t, cond, blocks, checkpoint: bool = False, context=contextlib.nullcontext):
+    """PixArtTransformer2DModel.forward up to the end of `blocks`: the hidden tokens (B, N, C).
+
+    Every computation runs inside `context()` (FrozenBase: adapters off), each block's own call
+    included: a checkpointed block is recomputed during backward, after any `with` around this
+    call has exited, and must see the same weights as in the forward."""
     B = x.shape[0]
-    h = tf.pos_embed(x)                                         # (B, N, C) patch tokens + position
-    t_emb, _ = tf.adaln_single(t, added_cond(tf, x), batch_size=B, hidden_dtype=h.dtype)
-    c = tf.caption_projection(cond["emb"]).view(B, -1, h.shape[-1])
+    with context():
+        h = tf.pos_embed(x)                                     # (B, N, C) patch tokens + position
+        t_emb, _ = tf.adaln_single(t, added_cond(tf, x), batch_size=B, hidden_dtype=h.dtype)
+        c = tf.caption_projection(cond["emb"]).view(B, -1, h.shape[-1])
     mask_bias = ((1 - cond["mask"].to(h.dtype)) * -10000.0).unsqueeze(1)   # (B, 1, L), diffusers' convention
     for block in blocks:
-        run = lambda h, block=block: block(h, encoder_hidden_states=c, encoder_attention_mask=mask_bias, timestep=t_emb)
+        def run(h, block=block):
+            with context():
+                return block(h, encoder_hidden_states=c, encoder_attention_mask=mask_bias, timestep=t_emb)
         h = torch.utils.checkpoint.checkpoint(run, h, use_reentrant=False) if checkpoint and torch.is_grad_enabled() \
             else run(h)
     return h
@@ -239,8 +246,8 @@ def perceptual_features(base: FrozenBase, n_blocks: int, checkpoint: bool = Fals
     """F(x, c) of Sec. 4.1: the frozen base's tokens after `n_blocks` blocks, run at t = 0 on the latent."""
     def features(x, cond):
         t0 = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
-        with base():
-            return pixart_trunk(base.transformer, x, t0, cond, base.transformer.transformer_blocks[:n_blocks], checkpoint)
+        return pixart_trunk(base.transformer, x, t0, cond, base.transformer.transformer_blocks[:n_blocks], checkpoint,
+                            context=base)               # not `with base():` around it: see pixart_trunk
     return features
 
 

@@ -974,11 +974,11 @@ def run_loop(step_fn: Callable[[int], dict], start: int, total: int, *, every: l
         for k, v in stats.items():
             sums[k] = sums.get(k, 0.0) + v
         n += 1
-        bar.update(1)
         shown = {k: f"{v:.3f}" for k, v in stats.items() if k.startswith("loss")}
         if "D_real" in stats:
             shown["D_gap"] = f"{stats['D_real'] - stats['D_fake']:.2f}"
-        bar.set_postfix(shown, skipped=guard.total, refresh=False)
+        bar.set_postfix(shown, skipped=guard.total, refresh=False)   # before update(): the line drawn for a step
+        bar.update(1)                                                # shows that step's figures, close() the same
         if step % log_every == 0 or step == total:
             means = {k: v / n for k, v in sums.items() if k != "skipped"}
             log(step=step, **means, skipped=int(sums["skipped"]), skipped_total=guard.total,
