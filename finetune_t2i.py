@@ -17,9 +17,9 @@ is the trained model with its adapters switched off: no second copy of PixArt in
 
 Output folder (--out): adapter/ (peft), transformer/ (merged, diffusers layout), scheduler/ (LCMScheduler
 config for one-step sampling), ipi.safetensors (IPI runs only), samples/, metrics.jsonl, checkpoints,
-README.md (model card). Load it with diffusers (dtype = torch.bfloat16 on a GPU):
-    pipe = PixArtAlphaPipeline.from_pretrained(base, torch_dtype=dtype, scheduler=LCMScheduler.from_pretrained(out + "/scheduler"),
-        transformer=PixArtTransformer2DModel.from_pretrained(out + "/transformer", torch_dtype=dtype)).to("cuda")
+README.md (model card). Load it with diffusers (dtype = torch.bfloat16 on a GPU; diffusers < 0.42: torch_dtype=):
+    pipe = PixArtAlphaPipeline.from_pretrained(base, dtype=dtype, scheduler=LCMScheduler.from_pretrained(out + "/scheduler"),
+        transformer=PixArtTransformer2DModel.from_pretrained(out + "/transformer", dtype=dtype)).to("cuda")
     pipe(prompt, num_inference_steps=1, guidance_scale=1.0, clean_caption=False)
 """
 from __future__ import annotations
@@ -130,6 +130,13 @@ class Base:
     scheduler_config: dict
 
 
+def dtype_keyword() -> str:
+    """from_pretrained's dtype keyword: diffusers 0.42 renamed torch_dtype to dtype (the old name now warns);
+    older releases know torch_dtype only."""
+    import diffusers
+    return "dtype" if tuple(int(v) for v in diffusers.__version__.split(".")[:2]) >= (0, 42) else "torch_dtype"
+
+
 def resolve_base(name: str) -> str:
     path = BASES.get(name, name)
     if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "model_index.json")):
@@ -151,7 +158,7 @@ def load_base(name: str, text_encoder: bool = True, dtype=torch.float32) -> Base
                     tokenizer=AutoTokenizer.from_pretrained(path, subfolder="tokenizer"),
                     text_encoder=T5EncoderModel.from_pretrained(path, subfolder="text_encoder", dtype=dtype)
                     if text_encoder else None,
-                    vae=AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=dtype),
+                    vae=AutoencoderKL.from_pretrained(path, subfolder="vae", **{dtype_keyword(): dtype}),
                     transformer=PixArtTransformer2DModel.from_pretrained(path, subfolder="transformer"),
                     scheduler_config=dict(DDPMScheduler.load_config(path, subfolder="scheduler")))
     except Exception as e:  # hub errors, missing subfolders, wrong model types: all mean "not a PixArt pipeline"
@@ -498,9 +505,9 @@ def load_snippet(base_path: str, out: str) -> list:
             "from diffusers import LCMScheduler, PixArtAlphaPipeline, PixArtTransformer2DModel",
             'device = "cuda" if torch.cuda.is_available() else "cpu"',
             'dtype = torch.bfloat16 if device == "cuda" else torch.float32     # T5-XXL alone: ~19 GB in fp32',
-            f"pipe = PixArtAlphaPipeline.from_pretrained({base_path!r}, torch_dtype=dtype,",
+            f"pipe = PixArtAlphaPipeline.from_pretrained({base_path!r}, {dtype_keyword()}=dtype,",
             f"    transformer=PixArtTransformer2DModel.from_pretrained({os.path.join(out, 'transformer')!r}, "
-            "torch_dtype=dtype),",
+            f"{dtype_keyword()}=dtype),",
             f"    scheduler=LCMScheduler.from_pretrained({os.path.join(out, 'scheduler')!r})).to(device)",
             'image = pipe("a photo of a red house", num_inference_steps=1, guidance_scale=1.0,',
             "             clean_caption=False).images[0]"]
@@ -751,8 +758,8 @@ def sample_cli(out: str, prompts: list, steps: int, n: int, seed: int, precision
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = sample_dtype(device, precision)
     pipe = PixArtAlphaPipeline.from_pretrained(
-        run["base"], torch_dtype=dtype,
-        transformer=PixArtTransformer2DModel.from_pretrained(os.path.join(out, "transformer"), torch_dtype=dtype),
+        run["base"], **{dtype_keyword(): dtype},
+        transformer=PixArtTransformer2DModel.from_pretrained(os.path.join(out, "transformer"), **{dtype_keyword(): dtype}),
         scheduler=LCMScheduler.from_pretrained(os.path.join(out, "scheduler"))).to(device)
     pipe.set_progress_bar_config(disable=True)                          # stdout / stderr: the grid's path, or errors
     size = pipe.transformer.config.sample_size
