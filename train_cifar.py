@@ -343,20 +343,23 @@ def resolve_config(args) -> tuple[TrainConfig, str, Optional[str]]:
     """(config, run dir, checkpoint to resume from). On --resume the run's own config.json is the base."""
     if not args.resume:
         cfg = make_config(args.preset or "paper", overrides=tuple(args.set) + ((f"data={args.data!r}",) if args.data else ()))
-        return cfg, args.out or time.strftime("runs/cifar-%Y%m%d-%H%M%S"), None
+        out = args.out or time.strftime("runs/cifar-%Y%m%d-%H%M%S")
+        yoso.refuse_existing_run(out, f"--resume {out}")
+        return cfg, out, None
     if args.out and os.path.abspath(args.out) != os.path.abspath(args.resume):
         raise yoso.UserError("--resume continues in the run's own folder; drop --out (or copy the run dir first)")
-    config_path, ckpts = os.path.join(args.resume, "config.json"), yoso.list_checkpoints(args.resume)
-    if not os.path.isfile(config_path) or not ckpts:
-        raise yoso.UserError(f"--resume {args.resume}: not a run folder (needs config.json and ckpt-*.safetensors); "
-                        "pass the --out folder of an earlier run")
+    config_path = os.path.join(args.resume, "config.json")
+    ckpt = yoso.newest_intact_checkpoint(args.resume) if os.path.isfile(config_path) else None
+    if ckpt is None:
+        raise yoso.UserError(f"--resume {args.resume}: not a run folder (needs config.json and an intact "
+                             "ckpt-*.safetensors); pass the --out folder of an earlier run")
     with open(config_path) as f:
         saved = json.load(f)
     if args.preset and args.preset != saved["preset"]:
         raise yoso.UserError(f"--resume {args.resume}: the run was trained with preset {saved['preset']!r}, not "
                         f"{args.preset!r}; drop --preset to continue it as it was")
     overrides = tuple(args.set) + ((f"data={args.data!r}",) if args.data else ())
-    return make_config(saved["preset"], base=saved, overrides=overrides), args.resume, ckpts[-1]
+    return make_config(saved["preset"], base=saved, overrides=overrides), args.resume, ckpt
 
 
 def train(args) -> int:

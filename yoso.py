@@ -740,7 +740,7 @@ def _flatten_optimizer(prefix: str, opt) -> tuple[dict, dict]:
         for key, value in state.items():
             name = f"{prefix}.state.{idx}.{key}"
             if torch.is_tensor(value):
-                tensors[name] = value.detach().contiguous().clone()
+                tensors[name] = value
             else:
                 meta["scalars"][name] = value
     return tensors, meta
@@ -757,6 +757,20 @@ def _unflatten_optimizer(prefix: str, tensors: dict, meta: dict) -> dict:
     return {"state": state, "param_groups": groups}
 
 
+def _host_tensors(tensors: dict) -> dict:
+    """The tensors as save_file needs them (CPU, contiguous, no two sharing memory) at the least memory:
+    a CPU tensor as it is, an accelerator one copied straight into host memory — no device-side clone,
+    which made writing a checkpoint a run's GPU memory peak (issue 15)."""
+    out, seen = {}, set()
+    for k, v in tensors.items():
+        v = v.detach().to("cpu").contiguous()
+        if v.untyped_storage().data_ptr() in seen:          # tied weights: safetensors refuses shared memory
+            v = v.clone()
+        seen.add(v.untyped_storage().data_ptr())
+        out[k] = v
+    return out
+
+
 def save_checkpoint(path: str, step: int, modules: dict, optimizers: dict, extra: Optional[dict] = None) -> None:
     """Write modules, optimisers, step and RNG states to `path` atomically (temp file, fsync, rename).
 
@@ -766,7 +780,7 @@ def save_checkpoint(path: str, step: int, modules: dict, optimizers: dict, extra
     tensors, meta = {}, {"step": step, "optimizers": {}, "extra": extra or {}}
     for name, m in modules.items():
         for k, v in unwrap(m).state_dict().items():
-            tensors[f"{name}/{k}"] = v.detach().contiguous().clone()
+            tensors[f"{name}/{k}"] = v
     for name, opt in optimizers.items():
         t, m = _flatten_optimizer(f"opt_{name}", opt)
         tensors.update(t)
@@ -775,7 +789,7 @@ def save_checkpoint(path: str, step: int, modules: dict, optimizers: dict, extra
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         tensors["rng/cuda"] = torch.cuda.get_rng_state()
     tmp = path + ".tmp"
-    save_file({k: v.cpu() for k, v in tensors.items()}, tmp, metadata={"yoso": json.dumps(meta)})
+    save_file(_host_tensors(tensors), tmp, metadata={"yoso": json.dumps(meta)})
     with open(tmp, "rb") as f:
         os.fsync(f.fileno())
     os.replace(tmp, path)
@@ -831,6 +845,42 @@ def list_checkpoints(run_dir: str) -> list:
         return []
     names = [n for n in os.listdir(run_dir) if n.startswith("ckpt-") and n.endswith(".safetensors")]
     return [os.path.join(run_dir, n) for n in sorted(names, key=lambda n: int(n[5:-12]))]
+
+
+RUN_FILES = ("config.json", "yoso_config.json", "metrics.jsonl")    # what marks a folder as a run's
+
+
+def refuse_existing_run(run_dir: str, how_to_resume: str) -> None:
+    """A new run never writes into a folder that holds an earlier run: it would overwrite that run's config
+    and checkpoints and append to its metrics, and the earlier run could no longer be resumed."""
+    found = [n for n in RUN_FILES if os.path.exists(os.path.join(run_dir, n))] + \
+            [os.path.basename(p) for p in list_checkpoints(run_dir)[-1:]]
+    if found:
+        raise UserError(f"{run_dir} already holds a run ({', '.join(found)}); continue it with {how_to_resume}, "
+                        "or choose another --out")
+
+
+def newest_intact_checkpoint(run_dir: str) -> Optional[str]:
+    """The newest checkpoint of a run that reads back (None if there is none), for --resume.
+
+    A newer one that does not (truncated by a full disk or a killed copy; save_checkpoint itself never
+    leaves one) is skipped with one line and renamed *.corrupt: kept for a look, and out of
+    list_checkpoints, so the `keep` rotation of the resumed run cannot delete intact ones in its favour.
+    """
+    from safetensors import safe_open
+    main = int(os.environ.get("RANK", 0)) == 0                 # every rank gets the same answer; rank 0 renames
+    for path in reversed(list_checkpoints(run_dir)):
+        try:
+            with safe_open(path, "pt") as f:                   # checks the header covers the file: catches truncation
+                json.loads(f.metadata()["yoso"])
+            return path
+        except Exception as e:
+            if main:
+                with contextlib.suppress(FileNotFoundError):
+                    os.replace(path, path + ".corrupt")
+                print(f"warning: skipping unreadable checkpoint {path} ({type(e).__name__}: {str(e)[:80]}); "
+                      "renamed to *.corrupt, resuming from the newest intact one", file=sys.stderr)
+    return None
 
 
 def save_run_checkpoint(run_dir: str, step: int, modules: dict, optimizers: dict,
@@ -1003,11 +1053,11 @@ def run_loop(step_fn: Callable[[int], dict], start: int, total: int, *, every: l
         for k, v in stats.items():
             sums[k] = sums.get(k, 0.0) + v
         n += 1
-        bar.update(1)
         shown = {k: f"{v:.3f}" for k, v in stats.items() if k.startswith("loss")}
         if "D_real" in stats:
             shown["D_gap"] = f"{stats['D_real'] - stats['D_fake']:.2f}"
-        bar.set_postfix(shown, skipped=guard.total, refresh=False)
+        bar.set_postfix(shown, skipped=guard.total, refresh=False)   # before update(): the line drawn for a step
+        bar.update(1)                                                # shows that step's figures, close() the same
         if step % log_every == 0 or step == total:
             means = {k: v / n for k, v in sums.items() if k != "skipped"}
             log(step=step, **means, skipped=int(sums["skipped"]), skipped_total=guard.total,

@@ -331,3 +331,25 @@ def test_fid_reference_subset_spreads_over_the_set():
     images = torch.arange(100).view(100, 1, 1, 1)                      # class-sorted sets stay balanced
     assert tc.reference_subset(images, 10).flatten().tolist() == [0, 11, 22, 33, 44, 55, 66, 77, 88, 99]
     assert tc.reference_subset(images, 0) is images and tc.reference_subset(images, 500) is images
+
+
+# ----------------------------------------------------------------------------------------------------
+# Runs never lose work (issue 15)
+# ----------------------------------------------------------------------------------------------------
+
+def test_a_new_run_never_overwrites_an_earlier_one_and_resume_skips_a_truncated_checkpoint(cifar_like_folder, tmp_path):
+    run = tmp_path / "run"
+    common = ("--preset", "smoke", "--data", cifar_like_folder)
+    assert cli(*common, "--out", run, "--set", "steps=2", "--set", "ckpt_every=1").returncode == 0
+    before = {n: os.path.getmtime(run / n) for n in os.listdir(run)}
+    assert_one_error_line(cli(*common, "--out", run, "--set", "steps=2"), "already holds a run", f"--resume {run}")
+    assert {n: os.path.getmtime(run / n) for n in os.listdir(run)} == before          # nothing touched
+    newest = run / "ckpt-00000002.safetensors"
+    newest.write_bytes(newest.read_bytes()[:1000])                                    # a cut-off write
+    r = cli("--resume", run, "--set", "steps=3")
+    assert r.returncode == 0, r.stderr[-3000:]
+    warnings = [line for line in r.stderr.splitlines() if "ckpt-00000002" in line]
+    assert len(warnings) == 1 and "skipping unreadable checkpoint" in warnings[0]
+    assert "at step 1" in r.stdout and [m["step"] for m in read_metrics(str(run))] == [1, 2, 2, 3]
+    assert os.path.isfile(str(newest) + ".corrupt")
+    assert yoso.read_checkpoint_meta(str(newest))["step"] == 2                        # rewritten, intact
