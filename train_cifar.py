@@ -69,15 +69,18 @@ class TrainConfig(yoso.YOSOConfig):
 
     def __post_init__(self):
         super().__post_init__()        # k_D, k_C < T, prediction_type, gan_loss
-        if self.steps <= 0 or self.batch <= 0:
-            raise ValueError(f"steps and batch must be positive, got steps={self.steps}, batch={self.batch}")
+        if self.steps <= 0 or self.batch <= 0 or self.minutes < 0 or self.ckpt_minutes < 0:
+            raise ValueError(f"steps, batch must be > 0 and minutes, ckpt_minutes >= 0, got steps={self.steps}, "
+                             f"batch={self.batch}, minutes={self.minutes}, ckpt_minutes={self.ckpt_minutes}")
         if self.amp not in ("bf16", "fp16", "none"):
             raise ValueError(f"amp must be bf16, fp16 or none, got {self.amp!r}")
-        if not -1 <= self.fixed_t < self.T or self.minutes < 0 or self.ckpt_minutes < 0:
-            raise ValueError(f"need -1 <= fixed_t < T and minutes, ckpt_minutes >= 0, got fixed_t={self.fixed_t}, "
-                             f"minutes={self.minutes}, ckpt_minutes={self.ckpt_minutes}")
+        if not -1 <= self.fixed_t < self.T:
+            raise ValueError(f"fixed_t must be -1 (off) or a step in [0, T), got fixed_t={self.fixed_t}")
 
 
+# Which objective learns fastest at equal wall-clock is measured (issue 16: benchmarks/cifar_budget.py ->
+# notebooks/results/cifar_budget.json, notebook 02 section 5): A these settings; B rec_weight=released; C the 2-D
+# study's zero_terminal_snr + v, k_C = 100, lambda_rec = 0.01; D a GAN on real data. Result: pending the GPU run.
 PRESETS = {
     "paper": {},
     # ~2.5 s/step at batch 32 on 2 idle CPU cores (bf16 autocast): 1500 steps in about an hour, grids every 100.
@@ -371,24 +374,20 @@ def resolve_config(args) -> tuple[TrainConfig, str, Optional[str]]:
 
 
 class WallClock(yoso.GracefulStop):
-    """yoso.GracefulStop that also stops once `minutes` of training have passed (counted on from `elapsed`
-    seconds on resume) and counts the `every`-minute marks passed; all-reduced, so ranks act at one step."""
+    """yoso.GracefulStop that also stops after `minutes` of training (counted on from `elapsed` seconds on
+    resume) and counts the `every`-minute marks passed; all-reduced, so every rank acts at the same step."""
 
     def __init__(self, minutes: float, every: float, elapsed: float = 0.0):
         super().__init__()
-        self.minutes, self.every, self.t0 = minutes, every, time.time() - elapsed
-        self.out_of_time, self.marks = False, self.passed(elapsed)
-        self.saved = self.marks                                 # marks already behind a resumed run
+        self.minutes, self.every, self.t0, self.out_of_time = minutes, every, time.time() - elapsed, False
+        self.marks = self.saved = int(elapsed / 60 // every) if every else 0   # marks behind a resumed run
 
     def elapsed(self) -> float:
         return time.time() - self.t0
 
-    def passed(self, seconds: float) -> int:
-        return int(seconds / 60 / self.every) if self.every else 0
-
     def requested(self, world: int = 1) -> bool:
-        e = self.elapsed()
-        v = torch.tensor([float(self.flag), float(0 < self.minutes <= e / 60), float(self.passed(e))])
+        m = self.elapsed() / 60
+        v = torch.tensor([float(self.flag), float(0 < self.minutes <= m), m // self.every if self.every else 0.0])
         if world > 1:
             import torch.distributed as dist
             dist.all_reduce(v, op=dist.ReduceOp.MAX)

@@ -244,6 +244,8 @@ def unpack(outdir: str) -> dict:
         stem = info_path[:-5]
         info = json.load(open(info_path))
         img = next((stem + e for e in (".webp", ".png") if os.path.isfile(stem + e)), None)
+        if img is None:                                         # left out of the pack (no room)
+            continue
         m = np.asarray(Image.open(img).convert("RGB"))
         tiles = m.reshape(m.shape[0] // 32, 32, m.shape[1] // 32, 32, 3).transpose(0, 2, 1, 3, 4).reshape(-1, 32, 32, 3)
         run = os.path.basename(os.path.dirname(os.path.dirname(stem)))
