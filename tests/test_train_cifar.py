@@ -409,3 +409,29 @@ def test_gan_on_real_data_settings_make_d_real_the_data():
     assert t_D.tolist() == [0, 0] and torch.equal(real, x_tD)
     assert abs(float(sched.alpha_sigma(t_D)[1][0]) - 0.01) < 1e-6
     assert float(sched.alpha_sigma(t)[0][0]) == 0.0                             # the fake: G(pure noise, T-1)
+
+
+def test_budget_pack_fits_two_capped_files_losslessly_and_unpacks(tmp_path, monkeypatch):
+    spec = importlib.util.spec_from_file_location("cifar_budget", os.path.join(ROOT, "benchmarks", "cifar_budget.py"))
+    cb = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cb)
+    monkeypatch.setattr(cb, "CAP", 2 * 2 ** 20)                                  # 2 MiB instead of 16: forces choices
+    rng, work, samples = np.random.default_rng(0), tmp_path / "work", {}
+    for run in ("A", "B"):
+        (work / run / "samples").mkdir(parents=True)
+        (work / run / "metrics.jsonl").write_text('{"step": 1}\n')
+        for k in range(3):                                                       # noise: ~3 KB per image, no compression
+            x = rng.integers(0, 256, (300, 32, 32, 3), dtype=np.uint8)
+            name = f"wall-{(k + 1) * 60:05d}s-{k:08d}"
+            np.savez_compressed(work / run / "samples" / f"{name}.npz", samples=x, step=k, elapsed=60.0 * (k + 1))
+            samples[(run, name)] = x
+    paths = cb.pack(str(work), str(tmp_path / "out"))
+    assert len(paths) == 2 and all(os.path.getsize(p) <= 2 * 2 ** 20 for p in paths)
+    found = cb.unpack(str(tmp_path / "out"))
+    kept = {(run, stem) for run, dumps in found.items() for stem, _, _ in dumps}
+    assert {("A", "wall-00180s-00000002"), ("B", "wall-00180s-00000002")} <= kept   # the last marks go first
+    assert len(kept) < 6                                                         # and something did not fit
+    for run, dumps in found.items():
+        for stem, x, info in dumps:
+            assert np.array_equal(x, samples[(run, stem)]) and info["n"] == 300   # lossless round trip
+    assert os.path.isfile(tmp_path / "out" / "unpacked" / "A" / "metrics.jsonl")
