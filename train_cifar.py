@@ -321,17 +321,32 @@ def fid_of(G: nn.Module, n: int, cfg: TrainConfig, images: torch.Tensor, incepti
 # Sampling from a checkpoint
 # ----------------------------------------------------------------------------------------------------
 
-def run_sample(args) -> int:
-    meta = yoso.read_checkpoint_meta(args.sample)
-    cfg = make_config(meta["extra"]["config"]["preset"], base=meta["extra"]["config"], overrides=args.set)
+def load_generator(ckpt: str, overrides: tuple = (), device=None) -> tuple[nn.Module, TrainConfig, dict]:
+    """(EMA generator on `device`, its run's config, the checkpoint's meta) of a checkpoint."""
+    meta = yoso.read_checkpoint_meta(ckpt)
+    cfg = make_config(meta["extra"]["config"]["preset"], base=meta["extra"]["config"], overrides=overrides)
     G = UNetGenerator(cfg)
     try:
-        yoso.load_checkpoint(args.sample, {"G_ema": G}, {}, restore_rng=False)
+        yoso.load_checkpoint(ckpt, {"G_ema": G}, {}, restore_rng=False)
     except ValueError as e:
         raise yoso.UserError(str(e)) from None
-    G.eval()
+    return G.eval().to(device), cfg, meta
+
+
+def write_samples(G: nn.Module, cfg: TrainConfig, meta: dict, n: int, stem: str, device, steps: int = 1, seed: int = 0):
+    """n samples -> stem.npz (samples: uint8 (N, H, W, 3); the checkpoint's step and elapsed seconds), the first
+    64 -> stem.png. The noise is seeded: every checkpoint gets the same draws, for FID elsewhere."""
+    os.makedirs(os.path.dirname(os.path.abspath(stem)), exist_ok=True)
+    x = torch.cat([b for b in generated_batches(G, n, cfg, device, steps, seed=seed)]).cpu()
+    np.savez_compressed(stem + ".tmp.npz", samples=x.permute(0, 2, 3, 1).numpy(), step=meta["step"],
+                        elapsed=meta["extra"].get("elapsed", -1.0))
+    os.replace(stem + ".tmp.npz", stem + ".npz")
+    yoso.save_image_grid(x[:64].float() / 127.5 - 1, stem + ".png")
+
+
+def run_sample(args) -> int:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    G.to(device)
+    G, cfg, meta = load_generator(args.sample, args.set, device)
     if args.fid:
         images = reference_subset(load_images(args.data or cfg.data, cfg.resolution)[0], args.fid_ref)
         print(f"FID ({args.fid} {args.steps}-step EMA samples vs {len(images)} training images): "
@@ -339,12 +354,7 @@ def run_sample(args) -> int:
         return 0
     stem = os.path.splitext(args.npz)[0] if args.npz else os.path.join(
         args.out or os.path.dirname(os.path.abspath(args.sample)), f"samples-{meta['step']:08d}-{args.steps}step")
-    os.makedirs(os.path.dirname(os.path.abspath(stem)), exist_ok=True)
-    x = torch.cat([b for b in generated_batches(G, args.n, cfg, device, args.steps, seed=args.seed)]).cpu()
-    np.savez_compressed(stem + ".npz.tmp.npz", samples=x.permute(0, 2, 3, 1).numpy(), step=meta["step"],
-                        elapsed=meta["extra"].get("elapsed", -1.0))   # samples: (N, H, W, 3) uint8
-    os.replace(stem + ".npz.tmp.npz", stem + ".npz")
-    yoso.save_image_grid(x[:64].float() / 127.5 - 1, stem + ".png")   # a look at the first 64
+    write_samples(G, cfg, meta, args.n, stem, device, args.steps, args.seed)
     print(f"wrote {args.n} samples ({args.steps} step) to {stem}.npz, the first 64 to {stem}.png")
     return 0
 

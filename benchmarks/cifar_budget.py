@@ -94,26 +94,16 @@ def train_all(runs: dict, work: str, data: str, s: dict, device_env: dict) -> No
         log(f"{name}: exit {p.returncode}")
 
 
-def dump(run_dir: str, n: int, last_only: bool, seed: int = 0) -> None:
-    """n one-step EMA samples (train_cifar's seeded sampler: the same noise for every run) per kept checkpoint."""
+def dump(run_dir: str, n: int, last_only: bool) -> None:
+    """n one-step EMA samples per kept checkpoint, all from the same seeded noise (train_cifar.write_samples)."""
     import torch
     sys.path.insert(0, ROOT)
-    import train_cifar as tc, yoso
+    import train_cifar as tc
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     ckpts = sorted(glob.glob(os.path.join(run_dir, "wall-*.safetensors")))
     for ckpt in ckpts[-1:] if last_only else ckpts:
-        stem = os.path.join(run_dir, "samples", os.path.basename(ckpt)[:-len(".safetensors")])
-        if os.path.isfile(stem + ".npz"):
-            continue
-        meta = yoso.read_checkpoint_meta(ckpt)
-        cfg = tc.make_config(meta["extra"]["config"]["preset"], base=meta["extra"]["config"])
-        G = tc.UNetGenerator(cfg)
-        yoso.load_checkpoint(ckpt, {"G_ema": G}, {}, restore_rng=False)
-        G.eval().to(device)
-        x = torch.cat(list(tc.generated_batches(G, n, cfg, device, seed=seed))).cpu()
-        os.makedirs(os.path.dirname(stem), exist_ok=True)
-        np.savez_compressed(stem + ".npz", samples=x.permute(0, 2, 3, 1).numpy(), step=meta["step"],
-                            elapsed=meta["extra"]["elapsed"])
+        G, cfg, meta = tc.load_generator(ckpt, device=device)
+        tc.write_samples(G, cfg, meta, n, os.path.join(run_dir, "samples", os.path.basename(ckpt)[:-12]), device)
         log(f"dumped {n} samples of {ckpt} (step {meta['step']}, {meta['extra']['elapsed']:.0f} s)")
 
 
@@ -253,11 +243,12 @@ def unpack(outdir: str) -> dict:
     return found
 
 
-def evaluate(outdir: str, ref_n: int, zip_path: str, results: str) -> str:
+def evaluate(outdir: str, ref_n: int, zip_path: str, results: str, floor_n: int = 1000, last_only: bool = False) -> str:
     import torch
     sys.path.insert(0, ROOT)
     import train_cifar as tc
     found = unpack(outdir)
+    os.makedirs(results, exist_ok=True)
     if not found:
         sys.exit(f"error: no cifar_budget-*.tar with samples under {outdir}")
     torch.set_num_threads(max(1, os.cpu_count() or 1))
@@ -267,29 +258,35 @@ def evaluate(outdir: str, ref_n: int, zip_path: str, results: str) -> str:
     key = f"{os.path.abspath(zip_path)}|{os.path.getsize(zip_path)}|subset{ref_n}|{len(train)}|{os.path.getsize(path)}"
     mu_r, sig_r = tc.reference_stats(train, features, key, os.path.expanduser("~/.cache/yoso"))
 
-    def fid(x: np.ndarray) -> float:                            # x: (N, 32, 32, 3) uint8
+    def fid(x: np.ndarray, cache: str) -> float:                # x: (N, 32, 32, 3) uint8; stats cached per dump
+        if os.path.isfile(cache):                               # (Inception on 2 CPU cores is the slow part)
+            f = np.load(cache)
+            return tc.frechet_distance(f["mu"], f["sigma"], mu_r, sig_r)
         t = torch.from_numpy(np.ascontiguousarray(x)).permute(0, 3, 1, 2)
-        mu, sig = tc.feature_stats((t[i:i + 250] for i in range(0, len(t), 250)), features)
+        mu, sig = tc.feature_stats((t[i:i + 100] for i in range(0, len(t), 100)), features)
+        np.savez(cache + ".tmp.npz", mu=mu, sigma=sig)
+        os.replace(cache + ".tmp.npz", cache)
         return tc.frechet_distance(mu, sig, mu_r, sig_r)
 
     with zipfile.ZipFile(zip_path) as z:                        # the floor: 1,000 held-out test images, spread
         names = sorted(n for n in z.namelist() if n.startswith("test/") and n.lower().endswith((".jpg", ".png")))
-        names = [names[i] for i in np.linspace(0, len(names) - 1, 1000).round().astype(int)]
+        names = [names[i] for i in np.linspace(0, len(names) - 1, floor_n).round().astype(int)]
         test = np.stack([tc._decode(z.read(n), 32) for n in names])
-    table = dict(reference=f"{len(train)} CIFAR-10 training images spread evenly over the {zip_path} train split",
-                 detector=os.path.basename(path), floor=dict(n=len(test), fid=fid(test)), runs={})
-    log(f"floor (1000 test images): {table['floor']['fid']:.2f}")
+    table = dict(reference=f"{len(train)} CIFAR-10 training images spread evenly over the train split of "
+                           f"{os.path.basename(zip_path)}", detector=os.path.basename(path), runs={},
+                 floor=dict(n=len(test), fid=fid(test, os.path.join(outdir, "unpacked", f"floor-{floor_n}.stats.npz"))))
+    log(f"floor ({floor_n} test images): {table['floor']['fid']:.2f}")
     for run, dumps in sorted(found.items()):
         rows = []
-        for stem, x, info in dumps:
+        for stem, x, info in dumps[-1:] if last_only else dumps:
+            cache = os.path.join(outdir, "unpacked", run, "samples", f"{stem}.stats.npz")
             rows.append(dict(checkpoint=stem, mark_s=int(stem.split("-")[1][:-1]), elapsed_s=info["elapsed"],
-                             step=info["step"], n=info["n"], fid=fid(x)))
+                             step=info["step"], n=info["n"], fid=fid(x, cache)))
             log(f"{run} {stem}: FID {rows[-1]['fid']:.2f} ({info['n']} samples, step {info['step']})")
         table["runs"][run] = sorted(rows, key=lambda r: r["mark_s"])
         src = os.path.join(outdir, "unpacked", run)            # the last grid and the metrics plot, for notebook 02
         for f in glob.glob(os.path.join(src, "samples-*.png"))[-1:] + glob.glob(os.path.join(src, "metrics.png")):
             shutil.copy(f, os.path.join(results, f"cifar_budget_{run}_{'grid' if 'samples' in f else 'metrics'}.png"))
-    os.makedirs(results, exist_ok=True)
     out = os.path.join(results, "cifar_budget.json")
     with open(out, "w") as f:
         json.dump(table, f, indent=1)
@@ -324,6 +321,8 @@ def main(argv=None) -> int:
     p.add_argument("--work", default=None, help="run folders (default: /tmp/cifar_budget-work)")
     p.add_argument("--eval", action="store_true", help="FID of every packed dump, here on CPU")
     p.add_argument("--ref", type=int, default=10000, help="--eval: FID reference size (training images, spread)")
+    p.add_argument("--floor", type=int, default=1000, help="--eval: held-out test images for the estimator's floor")
+    p.add_argument("--eval-last", action="store_true", help="--eval: only each run's last mark (the quick table)")
     p.add_argument("--results", default=RESULTS, help="--eval: where the JSON and PNGs go")
     p.add_argument("--dump", metavar="RUN_DIR", help=argparse.SUPPRESS)
     p.add_argument("--n", type=int, default=1000, help=argparse.SUPPRESS)
@@ -335,7 +334,7 @@ def main(argv=None) -> int:
     if not a.outdir:
         p.error("OUTDIR is required")
     if a.eval:
-        evaluate(a.outdir, a.ref, os.environ.get("YOSO_CIFAR_ZIP") or SHARED_ZIP, a.results)
+        evaluate(a.outdir, a.ref, os.environ.get("YOSO_CIFAR_ZIP") or SHARED_ZIP, a.results, a.floor, a.eval_last)
         return 0
     work = a.work or ("/tmp/cifar_budget-work-dry" if a.dry else "/tmp/cifar_budget-work")
     if os.path.isdir(work):
