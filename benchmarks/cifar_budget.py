@@ -38,8 +38,8 @@ CONFIGS = {
                         "lambda_con=0.0", "lambda_rec=0.0"],
 }
 GPU = dict(minutes=5.0, ckpt_minutes=1.0, n=1000, n_paper=5000, net=["batch=128", "sample_every=500", "log_every=20"],
-           paper_net=["sample_every=1000", "log_every=20"], grace=240, dump_timeout=300)
-DRY = dict(minutes=0.33, ckpt_minutes=0.1, n=50, n_paper=50, grace=240, dump_timeout=300,
+           paper_net=["sample_every=1000", "log_every=20"], grace=240, dump_timeout=300, limit=570)
+DRY = dict(minutes=0.33, ckpt_minutes=0.1, n=50, n_paper=50, grace=240, dump_timeout=300, limit=720,
            net=["unet_channels=(16,32)", "d_channels=(16,32)", "batch=8", "sample_every=10", "log_every=5"],
            paper_net=["unet_channels=(16,32)", "attn_resolutions=()", "d_channels=(16,32)", "batch=8",
                       "sample_every=10", "log_every=5"])
@@ -67,8 +67,12 @@ def data_zip(dry: bool, work: str) -> str:
 # Train and dump (the GPU machine)
 # ----------------------------------------------------------------------------------------------------
 
-def train_all(runs: dict, work: str, data: str, s: dict, device_env: dict) -> None:
-    """All runs at once, each in its own process; a run past its budget + grace gets SIGTERM (it checkpoints)."""
+CHILDREN = []                                                  # every process started, ended before packing
+
+
+def train_all(runs: dict, work: str, data: str, s: dict, device_env: dict, end: float) -> None:
+    """All runs at once, each in its own process; a run past its budget + grace (or `end`) gets SIGTERM and
+    checkpoints (train_cifar's graceful stop)."""
     procs = {}
     for name, (preset, sets) in runs.items():
         cmd = [sys.executable, os.path.join(ROOT, "train_cifar.py"), "--preset", preset, "--data", data,
@@ -77,16 +81,17 @@ def train_all(runs: dict, work: str, data: str, s: dict, device_env: dict) -> No
         cmd += [a for item in sets for a in ("--set", item)]
         logf = open(os.path.join(work, f"{name}.log"), "w")
         procs[name] = (subprocess.Popen(cmd, cwd=ROOT, stdout=logf, stderr=subprocess.STDOUT, env=device_env), logf)
+        CHILDREN.append(procs[name][0])
         log(f"started {name}: {' '.join(cmd[1:])}")
-    deadline = time.time() + s["minutes"] * 60 + s["grace"]
+    deadline = min(time.time() + s["minutes"] * 60 + s["grace"], end)
     for name, (p, logf) in procs.items():
         try:
             p.wait(timeout=max(1, deadline - time.time()))
         except subprocess.TimeoutExpired:
-            log(f"{name}: past budget + {s['grace']} s; SIGTERM (checkpoint and stop)")
+            log(f"{name}: past budget + {s['grace']} s or the --limit; SIGTERM (checkpoint and stop)")
             p.send_signal(signal.SIGTERM)
             try:
-                p.wait(timeout=60)
+                p.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 p.kill()
                 p.wait()
@@ -101,7 +106,7 @@ def dump(run_dir: str, n: int, last_only: bool) -> None:
     import train_cifar as tc
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     ckpts = sorted(glob.glob(os.path.join(run_dir, "wall-*.safetensors")))
-    for ckpt in ckpts[-1:] if last_only else ckpts:
+    for ckpt in ckpts[-1:] if last_only else ckpts[::-1]:      # the last mark first: it matters most
         G, cfg, meta = tc.load_generator(ckpt, device=device)
         tc.write_samples(G, cfg, meta, n, os.path.join(run_dir, "samples", os.path.basename(ckpt)[:-12]), device)
         log(f"dumped {n} samples of {ckpt} (step {meta['step']}, {meta['extra']['elapsed']:.0f} s)")
@@ -180,9 +185,17 @@ def pack(work: str, outdir: str) -> list:
     return paths
 
 
-def run(outdir: str, dry: bool, with_paper: bool, work: str, minutes=None, ckpt_minutes=None) -> int:
+def _terminated(signum, frame):
+    raise SystemExit(f"signal {signum}")                       # unwinds into run()'s finally: pack what exists
+
+
+def run(outdir: str, dry: bool, with_paper: bool, work: str, minutes=None, ckpt_minutes=None, limit=None) -> int:
+    """Train, dump, pack; the whole within `limit` seconds (dumps get what training leaves, packing the last 20 s)."""
+    t0 = time.time()
     s = {**(DRY if dry else GPU), **({"minutes": minutes} if minutes else {}),
          **({"ckpt_minutes": ckpt_minutes} if ckpt_minutes else {})}
+    end = t0 + (limit or s["limit"]) - 20
+    signal.signal(signal.SIGTERM, _terminated)
     os.makedirs(work, exist_ok=True)
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     if dry:
@@ -193,14 +206,15 @@ def run(outdir: str, dry: bool, with_paper: bool, work: str, minutes=None, ckpt_
         runs = {name: ("cpu", s["net"] + sets) for name, sets in CONFIGS.items()}
         if with_paper:
             runs["P_paper_preset"] = ("paper", s["paper_net"])
-        train_all(runs, work, data, s, env)
+        train_all(runs, work, data, s, env, end - 60)           # a minute for the dumps at least
         dumps = {}                                              # one process per run, all at once
         for name in runs:
             paper = name.startswith("P_")
             cmd = [sys.executable, os.path.abspath(__file__), "--dump", os.path.join(work, name),
                    "--n", str(s["n_paper"] if paper else s["n"])] + (["--last-only"] if paper else [])
             dumps[name] = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        deadline = time.time() + s["dump_timeout"]
+            CHILDREN.append(dumps[name])
+        deadline = min(time.time() + s["dump_timeout"], end)
         for name, p in dumps.items():
             try:
                 out, _ = p.communicate(timeout=max(1, deadline - time.time()))
@@ -210,8 +224,12 @@ def run(outdir: str, dry: bool, with_paper: bool, work: str, minutes=None, ckpt_
                 p.kill()
                 p.communicate()
                 status[name] = "timeout"
-                log(f"dump {name}: timed out after {s['dump_timeout']} s")
+                log(f"dump {name}: stopped at its timeout ({s['dump_timeout']} s) or the --limit")
     finally:
+        for p in CHILDREN:                                      # nothing may still write while we pack
+            if p.poll() is None:
+                p.kill()
+                p.wait()
         with open(os.path.join(work, "status.json"), "w") as f:
             json.dump(status, f)
         paths = pack(work, outdir)
@@ -318,6 +336,7 @@ def main(argv=None) -> int:
     p.add_argument("--with-paper", action="store_true", help="also train the paper preset for the budget (5k samples)")
     p.add_argument("--minutes", type=float, help="wall-clock budget per run (default 5; --dry 0.33)")
     p.add_argument("--ckpt-minutes", type=float, help="a kept checkpoint (and a dump) every this many minutes (default 1)")
+    p.add_argument("--limit", type=float, help="seconds for the whole call, packing included (default 570; --dry 720)")
     p.add_argument("--work", default=None, help="run folders (default: /tmp/cifar_budget-work)")
     p.add_argument("--eval", action="store_true", help="FID of every packed dump, here on CPU")
     p.add_argument("--ref", type=int, default=10000, help="--eval: FID reference size (training images, spread)")
@@ -339,7 +358,7 @@ def main(argv=None) -> int:
     work = a.work or ("/tmp/cifar_budget-work-dry" if a.dry else "/tmp/cifar_budget-work")
     if os.path.isdir(work):
         shutil.rmtree(work)                                    # a fresh comparison every time
-    return run(a.outdir, a.dry, a.with_paper, work, a.minutes, a.ckpt_minutes)
+    return run(a.outdir, a.dry, a.with_paper, work, a.minutes, a.ckpt_minutes, a.limit)
 
 
 if __name__ == "__main__":
