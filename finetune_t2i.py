@@ -701,6 +701,7 @@ def train(cfg: T2IConfig, command: str) -> int:
                 with swapped(params, ema):
                     sample_grid(grid, G, base.vae, sample_cond, noise, s_sched,
                                 replace(ycfg, zero_terminal_snr=s_sched is sched) if phase == "adapt" else ycfg, amp)
+                yoso.plot_metrics(os.path.join(cfg.out, "metrics.jsonl"))   # metrics.png beside it
 
         scalers = [torch.amp.GradScaler(device.type) if cfg.precision == "fp16" else None for _ in range(2)]
         yoso.load_scaler_states(scalers, resumed)               # fp16: the loss scales go on where they were

@@ -1166,3 +1166,42 @@ def read_checkpoint_meta(path: str) -> dict:
             return json.loads(f.metadata()["yoso"])
     except Exception as e:
         raise UserError(f"{path} is not a YOSO checkpoint ({type(e).__name__}); pass a ckpt-*.safetensors file") from None
+
+
+def plot_metrics(jsonl: str, png: Optional[str] = None) -> Optional[str]:
+    """metrics.jsonl -> metrics.png beside it: the losses, D(real) − D(fake), and one-step FID where a line
+    has "fid". The scripts call it with each sample grid; matplotlib is imported here (not a dependency
+    of the method). Returns the PNG path, or None when there is nothing to plot yet."""
+    rows = []
+    if os.path.isfile(jsonl):
+        with open(jsonl) as f:
+            rows = [json.loads(line) for line in f if line.strip()]
+    train = [r for r in rows if "loss_G" in r]
+    fid = [r for r in rows if "fid" in r]
+    if not train and not fid:
+        return None
+    import matplotlib
+    matplotlib.use("Agg")                                      # files only; no display needed
+    import matplotlib.pyplot as plt
+    x_of = lambda r: r["step"]
+    fig, axes = plt.subplots(1, 3 if fid else 2, figsize=(15 if fid else 10, 3.6))
+    for key in ("loss_D", "L_adv", "L_con", "L_rec", "loss_G"):
+        pts = [(x_of(r), r[key]) for r in train if key in r and math.isfinite(r[key]) and r[key] > 0]
+        if pts:
+            axes[0].plot(*zip(*pts), label=key, lw=1)
+    axes[0].set(yscale="log", xlabel="step", title="losses (interval means)")
+    axes[0].legend(fontsize=8)
+    gap = [(x_of(r), r["D_real"] - r["D_fake"]) for r in train if "D_real" in r]
+    if gap:
+        axes[1].plot(*zip(*gap), lw=1)
+    axes[1].axhline(0, color="grey", lw=0.5)
+    axes[1].set(xlabel="step", title="D(real) − D(fake) (logits)")
+    if fid:
+        axes[2].plot([x_of(r) for r in fid], [r["fid"] for r in fid], "o-")
+        axes[2].set(xlabel="step", title="one-step FID (EMA)")
+    fig.tight_layout()
+    png = png or os.path.join(os.path.dirname(os.path.abspath(jsonl)), "metrics.png")
+    fig.savefig(png + ".tmp.png", dpi=80)
+    plt.close(fig)
+    os.replace(png + ".tmp.png", png)                          # a viewer never sees a half-written file
+    return png
