@@ -17,10 +17,10 @@ is the trained model with its adapters switched off: no second copy of PixArt in
 
 Output folder (--out): adapter/ (peft), transformer/ (merged, diffusers layout), scheduler/ (LCMScheduler
 config for one-step sampling), ipi.safetensors (IPI runs only), samples/, metrics.jsonl, checkpoints,
-README.md (model card). Load it with diffusers:
-    PixArtAlphaPipeline.from_pretrained(base, transformer=PixArtTransformer2DModel.from_pretrained(out + "/transformer"),
-                                        scheduler=LCMScheduler.from_pretrained(out + "/scheduler"))
-    pipe(prompt, num_inference_steps=1, guidance_scale=1.0)
+README.md (model card). Load it with diffusers (dtype = torch.bfloat16 on a GPU; diffusers < 0.42: torch_dtype=):
+    pipe = PixArtAlphaPipeline.from_pretrained(base, dtype=dtype, scheduler=LCMScheduler.from_pretrained(out + "/scheduler"),
+        transformer=PixArtTransformer2DModel.from_pretrained(out + "/transformer", dtype=dtype)).to("cuda")
+    pipe(prompt, num_inference_steps=1, guidance_scale=1.0, clean_caption=False)
 """
 from __future__ import annotations
 
@@ -32,6 +32,7 @@ import json
 import math
 import os
 import shlex
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field, replace
@@ -99,9 +100,10 @@ class T2IConfig:
 
 
 PRESETS = {
-    # CPU smoke test on a tiny pipeline: a few steps of everything, every output written.
+    # CPU smoke test on a tiny pipeline: a few steps of everything, every output written; gradient
+    # checkpointing stays on, as in a real run.
     "smoke": dict(lora_rank=4, adapt_steps=4, yoso_steps=3, batch_size=2, grad_accum=1, precision="fp32",
-                  grad_checkpointing=False, max_tokens=16, teacher_steps=2, teacher_guidance=1.0, ipi_items=8,
+                  max_tokens=16, teacher_steps=2, teacher_guidance=1.0, ipi_items=8,
                   sample_prompts=("a red house", "a blue car"), sample_every=3, ckpt_every=3, log_every=1,
                   yoso=dict(lr=1e-3, ema_decay=0.5, k_D=250, k_C=25)),
     # One busy CPU core, ~15 min: the small CIFAR-10 PixArt teacher of notebooks/teacher_cifar.py (issue 8).
@@ -128,6 +130,13 @@ class Base:
     scheduler_config: dict
 
 
+def dtype_keyword() -> str:
+    """from_pretrained's dtype keyword: diffusers 0.42 renamed torch_dtype to dtype (the old name now warns);
+    older releases know torch_dtype only."""
+    import diffusers
+    return "dtype" if tuple(int(v) for v in diffusers.__version__.split(".")[:2]) >= (0, 42) else "torch_dtype"
+
+
 def resolve_base(name: str) -> str:
     path = BASES.get(name, name)
     if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "model_index.json")):
@@ -149,7 +158,7 @@ def load_base(name: str, text_encoder: bool = True, dtype=torch.float32) -> Base
                     tokenizer=AutoTokenizer.from_pretrained(path, subfolder="tokenizer"),
                     text_encoder=T5EncoderModel.from_pretrained(path, subfolder="text_encoder", dtype=dtype)
                     if text_encoder else None,
-                    vae=AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=dtype),
+                    vae=AutoencoderKL.from_pretrained(path, subfolder="vae", **{dtype_keyword(): dtype}),
                     transformer=PixArtTransformer2DModel.from_pretrained(path, subfolder="transformer"),
                     scheduler_config=dict(DDPMScheduler.load_config(path, subfolder="scheduler")))
     except Exception as e:  # hub errors, missing subfolders, wrong model types: all mean "not a PixArt pipeline"
@@ -190,15 +199,22 @@ class PixArtDenoiser(nn.Module):
         return out[:, : x_t.shape[1]]                           # (B, 2C, H, W) -> (B, C, H, W): drop learned sigma
 
 
-def pixart_trunk(tf, x, t, cond, blocks, checkpoint: bool = False):
-    """PixArtTransformer2DModel.forward up to the end of `blocks`: the hidden tokens (B, N, C)."""
+def pixart_trunk(tf, x, t, cond, blocks, checkpoint: bool = False, context=contextlib.nullcontext):
+    """PixArtTransformer2DModel.forward up to the end of `blocks`: the hidden tokens (B, N, C).
+
+    Every computation runs inside `context()` (FrozenBase: adapters off), each block's own call
+    included: a checkpointed block is recomputed during backward, after any `with` around this
+    call has exited, and must see the same weights as in the forward."""
     B = x.shape[0]
-    h = tf.pos_embed(x)                                         # (B, N, C) patch tokens + position
-    t_emb, _ = tf.adaln_single(t, added_cond(tf, x), batch_size=B, hidden_dtype=h.dtype)
-    c = tf.caption_projection(cond["emb"]).view(B, -1, h.shape[-1])
+    with context():
+        h = tf.pos_embed(x)                                     # (B, N, C) patch tokens + position
+        t_emb, _ = tf.adaln_single(t, added_cond(tf, x), batch_size=B, hidden_dtype=h.dtype)
+        c = tf.caption_projection(cond["emb"]).view(B, -1, h.shape[-1])
     mask_bias = ((1 - cond["mask"].to(h.dtype)) * -10000.0).unsqueeze(1)   # (B, 1, L), diffusers' convention
     for block in blocks:
-        run = lambda h, block=block: block(h, encoder_hidden_states=c, encoder_attention_mask=mask_bias, timestep=t_emb)
+        def run(h, block=block):
+            with context():
+                return block(h, encoder_hidden_states=c, encoder_attention_mask=mask_bias, timestep=t_emb)
         h = torch.utils.checkpoint.checkpoint(run, h, use_reentrant=False) if checkpoint and torch.is_grad_enabled() \
             else run(h)
     return h
@@ -239,8 +255,8 @@ def perceptual_features(base: FrozenBase, n_blocks: int, checkpoint: bool = Fals
     """F(x, c) of Sec. 4.1: the frozen base's tokens after `n_blocks` blocks, run at t = 0 on the latent."""
     def features(x, cond):
         t0 = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
-        with base():
-            return pixart_trunk(base.transformer, x, t0, cond, base.transformer.transformer_blocks[:n_blocks], checkpoint)
+        return pixart_trunk(base.transformer, x, t0, cond, base.transformer.transformer_blocks[:n_blocks], checkpoint,
+                            context=base)               # not `with base():` around it: see pixart_trunk
     return features
 
 
@@ -483,6 +499,20 @@ def export(cfg: T2IConfig, base: Base, model: nn.Module, ycfg, ipi, command: str
     write_model_card(out, base.path, command, settings, ycfg, ipi is not None, grid)
 
 
+def load_snippet(base_path: str, out: str) -> list:
+    """The model card's diffusers code: weights in bf16 on a GPU (fp32 on CPU), clean_caption off (needs bs4, ftfy)."""
+    return ["import torch",
+            "from diffusers import LCMScheduler, PixArtAlphaPipeline, PixArtTransformer2DModel",
+            'device = "cuda" if torch.cuda.is_available() else "cpu"',
+            'dtype = torch.bfloat16 if device == "cuda" else torch.float32     # T5-XXL alone: ~19 GB in fp32',
+            f"pipe = PixArtAlphaPipeline.from_pretrained({base_path!r}, {dtype_keyword()}=dtype,",
+            f"    transformer=PixArtTransformer2DModel.from_pretrained({os.path.join(out, 'transformer')!r}, "
+            f"{dtype_keyword()}=dtype),",
+            f"    scheduler=LCMScheduler.from_pretrained({os.path.join(out, 'scheduler')!r})).to(device)",
+            'image = pipe("a photo of a red house", num_inference_steps=1, guidance_scale=1.0,',
+            "             clean_caption=False).images[0]"]
+
+
 def write_model_card(out, base_path, command, settings, ycfg, ipi: bool, grid):
     how = ("Starts from the informative prior (IPI, ipi.safetensors): pass its latents to the pipeline." if ipi
            else "Starts from pure noise: v-prediction on the zero-terminal-SNR schedule (after quick adaption).")
@@ -490,12 +520,7 @@ def write_model_card(out, base_path, command, settings, ycfg, ipi: bool, grid):
              "One-step text-to-image by YOSO (arXiv 2403.12931), fine-tuned with finetune_t2i.py.", "",
              f"![samples]({os.path.relpath(grid, out)})" if grid else "", "",
              "Rows: 1 step, 4 steps; columns: the run's fixed sample prompts.", "",
-             "## Use", "```python",
-             "from diffusers import LCMScheduler, PixArtAlphaPipeline, PixArtTransformer2DModel",
-             f"pipe = PixArtAlphaPipeline.from_pretrained({base_path!r},",
-             f"    transformer=PixArtTransformer2DModel.from_pretrained({os.path.join(out, 'transformer')!r}),",
-             f"    scheduler=LCMScheduler.from_pretrained({os.path.join(out, 'scheduler')!r}))",
-             "image = pipe(prompt, num_inference_steps=1, guidance_scale=1.0).images[0]", "```", how, "",
+             "## Use", "```python", *load_snippet(base_path, out), "```", how, "",
              "## Command", "```", command, "```", "", "## Settings", "```json",
              json.dumps(dict(settings, yoso=ycfg.to_dict()), indent=1, default=str), "```", ""]
     with open(os.path.join(out, "README.md"), "w") as f:
@@ -539,14 +564,14 @@ PHASES = ("adapt", "yoso")
 
 def resume_point(out: str) -> dict:
     """Where --resume continues: the newest checkpoint in `out` and the state it was written in."""
-    ckpts = yoso.list_checkpoints(out)
-    if not ckpts:
-        raise yoso.UserError(f"--resume: {out} holds no checkpoint (ckpt-*.safetensors); it is not a finetune_t2i.py "
-                             "run folder (pass the --out of an earlier run)")
-    meta = yoso.read_checkpoint_meta(ckpts[-1])
+    path = yoso.newest_intact_checkpoint(out)                   # a truncated newest one is skipped, with a line
+    if path is None:
+        raise yoso.UserError(f"--resume: {out} holds no intact checkpoint (ckpt-*.safetensors); it is not a "
+                             "finetune_t2i.py run folder (pass the --out of an earlier run)")
+    meta = yoso.read_checkpoint_meta(path)
     if "phase" not in meta["extra"]:
-        raise yoso.UserError(f"--resume: {ckpts[-1]} was not written by finetune_t2i.py")
-    return dict(meta["extra"], path=ckpts[-1], step=meta["step"])
+        raise yoso.UserError(f"--resume: {path} was not written by finetune_t2i.py")
+    return dict(meta["extra"], path=path, step=meta["step"])
 
 
 def train(cfg: T2IConfig, command: str) -> int:
@@ -555,6 +580,8 @@ def train(cfg: T2IConfig, command: str) -> int:
     if cfg.batch_size % (world * cfg.grad_accum):
         raise yoso.UserError(f"batch_size {cfg.batch_size} is not divisible by {world} processes x grad_accum "
                              f"{cfg.grad_accum}; the global batch is split evenly (--set batch_size=N)")
+    if not cfg.resume:
+        yoso.refuse_existing_run(cfg.out, "--resume (the same command plus --resume)")
     resume = resume_point(cfg.out) if cfg.resume else None
     items, corrupt = read_captions(cfg.data) if cfg.data else (read_prompts(cfg.prompts), 0)
     if len(items) < cfg.batch_size:
@@ -596,12 +623,15 @@ def train(cfg: T2IConfig, command: str) -> int:
             continue                                            # finished in an earlier run
         ycfg = schedule_config(cfg.yoso, base.scheduler_config, phase == "adapt" or adapted or bool(resume and resume["adapted"]))
         sched = yoso.NoiseSchedule.from_config(ycfg)
+        # `optimizers` is the only reference to a phase's optimisers: rebinding it frees the adaption's AdamW
+        # state (2 x the trained weights) before the YOSO stage (issue 15)
         if phase == "adapt":
-            opt = torch.optim.AdamW(list(params), lr=ycfg.lr, betas=ycfg.betas_G, weight_decay=ycfg.weight_decay)
-            optimizers, modules = {"G": opt}, {"G": params, "G_ema": ema}
+            optimizers = {"G": torch.optim.AdamW(list(params), lr=ycfg.lr, betas=ycfg.betas_G,
+                                                 weight_decay=ycfg.weight_decay)}
+            modules = {"G": params, "G_ema": ema}
         else:
-            opt_G, opt_D = yoso.make_optimizers(G, D, ycfg)
-            optimizers, modules = {"G": opt_G, "D": opt_D}, {"G": params, "G_ema": ema, "D": D}
+            optimizers = dict(zip("GD", yoso.make_optimizers(G, D, ycfg)))
+            modules = {"G": params, "G_ema": ema, "D": D}
         start, resumed = 0, {}
         if resume:                                              # this phase's full state, or an earlier phase's weights
             same = resume["phase"] == phase
@@ -637,7 +667,7 @@ def train(cfg: T2IConfig, command: str) -> int:
             x0, cond = data.get(yoso.rank_slice(idx, dist).tolist())
             t, eps = yoso.step_noise(cfg.batch_size, x0.shape[1:], ycfg.T, offset + k, cfg.seed, dist)
             if phase == "adapt":
-                opt.zero_grad(set_to_none=True)
+                optimizers["G"].zero_grad(set_to_none=True)
                 loss = 0.0
                 for x_mb, c_mb, t_mb, e_mb in zip(x0.chunk(cfg.grad_accum), yoso.split_cond(cond, cfg.grad_accum),
                                                   t.chunk(cfg.grad_accum), eps.chunk(cfg.grad_accum)):
@@ -645,12 +675,12 @@ def train(cfg: T2IConfig, command: str) -> int:
                                          noise=(t_mb, e_mb))
                     (scalers[0].scale(l_mb) if scalers[0] else l_mb).div(cfg.grad_accum).backward()
                     loss += l_mb.item() / cfg.grad_accum
-                grad_norm = yoso.optimizer_step(opt, params, scalers[0], ycfg.grad_clip)
+                grad_norm = yoso.optimizer_step(optimizers["G"], params, scalers[0], ycfg.grad_clip)
                 stats = dict(loss_adapt=loss, grad_norm_G=grad_norm, skipped=int(not math.isfinite(grad_norm)),
                              adapt_stage=1 if student(k) is teacher_sched else 2)
             else:
-                stats = yoso.train_step(G_ddp, D_ddp, opt_G, opt_D, x0, cond, sched=sched, cfg=ycfg,
-                                        distance=yoso.latent_perceptual_distance(features), grad_accum=cfg.grad_accum,
+                stats = yoso.train_step(G_ddp, D_ddp, optimizers["G"], optimizers["D"], x0, cond, sched=sched,
+                                        cfg=ycfg, distance=yoso.latent_perceptual_distance(features), grad_accum=cfg.grad_accum,
                                         amp_dtype=amp_dtype, scaler_G=scalers[0], scaler_D=scalers[1], noise=(t, eps))
             if not stats["skipped"]:
                 yoso.ema_update(ema, params, ycfg.ema_decay)    # EMA of the trained weights (adapters for LoRA)
@@ -671,6 +701,7 @@ def train(cfg: T2IConfig, command: str) -> int:
                 with swapped(params, ema):
                     sample_grid(grid, G, base.vae, sample_cond, noise, s_sched,
                                 replace(ycfg, zero_terminal_snr=s_sched is sched) if phase == "adapt" else ycfg, amp)
+                yoso.plot_metrics(os.path.join(cfg.out, "metrics.jsonl"))   # metrics.png beside it
 
         scalers = [torch.amp.GradScaler(device.type) if cfg.precision == "fp16" else None for _ in range(2)]
         yoso.load_scaler_states(scalers, resumed)               # fp16: the loss scales go on where they were
@@ -711,28 +742,44 @@ def load_run(out: str) -> dict:
     return json.load(open(path))
 
 
-def sample_cli(out: str, prompts: list, steps: int, n: int, seed: int) -> str:
+def sample_dtype(device: str, precision: str | None) -> torch.dtype:
+    """--precision for sampling; default bf16 on a GPU (half the memory: T5-XXL alone is ~19 GB in fp32), fp32 on CPU."""
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[
+        precision or ("bf16" if device == "cuda" else "fp32")]
+
+
+def sample_cli(out: str, prompts: list, steps: int, n: int, seed: int, precision: str | None = None) -> str:
     """One-step (or few-step) images with diffusers' PixArtAlphaPipeline + LCMScheduler, as a grid."""
     from diffusers import LCMScheduler, PixArtAlphaPipeline, PixArtTransformer2DModel
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
     run = load_run(out)
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = sample_dtype(device, precision)
     pipe = PixArtAlphaPipeline.from_pretrained(
-        run["base"], transformer=PixArtTransformer2DModel.from_pretrained(os.path.join(out, "transformer")),
+        run["base"], **{dtype_keyword(): dtype},
+        transformer=PixArtTransformer2DModel.from_pretrained(os.path.join(out, "transformer"), **{dtype_keyword(): dtype}),
         scheduler=LCMScheduler.from_pretrained(os.path.join(out, "scheduler"))).to(device)
+    pipe.set_progress_bar_config(disable=True)                          # stdout / stderr: the grid's path, or errors
     size = pipe.transformer.config.sample_size
     latents = None
     if os.path.isfile(os.path.join(out, "ipi.safetensors")):          # ε-model without adaption: informative prior
         from safetensors.torch import load_file
         ipi = yoso.IPI.from_state_dict(load_file(os.path.join(out, "ipi.safetensors")))
+        if tuple(ipi.mean.shape[-2:]) != (size, size):                   # the pipeline would follow the latents' size
+            raise yoso.UserError(f"{out}/ipi.safetensors holds a {'x'.join(map(str, ipi.mean.shape[-2:]))} prior but "
+                                 f"the transformer samples {size}x{size} latents; it belongs to another resolution")
         sched = yoso.NoiseSchedule(pipe.scheduler.betas)
-        latents = ipi.prior(n * len(prompts), sched, torch.Generator().manual_seed(seed)).to(device)
+        latents = ipi.prior(n * len(prompts), sched, torch.Generator().manual_seed(seed)).to(device, dtype)
     images = pipe(prompts, num_images_per_prompt=n, num_inference_steps=steps, guidance_scale=1.0, latents=latents,
                   generator=torch.Generator(device).manual_seed(seed), height=size * pipe.vae_scale_factor,
                   width=size * pipe.vae_scale_factor, use_resolution_binning=False, clean_caption=False,
                   max_sequence_length=run["settings"]["max_tokens"], output_type="pt").images
     path = os.path.join(out, "samples", f"sample-{steps}step-{int(time.time())}.png")
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    yoso.save_image_grid(images * 2 - 1, path, nrow=n)
+    yoso.save_image_grid(images.float() * 2 - 1, path, nrow=n)
     return path
 
 
@@ -757,15 +804,32 @@ def transplant(out: str, target: str) -> str:
         sd, kept = yoso.transplant_delta(tf.state_dict(), source, tuned)
         tf.load_state_dict(sd)
     tf.save_pretrained(os.path.join(dest, "transformer"))
-    for name in ("scheduler", "ipi.safetensors"):                        # same training schedule at both sizes
-        src = os.path.join(out, name)
-        if os.path.exists(src):
-            os.system(f"cp -r {shlex.quote(src)} {shlex.quote(dest)}/")
-    json.dump(dict(run, base=target_path, transplanted_from=out), open(os.path.join(dest, "yoso_config.json"), "w"),
-              indent=1)
+    shutil.copytree(os.path.join(out, "scheduler"), os.path.join(dest, "scheduler"), dirs_exist_ok=True)  # same schedule
+    notes = {}
+    if os.path.isfile(os.path.join(out, "ipi.safetensors")):            # ε-model without adaption: its prior
+        notes = transplant_ipi(os.path.join(out, "ipi.safetensors"), os.path.join(dest, "ipi.safetensors"),
+                               tf.config.sample_size)
+    json.dump(dict(run, base=target_path, transplanted_from=out, **notes),
+              open(os.path.join(dest, "yoso_config.json"), "w"), indent=1)
     if kept:
         print(f"kept from the target (no matching 512 tensor): {', '.join(kept)}")
     return dest
+
+
+def transplant_ipi(src: str, dest: str, size: int) -> dict:
+    """The informative prior at the target's latent size; what was done, for yoso_config.json."""
+    from safetensors.torch import load_file, save_file
+    ipi = yoso.IPI.from_state_dict(load_file(src))
+    h, w = ipi.mean.shape[-2:]
+    if (h, w) != (size, size):
+        # deviation: the paper estimates μ̂ on training latents at the sampling size; the 512 run's data is not
+        # at hand here, so its μ̂ is upsampled. Latents are aligned with the image (8x down), so this is the mean
+        # latent of the same images seen larger, up to the VAE's non-linearity; ŝ (one scalar) is kept.
+        ipi = yoso.IPI(mean=nn.functional.interpolate(ipi.mean[None], size=(size, size), mode="bilinear",
+                                                      align_corners=False)[0], std=ipi.std)
+        print(f"ipi.safetensors: the {h}x{w} prior mean upsampled (bilinear) to the target's {size}x{size} latents")
+    save_file(ipi.state_dict(), dest)
+    return {"ipi_upsampled_from": [h, w]} if (h, w) != (size, size) else {}
 
 
 # ==================================================================================================
@@ -784,7 +848,8 @@ def parse_args(argv=None):
     p.add_argument("--stage", choices=("adapt", "yoso", "all"), default="all")
     p.add_argument("--lora-rank", type=int, help=f"LoRA rank (default {T2IConfig.lora_rank})")
     p.add_argument("--full", action="store_true", help="full fine-tuning instead of LoRA")
-    p.add_argument("--precision", choices=("bf16", "fp16", "fp32"))
+    p.add_argument("--precision", choices=("bf16", "fp16", "fp32"),
+                   help="training: autocast dtype (default bf16); --sample: weights dtype (default bf16 on GPU, fp32 on CPU)")
     p.add_argument("--preset", choices=sorted(PRESETS))
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -815,7 +880,8 @@ def main(argv=None) -> int:
     command = "python finetune_t2i.py " + " ".join(shlex.quote(s) for s in (sys.argv[1:] if argv is None else argv))
     def body() -> int:
         if a.sample:
-            print(sample_cli(a.sample, a.prompt or list(T2IConfig.sample_prompts[:1]), a.steps, n=4, seed=0))
+            print(sample_cli(a.sample, a.prompt or list(T2IConfig.sample_prompts[:1]), a.steps, n=4, seed=0,
+                             precision=a.precision))
             return 0
         if a.transplant:
             print(transplant(a.transplant, a.base or "PixArt-alpha-1024"))

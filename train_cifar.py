@@ -1,11 +1,13 @@
 """Train YOSO from scratch as a one-step generator on unconditional CIFAR-10 32x32 (Sec. 3 of the method doc).
 
-    python train_cifar.py                                   # the paper-scale run (preset "paper")
+    python train_cifar.py                                   # the paper-scale run (preset "paper"); no GPU: "cpu"
     python train_cifar.py --preset cpu                      # visible progress within an hour on 2 CPU cores
     python train_cifar.py --preset smoke --data cifar10-jpeg.zip   # about a minute; checks the whole pipeline
     python train_cifar.py --resume runs/cifar-XXXX          # continue exactly where a run stopped
     python train_cifar.py --sample runs/.../ckpt-00001000.safetensors --n 64 [--steps 2]
     python train_cifar.py --sample CKPT --fid 50000         # one-step FID of the EMA generator vs the training set
+    python train_cifar.py --preset cpu --set minutes=60 --set ckpt_minutes=15   # wall-clock budget, kept marks
+    python train_cifar.py --sample runs/.../wall-00900s-00000500.safetensors --n 1000 --npz s.npz   # for FID elsewhere
     torchrun --nproc_per_node=8 train_cifar.py              # DDP; the global batch is kept
     python train_cifar.py --preset cpu --set steps=500 --set lr=1e-4   # override any config field
 
@@ -60,15 +62,25 @@ class TrainConfig(yoso.YOSOConfig):
     max_skipped: int = 20              # stop after this many non-finite steps in a row
     saturation_gap: float = 10.0       # warn when mean D(real) - D(fake) logit gap stays above this ...
     saturation_steps: int = 2000       # ... for this many steps in a row (D has won; G gets no signal)
+    minutes: float = 0.0               # wall-clock budget of the training loop: checkpoint, exit 0 (0: none; resume adds on)
+    ckpt_minutes: float = 0.0          # a kept wall-<seconds>s-<step>.safetensors at each such mark (equal-time comparisons)
+    fixed_t: int = -1                  # >= 0: every sample at this t. With t = k_D = T-1, boundary_scaling (G(x, 0) = x:
+                                       # D's "real" is x_0 + σ_0·ε, σ_0 = 0.01) and λ_con = λ_rec = 0: a GAN on real data
 
     def __post_init__(self):
         super().__post_init__()        # k_D, k_C < T, prediction_type, gan_loss
-        if self.steps <= 0 or self.batch <= 0:
-            raise ValueError(f"steps and batch must be positive, got steps={self.steps}, batch={self.batch}")
+        if self.steps <= 0 or self.batch <= 0 or self.minutes < 0 or self.ckpt_minutes < 0:
+            raise ValueError(f"steps, batch must be > 0 and minutes, ckpt_minutes >= 0, got steps={self.steps}, "
+                             f"batch={self.batch}, minutes={self.minutes}, ckpt_minutes={self.ckpt_minutes}")
         if self.amp not in ("bf16", "fp16", "none"):
             raise ValueError(f"amp must be bf16, fp16 or none, got {self.amp!r}")
+        if not -1 <= self.fixed_t < self.T:
+            raise ValueError(f"fixed_t must be -1 (off) or a step in [0, T), got fixed_t={self.fixed_t}")
 
 
+# Which objective learns fastest at equal wall-clock is measured (issue 16: benchmarks/cifar_budget.py ->
+# notebooks/results/cifar_budget.json, notebook 02 section 5): A these settings; B rec_weight=released; C the 2-D
+# study's zero_terminal_snr + v, k_C = 100, lambda_rec = 0.01; D a GAN on real data. Result: pending the GPU run.
 PRESETS = {
     "paper": {},
     # ~2.5 s/step at batch 32 on 2 idle CPU cores (bf16 autocast): 1500 steps in about an hour, grids every 100.
@@ -309,29 +321,41 @@ def fid_of(G: nn.Module, n: int, cfg: TrainConfig, images: torch.Tensor, incepti
 # Sampling from a checkpoint
 # ----------------------------------------------------------------------------------------------------
 
-def run_sample(args) -> int:
-    meta = yoso.read_checkpoint_meta(args.sample)
-    cfg = make_config(meta["extra"]["config"]["preset"], base=meta["extra"]["config"], overrides=args.set)
+def load_generator(ckpt: str, overrides: tuple = (), device=None) -> tuple[nn.Module, TrainConfig, dict]:
+    """(EMA generator on `device`, its run's config, the checkpoint's meta) of a checkpoint."""
+    meta = yoso.read_checkpoint_meta(ckpt)
+    cfg = make_config(meta["extra"]["config"]["preset"], base=meta["extra"]["config"], overrides=overrides)
     G = UNetGenerator(cfg)
     try:
-        yoso.load_checkpoint(args.sample, {"G_ema": G}, {}, restore_rng=False)
+        yoso.load_checkpoint(ckpt, {"G_ema": G}, {}, restore_rng=False)
     except ValueError as e:
         raise yoso.UserError(str(e)) from None
-    G.eval()
+    return G.eval().to(device), cfg, meta
+
+
+def write_samples(G: nn.Module, cfg: TrainConfig, meta: dict, n: int, stem: str, device, steps: int = 1, seed: int = 0):
+    """n samples -> stem.npz (samples: uint8 (N, H, W, 3); the checkpoint's step and elapsed seconds), the first
+    64 -> stem.png. The noise is seeded: every checkpoint gets the same draws, for FID elsewhere."""
+    os.makedirs(os.path.dirname(os.path.abspath(stem)), exist_ok=True)
+    x = torch.cat([b for b in generated_batches(G, n, cfg, device, steps, seed=seed)]).cpu()
+    np.savez_compressed(stem + ".tmp.npz", samples=x.permute(0, 2, 3, 1).numpy(), step=meta["step"],
+                        elapsed=meta["extra"].get("elapsed", -1.0))
+    os.replace(stem + ".tmp.npz", stem + ".npz")
+    yoso.save_image_grid(x[:64].float() / 127.5 - 1, stem + ".png")
+
+
+def run_sample(args) -> int:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    G.to(device)
+    G, cfg, meta = load_generator(args.sample, args.set, device)
     if args.fid:
         images = reference_subset(load_images(args.data or cfg.data, cfg.resolution)[0], args.fid_ref)
         print(f"FID ({args.fid} {args.steps}-step EMA samples vs {len(images)} training images): "
               f"{fid_of(G, args.fid, cfg, images, args.inception, device, args.steps):.3f}")
         return 0
-    stem = os.path.join(args.out or os.path.dirname(os.path.abspath(args.sample)),
-                        f"samples-{meta['step']:08d}-{args.steps}step")
-    os.makedirs(os.path.dirname(stem), exist_ok=True)
-    x = torch.cat([b for b in generated_batches(G, args.n, cfg, device, args.steps, seed=args.seed)])
-    np.savez_compressed(stem + ".npz", samples=x.permute(0, 2, 3, 1).cpu().numpy())   # (N, H, W, 3) uint8
-    yoso.save_image_grid(x.float() / 127.5 - 1, stem + ".png")
-    print(f"wrote {args.n} samples ({args.steps} step) to {stem}.png and {stem}.npz")
+    stem = os.path.splitext(args.npz)[0] if args.npz else os.path.join(
+        args.out or os.path.dirname(os.path.abspath(args.sample)), f"samples-{meta['step']:08d}-{args.steps}step")
+    write_samples(G, cfg, meta, args.n, stem, device, args.steps, args.seed)
+    print(f"wrote {args.n} samples ({args.steps} step) to {stem}.npz, the first 64 to {stem}.png")
     return 0
 
 
@@ -343,20 +367,45 @@ def resolve_config(args) -> tuple[TrainConfig, str, Optional[str]]:
     """(config, run dir, checkpoint to resume from). On --resume the run's own config.json is the base."""
     if not args.resume:
         cfg = make_config(args.preset or "paper", overrides=tuple(args.set) + ((f"data={args.data!r}",) if args.data else ()))
-        return cfg, args.out or time.strftime("runs/cifar-%Y%m%d-%H%M%S"), None
+        out = args.out or time.strftime("runs/cifar-%Y%m%d-%H%M%S")
+        yoso.refuse_existing_run(out, f"--resume {out}")
+        return cfg, out, None
     if args.out and os.path.abspath(args.out) != os.path.abspath(args.resume):
         raise yoso.UserError("--resume continues in the run's own folder; drop --out (or copy the run dir first)")
-    config_path, ckpts = os.path.join(args.resume, "config.json"), yoso.list_checkpoints(args.resume)
-    if not os.path.isfile(config_path) or not ckpts:
-        raise yoso.UserError(f"--resume {args.resume}: not a run folder (needs config.json and ckpt-*.safetensors); "
-                        "pass the --out folder of an earlier run")
+    config_path = os.path.join(args.resume, "config.json")
+    ckpt = yoso.newest_intact_checkpoint(args.resume) if os.path.isfile(config_path) else None
+    if ckpt is None:
+        raise yoso.UserError(f"--resume {args.resume}: not a run folder (needs config.json and an intact "
+                             "ckpt-*.safetensors); pass the --out folder of an earlier run")
     with open(config_path) as f:
         saved = json.load(f)
     if args.preset and args.preset != saved["preset"]:
         raise yoso.UserError(f"--resume {args.resume}: the run was trained with preset {saved['preset']!r}, not "
                         f"{args.preset!r}; drop --preset to continue it as it was")
     overrides = tuple(args.set) + ((f"data={args.data!r}",) if args.data else ())
-    return make_config(saved["preset"], base=saved, overrides=overrides), args.resume, ckpts[-1]
+    return make_config(saved["preset"], base=saved, overrides=overrides), args.resume, ckpt
+
+
+class WallClock(yoso.GracefulStop):
+    """yoso.GracefulStop that also stops after `minutes` of training (counted on from `elapsed` seconds on
+    resume) and counts the `every`-minute marks passed; all-reduced, so every rank acts at the same step."""
+
+    def __init__(self, minutes: float, every: float, elapsed: float = 0.0):
+        super().__init__()
+        self.minutes, self.every, self.t0, self.out_of_time = minutes, every, time.time() - elapsed, False
+        self.marks = self.saved = int(elapsed / 60 // every) if every else 0   # marks behind a resumed run
+
+    def elapsed(self) -> float:
+        return time.time() - self.t0
+
+    def requested(self, world: int = 1) -> bool:
+        m = self.elapsed() / 60
+        v = torch.tensor([float(self.flag), float(0 < self.minutes <= m), m // self.every if self.every else 0.0])
+        if world > 1:
+            import torch.distributed as dist
+            dist.all_reduce(v, op=dist.ReduceOp.MAX)
+        self.out_of_time, self.marks = bool(v[1]), int(v[2])
+        return bool(v[0]) or self.out_of_time
 
 
 def train(args) -> int:
@@ -380,6 +429,9 @@ def train(args) -> int:
     # --- models, optimisers, state -----------------------------------------------------------------
     torch.manual_seed(cfg.seed)                                 # identical initial weights on every rank
     G, D, G_ema = (m.to(device) for m in build_models(cfg))
+    if device.type == "cuda":                                   # measured in benchmarks/run.py --only measures
+        torch.backends.cudnn.benchmark = True                   # fixed shapes: autotune each conv once
+        G, D, G_ema = (m.to(memory_format=torch.channels_last) for m in (G, D, G_ema))   # NHWC tensor-core convs
     opt_G, opt_D = yoso.make_optimizers(G, D, cfg)
     modules, optimizers = {"G": G, "G_ema": G_ema, "D": D}, {"G": opt_G, "D": opt_D}
     step, info = 0, None
@@ -396,6 +448,7 @@ def train(args) -> int:
             yoso.set_rng_state(info["extra"]["rng"], dist)
         if main:
             print(f"resumed from {resume_ckpt} at step {step}")
+    stop = WallClock(cfg.minutes, cfg.ckpt_minutes, info["extra"].get("elapsed", 0.0) if info else 0.0)
     if dist.world > 1:
         from torch.nn.parallel import DistributedDataParallel as DDP
         G, D = DDP(G), DDP(D)
@@ -415,33 +468,48 @@ def train(args) -> int:
     def step_fn(s: int) -> dict:
         x0 = get_batch(images, s, cfg, dist).to(device)
         noise = yoso.step_noise(cfg.batch, x0.shape[1:], cfg.T, s, cfg.seed, dist)   # this rank's share of the global draw
+        if cfg.fixed_t >= 0:
+            noise = (torch.full_like(noise[0], cfg.fixed_t), noise[1])
         return yoso.train_step(G, D, opt_G, opt_D, x0, sched=sched, cfg=cfg, G_ema=G_ema, amp_dtype=amp_dtype,
                                scaler_G=scalers[0], scaler_D=scalers[1], noise=noise)
 
-    def save(s: int) -> None:                                  # collective (RNG gather): every rank calls it
+    def save(s: int, mark: Optional[float] = None) -> None:    # collective (RNG gather): every rank calls it
         rng = yoso.rng_states(dist)
         if main:
             epoch, index = divmod(s, len(images) // cfg.batch)
-            yoso.save_run_checkpoint(out, s, modules, optimizers, keep=cfg.keep, extra=dict(
-                config=cfg.to_dict(), rng=rng, data=dict(n=len(images), seed=cfg.seed, epoch=epoch, index=index),
-                scalers=yoso.scaler_states(scalers)))
+            extra = dict(config=cfg.to_dict(), rng=rng, data=dict(n=len(images), seed=cfg.seed, epoch=epoch, index=index),
+                         scalers=yoso.scaler_states(scalers), elapsed=round(stop.elapsed(), 3))
+            if mark is None:
+                yoso.save_run_checkpoint(out, s, modules, optimizers, keep=cfg.keep, extra=extra)
+            else:                                              # not ckpt-*: kept, and never picked by --resume
+                yoso.save_checkpoint(os.path.join(out, f"wall-{round(mark * 60):05d}s-{s:08d}.safetensors"),
+                                     s, modules, optimizers, extra)
+
+    def wall_mark(s: int) -> None:
+        if stop.marks > stop.saved:
+            stop.saved = stop.marks
+            save(s, mark=stop.marks * cfg.ckpt_minutes)
 
     def grid(s: int) -> None:
         if main:
             x = yoso.sample(G_ema, fixed_noise, sched=sched, cfg=cfg)   # one step, EMA generator
             yoso.save_image_grid(x, os.path.join(out, f"samples-{s:08d}.png"))
+            yoso.plot_metrics(metrics.path)                    # metrics.png beside metrics.jsonl
 
-    stop, guard = yoso.GracefulStop(), yoso.DivergenceGuard(cfg.max_skipped, cfg.saturation_gap, cfg.saturation_steps)
-    step, reason = yoso.run_loop(step_fn, step, cfg.steps, every=[(cfg.ckpt_every, save), (cfg.sample_every, grid)],
-                            log=metrics.write, log_every=cfg.log_every, guard=guard, stop=stop,
-                            world=dist.world, main=main)
+    guard = yoso.DivergenceGuard(cfg.max_skipped, cfg.saturation_gap, cfg.saturation_steps)
+    step, reason = yoso.run_loop(step_fn, step, cfg.steps, every=[(cfg.ckpt_every, save), (cfg.sample_every, grid),
+                                                                  (1, wall_mark)],
+                            log=lambda **m: metrics.write(**m, elapsed=round(stop.elapsed(), 2)),
+                            log_every=cfg.log_every, guard=guard, stop=stop, world=dist.world, main=main)
     if reason == "diverged":                                   # keep the last good checkpoint: write nothing
         if main:
             guard.report(step, out)
         return 3
     save(step)
+    if stop.out_of_time and cfg.ckpt_minutes:                  # the budget's own mark
+        save(step, mark=cfg.minutes)
     grid(step)
-    if reason == "interrupted":
+    if reason == "interrupted" and not stop.out_of_time:
         if main:
             print(f"\ninterrupted at step {step}; checkpoint saved. Resume with:\n"
                   f"  python train_cifar.py --resume {out}")
@@ -449,9 +517,11 @@ def train(args) -> int:
     if args.fid and main:
         score = fid_of(yoso.unwrap(G_ema), args.fid, cfg, reference_subset(images, args.fid_ref), args.inception, device)
         metrics.write(step=step, fid=score, fid_n=args.fid)
+        yoso.plot_metrics(metrics.path)
         print(f"FID ({args.fid} one-step EMA samples): {score:.3f}")
     if main:
-        print(f"done: {step} steps, {guard.total} skipped; run dir {out}")
+        budget = f" (wall-clock budget of {cfg.minutes:g} min reached)" if stop.out_of_time else ""
+        print(f"done: {step} steps{budget}, {guard.total} skipped; run dir {out}")
     return 0
 
 
@@ -465,6 +535,7 @@ def main(argv=None) -> int:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
     p.add_argument("--sample", metavar="CKPT", help="write samples from a checkpoint's EMA generator")
     p.add_argument("--n", type=int, default=64, help="samples to write with --sample")
+    p.add_argument("--npz", metavar="PATH", help="with --sample: write the samples here (and PATH's .png: the first 64)")
     p.add_argument("--steps", type=int, default=1, help="sampling steps with --sample (1 = one-step)")
     p.add_argument("--seed", type=int, default=0, help="noise seed with --sample")
     p.add_argument("--fid", type=int, default=0, metavar="N", help="FID of N one-step EMA samples (after training, or of --sample CKPT)")
@@ -475,6 +546,10 @@ def main(argv=None) -> int:
     def body() -> int:
         if args.n <= 0 or args.steps <= 0 or args.fid < 0 or args.fid_ref < 0:
             raise yoso.UserError("--n and --steps must be positive, --fid and --fid-ref non-negative")
+        if not (args.preset or args.resume or args.sample or torch.cuda.is_available()):
+            print("no GPU: the paper preset runs at ~1 image/s on CPU (benchmarks/results-cpu-fp32.json), ~4 min a "
+                  "step of 256 and years for 200k steps; training the `cpu` preset instead (--preset paper insists)")
+            args.preset = "cpu"
         return run_sample(args) if args.sample else train(args)
     return yoso.run_cli(body)
 

@@ -481,9 +481,11 @@ def train_step(G: nn.Module, D: nn.Module, opt_G, opt_D, x0: Tensor, cond=None, 
                noise: Optional[tuple[Tensor, Tensor]] = None) -> dict:
     """One YOSO iteration: a D step, a G step, an EMA update (Sec. 2). Returns diagnostics.
 
-    Same maths as the naive step of the method doc (4 G forwards, 3 D forwards) with fewer, larger
-    kernels: the two stop-gradient G evaluations run as ONE batched forward, G(x_t) with grad is
-    computed once and its detached copy is D's fake, and D scores real and fake in one forward.
+    Same maths as the naive step of the method doc (4 G forwards, 3 D forwards) with less work and no
+    more memory: the two stop-gradient G evaluations run as ONE batched forward, G(x_t) with grad is
+    computed once and its detached copy is D's fake. Memory: D scores the real batch (forward and
+    backward) before G(x_t)'s graph exists, and the fake in two halves on top of it, so no moment holds
+    more saved activations than the G step itself (benchmarks/run.py measures it: "saved MB").
     With grad_accum > 1 the batch is split into micro-batches; G(x_t) is then recomputed in the G
     step rather than kept alive across the D step (memory is the reason to accumulate).
     G and D may be wrapped in DistributedDataParallel; scaler_G/D are GradScalers for fp16.
@@ -512,6 +514,7 @@ def train_step(G: nn.Module, D: nn.Module, opt_G, opt_D, x0: Tensor, cond=None, 
     micro = [{k: parts[k][i] for k in parts} | {"c": c} for i, c in enumerate(split_cond(cond, grad_accum))]
 
     # --- 2. D step: real = sg G(x_{t_D}, t_D), fake = sg G(x_t, t), both scored at t ------------------
+    # L_D = real term + fake term (Sec. 2 step 2), so each term runs forward and backward on its own.
     use_D = cfg.lambda_adv > 0                                 # λ_adv = 0: the no-discriminator ablation
     D.requires_grad_(True)
     opt_D.zero_grad(set_to_none=True)
@@ -520,23 +523,35 @@ def train_step(G: nn.Module, D: nn.Module, opt_G, opt_D, x0: Tensor, cond=None, 
         B = m["x0"].shape[0]
         with torch.no_grad(), autocast():
             if use_D:                                          # the two sg evaluations as ONE forward
-                both = predict_x0(G_plain, torch.cat([m["x_tD"], m["x_tC"]]), torch.cat([m["t_D"], m["t_C"]]),
-                                  cat_cond(m["c"], m["c"]), sched, cfg)
-                x0_real, m["target"] = both[:B], both[B:]
+                x0_real, m["target"] = predict_x0(G_plain, torch.cat([m["x_tD"], m["x_tC"]]),
+                                                  torch.cat([m["t_D"], m["t_C"]]), cat_cond(m["c"], m["c"]),
+                                                  sched, cfg).chunk(2)
             else:                                              # no D: only the consistency target
                 m["target"] = predict_x0(G_plain, m["x_tC"], m["t_C"], m["c"], sched, cfg)
+        if use_D:                                              # real first: its D graph is gone before G's exists
+            with D.no_sync() if hasattr(D, "no_sync") else contextlib.nullcontext(), autocast():   # DDP: fake syncs
+                logits_real = D(x0_real, m["t"], m["c"])
+                loss_real = _discriminator_loss_half(logits_real, True, batch_mean)
+            scale(loss_real / grad_accum, scaler_D).backward()
         with torch.set_grad_enabled(keep_graph), autocast():  # G(x_t): D's fake now, the G step's x̂ later
             x0_hat = predict_x0(G, m["x_t"], m["t"], m["c"], sched, cfg)
         m["x0_hat"] = x0_hat if keep_graph else None
         if not use_D:
             continue
-        with _sync_on_last(D, i, grad_accum):                  # DDP: all-reduce after the last micro-batch
-            with autocast():                                   # real and fake through D in one forward
-                logits = D(torch.cat([x0_real, x0_hat.detach()]), torch.cat([m["t"], m["t"]]), cat_cond(m["c"], m["c"]))
-                logits_real, logits_fake = logits[:B], logits[B:]
-                loss_D = discriminator_loss(logits_real, logits_fake, batch_mean).mean()
-            scale(loss_D / grad_accum, scaler_D).backward()
-        stats[:3] += torch.stack([loss_D.detach(), logits_real.detach().float().mean(), logits_fake.detach().float().mean()]) / grad_accum
+        # The fake runs on top of G(x_t)'s graph, in two halves: D with parameter gradients saves about
+        # twice what the G step's D (input gradient only) saves, so a half-batch D graph keeps this peak
+        # under the G step's. softplus of the batch-mean logit does not split: batch_mean runs it whole.
+        pieces = min(2, B) if keep_graph and not batch_mean else 1
+        loss_fake, sum_fake = 0.0, 0.0
+        for j, (x0_fake, t_j, c_j) in enumerate(zip(x0_hat.detach().chunk(pieces), m["t"].chunk(pieces),
+                                                    split_cond(m["c"], pieces))):
+            with _sync_on_last(D, i * pieces + j, grad_accum * pieces), autocast():   # DDP: all-reduce once, last
+                logits_fake = D(x0_fake, t_j, c_j)
+                loss = _discriminator_loss_half(logits_fake, False, batch_mean) * (logits_fake.shape[0] / B)
+            scale(loss / grad_accum, scaler_D).backward()
+            loss_fake, sum_fake = loss_fake + loss.detach(), sum_fake + logits_fake.detach().float().sum()
+        stats[:3] += torch.stack([loss_real.detach() + loss_fake, logits_real.detach().float().mean(),
+                                  sum_fake / B]) / grad_accum
     grad_norm_D = optimizer_step(opt_D, D.parameters(), scaler_D, max_norm=None) if use_D else 0.0
 
     # --- 3. G step: D frozen (its plain module, so DDP does not wait for D's gradients) --------------
@@ -569,6 +584,12 @@ def train_step(G: nn.Module, D: nn.Module, opt_G, opt_D, x0: Tensor, cond=None, 
     return out
 
 
+def _discriminator_loss_half(logits: Tensor, real: bool, batch_mean: bool) -> Tensor:
+    """The real or the fake term of discriminator_loss, batch-reduced: L_D is their sum, so each term can
+    run forward and backward on its own graph and D's gradient is the same sum."""
+    return logistic_loss(logits.mean(0, keepdim=True) if batch_mean else logits, real).mean()
+
+
 def _sync_on_last(module: nn.Module, i: int, n: int):
     """Under DDP, all-reduce gradients after the last micro-batch only."""
     return module.no_sync() if i < n - 1 and hasattr(module, "no_sync") else contextlib.nullcontext()
@@ -593,11 +614,19 @@ def optimizer_step(opt, params, scaler, max_norm: Optional[float]) -> float:
     return norm
 
 
-def make_optimizers(G: nn.Module, D: nn.Module, cfg: YOSOConfig, lr: Optional[float] = None):
-    """AdamW for G (β = 0.9, 0.999) and D (β = 0, 0.999), same lr (Sec. 2 step 4). Trainable params only."""
+def make_optimizers(G: nn.Module, D: nn.Module, cfg: YOSOConfig, lr: Optional[float] = None,
+                    fused: Optional[bool] = None):
+    """AdamW for G (β = 0.9, 0.999) and D (β = 0, 0.999), same lr (Sec. 2 step 4). Trainable params only.
+
+    fused: one multi-tensor kernel per step instead of a chain per parameter; None = on CUDA only (the
+    same update, to float rounding).
+    """
     lr = cfg.lr if lr is None else lr
-    make = lambda m, betas: torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=lr,
-                                              betas=betas, weight_decay=cfg.weight_decay)
+
+    def make(m, betas):
+        params = [p for p in m.parameters() if p.requires_grad]
+        on_cuda = fused if fused is not None else all(p.is_cuda for p in params)
+        return torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=cfg.weight_decay, fused=on_cuda or None)
     return make(G, cfg.betas_G), make(D, cfg.betas_D)
 
 
@@ -711,7 +740,7 @@ def _flatten_optimizer(prefix: str, opt) -> tuple[dict, dict]:
         for key, value in state.items():
             name = f"{prefix}.state.{idx}.{key}"
             if torch.is_tensor(value):
-                tensors[name] = value.detach().contiguous().clone()
+                tensors[name] = value
             else:
                 meta["scalars"][name] = value
     return tensors, meta
@@ -728,6 +757,20 @@ def _unflatten_optimizer(prefix: str, tensors: dict, meta: dict) -> dict:
     return {"state": state, "param_groups": groups}
 
 
+def _host_tensors(tensors: dict) -> dict:
+    """The tensors as save_file needs them (CPU, contiguous, no two sharing memory) at the least memory:
+    a CPU tensor as it is, an accelerator one copied straight into host memory — no device-side clone,
+    which made writing a checkpoint a run's GPU memory peak (issue 15)."""
+    out, seen = {}, set()
+    for k, v in tensors.items():
+        v = v.detach().to("cpu").contiguous()
+        if v.untyped_storage().data_ptr() in seen:          # tied weights: safetensors refuses shared memory
+            v = v.clone()
+        seen.add(v.untyped_storage().data_ptr())
+        out[k] = v
+    return out
+
+
 def save_checkpoint(path: str, step: int, modules: dict, optimizers: dict, extra: Optional[dict] = None) -> None:
     """Write modules, optimisers, step and RNG states to `path` atomically (temp file, fsync, rename).
 
@@ -737,7 +780,7 @@ def save_checkpoint(path: str, step: int, modules: dict, optimizers: dict, extra
     tensors, meta = {}, {"step": step, "optimizers": {}, "extra": extra or {}}
     for name, m in modules.items():
         for k, v in unwrap(m).state_dict().items():
-            tensors[f"{name}/{k}"] = v.detach().contiguous().clone()
+            tensors[f"{name}/{k}"] = v
     for name, opt in optimizers.items():
         t, m = _flatten_optimizer(f"opt_{name}", opt)
         tensors.update(t)
@@ -746,7 +789,7 @@ def save_checkpoint(path: str, step: int, modules: dict, optimizers: dict, extra
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         tensors["rng/cuda"] = torch.cuda.get_rng_state()
     tmp = path + ".tmp"
-    save_file({k: v.cpu() for k, v in tensors.items()}, tmp, metadata={"yoso": json.dumps(meta)})
+    save_file(_host_tensors(tensors), tmp, metadata={"yoso": json.dumps(meta)})
     with open(tmp, "rb") as f:
         os.fsync(f.fileno())
     os.replace(tmp, path)
@@ -802,6 +845,42 @@ def list_checkpoints(run_dir: str) -> list:
         return []
     names = [n for n in os.listdir(run_dir) if n.startswith("ckpt-") and n.endswith(".safetensors")]
     return [os.path.join(run_dir, n) for n in sorted(names, key=lambda n: int(n[5:-12]))]
+
+
+RUN_FILES = ("config.json", "yoso_config.json", "metrics.jsonl")    # what marks a folder as a run's
+
+
+def refuse_existing_run(run_dir: str, how_to_resume: str) -> None:
+    """A new run never writes into a folder that holds an earlier run: it would overwrite that run's config
+    and checkpoints and append to its metrics, and the earlier run could no longer be resumed."""
+    found = [n for n in RUN_FILES if os.path.exists(os.path.join(run_dir, n))] + \
+            [os.path.basename(p) for p in list_checkpoints(run_dir)[-1:]]
+    if found:
+        raise UserError(f"{run_dir} already holds a run ({', '.join(found)}); continue it with {how_to_resume}, "
+                        "or choose another --out")
+
+
+def newest_intact_checkpoint(run_dir: str) -> Optional[str]:
+    """The newest checkpoint of a run that reads back (None if there is none), for --resume.
+
+    A newer one that does not (truncated by a full disk or a killed copy; save_checkpoint itself never
+    leaves one) is skipped with one line and renamed *.corrupt: kept for a look, and out of
+    list_checkpoints, so the `keep` rotation of the resumed run cannot delete intact ones in its favour.
+    """
+    from safetensors import safe_open
+    main = int(os.environ.get("RANK", 0)) == 0                 # every rank gets the same answer; rank 0 renames
+    for path in reversed(list_checkpoints(run_dir)):
+        try:
+            with safe_open(path, "pt") as f:                   # checks the header covers the file: catches truncation
+                json.loads(f.metadata()["yoso"])
+            return path
+        except Exception as e:
+            if main:
+                with contextlib.suppress(FileNotFoundError):
+                    os.replace(path, path + ".corrupt")
+                print(f"warning: skipping unreadable checkpoint {path} ({type(e).__name__}: {str(e)[:80]}); "
+                      "renamed to *.corrupt, resuming from the newest intact one", file=sys.stderr)
+    return None
 
 
 def save_run_checkpoint(run_dir: str, step: int, modules: dict, optimizers: dict,
@@ -974,11 +1053,11 @@ def run_loop(step_fn: Callable[[int], dict], start: int, total: int, *, every: l
         for k, v in stats.items():
             sums[k] = sums.get(k, 0.0) + v
         n += 1
-        bar.update(1)
         shown = {k: f"{v:.3f}" for k, v in stats.items() if k.startswith("loss")}
         if "D_real" in stats:
             shown["D_gap"] = f"{stats['D_real'] - stats['D_fake']:.2f}"
-        bar.set_postfix(shown, skipped=guard.total, refresh=False)
+        bar.set_postfix(shown, skipped=guard.total, refresh=False)   # before update(): the line drawn for a step
+        bar.update(1)                                                # shows that step's figures, close() the same
         if step % log_every == 0 or step == total:
             means = {k: v / n for k, v in sums.items() if k != "skipped"}
             log(step=step, **means, skipped=int(sums["skipped"]), skipped_total=guard.total,
@@ -1087,3 +1166,42 @@ def read_checkpoint_meta(path: str) -> dict:
             return json.loads(f.metadata()["yoso"])
     except Exception as e:
         raise UserError(f"{path} is not a YOSO checkpoint ({type(e).__name__}); pass a ckpt-*.safetensors file") from None
+
+
+def plot_metrics(jsonl: str, png: Optional[str] = None) -> Optional[str]:
+    """metrics.jsonl -> metrics.png beside it: the losses, D(real) − D(fake), and one-step FID where a line
+    has "fid". The scripts call it with each sample grid; matplotlib is imported here (not a dependency
+    of the method). Returns the PNG path, or None when there is nothing to plot yet."""
+    rows = []
+    if os.path.isfile(jsonl):
+        with open(jsonl) as f:
+            rows = [json.loads(line) for line in f if line.strip()]
+    train = [r for r in rows if "loss_G" in r]
+    fid = [r for r in rows if "fid" in r]
+    if not train and not fid:
+        return None
+    import matplotlib
+    matplotlib.use("Agg")                                      # files only; no display needed
+    import matplotlib.pyplot as plt
+    x_of = lambda r: r["step"]
+    fig, axes = plt.subplots(1, 3 if fid else 2, figsize=(15 if fid else 10, 3.6))
+    for key in ("loss_D", "L_adv", "L_con", "L_rec", "loss_G"):
+        pts = [(x_of(r), r[key]) for r in train if key in r and math.isfinite(r[key]) and r[key] > 0]
+        if pts:
+            axes[0].plot(*zip(*pts), label=key, lw=1)
+    axes[0].set(yscale="log", xlabel="step", title="losses (interval means)")
+    axes[0].legend(fontsize=8)
+    gap = [(x_of(r), r["D_real"] - r["D_fake"]) for r in train if "D_real" in r]
+    if gap:
+        axes[1].plot(*zip(*gap), lw=1)
+    axes[1].axhline(0, color="grey", lw=0.5)
+    axes[1].set(xlabel="step", title="D(real) − D(fake) (logits)")
+    if fid:
+        axes[2].plot([x_of(r) for r in fid], [r["fid"] for r in fid], "o-")
+        axes[2].set(xlabel="step", title="one-step FID (EMA)")
+    fig.tight_layout()
+    png = png or os.path.join(os.path.dirname(os.path.abspath(jsonl)), "metrics.png")
+    fig.savefig(png + ".tmp.png", dpi=80)
+    plt.close(fig)
+    os.replace(png + ".tmp.png", png)                          # a viewer never sees a half-written file
+    return png

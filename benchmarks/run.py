@@ -3,7 +3,9 @@
     python benchmarks/run.py                       # everything, CPU, float32
     python benchmarks/run.py --device cuda --dtype bf16 --channels-last
     python benchmarks/run.py --only step,fused     # a subset: step, roofline, sampling, fused, loader
-    python benchmarks/run.py --shapes pixart-tiny   # shapes: cifar, pixart-small, pixart-tiny
+    python benchmarks/run.py --shapes pixart-tiny   # shapes: cifar, pixart-small, cifar-tiny, pixart-tiny
+    python benchmarks/run.py --device cuda --dtype bf16 --only measures   # GPU measures, one at a time
+    python benchmarks/run.py --device cuda --dtype bf16 --profile          # where the CIFAR step's time goes
 
 Every figure is measured in this run, and every ratio is between two figures of this run. Nothing
 here is pass/fail; the targets (issue 6) are printed beside the ratios.
@@ -12,7 +14,6 @@ import argparse
 import copy
 import json
 import os
-import subprocess
 import sys
 import time
 
@@ -62,38 +63,82 @@ def time_pair(fn_a, fn_b, device, warmup=1, iters=3):
     return tuple(sorted(t)[len(t) // 2] for t in times)
 
 
-def _proc_status_kb(field):
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
-
-
 def peak_step_memory(fn, device):
-    """Bytes one step needs above what was allocated before it: CUDA allocator peak, or CPU peak RSS.
-
-    On CPU the kernel's peak-RSS mark is reset first (Linux: write 5 to /proc/self/clear_refs), and the
-    caller measures the FIRST step of a fresh process, before the allocator holds freed memory.
-    """
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        fn()
-        torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated() - base
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    base = _proc_status_kb("VmRSS")
+    """CUDA: bytes one step allocates above what was allocated before it (the caching allocator's peak)."""
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
     fn()
-    return (_proc_status_kb("VmHWM") - base) * 1024
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - base
+
+
+class SavedBytes:
+    """Peak bytes autograd holds saved for backward while a step runs: exact, and the same on any machine.
+
+    Counts each storage once (two saved views of one tensor are one buffer), from the moment an op saves
+    it until its graph is freed; storages that existed before (parameters, buffers, the batch) are not
+    counted, as a GPU allocator's peak above the step's start would not count them either. This is the
+    part of a step's memory that its structure decides: which graphs are alive at the same time.
+        with SavedBytes(G, D, x0) as m: step()
+        m.peak                                            # bytes
+    """
+
+    def __init__(self, *existing):
+        tensors = [t for obj in existing if obj is not None for t in
+                   (list(obj.parameters()) + list(obj.buffers()) if isinstance(obj, torch.nn.Module) else
+                    list(obj.values()) if isinstance(obj, dict) else [obj])]
+        self.skip = {t.untyped_storage().data_ptr() for t in tensors}
+        self.live, self.now, self.peak = {}, 0, 0               # storage -> [bytes, times saved]
+
+    def _pack(self, t):
+        key = t.untyped_storage().data_ptr()
+        if key in self.skip:
+            return t
+        entry = self.live.setdefault(key, [t.untyped_storage().nbytes(), 0])
+        if entry[1] == 0:
+            self.now += entry[0]
+            self.peak = max(self.peak, self.now)
+        entry[1] += 1
+        return _Saved(t, key, self)
+
+    def _release(self, key):
+        entry = self.live[key]
+        entry[1] -= 1
+        if entry[1] == 0:
+            self.now -= entry[0]
+            del self.live[key]
+
+    def __enter__(self):
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda p: p.t if isinstance(p, _Saved) else p)
+        self._hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self._hooks.__exit__(*exc)
+
+
+class _Saved:
+    """One saved tensor; tells its SavedBytes when autograd lets go of it (graph freed after backward)."""
+    __slots__ = ("t", "key", "owner")
+
+    def __init__(self, t, key, owner):
+        self.t, self.key, self.owner = t, key, owner
+
+    def __del__(self):
+        self.owner._release(self.key)
 
 
 # ------------------------------------------------------------------------------------------ workloads
 
 def workload(name, device, batch, channels_last=False):
-    """(G, D, x0, cond, cfg, sched) for a named shape: 'cifar' (the paper preset), 'pixart-small', 'pixart-tiny'."""
-    if name == "cifar":
+    """(G, D, x0, cond, cfg, sched) for a named shape: 'cifar' (the paper preset), 'pixart-small', 'cifar-tiny',
+    'pixart-tiny'."""
+    if name in ("cifar", "cifar-tiny"):                     # cifar-tiny: the smoke preset's nets + one attention level
+        import dataclasses
         import train_cifar
-        cfg = train_cifar.make_config("paper")
+        cfg = train_cifar.make_config("paper") if name == "cifar" else \
+            dataclasses.replace(train_cifar.make_config("smoke"), attn_resolutions=(16,))
         G, D, _ = train_cifar.build_models(cfg)
         x0, cond = torch.randn(batch, 3, 32, 32), None
     elif name == "pixart-small":
@@ -138,20 +183,29 @@ def pixart_small(batch):
     return G, D, torch.randn(batch, 4, 32, 32), cond, cfg
 
 
-def make_step(variant, w, amp):
-    """A closure running one train step of `variant` ('ours' or 'naive') on workload w."""
+def make_step(variant, w, amp, fused_adamw=None):
+    """(closure running one train step of `variant` ('ours' or 'naive') on workload w, the tensors it owns).
+
+    Each closure trains its own copies of G and D. fused_adamw: None = yoso.make_optimizers' choice."""
     G, D, x0, cond, cfg, sched = w
     G, D = copy.deepcopy(G), copy.deepcopy(D)
     E = copy.deepcopy(G).requires_grad_(False)
-    opt_G, opt_D = yoso.make_optimizers(G, D, cfg)
-    device = x0.device
+    opt_G, opt_D = yoso.make_optimizers(G, D, cfg, **({} if fused_adamw is None else dict(fused=fused_adamw)))
+    device, owned = x0.device, (G, D, E, x0, cond)
     if variant == "ours":
-        return lambda: yoso.train_step(G, D, opt_G, opt_D, x0, cond, sched=sched, cfg=cfg, G_ema=E, amp_dtype=amp)
+        return lambda: yoso.train_step(G, D, opt_G, opt_D, x0, cond, sched=sched, cfg=cfg, G_ema=E, amp_dtype=amp), owned
 
     def naive():
         with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
             naive_train_step(G, D, opt_G, opt_D, x0, cond, sched, cfg, G_ema=E)
-    return naive
+    return naive, owned
+
+
+def saved_peak(step, owned):
+    """SavedBytes' peak over one call of step (the tensors it owns are not counted)."""
+    with SavedBytes(*owned) as m:
+        step()
+    return m.peak
 
 
 # ------------------------------------------------------------------------------------------ 1. step
@@ -160,32 +214,99 @@ def bench_step(args, device, amp):
     rows = []
     for shape in args.shapes:
         w = workload(shape, device, args.batch, args.channels_last)
-        t = dict(zip(("naive", "ours"), time_pair(make_step("naive", w, amp), make_step("ours", w, amp), device,
-                                                   iters=args.iters)))
-        mem = {v: step_memory(v, shape, args) if device.type == "cpu" else
-               peak_step_memory(make_step(v, w, amp), device) for v in ("naive", "ours")}
+        steps = {v: make_step(v, w, amp) for v in ("naive", "ours")}
+        t = dict(zip(("naive", "ours"), time_pair(steps["naive"][0], steps["ours"][0], device, iters=args.iters)))
+        saved = {v: saved_peak(*steps[v]) for v in steps}       # exact; the same figure on any machine
         B = w[2].shape[0]
-        rows.append(dict(shape=shape, batch=B, naive_s=t["naive"], ours_s=t["ours"], time_ratio=t["ours"] / t["naive"],
-                         naive_mem_mb=mem["naive"] / 2**20, ours_mem_mb=mem["ours"] / 2**20,
-                         mem_ratio=mem["ours"] / mem["naive"], ours_img_per_s=B / t["ours"]))
-        print(f"[step] {shape:13s} batch {B:4d}  naive {t['naive']:.3f}s  ours {t['ours']:.3f}s  "
-              f"ratio {t['ours'] / t['naive']:.2f} (target <= 0.75)  peak mem naive {mem['naive'] / 2**20:.0f} MB  "
-              f"ours {mem['ours'] / 2**20:.0f} MB  ratio {mem['ours'] / mem['naive']:.2f}", flush=True)
+        row = dict(shape=shape, batch=B, naive_s=t["naive"], ours_s=t["ours"], time_ratio=t["ours"] / t["naive"],
+                   naive_saved_mb=saved["naive"] / 2**20, ours_saved_mb=saved["ours"] / 2**20,
+                   saved_ratio=saved["ours"] / saved["naive"], ours_img_per_s=B / t["ours"])
+        line = (f"[step] {shape:13s} batch {B:4d}  naive {t['naive']:.3f}s  ours {t['ours']:.3f}s  "
+                f"ratio {row['time_ratio']:.2f} (target <= 0.75)  saved MB ours / literal {row['ours_saved_mb']:.1f} / "
+                f"{row['naive_saved_mb']:.1f}  ratio {row['saved_ratio']:.2f} (target <= 1.05)")
+        if device.type == "cuda":                              # the allocator's peak: everything, not only saved
+            mem = {v: peak_step_memory(make_step(v, w, amp)[0], device) for v in ("naive", "ours")}
+            row.update(naive_mem_mb=mem["naive"] / 2**20, ours_mem_mb=mem["ours"] / 2**20,
+                       mem_ratio=mem["ours"] / mem["naive"])
+            line += (f"  peak mem naive {row['naive_mem_mb']:.0f} MB  ours {row['ours_mem_mb']:.0f} MB  "
+                     f"ratio {row['mem_ratio']:.2f}")
+        rows.append(row)
+        print(line, flush=True)
     return rows
 
 
-def step_memory(variant, shape, args):
-    """CPU: peak RSS of one step in a fresh process (the process-wide peak cannot be reset)."""
-    cmd = [sys.executable, __file__, "--_mem", f"{variant}:{shape}", "--dtype", args.dtype, "--batch", str(args.batch)]
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
-    return float(out.strip().splitlines()[-1])
+# ------------------------------------------------------------------------------------------ 1b. GPU measures
+
+def set_sdpa(G, on):
+    """diffusers' attention: the fused scaled_dot_product_attention processor (its default) or the eager one."""
+    from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0
+    for m in G.modules():
+        if isinstance(m, Attention):
+            m.set_processor(AttnProcessor2_0() if on else AttnProcessor())
 
 
-def _mem_child(spec, amp, batch):
-    variant, shape = spec.split(":")
-    w = workload(shape, torch.device("cpu"), batch)
-    step = make_step(variant, w, amp)
-    print(peak_step_memory(step, torch.device("cpu")))
+def bench_measures(args, device, amp):
+    """The standard measures on the first shape's step, switched on one at a time (cumulative): before/after
+    in one run. On CPU they run too (cudnn.benchmark is then a no-op)."""
+    shape = args.shapes[0]
+    w = workload(shape, device, args.batch)
+    has_attn = any(type(m).__name__ == "Attention" for m in w[0].modules())
+    ladder = [("eager attention, all off", dict(sdpa=False, cudnn=False, cl=False, fused=False)),
+              ("+ SDPA attention", dict(sdpa=True, cudnn=False, cl=False, fused=False)),
+              ("+ cudnn.benchmark", dict(sdpa=True, cudnn=True, cl=False, fused=False)),
+              ("+ channels_last", dict(sdpa=True, cudnn=True, cl=True, fused=False)),
+              ("+ fused AdamW", dict(sdpa=True, cudnn=True, cl=True, fused=True))]
+    rows, base = [], None
+    for name, m in ladder:
+        if not has_attn and not m["sdpa"]:
+            continue
+        G, D = copy.deepcopy(w[0]), copy.deepcopy(w[1])
+        if has_attn:
+            set_sdpa(G, m["sdpa"])
+        if m["cl"]:
+            G, D = G.to(memory_format=torch.channels_last), D.to(memory_format=torch.channels_last)
+        torch.backends.cudnn.benchmark = m["cudnn"]
+        step, _ = make_step("ours", (G, D) + w[2:], amp, fused_adamw=m["fused"])
+        s = time_it(step, device, warmup=2, iters=args.iters)
+        base = base or s
+        rows.append(dict(shape=shape, measure=name, step_s=s, ratio_to_first=s / base, img_per_s=w[2].shape[0] / s))
+        print(f"[measures] {shape:13s} {name:26s} step {s:.4f}s  {w[2].shape[0] / s:8.1f} img/s  "
+              f"ratio to first {s / base:.2f}", flush=True)
+    torch.backends.cudnn.benchmark = False
+    return rows
+
+
+def profile_step(args, device, amp):
+    """torch.profiler over a few train steps of the first shape: the top kernels, and kernel time vs wall time."""
+    from torch.profiler import ProfilerActivity, profile
+    shape = args.shapes[0]
+    w = workload(shape, device, args.batch, args.channels_last)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    step, _ = make_step("ours", w, amp)
+    for _ in range(2):                                         # warm-up outside: autotuning, allocator, optimiser state
+        step()
+    active, cuda = 3, device.type == "cuda"
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=acts) as prof:
+        sync(device)
+        t0 = time.perf_counter()
+        for _ in range(active):
+            step()
+        sync(device)
+        wall = (time.perf_counter() - t0) / active
+    key = "self_cuda_time_total" if cuda else "self_cpu_time_total"
+    events = prof.key_averages()
+    print(f"[profile] {shape}, batch {w[2].shape[0]}, {args.dtype}, {active} steps; top ops by {key}:")
+    print(events.table(sort_by=key, row_limit=args.profile_rows, max_name_column_width=70), flush=True)
+    if cuda:
+        from torch.autograd import DeviceType                  # the kernel rows only (ops' rows repeat them)
+        kernel_s = sum(e.self_device_time_total for e in events if e.device_type == DeviceType.CUDA) / 1e6 / active
+        print(f"[profile] per step: CUDA kernel time {kernel_s * 1e3:.1f} ms, wall {wall * 1e3:.1f} ms, "
+              f"GPU idle (launch gaps, syncs, host work) {(1 - kernel_s / wall):.0%}", flush=True)
+    else:
+        print(f"[profile] per step: wall {wall * 1e3:.1f} ms (CPU: no kernel timeline)", flush=True)
+    return [dict(shape=shape, wall_s=wall)]
 
 
 # ------------------------------------------------------------------------------------------ 2. roofline
@@ -199,7 +320,7 @@ def bench_roofline(args, device, amp):
     rows = []
     for shape in args.shapes:
         w = workload(shape, device, args.batch, args.channels_last)
-        step = make_step("ours", w, amp)
+        step, _ = make_step("ours", w, amp)
         with FlopCounterMode(display=False) as fc:
             step()
         flops = fc.get_total_flops()
@@ -335,7 +456,7 @@ def bench_loader(args, device, amp):
     cfg = train_cifar.make_config("paper", overrides=(f"batch={args.batch}",))
     batch_s = time_it(lambda: train_cifar.get_batch(images, 123, cfg, yoso.Dist()).to(device), device, iters=20)
     w = workload("cifar", device, args.batch, args.channels_last)
-    step_s = time_it(make_step("ours", w, amp), device, iters=args.iters)
+    step_s = time_it(make_step("ours", w, amp)[0], device, iters=args.iters)
     print(f"[loader] decode {len(images)} images once: {decode_ips:.0f} img/s ({len(images) / decode_ips:.1f} s); "
           f"batch assembly {args.batch / batch_s:.0f} img/s; train step {args.batch / step_s:.1f} img/s; "
           f"batch assembly is {step_s / batch_s:.0f}x faster than the step (must be > 1)", flush=True)
@@ -347,24 +468,26 @@ def main():
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="fp32", choices=DTYPES)
     p.add_argument("--channels-last", action="store_true")
-    p.add_argument("--only", default="step,roofline,sampling,fused,loader")
+    p.add_argument("--only", default="step,roofline,sampling,fused,loader",
+                   help="any of step,measures,roofline,sampling,fused,loader")
     p.add_argument("--shapes", default="cifar,pixart-small")
     p.add_argument("--iters", type=int, default=3)
     p.add_argument("--batch", type=int, help="per-step batch (default: 128 on GPU, 8 on CPU)")
     p.add_argument("--data", default=os.path.join(ROOT, "..", "shared", "data", "cifar10-jpeg.zip"))
     p.add_argument("--json", help="also write the rows to this file")
-    p.add_argument("--_mem", help=argparse.SUPPRESS)
+    p.add_argument("--profile", action="store_true", help="profile the first shape's step instead (torch.profiler)")
+    p.add_argument("--profile-rows", type=int, default=25)
     args = p.parse_args()
     torch.manual_seed(0)
     amp = DTYPES[args.dtype]
-    if args._mem:
-        return _mem_child(args._mem, amp, args.batch or 8)
     args.shapes = args.shapes.split(",")
     device = torch.device(args.device)
     args.batch = args.batch or (128 if device.type == "cuda" else 8)
     print(f"device {device} ({torch.cuda.get_device_name() if device.type == 'cuda' else f'{os.cpu_count()} CPU cores'}), "
           f"dtype {args.dtype}, torch {torch.__version__}, threads {torch.get_num_threads()}", flush=True)
-    benches = dict(step=bench_step, roofline=bench_roofline, sampling=bench_sampling, fused=bench_fused, loader=bench_loader)
+    if args.profile:
+        return profile_step(args, device, amp)
+    benches = dict(step=bench_step, measures=bench_measures, roofline=bench_roofline, sampling=bench_sampling, fused=bench_fused, loader=bench_loader)
     results = {name: benches[name](args, device, amp) for name in args.only.split(",")}
     if args.json:
         with open(args.json, "w") as f:

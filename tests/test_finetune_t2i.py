@@ -98,6 +98,9 @@ def test_both_stages_finish_with_finite_losses(lora_run):
         assert os.path.isfile(os.path.join(lora_run, name)), name
     card = open(os.path.join(lora_run, "README.md")).read()
     assert "--preset smoke" in card and "![samples](samples/yoso-" in card
+    assert f"{ft.dtype_keyword()}=dtype" in card and ".to(device)" in card and "clean_caption=False" in card
+    # a real run's setting: the recompute of checkpointed blocks in backward (issue 15: it crashed with LoRA)
+    assert json.load(open(os.path.join(lora_run, "yoso_config.json")))["settings"]["grad_checkpointing"] is True
     assert not os.path.exists(os.path.join(lora_run, "ipi.safetensors"))               # adapted: pure noise
 
 
@@ -126,6 +129,7 @@ def test_saved_transformer_runs_one_step_in_diffusers(lora_run, base):
 def test_sample_cli_writes_a_grid(lora_run):
     r = run_script("--sample", lora_run, "--prompt", "a red house", "--prompt", "a blue car", "--steps", "1")
     assert r.returncode == 0, r.stderr[-2000:]
+    assert "bs4" not in r.stderr and "ftfy" not in r.stderr and "deprecated" not in r.stderr   # clean_caption off
     from PIL import Image
     path = r.stdout.strip().splitlines()[-1]
     assert Image.open(path).size == (4 * 16, 2 * 16)                                  # 2 prompts x 4 images
@@ -192,6 +196,46 @@ def test_full_fine_tuning_keeps_a_frozen_copy(base):
     assert all(torch.equal(p, before[n]) for n, p in frozen.transformer.named_parameters())
 
 
+def test_full_fine_tuning_with_gradient_checkpointing_runs_both_stages(base, data, tmp_path):
+    r = run_script("--base", base, "--data", data, "--preset", "smoke", "--full", "--out", tmp_path / "full")
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = metrics(tmp_path / "full")
+    assert {m["phase"] for m in rows} == {"adapt", "yoso"} and all(m["skipped"] == 0 for m in rows)
+    assert json.load(open(tmp_path / "full" / "yoso_config.json"))["settings"]["grad_checkpointing"] is True
+
+
+def test_checkpointed_features_match_plain_ones_with_adapters_on(base):
+    # the frozen trunk's checkpointed blocks are recomputed in backward, outside the caller's scope; they must
+    # see the adapters off there too (issue 15: they saw them on and the recompute had other shapes)
+    out = ft.build(smoke_config(base), torch.device("cpu"))
+    frozen, params = out[3], out[4]
+    for p in params:
+        p.data.normal_(0, 0.5)
+    _, cond = tiny_inputs(out)
+    grads = []
+    for checkpoint in (False, True):
+        x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1), requires_grad=True)
+        f = ft.perceptual_features(frozen, 3, checkpoint)(x, cond)
+        f.square().sum().backward()
+        grads.append((f.detach(), x.grad))
+    torch.testing.assert_close(grads[0], grads[1])
+    assert frozen.model.get_model_status().enabled is True                  # adapters back on afterwards
+
+
+def test_real_pixart_block_width_runs_both_stages(data, tmp_path):
+    # PixArt-α's per-block layout: width 1152 = 16 heads x 72, cross-attention 1152, T5 width 4096; 2 blocks
+    wide = tiny_pixart.save_pipeline(str(tmp_path / "wide"), num_layers=2, heads=16, head_dim=72,
+                                     caption_channels=4096)
+    r = run_script("--base", wide, "--data", data, "--preset", "smoke", "--out", tmp_path / "run",
+                   "--set", "adapt_steps=2", "--set", "yoso_steps=1", "--set", "ckpt_every=100")
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = metrics(tmp_path / "run")
+    assert [m["phase"] for m in rows] == ["adapt", "adapt", "yoso"] and all(m["skipped"] == 0 for m in rows)
+    ckpt = load_file(yoso.list_checkpoints(str(tmp_path / "run"))[-1])
+    assert ckpt["D/features.blocks.0.attn1.to_q.weight"].shape == (1152, 1152)
+    assert ckpt["D/features.caption_projection.linear_1.weight"].shape == (1152, 4096)
+
+
 def test_latent_perceptual_loss_zero_for_identical_and_grad_to_first_argument_only(base):
     out = ft.build(smoke_config(base), torch.device("cpu"))
     _, model, _, frozen, params, _ = out
@@ -242,6 +286,30 @@ def test_lora_transplant_adds_the_adapter_delta(lora_run, base, tmp_path):
     assert any((tuned[n] - src[n]).abs().max() > 0 for n in src)
     assert json.load(open(os.path.join(dest, "yoso_config.json")))["base"] == target
     assert os.path.isfile(os.path.join(dest, "scheduler", "scheduler_config.json"))
+
+
+def test_transplant_of_an_ipi_run_samples_at_the_target_size(data, tmp_path):
+    # no adaption: the run keeps an informative prior at its own latent size (8x8 here, 64x64 for PixArt-α-512);
+    # width 3 x 8: PixArt-α-1024's size embedding takes a third of the width (1152 = 3 x 384)
+    base = tiny_pixart.save_pipeline(str(tmp_path / "base"), heads=3)
+    out = str(tmp_path / "ipi_run")
+    r = run_script("--base", base, "--data", data, "--preset", "smoke", "--stage", "yoso", "--out", out,
+                   "--set", "yoso_steps=1")
+    assert r.returncode == 0, r.stderr[-3000:]
+    # the 1024 stand-in: PixArt-α-1024's latent size 128 (diffusers' pipeline keys its size conditioning on it)
+    target = tiny_pixart.save_pipeline(str(tmp_path / "target"), seed=1, heads=3, sample_size=128,
+                                     use_additional_conditions=True)
+    dest = ft.transplant(out, target)
+    ipi = yoso.IPI.from_state_dict(load_file(os.path.join(dest, "ipi.safetensors")))
+    assert ipi.mean.shape == (4, 128, 128)
+    assert json.load(open(os.path.join(dest, "yoso_config.json")))["ipi_upsampled_from"] == [8, 8]
+    r = run_script("--sample", dest, "--prompt", "a red house", "--steps", "1")
+    assert r.returncode == 0, r.stderr[-2000:]
+    from PIL import Image
+    assert Image.open(r.stdout.strip().splitlines()[-1]).size == (4 * 256, 256)       # 4 images of 256 px, not 16
+    # a prior of the wrong size is refused, never sampled at its own size
+    shutil.copy(os.path.join(out, "ipi.safetensors"), os.path.join(dest, "ipi.safetensors"))
+    assert_clean_error(run_script("--sample", dest, "--prompt", "a red house"), "8x8 prior", "128x128")
 
 
 # --- errors: one line, exit code 2 -------------------------------------------------------------------
@@ -424,6 +492,28 @@ def test_divergence_stops_with_exit_3_and_keeps_the_last_good_checkpoint(base, d
     assert all(torch.equal(v, good[k]) for k, v in load_file(good_path).items())
     rows = metrics(tmp_path)
     assert [r["skipped_total"] for r in rows] == [1, 2, 3] and rows[-1]["step"] == 7
+
+
+def test_a_new_run_never_overwrites_an_earlier_one(base, data, straight_run, capsys):
+    before = {n: os.path.getmtime(os.path.join(straight_run, n)) for n in os.listdir(straight_run)}
+    assert_main_error(capsys, ["--base", base, "--data", data, *YOSO_RUN, "--out", straight_run],
+                      "already holds a run", "--resume", "another --out")
+    assert {n: os.path.getmtime(os.path.join(straight_run, n)) for n in os.listdir(straight_run)} == before
+
+
+def test_resume_skips_a_truncated_newest_checkpoint(base, data_with_corrupt, straight_run, tmp_path):
+    good = os.path.join(tmp_path, "ckpt-00000004.safetensors")
+    shutil.copy(os.path.join(straight_run, "ckpt-00000004.safetensors"), good)
+    data = open(good, "rb").read()
+    open(os.path.join(tmp_path, "ckpt-00000005.safetensors"), "wb").write(data[: len(data) // 2])   # a cut-off copy
+    r = run_script("--base", base, "--data", data_with_corrupt, *YOSO_RUN, "--out", tmp_path, "--resume",
+                   "--set", "yoso_steps=5")
+    assert r.returncode == 0, r.stderr[-3000:]
+    warnings = [line for line in r.stderr.splitlines() if "ckpt-00000005" in line]
+    assert len(warnings) == 1 and "skipping unreadable checkpoint" in warnings[0]
+    assert "at step 4" in r.stdout and [m["step"] for m in metrics(tmp_path)] == [5]
+    assert os.path.isfile(os.path.join(tmp_path, "ckpt-00000005.safetensors.corrupt"))   # kept aside for a look
+    assert yoso.read_checkpoint_meta(os.path.join(tmp_path, "ckpt-00000005.safetensors"))["step"] == 5
 
 
 def test_resume_with_another_architecture_is_one_clear_error(base, data, straight_run, capsys, monkeypatch):

@@ -331,3 +331,129 @@ def test_fid_reference_subset_spreads_over_the_set():
     images = torch.arange(100).view(100, 1, 1, 1)                      # class-sorted sets stay balanced
     assert tc.reference_subset(images, 10).flatten().tolist() == [0, 11, 22, 33, 44, 55, 66, 77, 88, 99]
     assert tc.reference_subset(images, 0) is images and tc.reference_subset(images, 500) is images
+
+
+# ----------------------------------------------------------------------------------------------------
+# Runs never lose work (issue 15)
+# ----------------------------------------------------------------------------------------------------
+
+def test_a_new_run_never_overwrites_an_earlier_one_and_resume_skips_a_truncated_checkpoint(cifar_like_folder, tmp_path):
+    run = tmp_path / "run"
+    common = ("--preset", "smoke", "--data", cifar_like_folder)
+    assert cli(*common, "--out", run, "--set", "steps=2", "--set", "ckpt_every=1").returncode == 0
+    before = {n: os.path.getmtime(run / n) for n in os.listdir(run)}
+    assert_one_error_line(cli(*common, "--out", run, "--set", "steps=2"), "already holds a run", f"--resume {run}")
+    assert {n: os.path.getmtime(run / n) for n in os.listdir(run)} == before          # nothing touched
+    newest = run / "ckpt-00000002.safetensors"
+    newest.write_bytes(newest.read_bytes()[:1000])                                    # a cut-off write
+    r = cli("--resume", run, "--set", "steps=3")
+    assert r.returncode == 0, r.stderr[-3000:]
+    warnings = [line for line in r.stderr.splitlines() if "ckpt-00000002" in line]
+    assert len(warnings) == 1 and "skipping unreadable checkpoint" in warnings[0]
+    assert "at step 1" in r.stdout and [m["step"] for m in read_metrics(str(run))] == [1, 2, 2, 3]
+    assert os.path.isfile(str(newest) + ".corrupt")
+    assert yoso.read_checkpoint_meta(str(newest))["step"] == 2                        # rewritten, intact
+
+
+# ----------------------------------------------------------------------------------------------------
+# Issue 16: wall-clock budget and marks, sample dumps, metrics plot, the CPU-only default
+# ----------------------------------------------------------------------------------------------------
+
+def test_wall_clock_budget_stops_keeps_marks_resumes_and_dumps_samples(cifar_like_folder, tmp_path):
+    run = tmp_path / "run"
+    r = cli("--preset", "smoke", "--data", cifar_like_folder, "--out", run, "--set", "steps=100000",
+            "--set", "minutes=0.05", "--set", "ckpt_minutes=0.02", "--set", "sample_every=5")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "wall-clock budget of 0.05 min reached" in r.stdout
+    last = yoso.list_checkpoints(str(run))[-1]
+    meta = yoso.read_checkpoint_meta(last)
+    assert 3.0 <= meta["extra"]["elapsed"] < 60 and meta["step"] < 100000
+    walls = sorted(n for n in os.listdir(run) if n.startswith("wall-"))
+    assert walls[-1] == f"wall-00003s-{meta['step']:08d}.safetensors"          # the budget's own mark
+    assert len(walls) >= 2 and walls[0].startswith("wall-00001s-")               # 0.02 min = 1.2 s
+    rows = [m for m in read_metrics(str(run)) if "loss_G" in m]
+    assert [m["elapsed"] for m in rows] == sorted(m["elapsed"] for m in rows) and rows[-1]["elapsed"] >= 3.0
+    assert os.path.getsize(run / "metrics.png") > 1000                          # refreshed with each grid
+    # resume: the wall clock goes on from the checkpoint's elapsed time; a larger budget continues the run
+    r = cli("--resume", run, "--set", "minutes=0.08")
+    assert r.returncode == 0 and f"at step {meta['step']}" in r.stdout, r.stderr[-3000:]
+    meta2 = yoso.read_checkpoint_meta(yoso.list_checkpoints(str(run))[-1])
+    assert meta2["step"] > meta["step"] and 4.8 <= meta2["extra"]["elapsed"] < 60
+    assert f"wall-00005s-{meta2['step']:08d}.safetensors" in os.listdir(run)
+    # a kept mark -> an .npz of one-step EMA samples for FID elsewhere
+    r = cli("--sample", run / walls[0], "--n", 6, "--npz", tmp_path / "d" / "s.npz")
+    assert r.returncode == 0, r.stderr[-3000:]
+    f = np.load(tmp_path / "d" / "s.npz")
+    assert f["samples"].shape == (6, 32, 32, 3) and f["samples"].dtype == np.uint8
+    assert int(f["step"]) == int(walls[0].split("-")[2][:8]) and 1.2 <= float(f["elapsed"]) < 60
+    assert os.path.isfile(tmp_path / "d" / "s.png")
+
+
+def test_plot_metrics_draws_losses_gap_and_fid(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    assert yoso.plot_metrics(str(path)) is None                                 # nothing logged yet: no file
+    with open(path, "w") as f:
+        for s in range(1, 6):
+            f.write(json.dumps(dict(step=s, loss_D=1.3, D_real=0.1 * s, D_fake=0.0, L_adv=0.7, L_con=0.01,
+                                    L_rec=0.1, loss_G=0.8)) + "\n")
+        f.write(json.dumps(dict(step=5, fid=300.0, fid_n=1000)) + "\n")
+    assert yoso.plot_metrics(str(path)) == str(tmp_path / "metrics.png")
+    from PIL import Image
+    assert Image.open(tmp_path / "metrics.png").size[0] > 1000                  # three panels with the FID one
+
+
+def test_no_gpu_and_no_preset_trains_the_cpu_preset_and_says_so(cifar_like_folder, tmp_path):
+    env = dict(CUDA_VISIBLE_DEVICES="")
+    r = cli("--data", cifar_like_folder, "--out", tmp_path / "r", "--set", "steps=1", "--set", "batch=8", env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    said = [line for line in r.stdout.splitlines() if "paper preset" in line]
+    assert len(said) == 1 and "`cpu` preset instead" in said[0] and "--preset paper" in said[0]
+    assert json.load(open(tmp_path / "r" / "config.json"))["preset"] == "cpu"
+    # an explicit --preset paper is obeyed (its batch of 256 is then too large for 24 images)
+    r = cli("--preset", "paper", "--data", cifar_like_folder, "--out", tmp_path / "p", env=env)
+    assert_one_error_line(r, "batch of 256")
+    assert "cpu` preset" not in r.stdout
+
+
+def test_gan_on_real_data_settings_make_d_real_the_data():
+    # (D) of benchmarks/cifar_budget.py: fixed_t = k_D = T-1 and boundary_scaling -> t_D = 0, G(x, 0) = x,
+    # so D's "real" is x_{t_D} = α_0 x_0 + σ_0 ε: the data up to σ_0 = 0.01, whatever G's weights
+    cfg = tc.make_config("smoke", overrides=("boundary_scaling=True", "k_D=999", "fixed_t=999", "zero_terminal_snr=True",
+                                             "lambda_con=0.0", "lambda_rec=0.0"))
+    sched = yoso.NoiseSchedule.from_config(cfg)
+    G = tc.UNetGenerator(cfg)
+    x0, eps = torch.rand(2, 3, 32, 32) * 2 - 1, torch.randn(2, 3, 32, 32)
+    t = torch.full((2,), cfg.fixed_t)
+    t_D = (t - cfg.k_D).clamp(min=0)
+    x_tD = sched.add_noise(x0, eps, t_D)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        real = yoso.predict_x0(G, x_tD, t_D, None, sched, cfg)
+    assert t_D.tolist() == [0, 0] and torch.equal(real, x_tD)
+    assert abs(float(sched.alpha_sigma(t_D)[1][0]) - 0.01) < 1e-6
+    assert float(sched.alpha_sigma(t)[0][0]) == 0.0                             # the fake: G(pure noise, T-1)
+
+
+def test_budget_pack_fits_two_capped_files_losslessly_and_unpacks(tmp_path, monkeypatch):
+    spec = importlib.util.spec_from_file_location("cifar_budget", os.path.join(ROOT, "benchmarks", "cifar_budget.py"))
+    cb = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cb)
+    monkeypatch.setattr(cb, "CAP", 2 * 2 ** 20)                                  # 2 MiB instead of 16: forces choices
+    rng, work, samples = np.random.default_rng(0), tmp_path / "work", {}
+    for run in ("A", "B"):
+        (work / run / "samples").mkdir(parents=True)
+        (work / run / "metrics.jsonl").write_text('{"step": 1}\n')
+        for k in range(3):                                                       # noise: ~3 KB per image, no compression
+            x = rng.integers(0, 256, (300, 32, 32, 3), dtype=np.uint8)
+            name = f"wall-{(k + 1) * 60:05d}s-{k:08d}"
+            np.savez_compressed(work / run / "samples" / f"{name}.npz", samples=x, step=k, elapsed=60.0 * (k + 1))
+            samples[(run, name)] = x
+    paths = cb.pack(str(work), str(tmp_path / "out"))
+    assert len(paths) == 2 and all(os.path.getsize(p) <= 2 * 2 ** 20 for p in paths)
+    found = cb.unpack(str(tmp_path / "out"))
+    kept = {(run, stem) for run, dumps in found.items() for stem, _, _ in dumps}
+    assert {("A", "wall-00180s-00000002"), ("B", "wall-00180s-00000002")} <= kept   # the last marks go first
+    assert len(kept) < 6                                                         # and something did not fit
+    for run, dumps in found.items():
+        for stem, x, info in dumps:
+            assert np.array_equal(x, samples[(run, stem)]) and info["n"] == 300   # lossless round trip
+    assert os.path.isfile(tmp_path / "out" / "unpacked" / "A" / "metrics.jsonl")

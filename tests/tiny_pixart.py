@@ -25,28 +25,32 @@ def make_tokenizer():
     return T5TokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>", extra_ids=0)
 
 
-def make_pipeline(seed: int = 0, num_layers: int = 4):
+def make_pipeline(seed: int = 0, num_layers: int = 4, heads: int = 2, head_dim: int = 8, caption_channels: int = 32,
+                  sample_size: int = 8, use_additional_conditions: bool = False):
+    """heads x head_dim is the transformer's width (and its cross-attention width, as in PixArt-α);
+    caption_channels is the T5 width; sample_size the latent size (images: 2x, the tiny VAE's factor)."""
     from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, PixArtAlphaPipeline, PixArtTransformer2DModel
     from transformers import T5Config, T5EncoderModel
     torch.manual_seed(seed)
     tokenizer = make_tokenizer()
-    text_encoder = T5EncoderModel(T5Config(vocab_size=len(tokenizer), d_model=32, d_kv=8, d_ff=64, num_layers=2,
-                                           num_heads=4, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0))
+    text_encoder = T5EncoderModel(T5Config(vocab_size=len(tokenizer), d_model=caption_channels, d_kv=8, d_ff=64,
+                                           num_layers=2, num_heads=4, pad_token_id=0, eos_token_id=1,
+                                           decoder_start_token_id=0))
     vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16),
                         down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-                        layers_per_block=1, norm_num_groups=4, sample_size=16)
+                        layers_per_block=1, norm_num_groups=4, sample_size=2 * sample_size)
     transformer = PixArtTransformer2DModel(
-        num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8, num_layers=num_layers,
-        cross_attention_dim=16, caption_channels=32, sample_size=8, patch_size=2, norm_num_groups=4,
-        use_additional_conditions=False)
+        num_attention_heads=heads, attention_head_dim=head_dim, in_channels=4, out_channels=8, num_layers=num_layers,
+        cross_attention_dim=heads * head_dim, caption_channels=caption_channels, sample_size=sample_size, patch_size=2,
+        norm_num_groups=4, use_additional_conditions=use_additional_conditions)
     scheduler = DPMSolverMultistepScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
                                             prediction_type="epsilon", num_train_timesteps=1000)
     return PixArtAlphaPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae,
                                transformer=transformer, scheduler=scheduler)
 
 
-def save_pipeline(path: str, seed: int = 0) -> str:
-    make_pipeline(seed).save_pretrained(path)
+def save_pipeline(path: str, seed: int = 0, **sizes) -> str:
+    make_pipeline(seed, **sizes).save_pretrained(path)
     return path
 
 
