@@ -19,7 +19,7 @@ import argparse, glob, io, json, os, shutil, signal, subprocess, sys, tarfile, t
 import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SHARED_ZIP = os.path.join(ROOT, "..", "..", "shared", "data", "cifar10-jpeg.zip")
+SHARED_ZIP = os.path.join(ROOT, "..", "shared", "data", "cifar10-jpeg.zip")
 RESULTS = os.path.join(ROOT, "notebooks", "results")
 CAP = 16 * 2 ** 20 - 256 * 2 ** 10                             # per packed file, with room for tar headers
 

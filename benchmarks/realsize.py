@@ -195,7 +195,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--full", action="store_true", help="full fine-tuning instead of LoRA rank 64")
     p.add_argument("--batch", type=int, default=1, help="batch size (one micro-batch)")
-    p.add_argument("--data", default="/work/shared/data/cifar10-jpeg.zip", help="CIFAR-10 JPEG zip (train/<class>/*)")
+    p.add_argument("--data", default=os.path.join(ROOT, "..", "shared", "data", "cifar10-jpeg.zip"), help="CIFAR-10 JPEG zip (train/<class>/*)")
     p.add_argument("--base", help="an existing diffusers PixArt-α pipeline (e.g. the real PixArt-alpha) instead of "
                                   "the random one")
     p.add_argument("--build-only", metavar="DIR", help=argparse.SUPPRESS)    # the child process that builds it
