@@ -32,7 +32,6 @@ import yoso
 
 # --- Config: the defaults ARE the paper-scale run; presets override only deltas ---------------------------------
 
-
 @dataclass
 class TrainConfig(yoso.YOSOConfig):
     preset: str = "paper"              # the preset these settings came from (checked on --resume)
