@@ -330,7 +330,6 @@ class Encoder:
             raise yoso.UserError(f"resolution {self.image_size} is not divisible by {down * tf_cfg.patch_size} = VAE "
                                  f"factor {down} x patch size {tf_cfg.patch_size}; pick a multiple of it")
         self.latent_size = self.image_size // down
-        self.scaling = vae_cfg.scaling_factor
 
     @torch.no_grad()
     def text(self, prompts: list) -> dict:
@@ -347,7 +346,7 @@ class Encoder:
         pix = torch.stack([TF.to_tensor(crop(Image.open(p).convert("RGB"))) * 2 - 1 for p in paths])   # [-1, 1]
         pix = pix.to(self.device, self.base.vae.dtype)
         # deviation: the posterior mean, not a sample — deterministic, so cached and on-the-fly latents agree
-        latents = self.base.vae.encode(pix).latent_dist.mode().float() * self.scaling
+        latents = self.base.vae.encode(pix).latent_dist.mode().float() * self.base.vae.config.scaling_factor
         return latents.contiguous()     # the VAE returns channels-last strides; randn_like(x_0) would follow them
 
     @torch.no_grad()
