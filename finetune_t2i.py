@@ -1,4 +1,4 @@
-"""finetune_t2i.py — turn PixArt-α into a one-step text-to-image generator with YOSO (method doc Sec. 4).
+"""finetune_t2i.py — turn PixArt-α into a one-step text-to-image generator with YOSO (arXiv 2403.12931; README.md)
 
     python finetune_t2i.py --base PixArt-alpha --data DIR          # images + metadata.jsonl {"file_name", "text"}
     python finetune_t2i.py --base PixArt-alpha --prompts FILE      # the base's own 20-step samples are the data
@@ -16,11 +16,8 @@ With LoRA (the default) the frozen pre-trained model — adaption teacher and pe
 is the trained model with its adapters switched off: no second copy of PixArt in memory.
 
 Output folder (--out): adapter/ (peft), transformer/ (merged, diffusers layout), scheduler/ (LCMScheduler
-config for one-step sampling), ipi.safetensors (IPI runs only), samples/, metrics.jsonl, checkpoints,
-README.md (model card). Load it with diffusers (dtype = torch.bfloat16 on a GPU; diffusers < 0.42: torch_dtype=):
-    pipe = PixArtAlphaPipeline.from_pretrained(base, dtype=dtype, scheduler=LCMScheduler.from_pretrained(out + "/scheduler"),
-        transformer=PixArtTransformer2DModel.from_pretrained(out + "/transformer", dtype=dtype)).to("cuda")
-    pipe(prompt, num_inference_steps=1, guidance_scale=1.0, clean_caption=False)
+config for one-step sampling), ipi.safetensors (IPI runs only), samples/, metrics.jsonl, checkpoints, and
+README.md: the model card, with the diffusers code that loads the result.
 """
 from __future__ import annotations
 
@@ -39,11 +36,16 @@ from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn as nn
+from PIL import Image
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
 
 import yoso
 
 BASES = {"PixArt-alpha": "PixArt-alpha/PixArt-XL-2-512x512",
          "PixArt-alpha-1024": "PixArt-alpha/PixArt-XL-2-1024-MS"}
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+PHASES = ("adapt", "yoso")
 
 
 # ==================================================================================================
@@ -89,14 +91,13 @@ class T2IConfig:
         lr=2e-5, ema_decay=0.999))      # official LoRA lr and EMA
 
     def __post_init__(self):
-        if self.stage not in ("adapt", "yoso", "all"):
-            raise ValueError(f"stage must be adapt, yoso or all, got {self.stage!r}")
-        for name in (["adapt_steps"] if self.stage != "yoso" else []) + (["yoso_steps"] if self.stage != "adapt" else []) \
+        if self.stage not in ("adapt", "yoso", "all") or self.precision not in DTYPES:
+            raise ValueError(f"stage must be adapt, yoso or all and precision bf16, fp16 or fp32, "
+                             f"got stage={self.stage!r}, precision={self.precision!r}")
+        for name in [f"{p}_steps" for p in PHASES if self.stage in (p, "all")] \
                 + ["batch_size", "grad_accum", "ckpt_every", "sample_every", "log_every", "max_skipped"]:
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {name}={getattr(self, name)}")
-        if self.precision not in ("bf16", "fp16", "fp32"):
-            raise ValueError(f"precision must be bf16, fp16 or fp32, got {self.precision!r}")
 
 
 PRESETS = {
@@ -144,26 +145,33 @@ def resolve_base(name: str) -> str:
     return path
 
 
-def load_base(name: str, text_encoder: bool = True, dtype=torch.float32) -> Base:
+@contextlib.contextmanager
+def loading(what: str, path: str):
+    """Quiet diffusers / transformers loading (stderr stays for our own messages); any failure — hub errors,
+    missing subfolders, wrong model types: all mean "not a PixArt pipeline" — is one UserError line."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
+    try:
+        yield
+    except Exception as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise yoso.UserError(f"{what}: cannot load a PixArt-α diffusers pipeline from {path!r} ({reason[:200]})") from None
+
+
+def load_base(name: str, dtype=torch.float32) -> Base:
     """T5 encoder + tokenizer, VAE, PixArtTransformer2DModel and the scheduler config of a diffusers pipeline."""
     from diffusers import AutoencoderKL, DDPMScheduler, PixArtTransformer2DModel
-    from diffusers.utils import logging as diffusers_logging
     from transformers import AutoTokenizer, T5EncoderModel
-    from transformers.utils import logging as transformers_logging
-    diffusers_logging.disable_progress_bar()                    # stderr stays for our own messages
-    transformers_logging.disable_progress_bar()
     path = resolve_base(name)
-    try:
+    with loading(f"--base {name}", path):
         return Base(path=path,
                     tokenizer=AutoTokenizer.from_pretrained(path, subfolder="tokenizer"),
-                    text_encoder=T5EncoderModel.from_pretrained(path, subfolder="text_encoder", dtype=dtype)
-                    if text_encoder else None,
+                    text_encoder=T5EncoderModel.from_pretrained(path, subfolder="text_encoder", dtype=dtype),
                     vae=AutoencoderKL.from_pretrained(path, subfolder="vae", **{dtype_keyword(): dtype}),
                     transformer=PixArtTransformer2DModel.from_pretrained(path, subfolder="transformer"),
                     scheduler_config=dict(DDPMScheduler.load_config(path, subfolder="scheduler")))
-    except Exception as e:  # hub errors, missing subfolders, wrong model types: all mean "not a PixArt pipeline"
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise yoso.UserError(f"--base {name}: cannot load a PixArt-α diffusers pipeline from {path!r} ({reason[:200]})") from None
 
 
 def schedule_config(yoso_cfg: yoso.YOSOConfig, sched: dict, adapted: bool) -> yoso.YOSOConfig:
@@ -193,9 +201,8 @@ class PixArtDenoiser(nn.Module):
         self.transformer = transformer
 
     def forward(self, x_t, t, cond):
-        tf = self.transformer.get_base_model() if hasattr(self.transformer, "get_base_model") else self.transformer
         out = self.transformer(x_t, encoder_hidden_states=cond["emb"], encoder_attention_mask=cond["mask"],
-                               timestep=t, added_cond_kwargs=added_cond(tf, x_t), return_dict=False)[0]
+                               timestep=t, added_cond_kwargs=added_cond(self.transformer, x_t), return_dict=False)[0]
         return out[:, : x_t.shape[1]]                           # (B, 2C, H, W) -> (B, C, H, W): drop learned sigma
 
 
@@ -241,9 +248,9 @@ class FrozenBase:
     with full fine-tuning a frozen deep copy. Use as `with base(): base.denoiser(...)`.
     """
 
-    def __init__(self, model: nn.Module):
-        self.lora = hasattr(model, "disable_adapter")
-        self.model = model if self.lora else copy.deepcopy(model).requires_grad_(False)
+    def __init__(self, model: nn.Module, dtype=torch.float32):
+        self.lora = hasattr(model, "disable_adapter")           # LoRA: the base is already in `dtype` (build)
+        self.model = model if self.lora else copy.deepcopy(model).requires_grad_(False).to(dtype)
         self.transformer = model.get_base_model() if self.lora else self.model
         self.denoiser = PixArtDenoiser(self.transformer)
 
@@ -260,20 +267,11 @@ def perceptual_features(base: FrozenBase, n_blocks: int, checkpoint: bool = Fals
     return features
 
 
-def add_lora(transformer: nn.Module, rank: int, alpha: float):
-    """peft LoRA on every attention and feed-forward linear of the transformer blocks (official target list)."""
-    from peft import LoraConfig, get_peft_model
-    targets = ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2"]
-    return get_peft_model(transformer, LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian",
-                                                  target_modules=targets))
-
-
 # ==================================================================================================
 # Data: (latent x_0, T5 conditioning) per item — from images, from the base's own samples, or from a cache
 # ==================================================================================================
 
 def readable_image(path: str) -> bool:
-    from PIL import Image
     try:
         with Image.open(path) as img:
             img.convert("RGB")                                  # decodes it all: truncated files fail here
@@ -332,7 +330,6 @@ class Encoder:
             raise yoso.UserError(f"resolution {self.image_size} is not divisible by {down * tf_cfg.patch_size} = VAE "
                                  f"factor {down} x patch size {tf_cfg.patch_size}; pick a multiple of it")
         self.latent_size = self.image_size // down
-        self.scaling = vae_cfg.scaling_factor
 
     @torch.no_grad()
     def text(self, prompts: list) -> dict:
@@ -344,15 +341,12 @@ class Encoder:
 
     @torch.no_grad()
     def images(self, paths: list) -> torch.Tensor:
-        from PIL import Image
         from torchvision.transforms import functional as TF
-        pix = []
-        for p in paths:
-            img = TF.center_crop(TF.resize(Image.open(p).convert("RGB"), self.image_size), self.image_size)
-            pix.append(TF.to_tensor(img) * 2 - 1)                 # [-1, 1]
-        pix = torch.stack(pix).to(self.device, self.base.vae.dtype)
+        crop = lambda img: TF.center_crop(TF.resize(img, self.image_size), self.image_size)
+        pix = torch.stack([TF.to_tensor(crop(Image.open(p).convert("RGB"))) * 2 - 1 for p in paths])   # [-1, 1]
+        pix = pix.to(self.device, self.base.vae.dtype)
         # deviation: the posterior mean, not a sample — deterministic, so cached and on-the-fly latents agree
-        latents = self.base.vae.encode(pix).latent_dist.mode().float() * self.scaling
+        latents = self.base.vae.encode(pix).latent_dist.mode().float() * self.base.vae.config.scaling_factor
         return latents.contiguous()     # the VAE returns channels-last strides; randn_like(x_0) would follow them
 
     @torch.no_grad()
@@ -392,29 +386,26 @@ class Items:
     def get(self, indices: list) -> tuple:
         if self.cache is None:
             return self.encoder.encode(self.items, indices)
-        from safetensors.torch import load_file
         rows = [load_file(os.path.join(self.cache, f"{i:08d}.safetensors")) for i in indices]
-        stack = lambda k: torch.stack([r[k] for r in rows]).to(self.device)
-        return stack("latent"), {"emb": stack("emb"), "mask": stack("mask")}
+        x0, emb, mask = (torch.stack([r[k] for r in rows]).to(self.device) for k in ("latent", "emb", "mask"))
+        return x0, {"emb": emb, "mask": mask}
 
 
 def build_cache(cache: str, items: list, encoder: Encoder, cfg: T2IConfig, dist) -> None:
     """Encode every item once (rank 0); meta.json, written last, marks a complete cache for these settings."""
-    from safetensors.torch import save_file
     key = dict(base=cfg.base, data=cfg.data, prompts=cfg.prompts, n=len(items), max_tokens=cfg.max_tokens,
                teacher_steps=cfg.teacher_steps, teacher_guidance=cfg.teacher_guidance, seed=cfg.seed)
     meta = os.path.join(cache, "meta.json")
     if os.path.isfile(meta) and json.load(open(meta)) == key:
         return
     if dist.main:
-        from tqdm import tqdm
         os.makedirs(cache, exist_ok=True)
-        for s in tqdm(range(0, len(items), cfg.batch_size), desc="cache", disable=not dist.main):
+        for s in tqdm(range(0, len(items), cfg.batch_size), desc="cache"):
             idx = list(range(s, min(s + cfg.batch_size, len(items))))
             x0, cond = encoder.encode(items, idx)
             for j, i in enumerate(idx):
-                save_file({"latent": x0[j].cpu().contiguous(), "emb": cond["emb"][j].cpu().contiguous(),
-                           "mask": cond["mask"][j].cpu().contiguous()}, os.path.join(cache, f"{i:08d}.safetensors"))
+                row = {k: v[j].cpu().contiguous() for k, v in dict(latent=x0, **cond).items()}
+                save_file(row, os.path.join(cache, f"{i:08d}.safetensors"))
         json.dump(key, open(meta, "w"))
     if dist.world > 1:
         torch.distributed.barrier()
@@ -424,12 +415,9 @@ def build_cache(cache: str, items: list, encoder: Encoder, cfg: T2IConfig, dist)
 # Quick adaption (Sec. 4.3): one distillation step, Stage I or Stage II
 # ==================================================================================================
 
-def adaption_loss(G, frozen: FrozenBase, x0, cond, teacher_sched, student_sched, teacher_pred: str, amp, noise=None):
-    """MSE(v_student, v_target): the student sees x_t on its schedule, the teacher on its own, same x_0 and ε.
-
-    noise = (t, ε) given (yoso.step_noise), or drawn here."""
-    if noise is None:
-        noise = torch.randint(0, teacher_sched.T, (x0.shape[0],)), torch.randn(x0.shape)
+def adaption_loss(G, frozen: FrozenBase, x0, cond, teacher_sched, student_sched, teacher_pred: str, amp, noise):
+    """MSE(v_student, v_target): the student sees x_t on its schedule, the teacher on its own, same x_0 and
+    ε; noise = (t, ε), from yoso.step_noise."""
     t, eps = (v.to(x0.device) for v in noise)
     x_t_teacher, x_t_student = yoso.adaption_inputs(x0, eps, t, teacher_sched, student_sched)
     with torch.no_grad(), frozen(), amp():
@@ -468,63 +456,45 @@ def sample_grid(path, G, vae, cond, noise, sched, ycfg, amp, steps=(1, 4)):
     yoso.save_image_grid(torch.cat(rows), path, nrow=noise.shape[0])
 
 
-def lcm_scheduler(ycfg: yoso.YOSOConfig):
-    """diffusers' LCMScheduler for the trained model: its prediction type and schedule, trailing timesteps."""
-    from diffusers import LCMScheduler
-    return LCMScheduler(num_train_timesteps=ycfg.T, beta_schedule=ycfg.beta_schedule, beta_start=ycfg.beta_start,
-                        beta_end=ycfg.beta_end, prediction_type=ycfg.prediction_type,
-                        rescale_betas_zero_snr=ycfg.zero_terminal_snr, timestep_spacing="trailing")
-
-
 def export(cfg: T2IConfig, base: Base, model: nn.Module, ycfg, ipi, command: str, grid: str | None) -> None:
     """adapter/ (peft), transformer/ (merged, diffusers), scheduler/, ipi.safetensors, yoso_config.json, README.md."""
-    from diffusers import PixArtTransformer2DModel
-    out = cfg.out
+    from diffusers import LCMScheduler, PixArtTransformer2DModel
+    out, kw = cfg.out, dtype_keyword()
     if cfg.lora_rank > 0:
         from peft import PeftModel
         model.save_pretrained(os.path.join(out, "adapter"))
         # merge into a fresh fp32 base: merging into bf16 weights would round the small delta away
         fresh = PixArtTransformer2DModel.from_pretrained(base.path, subfolder="transformer")
-        merged = PeftModel.from_pretrained(fresh, os.path.join(out, "adapter")).merge_and_unload()
-    else:
-        merged = model
-    merged.save_pretrained(os.path.join(out, "transformer"))
-    lcm_scheduler(ycfg).save_pretrained(os.path.join(out, "scheduler"))
+        model = PeftModel.from_pretrained(fresh, os.path.join(out, "adapter")).merge_and_unload()
+    model.save_pretrained(os.path.join(out, "transformer"))
+    # diffusers' sampler for the trained model: its prediction type and schedule; trailing: one step starts at T-1
+    LCMScheduler(num_train_timesteps=ycfg.T, beta_schedule=ycfg.beta_schedule, beta_start=ycfg.beta_start,
+                 beta_end=ycfg.beta_end, prediction_type=ycfg.prediction_type,
+                 rescale_betas_zero_snr=ycfg.zero_terminal_snr, timestep_spacing="trailing"
+                 ).save_pretrained(os.path.join(out, "scheduler"))
     if ipi is not None:
-        from safetensors.torch import save_file
         save_file(ipi.state_dict(), os.path.join(out, "ipi.safetensors"))
-    settings = dataclasses.asdict(cfg)
-    json.dump(dict(base=base.path, settings=settings, yoso=ycfg.to_dict()), open(os.path.join(out, "yoso_config.json"), "w"),
-              indent=1, default=str)
-    write_model_card(out, base.path, command, settings, ycfg, ipi is not None, grid)
-
-
-def load_snippet(base_path: str, out: str) -> list:
-    """The model card's diffusers code: weights in bf16 on a GPU (fp32 on CPU), clean_caption off (needs bs4, ftfy)."""
-    return ["import torch",
-            "from diffusers import LCMScheduler, PixArtAlphaPipeline, PixArtTransformer2DModel",
-            'device = "cuda" if torch.cuda.is_available() else "cpu"',
-            'dtype = torch.bfloat16 if device == "cuda" else torch.float32     # T5-XXL alone: ~19 GB in fp32',
-            f"pipe = PixArtAlphaPipeline.from_pretrained({base_path!r}, {dtype_keyword()}=dtype,",
-            f"    transformer=PixArtTransformer2DModel.from_pretrained({os.path.join(out, 'transformer')!r}, "
-            f"{dtype_keyword()}=dtype),",
-            f"    scheduler=LCMScheduler.from_pretrained({os.path.join(out, 'scheduler')!r})).to(device)",
-            'image = pipe("a photo of a red house", num_inference_steps=1, guidance_scale=1.0,',
-            "             clean_caption=False).images[0]"]
-
-
-def write_model_card(out, base_path, command, settings, ycfg, ipi: bool, grid):
-    how = ("Starts from the informative prior (IPI, ipi.safetensors): pass its latents to the pipeline." if ipi
+    run = dict(base=base.path, settings=dataclasses.asdict(cfg), yoso=ycfg.to_dict())
+    json.dump(run, open(os.path.join(out, "yoso_config.json"), "w"), indent=1, default=str)
+    # the model card's code: weights in bf16 on a GPU (fp32 on CPU), clean_caption off (it needs bs4, ftfy)
+    use = ["import torch", "from diffusers import LCMScheduler, PixArtAlphaPipeline, PixArtTransformer2DModel",
+           'device = "cuda" if torch.cuda.is_available() else "cpu"',
+           'dtype = torch.bfloat16 if device == "cuda" else torch.float32     # T5-XXL alone: ~19 GB in fp32',
+           f"pipe = PixArtAlphaPipeline.from_pretrained({base.path!r}, {kw}=dtype,",
+           f"    transformer=PixArtTransformer2DModel.from_pretrained({os.path.join(out, 'transformer')!r}, {kw}=dtype),",
+           f"    scheduler=LCMScheduler.from_pretrained({os.path.join(out, 'scheduler')!r})).to(device)",
+           'image = pipe("a photo of a red house", num_inference_steps=1, guidance_scale=1.0,',
+           "             clean_caption=False).images[0]"]
+    how = ("Starts from the informative prior (IPI, ipi.safetensors): pass its latents to the pipeline." if ipi is not None
            else "Starts from pure noise: v-prediction on the zero-terminal-SNR schedule (after quick adaption).")
-    lines = [f"# YOSO one-step generator from {base_path}", "",
-             "One-step text-to-image by YOSO (arXiv 2403.12931), fine-tuned with finetune_t2i.py.", "",
-             f"![samples]({os.path.relpath(grid, out)})" if grid else "", "",
-             "Rows: 1 step, 4 steps; columns: the run's fixed sample prompts.", "",
-             "## Use", "```python", *load_snippet(base_path, out), "```", how, "",
-             "## Command", "```", command, "```", "", "## Settings", "```json",
-             json.dumps(dict(settings, yoso=ycfg.to_dict()), indent=1, default=str), "```", ""]
+    card = [f"# YOSO one-step generator from {base.path}", "",
+            "One-step text-to-image by YOSO (arXiv 2403.12931), fine-tuned with finetune_t2i.py.", "",
+            f"![samples]({os.path.relpath(grid, out)})" if grid else "", "",
+            "Rows: 1 step, 4 steps; columns: the run's fixed sample prompts.", "",
+            "## Use", "```python", *use, "```", how, "", "## Command", "```", command, "```", "",
+            "## Settings", "```json", json.dumps(run, indent=1, default=str), "```", ""]
     with open(os.path.join(out, "README.md"), "w") as f:
-        f.write("\n".join(lines))
+        f.write("\n".join(card))
 
 
 # ==================================================================================================
@@ -533,45 +503,27 @@ def write_model_card(out, base_path, command, settings, ycfg, ipi: bool, grid):
 
 def build(cfg: T2IConfig, device):
     """Base, G (LoRA or full), D, the frozen base and the trainable parameter list, in a fixed RNG order."""
-    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[cfg.precision]
+    amp_dtype = None if cfg.precision == "fp32" else DTYPES[cfg.precision]
     base = load_base(cfg.base, dtype=amp_dtype or torch.float32)
     tf = base.transformer
-    n_layers = len(tf.transformer_blocks)
     torch.manual_seed(cfg.seed)
-    D = yoso.FeatureDiscriminator(PixArtTrunk(tf, cfg.disc_blocks or n_layers // 2, cfg.grad_checkpointing),
-                                  channels=tf.inner_dim).to(device)       # from the pre-trained weights, fp32
+    D = yoso.FeatureDiscriminator(PixArtTrunk(tf, cfg.disc_blocks or len(tf.transformer_blocks) // 2,
+                                              cfg.grad_checkpointing), channels=tf.inner_dim).to(device)   # fp32
     if cfg.grad_checkpointing:
         tf.enable_gradient_checkpointing()
     if cfg.lora_rank > 0:
-        tf.requires_grad_(False).to(device)
-        if amp_dtype is not None:
-            tf.to(amp_dtype)                                    # the frozen base in the compute dtype: half the memory
-        model = add_lora(tf, cfg.lora_rank, cfg.lora_alpha)               # adapters fp32 (peft's autocast_adapter_dtype)
+        from peft import LoraConfig, get_peft_model
+        tf.requires_grad_(False).to(device, amp_dtype or torch.float32)   # the frozen base in the compute dtype
+        # the official target list: every attention and feed-forward linear of the blocks; adapters stay fp32
+        model = get_peft_model(tf, LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, init_lora_weights="gaussian",
+                               target_modules=["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2"]))
     else:
         model = tf.to(device)
-    frozen = FrozenBase(model)
-    if cfg.lora_rank == 0 and amp_dtype is not None:
-        frozen.model.to(amp_dtype)                              # full fine-tuning: the frozen copy in the compute dtype
+    frozen = FrozenBase(model, amp_dtype or torch.float32)
     base.vae.to(device).requires_grad_(False)
-    if base.text_encoder is not None:
-        base.text_encoder.to(device).requires_grad_(False)
+    base.text_encoder.to(device).requires_grad_(False)
     params = nn.ParameterList([p for p in model.parameters() if p.requires_grad])
     return base, model, D, frozen, params, amp_dtype
-
-
-PHASES = ("adapt", "yoso")
-
-
-def resume_point(out: str) -> dict:
-    """Where --resume continues: the newest checkpoint in `out` and the state it was written in."""
-    path = yoso.newest_intact_checkpoint(out)                   # a truncated newest one is skipped, with a line
-    if path is None:
-        raise yoso.UserError(f"--resume: {out} holds no intact checkpoint (ckpt-*.safetensors); it is not a "
-                             "finetune_t2i.py run folder (pass the --out of an earlier run)")
-    meta = yoso.read_checkpoint_meta(path)
-    if "phase" not in meta["extra"]:
-        raise yoso.UserError(f"--resume: {path} was not written by finetune_t2i.py")
-    return dict(meta["extra"], path=path, step=meta["step"])
 
 
 def train(cfg: T2IConfig, command: str) -> int:
@@ -580,9 +532,17 @@ def train(cfg: T2IConfig, command: str) -> int:
     if cfg.batch_size % (world * cfg.grad_accum):
         raise yoso.UserError(f"batch_size {cfg.batch_size} is not divisible by {world} processes x grad_accum "
                              f"{cfg.grad_accum}; the global batch is split evenly (--set batch_size=N)")
+    resume = None
     if not cfg.resume:
         yoso.refuse_existing_run(cfg.out, "--resume (the same command plus --resume)")
-    resume = resume_point(cfg.out) if cfg.resume else None
+    elif (path := yoso.newest_intact_checkpoint(cfg.out)) is None:     # a truncated newest one is skipped, with a line
+        raise yoso.UserError(f"--resume: {cfg.out} holds no intact checkpoint (ckpt-*.safetensors); it is not a "
+                             "finetune_t2i.py run folder (pass the --out of an earlier run)")
+    else:
+        meta = yoso.read_checkpoint_meta(path)
+        if "phase" not in meta["extra"]:
+            raise yoso.UserError(f"--resume: {path} was not written by finetune_t2i.py")
+        resume = dict(meta["extra"], path=path, step=meta["step"])
     items, corrupt = read_captions(cfg.data) if cfg.data else (read_prompts(cfg.prompts), 0)
     if len(items) < cfg.batch_size:
         raise yoso.UserError(f"only {len(items)} usable items for a batch of {cfg.batch_size}; use more data "
@@ -605,8 +565,8 @@ def train(cfg: T2IConfig, command: str) -> int:
     ddp = lambda m: torch.nn.parallel.DistributedDataParallel(m, [device.index] if device.type == "cuda" else None)
     G_ddp, D_ddp = (ddp(G), ddp(D)) if dist.world > 1 else (G, D)
     ema = copy.deepcopy(params).requires_grad_(False)
-    n_layers = len(frozen.transformer.transformer_blocks)
-    features = perceptual_features(frozen, cfg.feature_block or n_layers // 2, cfg.grad_checkpointing)
+    features = perceptual_features(frozen, cfg.feature_block or len(frozen.transformer.transformer_blocks) // 2,
+                                   cfg.grad_checkpointing)
     log = yoso.MetricsLog(os.path.join(cfg.out, "metrics.jsonl"), dist.main)
     C, S = base.transformer.config.in_channels, encoder.latent_size
     sample_noise = torch.randn(len(cfg.sample_prompts), C, S, S, generator=torch.Generator().manual_seed(cfg.seed)).to(device)
@@ -614,51 +574,50 @@ def train(cfg: T2IConfig, command: str) -> int:
     teacher_pred = base.scheduler_config.get("prediction_type", "epsilon")
     stop = yoso.GracefulStop()
     guard = yoso.DivergenceGuard(cfg.max_skipped, cfg.saturation_gap, cfg.saturation_steps)
-    phases = [p for p in PHASES if cfg.stage in (p, "all")]
-    n_steps = dict(adapt=cfg.adapt_steps, yoso=cfg.yoso_steps)
-    step, adapted, ipi, grid = 0, False, None, None            # step: global steps done, over both phases
+    # step: global steps done, over both phases; adapted: the weights are a v-model on the new schedule
+    step, adapted = (resume["step"], resume["adapted"]) if resume else (0, False)
+    ipi = grid = None
 
-    for phase in phases:
+    for phase in [p for p in PHASES if cfg.stage in (p, "all")]:
         if resume and PHASES.index(phase) < PHASES.index(resume["phase"]):
             continue                                            # finished in an earlier run
-        ycfg = schedule_config(cfg.yoso, base.scheduler_config, phase == "adapt" or adapted or bool(resume and resume["adapted"]))
+        ycfg = schedule_config(cfg.yoso, base.scheduler_config, phase == "adapt" or adapted)
         sched = yoso.NoiseSchedule.from_config(ycfg)
-        # `optimizers` is the only reference to a phase's optimisers: rebinding it frees the adaption's AdamW
-        # state (2 x the trained weights) before the YOSO stage (issue 15)
-        if phase == "adapt":
-            optimizers = {"G": torch.optim.AdamW(list(params), lr=ycfg.lr, betas=ycfg.betas_G,
-                                                 weight_decay=ycfg.weight_decay)}
-            modules = {"G": params, "G_ema": ema}
-        else:
-            optimizers = dict(zip("GD", yoso.make_optimizers(G, D, ycfg)))
-            modules = {"G": params, "G_ema": ema, "D": D}
-        start, resumed = 0, {}
+        # rebinding `optimizers`, their only holder, frees the adaption's AdamW state (2 x the trained
+        # weights) before the YOSO stage (issue 15); the adaption trains G only
+        opt_G, opt_D = yoso.make_optimizers(G, D, ycfg)
+        optimizers, modules = {"G": opt_G}, {"G": params, "G_ema": ema}
+        if phase == "yoso":
+            optimizers["D"], modules["D"] = opt_D, D
+        del opt_G, opt_D
+        scalers = [torch.amp.GradScaler(device.type) if cfg.precision == "fp16" else None for _ in range(2)]
+        start = 0
         if resume:                                              # this phase's full state, or an earlier phase's weights
             same = resume["phase"] == phase
-            resumed = resume if same else {}
             try:
                 yoso.load_checkpoint(resume["path"], modules if same else {"G": params, "G_ema": ema},
                                      optimizers if same else {})
             except ValueError as e:
                 raise yoso.UserError(str(e)) from None
-            for o in optimizers.values():                       # the config, not the saved groups, sets lr
-                for group in o.param_groups:
-                    group["lr"] = ycfg.lr
+            for group in (g for o in optimizers.values() for g in o.param_groups):
+                group["lr"] = ycfg.lr                           # the config, not the saved groups, sets lr
             if len(resume["rng"]) == dist.world:
                 yoso.set_rng_state(resume["rng"], dist)
-            start, step, adapted = (resume["phase_step"] if same else 0), resume["step"], resume["adapted"]
+            if same:
+                start = resume["phase_step"]
+                yoso.load_scaler_states(scalers, resume)        # fp16: the loss scales go on where they were
             if dist.main:
                 print(f"resumed from {resume['path']} at step {step} ({phase} step {start})")
             resume = None
         if start == 0:
             ema.load_state_dict(params.state_dict())           # an EMA across the ε -> v switch would mix both
         if phase == "yoso" and ycfg.prediction_type == "epsilon" and not ycfg.zero_terminal_snr:
-            ipi_latents = torch.cat([data.get(list(range(s, min(s + cfg.batch_size, len(data), cfg.ipi_items))))[0].cpu()
-                                     for s in range(0, min(len(data), cfg.ipi_items), cfg.batch_size)])
-            ipi = yoso.IPI.estimate(ipi_latents)                 # Sec. 4.3: the ε base keeps its flawed schedule
+            n = min(len(data), cfg.ipi_items)                   # Sec. 4.3: the ε base keeps its flawed schedule
+            ipi = yoso.IPI.estimate(torch.cat([data.get(list(range(s, min(s + cfg.batch_size, n))))[0].cpu()
+                                               for s in range(0, n, cfg.batch_size)]))
         noise = ipi.prior(len(cfg.sample_prompts), sched, torch.Generator().manual_seed(cfg.seed)).to(device) \
             if ipi is not None else sample_noise
-        offset, total = step - start, n_steps[phase]
+        offset, total = step - start, getattr(cfg, f"{phase}_steps")
         # Stage I (first half of adaption): v on the teacher's schedule; Stage II: on the new one
         student = lambda k: teacher_sched if phase == "adapt" and k < total // 2 else sched
 
@@ -703,8 +662,6 @@ def train(cfg: T2IConfig, command: str) -> int:
                                 replace(ycfg, zero_terminal_snr=s_sched is sched) if phase == "adapt" else ycfg, amp)
                 yoso.plot_metrics(os.path.join(cfg.out, "metrics.jsonl"))   # metrics.png beside it
 
-        scalers = [torch.amp.GradScaler(device.type) if cfg.precision == "fp16" else None for _ in range(2)]
-        yoso.load_scaler_states(scalers, resumed)               # fp16: the loss scales go on where they were
         if start < total:
             done, reason = yoso.run_loop(
                 step_fn, start, total, every=[(cfg.ckpt_every, save), (cfg.sample_every, sample)],
@@ -742,37 +699,27 @@ def load_run(out: str) -> dict:
     return json.load(open(path))
 
 
-def sample_dtype(device: str, precision: str | None) -> torch.dtype:
-    """--precision for sampling; default bf16 on a GPU (half the memory: T5-XXL alone is ~19 GB in fp32), fp32 on CPU."""
-    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[
-        precision or ("bf16" if device == "cuda" else "fp32")]
-
-
 def sample_cli(out: str, prompts: list, steps: int, n: int, seed: int, precision: str | None = None) -> str:
-    """One-step (or few-step) images with diffusers' PixArtAlphaPipeline + LCMScheduler, as a grid."""
+    """One-step (or few-step) images with diffusers' PixArtAlphaPipeline + LCMScheduler, as a grid. precision:
+    the weights' dtype; default bf16 on a GPU (half the memory: T5-XXL alone is ~19 GB in fp32), fp32 on CPU."""
     from diffusers import LCMScheduler, PixArtAlphaPipeline, PixArtTransformer2DModel
-    from diffusers.utils import logging as diffusers_logging
-    from transformers.utils import logging as transformers_logging
-    diffusers_logging.disable_progress_bar()
-    transformers_logging.disable_progress_bar()
     run = load_run(out)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = sample_dtype(device, precision)
-    pipe = PixArtAlphaPipeline.from_pretrained(
-        run["base"], **{dtype_keyword(): dtype},
-        transformer=PixArtTransformer2DModel.from_pretrained(os.path.join(out, "transformer"), **{dtype_keyword(): dtype}),
-        scheduler=LCMScheduler.from_pretrained(os.path.join(out, "scheduler"))).to(device)
+    dtype = {dtype_keyword(): DTYPES[precision or ("bf16" if device == "cuda" else "fp32")]}
+    with loading(f"--sample {out}", run["base"]):
+        pipe = PixArtAlphaPipeline.from_pretrained(
+            run["base"], **dtype, transformer=PixArtTransformer2DModel.from_pretrained(os.path.join(out, "transformer"), **dtype),
+            scheduler=LCMScheduler.from_pretrained(os.path.join(out, "scheduler"))).to(device)
     pipe.set_progress_bar_config(disable=True)                          # stdout / stderr: the grid's path, or errors
     size = pipe.transformer.config.sample_size
     latents = None
     if os.path.isfile(os.path.join(out, "ipi.safetensors")):          # ε-model without adaption: informative prior
-        from safetensors.torch import load_file
         ipi = yoso.IPI.from_state_dict(load_file(os.path.join(out, "ipi.safetensors")))
         if tuple(ipi.mean.shape[-2:]) != (size, size):                   # the pipeline would follow the latents' size
             raise yoso.UserError(f"{out}/ipi.safetensors holds a {'x'.join(map(str, ipi.mean.shape[-2:]))} prior but "
                                  f"the transformer samples {size}x{size} latents; it belongs to another resolution")
-        sched = yoso.NoiseSchedule(pipe.scheduler.betas)
-        latents = ipi.prior(n * len(prompts), sched, torch.Generator().manual_seed(seed)).to(device, dtype)
+        latents = ipi.prior(n * len(prompts), yoso.NoiseSchedule(pipe.scheduler.betas),
+                            torch.Generator().manual_seed(seed)).to(device, pipe.transformer.dtype)
     images = pipe(prompts, num_images_per_prompt=n, num_inference_steps=steps, guidance_scale=1.0, latents=latents,
                   generator=torch.Generator(device).manual_seed(seed), height=size * pipe.vae_scale_factor,
                   width=size * pipe.vae_scale_factor, use_resolution_binning=False, clean_caption=False,
@@ -786,13 +733,10 @@ def sample_cli(out: str, prompts: list, steps: int, n: int, seed: int, precision
 def transplant(out: str, target: str) -> str:
     """YOSO-target = target + (YOSO-512 − PixArt-512): with LoRA, the adapter merged into the target base."""
     from diffusers import PixArtTransformer2DModel
-    from safetensors.torch import load_file
     run = load_run(out)
     target_path = resolve_base(target)
-    try:
+    with loading(f"--base {target}", target_path):
         tf = PixArtTransformer2DModel.from_pretrained(target_path, subfolder="transformer")
-    except Exception as e:
-        raise yoso.UserError(f"--base {target}: cannot load a PixArt-α transformer ({str(e).splitlines()[0][:200]})") from None
     dest = os.path.join(out, "transplant-" + os.path.basename(target_path.rstrip("/")))
     if os.path.isdir(os.path.join(out, "adapter")):
         from peft import PeftModel
@@ -805,31 +749,21 @@ def transplant(out: str, target: str) -> str:
         tf.load_state_dict(sd)
     tf.save_pretrained(os.path.join(dest, "transformer"))
     shutil.copytree(os.path.join(out, "scheduler"), os.path.join(dest, "scheduler"), dirs_exist_ok=True)  # same schedule
-    notes = {}
     if os.path.isfile(os.path.join(out, "ipi.safetensors")):            # ε-model without adaption: its prior
-        notes = transplant_ipi(os.path.join(out, "ipi.safetensors"), os.path.join(dest, "ipi.safetensors"),
-                               tf.config.sample_size)
-    json.dump(dict(run, base=target_path, transplanted_from=out, **notes),
-              open(os.path.join(dest, "yoso_config.json"), "w"), indent=1)
+        ipi, size = yoso.IPI.from_state_dict(load_file(os.path.join(out, "ipi.safetensors"))), tf.config.sample_size
+        if (hw := list(ipi.mean.shape[-2:])) != [size, size]:
+            # deviation: the paper estimates μ̂ on training latents at the sampling size; the 512 run's data is not
+            # at hand here, so its μ̂ is upsampled. Latents are aligned with the image (8x down), so this is the mean
+            # latent of the same images seen larger, up to the VAE's non-linearity; ŝ (one scalar) is kept.
+            ipi = yoso.IPI(mean=nn.functional.interpolate(ipi.mean[None], size=(size, size), mode="bilinear",
+                                                          align_corners=False)[0], std=ipi.std)
+            run["ipi_upsampled_from"] = hw
+            print(f"ipi.safetensors: the {hw[0]}x{hw[1]} prior mean upsampled (bilinear) to the target's {size}x{size} latents")
+        save_file(ipi.state_dict(), os.path.join(dest, "ipi.safetensors"))
+    json.dump(dict(run, base=target_path, transplanted_from=out), open(os.path.join(dest, "yoso_config.json"), "w"), indent=1)
     if kept:
         print(f"kept from the target (no matching 512 tensor): {', '.join(kept)}")
     return dest
-
-
-def transplant_ipi(src: str, dest: str, size: int) -> dict:
-    """The informative prior at the target's latent size; what was done, for yoso_config.json."""
-    from safetensors.torch import load_file, save_file
-    ipi = yoso.IPI.from_state_dict(load_file(src))
-    h, w = ipi.mean.shape[-2:]
-    if (h, w) != (size, size):
-        # deviation: the paper estimates μ̂ on training latents at the sampling size; the 512 run's data is not
-        # at hand here, so its μ̂ is upsampled. Latents are aligned with the image (8x down), so this is the mean
-        # latent of the same images seen larger, up to the VAE's non-linearity; ŝ (one scalar) is kept.
-        ipi = yoso.IPI(mean=nn.functional.interpolate(ipi.mean[None], size=(size, size), mode="bilinear",
-                                                      align_corners=False)[0], std=ipi.std)
-        print(f"ipi.safetensors: the {h}x{w} prior mean upsampled (bilinear) to the target's {size}x{size} latents")
-    save_file(ipi.state_dict(), dest)
-    return {"ipi_upsampled_from": [h, w]} if (h, w) != (size, size) else {}
 
 
 # ==================================================================================================
@@ -837,26 +771,37 @@ def transplant_ipi(src: str, dest: str, size: int) -> dict:
 # ==================================================================================================
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--base", help="PixArt-alpha (default), PixArt-alpha-1024, a hub id or a diffusers pipeline folder; "
-                                  "for --transplant the target (default PixArt-alpha-1024)")
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0].split(" — ")[1],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--base", help=f"{', '.join(BASES)}, a hub id or a diffusers pipeline folder (default "
+                                  f"{T2IConfig.base}); for --transplant the target (default PixArt-alpha-1024)")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--data", help="folder of images + metadata.jsonl ({\"file_name\", \"text\"} per line)")
     src.add_argument("--prompts", help="prompt file, one per line; the base's own samples become the data")
-    p.add_argument("--cache", help="folder for precomputed latents and T5 embeddings (built once)")
-    p.add_argument("--out", default=T2IConfig.out)
-    p.add_argument("--stage", choices=("adapt", "yoso", "all"), default="all")
+    p.add_argument("--cache", help="folder for precomputed latents and T5 embeddings, built once (default: none, "
+                                   "encode every batch)")
+    p.add_argument("--out", default=T2IConfig.out, help="run folder: checkpoints, metrics.jsonl, samples/, adapter/, "
+                                                        f"transformer/, scheduler/ (default {T2IConfig.out})")
+    p.add_argument("--stage", choices=("adapt", "yoso", "all"), default=T2IConfig.stage,
+                   help="adapt: quick adaption only; yoso: the YOSO stage only (on an ε base: no adaption, sampled "
+                        "from the informative prior); all: adapt then yoso (default all)")
     p.add_argument("--lora-rank", type=int, help=f"LoRA rank (default {T2IConfig.lora_rank})")
-    p.add_argument("--full", action="store_true", help="full fine-tuning instead of LoRA")
-    p.add_argument("--precision", choices=("bf16", "fp16", "fp32"),
-                   help="training: autocast dtype (default bf16); --sample: weights dtype (default bf16 on GPU, fp32 on CPU)")
-    p.add_argument("--preset", choices=sorted(PRESETS))
+    p.add_argument("--full", action="store_true", help="full fine-tuning instead of LoRA (default: LoRA)")
+    p.add_argument("--precision", choices=tuple(DTYPES),
+                   help=f"autocast dtype; trained weights stay fp32, fp16 adds a GradScaler (default "
+                        f"{T2IConfig.precision}); for --sample the weights' dtype (default bf16 on a GPU, fp32 on CPU)")
+    p.add_argument("--preset", choices=sorted(PRESETS),
+                   help="named settings that --set can override: smoke (a few steps of everything on a tiny "
+                        "pipeline, on a CPU), cifar-teacher (the CIFAR-10 teacher of notebooks/teacher_cifar.py, "
+                        "~15 min on one CPU core) (default: none, the paper's run)")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a T2IConfig field (yoso.KEY for a YOSOConfig one), e.g. --set yoso_steps=2000")
+                   help="override a T2IConfig field (yoso.KEY for a YOSOConfig one), e.g. --set yoso_steps=2000 "
+                        "(repeatable; default: none)")
     p.add_argument("--sample", metavar="OUT", help="write a grid from a finished run's folder")
-    p.add_argument("--prompt", action="append", help="prompt for --sample (repeatable)")
-    p.add_argument("--steps", type=int, default=1, help="sampling steps for --sample")
+    p.add_argument("--prompt", action="append", help=f"prompt for --sample, repeatable (default "
+                                                     f"{T2IConfig.sample_prompts[0]!r})")
+    p.add_argument("--steps", type=int, default=1, help="sampling steps for --sample (default 1: one step)")
     p.add_argument("--transplant", metavar="OUT", help="add the run's 512 delta to --base (Sec. 4.4)")
     return p.parse_args(argv)
 

@@ -3,6 +3,7 @@
 The session fixtures save the tiny pipeline and a 6-image caption folder once, and run the script once
 with LoRA through both stages; the tests read that run's outputs, or build the same objects in-process.
 """
+import argparse
 import json
 import math
 import os
@@ -158,42 +159,38 @@ def snapshot(module):
     return {n: p.detach().clone() for n, p in module.named_parameters()}
 
 
-def test_lora_step_updates_only_adapter_and_discriminator(base):
-    cfg = smoke_config(base)
+def one_yoso_step(cfg):
+    """ft.build, then one yoso.train_step with the latent perceptual loss: the built objects, the weights of
+    G, D and the frozen base before the step, and the step's figures."""
     out = ft.build(cfg, torch.device("cpu"))
-    _, model, D, frozen, params, _ = out
+    _, model, D, frozen, _, _ = out
+    before = {"G": snapshot(model), "D": snapshot(D), "frozen": snapshot(frozen.transformer)}
     x0, cond = tiny_inputs(out)
     ycfg = ft.schedule_config(cfg.yoso, out[0].scheduler_config, adapted=True)
     G = ft.PixArtDenoiser(model)
     opt_G, opt_D = yoso.make_optimizers(G, D, ycfg)
-    before_G, before_D = snapshot(model), snapshot(D)
-    distance = yoso.latent_perceptual_distance(ft.perceptual_features(frozen, 2))
     torch.manual_seed(0)
     stats = yoso.train_step(G, D, opt_G, opt_D, x0, cond, sched=yoso.NoiseSchedule.from_config(ycfg), cfg=ycfg,
-                            distance=distance)
+                            distance=yoso.latent_perceptual_distance(ft.perceptual_features(frozen, 2)))
+    return out, before, stats
+
+
+def test_lora_step_updates_only_adapter_and_discriminator(base):
+    (_, model, D, _, params, _), before, stats = one_yoso_step(smoke_config(base))
     assert stats["skipped"] == 0
-    changed_G = {n for n, p in model.named_parameters() if not torch.equal(p, before_G[n])}
+    changed_G = {n for n, p in model.named_parameters() if not torch.equal(p, before["G"][n])}
     assert changed_G and all("lora_" in n for n in changed_G)
-    assert {n for n, p in model.named_parameters() if p.requires_grad} == {n for n in before_G if "lora_" in n}
-    assert any(not torch.equal(p, before_D[n]) for n, p in D.named_parameters())
-    assert len(list(params)) == sum("lora_" in n for n in before_G)                     # EMA covers the adapters
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == {n for n in before["G"] if "lora_" in n}
+    assert any(not torch.equal(p, before["D"][n]) for n, p in D.named_parameters())
+    assert len(list(params)) == sum("lora_" in n for n in before["G"])                  # EMA covers the adapters
 
 
 def test_full_fine_tuning_keeps_a_frozen_copy(base):
-    cfg = smoke_config(base, lora_rank=0)
-    out = ft.build(cfg, torch.device("cpu"))
-    _, model, D, frozen, params, _ = out
+    (_, model, _, frozen, params, _), before, stats = one_yoso_step(smoke_config(base, lora_rank=0))
     assert frozen.transformer is not model and len(list(params)) == len(list(model.parameters()))
-    before = snapshot(frozen.transformer)
-    x0, cond = tiny_inputs(out)
-    ycfg = ft.schedule_config(cfg.yoso, out[0].scheduler_config, adapted=True)
-    G = ft.PixArtDenoiser(model)
-    opt_G, opt_D = yoso.make_optimizers(G, D, ycfg)
-    base_w = model.proj_out.weight.detach().clone()
-    yoso.train_step(G, D, opt_G, opt_D, x0, cond, sched=yoso.NoiseSchedule.from_config(ycfg), cfg=ycfg,
-                    distance=yoso.latent_perceptual_distance(ft.perceptual_features(frozen, 2)))
-    assert not torch.equal(model.proj_out.weight, base_w)
-    assert all(torch.equal(p, before[n]) for n, p in frozen.transformer.named_parameters())
+    assert stats["skipped"] == 0
+    assert not torch.equal(model.proj_out.weight, before["G"]["proj_out.weight"])
+    assert all(torch.equal(p, before["frozen"][n]) for n, p in frozen.transformer.named_parameters())
 
 
 def test_full_fine_tuning_with_gradient_checkpointing_runs_both_stages(base, data, tmp_path):
@@ -313,6 +310,22 @@ def test_transplant_of_an_ipi_run_samples_at_the_target_size(data, tmp_path):
 
 
 # --- errors: one line, exit code 2 -------------------------------------------------------------------
+
+def test_every_option_has_a_help_text_with_its_default(monkeypatch, capsys):
+    parsers = []
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", lambda self, argv=None: parsers.append(self))
+    ft.parse_args([])
+    no_default = ("-h", "--data", "--prompts", "--resume", "--sample", "--transplant")     # modes and inputs
+    for action in parsers[0]._actions:
+        assert action.help, action.option_strings
+        assert action.option_strings[0] in no_default or "default" in action.help, action.option_strings
+    monkeypatch.undo()
+    with pytest.raises(SystemExit):
+        ft.parse_args(["--help"])
+    text = capsys.readouterr().out
+    assert "(arXiv 2403.12931; README.md)" in text and "method doc" not in text
+
+
 
 def assert_clean_error(r, *words):
     assert r.returncode == 2, (r.returncode, r.stderr[-2000:])
