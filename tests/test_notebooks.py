@@ -30,8 +30,7 @@ def test_notebook_runs_in_fast_mode(name, monkeypatch):
     assert not errors, errors
 
 
-# Notebook 02 joins this list once its committed outputs are scrubbed of machine paths (issue 13).
-@pytest.mark.parametrize("name", ["01_yoso_in_2d.ipynb", "03_one_step_text_to_image.ipynb"])
+@pytest.mark.parametrize("name", ["01_yoso_in_2d.ipynb", "02_cifar10_one_step.ipynb", "03_one_step_text_to_image.ipynb"])
 def test_committed_outputs_show_no_machine_paths(name):
     # a reader's clone has no /work or /tmp folder of ours: printed paths are relative or placeholders
     nb = nbformat.read(os.path.join(NOTEBOOKS, name), as_version=4)
