@@ -1086,7 +1086,7 @@ def apply_overrides(cfg, items):
     return cfg
 
 
-def plot_metrics(jsonl: str, png: Optional[str] = None) -> Optional[str]:
+def plot_metrics(jsonl: str) -> Optional[str]:
     """metrics.jsonl -> metrics.png beside it: the losses, D(real) − D(fake), and one-step FID where a line
     has "fid". The scripts call it with each sample grid. Returns the PNG path, or None when there is
     nothing to plot yet."""
@@ -1116,7 +1116,7 @@ def plot_metrics(jsonl: str, png: Optional[str] = None) -> Optional[str]:
         axes[2].plot([r["step"] for r in fid], [r["fid"] for r in fid], "o-")
         axes[2].set(xlabel="step", title="one-step FID (EMA)")
     fig.tight_layout()
-    png = png or os.path.join(os.path.dirname(os.path.abspath(jsonl)), "metrics.png")
+    png = os.path.join(os.path.dirname(os.path.abspath(jsonl)), "metrics.png")
     fig.savefig(png + ".tmp.png", dpi=80)
     plt.close(fig)
     os.replace(png + ".tmp.png", png)                          # a viewer never sees a half-written file
