@@ -253,9 +253,13 @@ class _WeightedMSE(torch.autograd.Function):
         return grad_a, grad_b, None
 
 
-def logistic_loss(logits: Tensor, real: bool) -> Tensor:
-    """Non-saturating logistic GAN loss per element: softplus(−x) for real, softplus(x) for fake."""
-    return _LogisticLoss.apply(logits, 1.0 if real else -1.0)
+def logistic_loss(logits: Tensor, real: bool, batch_mean: bool = False) -> Tensor:
+    """Non-saturating logistic GAN loss per element: softplus(−x) for real, softplus(x) for fake.
+
+    batch_mean=True reproduces the official code, which applies softplus to the batch-mean logit;
+    it then returns one value, shape (1,).
+    """
+    return _LogisticLoss.apply(logits.mean(0, keepdim=True) if batch_mean else logits, 1.0 if real else -1.0)
 
 
 def weighted_mse(a: Tensor, b: Tensor, w: Optional[Tensor] = None) -> Tensor:
@@ -299,21 +303,13 @@ def reconstruction_weight(t: Tensor, sched: NoiseSchedule, gamma: float, form: s
 
 
 def discriminator_loss(logits_real: Tensor, logits_fake: Tensor, batch_mean: bool = False) -> Tensor:
-    """L_D = softplus(−D(real)) + softplus(D(fake))   (Sec. 2 step 2).
-
-    batch_mean=True reproduces the official code, which applies softplus to the batch-mean logit;
-    it then returns one value, shape (1,).
-    """
-    if batch_mean:
-        logits_real, logits_fake = logits_real.mean(0, keepdim=True), logits_fake.mean(0, keepdim=True)
-    return logistic_loss(logits_real, real=True) + logistic_loss(logits_fake, real=False)
+    """L_D = softplus(−D(real)) + softplus(D(fake))   (Sec. 2 step 2)."""
+    return logistic_loss(logits_real, True, batch_mean) + logistic_loss(logits_fake, False, batch_mean)
 
 
 def generator_adv_loss(logits_fake: Tensor, batch_mean: bool = False) -> Tensor:
     """L_adv = softplus(−D(x̂))   (Sec. 2 step 3)."""
-    if batch_mean:
-        logits_fake = logits_fake.mean(0, keepdim=True)
-    return logistic_loss(logits_fake, real=True)
+    return logistic_loss(logits_fake, True, batch_mean)
 
 
 def mse_distance(a: Tensor, b: Tensor, cond=None) -> Tensor:
@@ -531,7 +527,7 @@ def train_step(G: nn.Module, D: nn.Module, opt_G, opt_D, x0: Tensor, cond=None, 
         if use_D:                                              # real first: its D graph is gone before G's exists
             with D.no_sync() if hasattr(D, "no_sync") else contextlib.nullcontext(), autocast():   # DDP: fake syncs
                 logits_real = D(x0_real, m["t"], m["c"])
-                loss_real = _discriminator_loss_half(logits_real, True, batch_mean)
+                loss_real = logistic_loss(logits_real, True, batch_mean).mean()
             scale(loss_real / grad_accum, scaler_D).backward()
         with torch.set_grad_enabled(keep_graph), autocast():  # G(x_t): D's fake now, the G step's x̂ later
             x0_hat = predict_x0(G, m["x_t"], m["t"], m["c"], sched, cfg)
@@ -547,7 +543,7 @@ def train_step(G: nn.Module, D: nn.Module, opt_G, opt_D, x0: Tensor, cond=None, 
                                                     split_cond(m["c"], pieces))):
             with _sync_on_last(D, i * pieces + j, grad_accum * pieces), autocast():   # DDP: all-reduce once, last
                 logits_fake = D(x0_fake, t_j, c_j)
-                loss = _discriminator_loss_half(logits_fake, False, batch_mean) * (logits_fake.shape[0] / B)
+                loss = logistic_loss(logits_fake, False, batch_mean).mean() * (logits_fake.shape[0] / B)
             scale(loss / grad_accum, scaler_D).backward()
             loss_fake, sum_fake = loss_fake + loss.detach(), sum_fake + logits_fake.detach().float().sum()
         stats[:3] += torch.stack([loss_real.detach() + loss_fake, logits_real.detach().float().mean(),
@@ -584,12 +580,6 @@ def train_step(G: nn.Module, D: nn.Module, opt_G, opt_D, x0: Tensor, cond=None, 
     return out
 
 
-def _discriminator_loss_half(logits: Tensor, real: bool, batch_mean: bool) -> Tensor:
-    """The real or the fake term of discriminator_loss, batch-reduced: L_D is their sum, so each term can
-    run forward and backward on its own graph and D's gradient is the same sum."""
-    return logistic_loss(logits.mean(0, keepdim=True) if batch_mean else logits, real).mean()
-
-
 def _sync_on_last(module: nn.Module, i: int, n: int):
     """Under DDP, all-reduce gradients after the last micro-batch only."""
     return module.no_sync() if i < n - 1 and hasattr(module, "no_sync") else contextlib.nullcontext()
@@ -614,19 +604,16 @@ def optimizer_step(opt, params, scaler, max_norm: Optional[float]) -> float:
     return norm
 
 
-def make_optimizers(G: nn.Module, D: nn.Module, cfg: YOSOConfig, lr: Optional[float] = None,
-                    fused: Optional[bool] = None):
+def make_optimizers(G: nn.Module, D: nn.Module, cfg: YOSOConfig, fused: Optional[bool] = None):
     """AdamW for G (β = 0.9, 0.999) and D (β = 0, 0.999), same lr (Sec. 2 step 4). Trainable params only.
 
     fused: one multi-tensor kernel per step instead of a chain per parameter; None = on CUDA only (the
     same update, to float rounding).
     """
-    lr = cfg.lr if lr is None else lr
-
     def make(m, betas):
         params = [p for p in m.parameters() if p.requires_grad]
         on_cuda = fused if fused is not None else all(p.is_cuda for p in params)
-        return torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=cfg.weight_decay, fused=on_cuda or None)
+        return torch.optim.AdamW(params, lr=cfg.lr, betas=betas, weight_decay=cfg.weight_decay, fused=on_cuda or None)
     return make(G, cfg.betas_G), make(D, cfg.betas_D)
 
 
@@ -728,71 +715,73 @@ def transplant_delta(target_base: dict, source_base: dict, source_tuned: dict) -
 # ==================================================================================================
 # 10. Run plumbing: checkpoints, metrics, distributed (shared by train_cifar.py and finetune_t2i.py)
 # ==================================================================================================
-# Checkpoints are one safetensors file each: every module's weights, every optimiser's state and the
-# RNG states as tensors, the rest as JSON metadata. Then what both scripts' loops share: one-line
-# user errors, sample grids, graceful stop on SIGINT/SIGTERM, the divergence guard, the loop itself.
-# safetensors, PIL and tqdm are imported lazily, so the method sections above need torch alone.
-
-def _flatten_optimizer(prefix: str, opt) -> tuple[dict, dict]:
-    sd = opt.state_dict()
-    tensors, meta = {}, {"param_groups": sd["param_groups"], "scalars": {}}
-    for idx, state in sd["state"].items():
-        for key, value in state.items():
-            name = f"{prefix}.state.{idx}.{key}"
-            if torch.is_tensor(value):
-                tensors[name] = value
-            else:
-                meta["scalars"][name] = value
-    return tensors, meta
-
-
-def _unflatten_optimizer(prefix: str, tensors: dict, meta: dict) -> dict:
-    state: dict = {}
-    items = [(k, v) for k, v in tensors.items() if k.startswith(prefix + ".state.")] + \
-            [(k, v) for k, v in meta["scalars"].items()]
-    for name, value in items:
-        idx, key = name[len(prefix) + len(".state."):].split(".", 1)
-        state.setdefault(int(idx), {})[key] = value
-    groups = [{k: tuple(v) if k == "betas" else v for k, v in g.items()} for g in meta["param_groups"]]  # JSON made it a list
-    return {"state": state, "param_groups": groups}
-
-
-def _host_tensors(tensors: dict) -> dict:
-    """The tensors as save_file needs them (CPU, contiguous, no two sharing memory) at the least memory:
-    a CPU tensor as it is, an accelerator one copied straight into host memory — no device-side clone,
-    which made writing a checkpoint a run's GPU memory peak (issue 15)."""
-    out, seen = {}, set()
-    for k, v in tensors.items():
-        v = v.detach().to("cpu").contiguous()
-        if v.untyped_storage().data_ptr() in seen:          # tied weights: safetensors refuses shared memory
-            v = v.clone()
-        seen.add(v.untyped_storage().data_ptr())
-        out[k] = v
-    return out
-
+# A checkpoint is one safetensors file: every module's weights, every optimiser's state tensors and the
+# RNG state as tensors, the rest (step, optimiser settings, the caller's `extra`) as JSON metadata. Then
+# what both scripts' loops share. safetensors, torchvision, tqdm and matplotlib are imported where they
+# are used, so the method sections above need torch alone.
 
 def save_checkpoint(path: str, step: int, modules: dict, optimizers: dict, extra: Optional[dict] = None) -> None:
-    """Write modules, optimisers, step and RNG states to `path` atomically (temp file, fsync, rename).
-
-    A crash mid-write leaves the previous file untouched; the partial one is a *.tmp that loaders ignore.
-    """
+    """Write modules, optimisers, step and RNG state to `path` atomically: a temp file, fsync, rename.
+    A crash mid-write leaves the previous file untouched; the partial *.tmp is ignored by the loaders."""
     from safetensors.torch import save_file
-    tensors, meta = {}, {"step": step, "optimizers": {}, "extra": extra or {}}
-    for name, m in modules.items():
-        for k, v in unwrap(m).state_dict().items():
-            tensors[f"{name}/{k}"] = v
-    for name, opt in optimizers.items():
-        t, m = _flatten_optimizer(f"opt_{name}", opt)
-        tensors.update(t)
-        meta["optimizers"][name] = m
-    tensors["rng/cpu"] = torch.get_rng_state()
+    tensors, meta = {"rng/cpu": torch.get_rng_state()}, {"step": step, "optimizers": {}, "extra": extra or {}}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         tensors["rng/cuda"] = torch.cuda.get_rng_state()
-    tmp = path + ".tmp"
-    save_file(_host_tensors(tensors), tmp, metadata={"yoso": json.dumps(meta)})
-    with open(tmp, "rb") as f:
+    for name, m in modules.items():
+        tensors.update({f"{name}/{k}": v for k, v in unwrap(m).state_dict().items()})
+    for name, opt in optimizers.items():                       # state tensors by name; numbers and groups as JSON
+        sd = opt.state_dict()
+        flat = {f"opt_{name}.state.{i}.{k}": v for i, state in sd["state"].items() for k, v in state.items()}
+        tensors.update({k: v for k, v in flat.items() if torch.is_tensor(v)})
+        scalars = {k: v for k, v in flat.items() if not torch.is_tensor(v)}
+        meta["optimizers"][name] = {"param_groups": sd["param_groups"], "scalars": scalars}
+    host, seen = {}, set()      # copied straight into host memory: no device-side clone, which made the write
+    for k, v in tensors.items():                               # a run's GPU memory peak (issue 15)
+        v = v.detach().to("cpu").contiguous()
+        host[k] = v.clone() if v.untyped_storage().data_ptr() in seen else v   # tied weights: no shared memory
+        seen.add(v.untyped_storage().data_ptr())
+    save_file(host, path + ".tmp", metadata={"yoso": json.dumps(meta)})
+    with open(path + ".tmp", "rb") as f:
         os.fsync(f.fileno())
-    os.replace(tmp, path)
+    os.replace(path + ".tmp", path)
+
+
+def read_checkpoint_meta(path: str) -> dict:
+    """The JSON metadata save_checkpoint wrote ({step, extra, ...}), without loading tensors. The header
+    must cover the file, so this also tells a truncated checkpoint (UserError) from an intact one."""
+    from safetensors import safe_open
+    try:
+        with safe_open(path, "pt") as f:
+            return json.loads(f.metadata()["yoso"])
+    except Exception as e:
+        raise UserError(f"{path} is not a YOSO checkpoint ({type(e).__name__}); pass a ckpt-*.safetensors file") from None
+
+
+def load_checkpoint(path: str, modules: dict, optimizers: dict, restore_rng: bool = True) -> dict:
+    """Load what save_checkpoint wrote into the given modules / optimisers; returns {step, extra}.
+    A file that does not match the modules (another architecture or preset) raises a one-line UserError."""
+    from safetensors.torch import load_file
+    meta, tensors = read_checkpoint_meta(path), load_file(path)
+    for name, m in modules.items():
+        try:
+            unwrap(m).load_state_dict({k[len(name) + 1:]: v for k, v in tensors.items() if k.startswith(name + "/")})
+        except RuntimeError as e:
+            lines = str(e).strip().splitlines()
+            raise UserError(f"{path}: '{name}' does not match this model ({lines[min(1, len(lines) - 1)].strip()}); "
+                            "was it written with another preset or architecture?") from None
+    for name, opt in optimizers.items():
+        saved, state = meta["optimizers"][name], {}
+        prefix = f"opt_{name}.state."
+        for k, v in [(k, v) for k, v in tensors.items() if k.startswith(prefix)] + list(saved["scalars"].items()):
+            i, key = k[len(prefix):].split(".", 1)
+            state.setdefault(int(i), {})[key] = v
+        groups = [g | {"betas": tuple(g["betas"])} if "betas" in g else g for g in saved["param_groups"]]  # JSON: list
+        opt.load_state_dict({"state": state, "param_groups": groups})
+    if restore_rng:
+        torch.set_rng_state(tensors["rng/cpu"])
+        if "rng/cuda" in tensors and torch.cuda.is_available():
+            torch.cuda.set_rng_state(tensors["rng/cuda"])
+    return {"step": meta["step"], "extra": meta["extra"]}
 
 
 def scaler_states(scalers: list) -> list:
@@ -807,80 +796,29 @@ def load_scaler_states(scalers: list, extra: dict) -> None:
             s.load_state_dict(state)
 
 
-def load_checkpoint(path: str, modules: dict, optimizers: dict, restore_rng: bool = True) -> dict:
-    """Load what save_checkpoint wrote into the given modules / optimisers; returns {step, extra}.
+def rng_states(dist: Dist) -> list:
+    """Every rank's CPU (and CUDA) RNG state as hex strings, gathered (collective), for a checkpoint's extra:
+    save_checkpoint stores rank 0's state only, and each rank needs its own for an exact resume."""
+    mine = [torch.get_rng_state()] + ([torch.cuda.get_rng_state()] if dist.device.type == "cuda" else [])
+    mine = [s.numpy().tobytes().hex() for s in mine]
+    out = [mine] * dist.world
+    if dist.world > 1:
+        torch.distributed.all_gather_object(out, mine)
+    return out
 
-    Raises ValueError with a plain sentence when the file does not match the modules (another
-    architecture, another preset) so scripts can print one line and exit.
-    """
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-    try:
-        with safe_open(path, "pt") as f:
-            meta = json.loads(f.metadata()["yoso"])
-        tensors = load_file(path)
-    except Exception as e:  # corrupt or foreign file
-        raise ValueError(f"{path} is not a YOSO checkpoint ({type(e).__name__}: {e})") from None
-    for name, m in modules.items():
-        sd = {k[len(name) + 1:]: v for k, v in tensors.items() if k.startswith(name + "/")}
-        try:
-            unwrap(m).load_state_dict(sd)
-        except RuntimeError as e:
-            first = str(e).strip().splitlines()
-            raise ValueError(f"{path}: '{name}' does not match this model "
-                             f"({first[1].strip() if len(first) > 1 else first[0]}); "
-                             f"was it written with another preset or architecture?") from None
-    for name, opt in optimizers.items():
-        opt.load_state_dict(_unflatten_optimizer(f"opt_{name}", tensors, meta["optimizers"][name]))
-    if restore_rng:
-        torch.set_rng_state(tensors["rng/cpu"])
-        if "rng/cuda" in tensors and torch.cuda.is_available():
-            torch.cuda.set_rng_state(tensors["rng/cuda"])
-    return {"step": meta["step"], "extra": meta["extra"]}
+
+def set_rng_state(states: list, dist: Dist) -> None:
+    mine = [torch.frombuffer(bytearray.fromhex(s), dtype=torch.uint8) for s in states[dist.rank]]
+    torch.set_rng_state(mine[0])
+    if len(mine) > 1 and dist.device.type == "cuda":
+        torch.cuda.set_rng_state(mine[1])
 
 
 def list_checkpoints(run_dir: str) -> list:
     """Complete checkpoints of a run, oldest first (names ckpt-<step>.safetensors)."""
-    if not os.path.isdir(run_dir):
-        return []
-    names = [n for n in os.listdir(run_dir) if n.startswith("ckpt-") and n.endswith(".safetensors")]
+    names = [n for n in os.listdir(run_dir) if n.startswith("ckpt-") and n.endswith(".safetensors")] \
+        if os.path.isdir(run_dir) else []
     return [os.path.join(run_dir, n) for n in sorted(names, key=lambda n: int(n[5:-12]))]
-
-
-RUN_FILES = ("config.json", "yoso_config.json", "metrics.jsonl")    # what marks a folder as a run's
-
-
-def refuse_existing_run(run_dir: str, how_to_resume: str) -> None:
-    """A new run never writes into a folder that holds an earlier run: it would overwrite that run's config
-    and checkpoints and append to its metrics, and the earlier run could no longer be resumed."""
-    found = [n for n in RUN_FILES if os.path.exists(os.path.join(run_dir, n))] + \
-            [os.path.basename(p) for p in list_checkpoints(run_dir)[-1:]]
-    if found:
-        raise UserError(f"{run_dir} already holds a run ({', '.join(found)}); continue it with {how_to_resume}, "
-                        "or choose another --out")
-
-
-def newest_intact_checkpoint(run_dir: str) -> Optional[str]:
-    """The newest checkpoint of a run that reads back (None if there is none), for --resume.
-
-    A newer one that does not (truncated by a full disk or a killed copy; save_checkpoint itself never
-    leaves one) is skipped with one line and renamed *.corrupt: kept for a look, and out of
-    list_checkpoints, so the `keep` rotation of the resumed run cannot delete intact ones in its favour.
-    """
-    from safetensors import safe_open
-    main = int(os.environ.get("RANK", 0)) == 0                 # every rank gets the same answer; rank 0 renames
-    for path in reversed(list_checkpoints(run_dir)):
-        try:
-            with safe_open(path, "pt") as f:                   # checks the header covers the file: catches truncation
-                json.loads(f.metadata()["yoso"])
-            return path
-        except Exception as e:
-            if main:
-                with contextlib.suppress(FileNotFoundError):
-                    os.replace(path, path + ".corrupt")
-                print(f"warning: skipping unreadable checkpoint {path} ({type(e).__name__}: {str(e)[:80]}); "
-                      "renamed to *.corrupt, resuming from the newest intact one", file=sys.stderr)
-    return None
 
 
 def save_run_checkpoint(run_dir: str, step: int, modules: dict, optimizers: dict,
@@ -891,6 +829,36 @@ def save_run_checkpoint(run_dir: str, step: int, modules: dict, optimizers: dict
     for old in list_checkpoints(run_dir)[:-keep]:
         os.remove(old)
     return path
+
+
+def newest_intact_checkpoint(run_dir: str) -> Optional[str]:
+    """The newest checkpoint of a run that reads back (None if there is none), for --resume.
+
+    A newer one that does not (truncated by a full disk or a killed copy; save_checkpoint itself never
+    leaves one) is skipped with one line and renamed *.corrupt: kept for a look, and out of
+    list_checkpoints, so the `keep` rotation of the resumed run cannot delete intact ones in its favour.
+    """
+    for path in reversed(list_checkpoints(run_dir)):
+        try:
+            read_checkpoint_meta(path)
+            return path
+        except UserError:
+            if int(os.environ.get("RANK", 0)) == 0:            # every rank gets the same answer; rank 0 renames
+                with contextlib.suppress(FileNotFoundError):
+                    os.replace(path, path + ".corrupt")
+                print(f"warning: skipping unreadable checkpoint {path}; renamed to *.corrupt, resuming from "
+                      "the newest intact one", file=sys.stderr)
+    return None
+
+
+def refuse_existing_run(run_dir: str, how_to_resume: str) -> None:
+    """A new run never writes into a folder that holds an earlier run: it would overwrite that run's config
+    and checkpoints and append to its metrics, and the earlier run could no longer be resumed."""
+    found = [n for n in ("config.json", "yoso_config.json", "metrics.jsonl") if os.path.exists(os.path.join(run_dir, n))]
+    found += [os.path.basename(p) for p in list_checkpoints(run_dir)[-1:]]
+    if found:
+        raise UserError(f"{run_dir} already holds a run ({', '.join(found)}); continue it with {how_to_resume}, "
+                        "or choose another --out")
 
 
 class MetricsLog:
@@ -909,7 +877,6 @@ class MetricsLog:
 class Dist:
     rank: int = 0
     world: int = 1
-    local_rank: int = 0
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
 
     @property
@@ -917,65 +884,57 @@ class Dist:
         return self.rank == 0
 
 
-def init_distributed(device: Optional[str] = None) -> Dist:
+def init_distributed() -> Dist:
     """Set up DDP when launched by torchrun (NCCL on GPU, gloo on CPU); a single process otherwise."""
-    use_cuda = torch.cuda.is_available() if device is None else device.startswith("cuda")
+    use_cuda = torch.cuda.is_available()
     if "RANK" not in os.environ:
         return Dist(device=torch.device("cuda" if use_cuda else "cpu"))
-    import torch.distributed as dist
     rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
     if use_cuda:
         torch.cuda.set_device(local)
-    dist.init_process_group("nccl" if use_cuda else "gloo")
-    return Dist(rank, world, local, torch.device(f"cuda:{local}" if use_cuda else "cpu"))
+    torch.distributed.init_process_group("nccl" if use_cuda else "gloo")
+    return Dist(rank, world, torch.device(f"cuda:{local}" if use_cuda else "cpu"))
 
 
-class UserError(Exception):
-    """A problem with the user's input or settings: main() prints it as ONE line and exits with code 2."""
+class UserError(ValueError):
+    """A problem with the user's input or settings: run_cli prints it as ONE line and exits with code 2."""
 
 
 def run_cli(body: Callable[[], int]) -> int:
-    """A script's main: a UserError becomes ONE line on stderr (rank 0 only) and exit code 2, no traceback;
-    the process group, if any, is shut down on every way out."""
+    """A script's main: a UserError becomes ONE line on stderr (rank 0 only) and exit code 2, no traceback.
+    The process group, if any, is shut down on every way out: a process that exits with its gloo / NCCL
+    group still up can abort, and so can one that tears it down while a peer still works (hence the barrier)."""
+    ddp = lambda: torch.distributed.is_available() and torch.distributed.is_initialized()
     try:
         code = body()
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.barrier()                        # leave together: a rank that tears its gloo group
-        return code                                            # down while a peer still works can abort at exit
+        if ddp():
+            torch.distributed.barrier()
+        return code
     except UserError as e:
         if int(os.environ.get("RANK", 0)) == 0:
             print(f"error: {e}", file=sys.stderr)
         return 2
-    finally:                                                   # a process that exits with its gloo / NCCL group
-        if torch.distributed.is_available() and torch.distributed.is_initialized():   # still up can abort
+    finally:
+        if ddp():
             torch.distributed.destroy_process_group()
 
 
-def save_image_grid(images: torch.Tensor, path: str, nrow: Optional[int] = None) -> None:
-    """Images in [-1, 1], (B, 3, H, W) -> one PNG grid, written atomically."""
-    from PIL import Image
-    B, C, H, W = images.shape
-    nrow = nrow or math.ceil(math.sqrt(B))
-    rows = math.ceil(B / nrow)
-    x = to_uint8(images).cpu()
-    grid = torch.zeros(C, rows * H, nrow * W, dtype=torch.uint8)
-    for i in range(B):
-        r, c = divmod(i, nrow)
-        grid[:, r * H:(r + 1) * H, c * W:(c + 1) * W] = x[i]
-    Image.fromarray(grid.permute(1, 2, 0).numpy()).save(path + ".tmp", format="PNG")
-    os.replace(path + ".tmp", path)
-
-
-def to_uint8(images: torch.Tensor) -> torch.Tensor:
+def to_uint8(images: Tensor) -> Tensor:
     return ((images.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
 
 
-class GracefulStop:
-    """SIGINT / SIGTERM set a flag; the loop checkpoints at the next step boundary and exits.
+def save_image_grid(images: Tensor, path: str, nrow: Optional[int] = None) -> None:
+    """Images in [-1, 1], (B, 3, H, W) -> one PNG grid (torchvision's), written atomically."""
+    from torchvision.utils import save_image
+    save_image(to_uint8(images).float() / 255, path + ".tmp", format="PNG", padding=0,
+               nrow=nrow or math.ceil(math.sqrt(len(images))))        # u / 255 * 255 + 0.5 truncates back to u
+    os.replace(path + ".tmp", path)
 
-    A second signal stops at once. Under DDP the flag is all-reduced so every rank stops at the
-    same step (the checkpoint write is collective).
-    """
+
+class GracefulStop:
+    """SIGINT / SIGTERM set `flag`; the loop checkpoints at the next step boundary and exits; a second
+    signal stops at once. Under DDP the flag is all-reduced so every rank stops at the same step (the
+    checkpoint write is collective)."""
 
     def __init__(self):
         self.flag = False
@@ -988,20 +947,16 @@ class GracefulStop:
         self.flag = True
 
     def requested(self, world: int = 1) -> bool:
+        f = torch.tensor([float(self.flag)])
         if world > 1:
-            import torch.distributed as dist
-            f = torch.tensor([float(self.flag)])
-            dist.all_reduce(f, op=dist.ReduceOp.MAX)
-            return bool(f.item())
-        return self.flag
+            torch.distributed.all_reduce(f, op=torch.distributed.ReduceOp.MAX)
+        return bool(f.item())
 
 
 class DivergenceGuard:
     """Counts steps that train_step skipped (non-finite gradient); gives up after `max_skipped` in a row.
-
-    Also warns (once) when D's logit gap D(real) − D(fake) stays above `gap` for `patience` steps:
-    a saturated D gives G no gradient, so the run is wasting time.
-    """
+    Also warns (once) when D's logit gap D(real) − D(fake) stays above `gap` for `patience` steps: a
+    saturated D gives G no gradient, so the run is wasting time."""
 
     def __init__(self, max_skipped: int, gap: float, patience: int):
         self.max_skipped, self.gap, self.patience = max_skipped, gap, patience
@@ -1012,8 +967,8 @@ class DivergenceGuard:
         """Feed one step's stats; returns a message to print, or None."""
         self.in_row = self.in_row + 1 if stats["skipped"] else 0
         self.total += stats["skipped"]
-        if self.in_row >= self.max_skipped:
-            self.diverged = True
+        self.diverged = self.in_row >= self.max_skipped
+        if self.diverged:
             return f"training diverged: {self.in_row} steps in a row had non-finite gradients"
         self.saturated = self.saturated + 1 if stats.get("D_real", 0) - stats.get("D_fake", 0) > self.gap else 0
         if self.saturated >= self.patience and not self.warned:
@@ -1036,41 +991,36 @@ def run_loop(step_fn: Callable[[int], dict], start: int, total: int, *, every: l
     and graceful stop. `every` = [(n, fn)]: fn(step) after each n-th step (not the last; the caller
     writes the final state). Under DDP the logged figures are the means over ranks. Returns
     (steps done, "done" | "interrupted" | "diverged")."""
-    from tqdm import tqdm                                      # the scripts' dependency, not the method's
-    bar = tqdm(total=total, initial=start, desc=desc, disable=not main, dynamic_ncols=True)
-    sums, n, t0, step = {}, 0, time.time(), start
-    while step < total:
-        stats = step_fn(step)
-        if world > 1:                                          # log the GLOBAL batch's figures, as one process would
-            import torch.distributed as dist
-            v = torch.tensor(list(stats.values()), dtype=torch.float64)
-            dist.all_reduce(v)
-            stats = {k: x / world for k, x in zip(stats, v.tolist())} | {"skipped": int(v[list(stats).index("skipped")] > 0)}
-        step += 1
-        message = guard.update(stats)
-        if message and main:
-            tqdm.write(message, file=sys.stderr)
-        for k, v in stats.items():
-            sums[k] = sums.get(k, 0.0) + v
-        n += 1
-        shown = {k: f"{v:.3f}" for k, v in stats.items() if k.startswith("loss")}
-        if "D_real" in stats:
-            shown["D_gap"] = f"{stats['D_real'] - stats['D_fake']:.2f}"
-        bar.set_postfix(shown, skipped=guard.total, refresh=False)   # before update(): the line drawn for a step
-        bar.update(1)                                                # shows that step's figures, close() the same
-        if step % log_every == 0 or step == total:
-            means = {k: v / n for k, v in sums.items() if k != "skipped"}
-            log(step=step, **means, skipped=int(sums["skipped"]), skipped_total=guard.total,
-                it_s=n / (time.time() - t0))
-            sums, n, t0 = {}, 0, time.time()
-        if guard.diverged or stop.requested(world):
-            bar.close()
-            return step, "diverged" if guard.diverged else "interrupted"
-        for every_n, fn in every:
-            if step % every_n == 0 and step < total:
-                fn(step)
-    bar.close()
-    return step, "done"
+    from tqdm import tqdm
+    sums, n, t0, step, reason = {}, 0, time.time(), start, "done"
+    with tqdm(total=total, initial=start, desc=desc, disable=not main, dynamic_ncols=True) as bar:
+        while step < total:
+            stats = step_fn(step)
+            if world > 1:                                      # the GLOBAL batch's figures, as one process's
+                v = torch.tensor(list(stats.values()), dtype=torch.float64)
+                torch.distributed.all_reduce(v)
+                stats = dict(zip(stats, (v / world).tolist())) | {"skipped": int(v[list(stats).index("skipped")] > 0)}
+            step, n = step + 1, n + 1
+            message = guard.update(stats)
+            if message and main:
+                tqdm.write(message, file=sys.stderr)
+            sums = {k: sums.get(k, 0.0) + v for k, v in stats.items()}
+            shown = {k: f"{v:.3f}" for k, v in stats.items() if k.startswith("loss")}
+            if "D_real" in stats:
+                shown["D_gap"] = f"{stats['D_real'] - stats['D_fake']:.2f}"
+            bar.set_postfix(shown, skipped=guard.total, refresh=False)   # before update(): the line drawn for
+            bar.update(1)                                                # a step shows that step's figures
+            if step % log_every == 0 or step == total:
+                log(step=step, **{k: v / n for k, v in sums.items() if k != "skipped"}, skipped=int(sums["skipped"]),
+                    skipped_total=guard.total, it_s=n / (time.time() - t0))
+                sums, n, t0 = {}, 0, time.time()
+            if guard.diverged or stop.requested(world):
+                reason = "diverged" if guard.diverged else "interrupted"
+                break
+            for every_n, fn in every:
+                if step % every_n == 0 and step < total:
+                    fn(step)
+    return step, reason
 
 
 def batch_indices(n: int, step: int, batch: int, seed: int) -> Tensor:
@@ -1079,8 +1029,7 @@ def batch_indices(n: int, step: int, batch: int, seed: int) -> Tensor:
     A pure function of the step (like DistributedSampler.set_epoch), so resuming needs only the step,
     and every rank agrees on the batch without communication. The last incomplete batch is dropped.
     """
-    per_epoch = n // batch
-    epoch, i = divmod(step, per_epoch)
+    epoch, i = divmod(step, n // batch)
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
     return perm[i * batch:(i + 1) * batch]
 
@@ -1122,85 +1071,52 @@ def apply_overrides(cfg, items):
         except (ValueError, SyntaxError):
             value = raw                                         # a bare string such as precision=fp32
         default = getattr(target, name)
-        if isinstance(default, float) and isinstance(value, (int, str)) and not isinstance(value, bool):
+        if isinstance(default, float) and not isinstance(value, bool):
             try:
-                value = float(value)                            # also "inf", "nan": e.g. to test the guard
-            except ValueError:
+                value = float(value)                            # 3 -> 3.0, and "inf", "nan": e.g. to test the guard
+            except (ValueError, TypeError):
                 raise UserError(f"--set {item!r}: expected a number") from None
         elif isinstance(default, tuple) and isinstance(value, list):
             value = tuple(value)
         try:
-            cfg = dataclasses.replace(cfg, **({sub: dataclasses.replace(target, **{name: value})} if sub else {name: value}))
+            new = dataclasses.replace(target, **{name: value})
+            cfg = dataclasses.replace(cfg, **{sub: new}) if sub else new
         except (ValueError, TypeError) as e:
             raise UserError(f"impossible settings: {e}") from None
     return cfg
 
 
-def rng_states(dist: Dist) -> list:
-    """Every rank's CPU (and CUDA) RNG state as hex strings, gathered (collective) for the checkpoint.
-
-    yoso.save_checkpoint stores rank 0's state only; each rank needs its own for an exact resume."""
-    mine = [torch.get_rng_state().numpy().tobytes().hex()]
-    if dist.device.type == "cuda":
-        mine.append(torch.cuda.get_rng_state().numpy().tobytes().hex())
-    if dist.world == 1:
-        return [mine]
-    import torch.distributed as tdist
-    out = [None] * dist.world
-    tdist.all_gather_object(out, mine)
-    return out
-
-
-def set_rng_state(states: list, dist: Dist) -> None:
-    mine = states[dist.rank]
-    torch.set_rng_state(torch.frombuffer(bytearray.fromhex(mine[0]), dtype=torch.uint8))
-    if len(mine) > 1 and dist.device.type == "cuda":
-        torch.cuda.set_rng_state(torch.frombuffer(bytearray.fromhex(mine[1]), dtype=torch.uint8))
-
-
-def read_checkpoint_meta(path: str) -> dict:
-    """The JSON metadata yoso.save_checkpoint wrote ({step, extra, ...}), without loading tensors."""
-    from safetensors import safe_open
-    try:
-        with safe_open(path, "pt") as f:
-            return json.loads(f.metadata()["yoso"])
-    except Exception as e:
-        raise UserError(f"{path} is not a YOSO checkpoint ({type(e).__name__}); pass a ckpt-*.safetensors file") from None
-
-
-def plot_metrics(jsonl: str, png: Optional[str] = None) -> Optional[str]:
+def plot_metrics(jsonl: str) -> Optional[str]:
     """metrics.jsonl -> metrics.png beside it: the losses, D(real) − D(fake), and one-step FID where a line
-    has "fid". The scripts call it with each sample grid; matplotlib is imported here (not a dependency
-    of the method). Returns the PNG path, or None when there is nothing to plot yet."""
+    has "fid". The scripts call it with each sample grid. Returns the PNG path, or None when there is
+    nothing to plot yet."""
     rows = []
     if os.path.isfile(jsonl):
         with open(jsonl) as f:
             rows = [json.loads(line) for line in f if line.strip()]
-    train = [r for r in rows if "loss_G" in r]
-    fid = [r for r in rows if "fid" in r]
+    train, fid = [r for r in rows if "loss_G" in r], [r for r in rows if "fid" in r]
     if not train and not fid:
         return None
     import matplotlib
     matplotlib.use("Agg")                                      # files only; no display needed
     import matplotlib.pyplot as plt
-    x_of = lambda r: r["step"]
     fig, axes = plt.subplots(1, 3 if fid else 2, figsize=(15 if fid else 10, 3.6))
     for key in ("loss_D", "L_adv", "L_con", "L_rec", "loss_G"):
-        pts = [(x_of(r), r[key]) for r in train if key in r and math.isfinite(r[key]) and r[key] > 0]
+        pts = [(r["step"], r[key]) for r in train if key in r and math.isfinite(r[key]) and r[key] > 0]
         if pts:
             axes[0].plot(*zip(*pts), label=key, lw=1)
     axes[0].set(yscale="log", xlabel="step", title="losses (interval means)")
     axes[0].legend(fontsize=8)
-    gap = [(x_of(r), r["D_real"] - r["D_fake"]) for r in train if "D_real" in r]
+    gap = [(r["step"], r["D_real"] - r["D_fake"]) for r in train if "D_real" in r]
     if gap:
         axes[1].plot(*zip(*gap), lw=1)
     axes[1].axhline(0, color="grey", lw=0.5)
     axes[1].set(xlabel="step", title="D(real) − D(fake) (logits)")
     if fid:
-        axes[2].plot([x_of(r) for r in fid], [r["fid"] for r in fid], "o-")
+        axes[2].plot([r["step"] for r in fid], [r["fid"] for r in fid], "o-")
         axes[2].set(xlabel="step", title="one-step FID (EMA)")
     fig.tight_layout()
-    png = png or os.path.join(os.path.dirname(os.path.abspath(jsonl)), "metrics.png")
+    png = os.path.join(os.path.dirname(os.path.abspath(jsonl)), "metrics.png")
     fig.savefig(png + ".tmp.png", dpi=80)
     plt.close(fig)
     os.replace(png + ".tmp.png", png)                          # a viewer never sees a half-written file

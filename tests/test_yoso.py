@@ -485,10 +485,10 @@ def test_checkpoint_roundtrip_atomic_and_keep_last(tmp_path):
     for k in s1["state"]:
         for key in s1["state"][k]:
             assert torch.equal(torch.as_tensor(s1["state"][k][key]), torch.as_tensor(s2["state"][k][key]))
-    with pytest.raises(ValueError, match="does not match"):
+    with pytest.raises(yoso.UserError, match="does not match"):          # one line for the scripts
         yoso.load_checkpoint(files[-1], {"G": yoso.Discriminator(3, (8,)), "D": D2}, {})
     (tmp_path / "junk.safetensors").write_bytes(b"not a checkpoint")
-    with pytest.raises(ValueError, match="not a YOSO checkpoint"):
+    with pytest.raises(yoso.UserError, match="not a YOSO checkpoint"):
         yoso.load_checkpoint(str(tmp_path / "junk.safetensors"), {"G": G2}, {})
 
 
@@ -546,3 +546,34 @@ def test_released_reconstruction_weight_is_the_batch_mean_the_released_code_exec
 def test_epsilon_prediction_on_a_zero_terminal_snr_schedule_is_refused():
     with pytest.raises(ValueError, match="v_prediction"):
         yoso.YOSOConfig(prediction_type="epsilon", zero_terminal_snr=True)
+
+
+def test_rng_states_round_trip_through_a_checkpoints_json():
+    """Each rank's RNG state goes into a checkpoint's JSON extra and comes back exactly (DDP resume)."""
+    import json
+    single = yoso.Dist()
+    states = json.loads(json.dumps(yoso.rng_states(single)))
+    expected = torch.rand(5)
+    torch.rand(7)                                              # the stream moves on
+    yoso.set_rng_state(states, single)
+    assert len(states) == 1 and torch.equal(torch.rand(5), expected)
+
+
+def test_apply_overrides_types_nested_keys_and_one_line_errors():
+    from dataclasses import dataclass, field
+
+    Y = yoso.YOSOConfig
+
+    @dataclass
+    class Run:                                                 # a script's config with a nested YOSOConfig
+        steps: int = 10
+        name: str = "a"
+        yoso: Y = field(default_factory=Y)
+    cfg = yoso.apply_overrides(Run(), ["steps=3", "name=b", "yoso.lr=1", "yoso.gamma=inf", "yoso.betas_D=[0.5, 0.9]"])
+    assert (cfg.steps, cfg.name, cfg.yoso.betas_D) == (3, "b", (0.5, 0.9))
+    assert isinstance(cfg.yoso.lr, float) and cfg.yoso.lr == 1.0 and math.isinf(cfg.yoso.gamma)
+    assert Run().yoso.lr == 2e-5                                               # the default is not touched
+    for bad, message in [("nope=1", "KEY=VALUE"), ("steps", "KEY=VALUE"), ("yoso.nope=1", "KEY=VALUE"),
+                         ("yoso.lr=fast", "expected a number"), ("yoso.k_C=0", "impossible settings")]:
+        with pytest.raises(yoso.UserError, match=message):
+            yoso.apply_overrides(Run(), [bad])
