@@ -33,7 +33,8 @@ Sections
     9. Quick adaption and weight transplant                  (Sec. 4.3, Sec. 4.4)
    10. Run plumbing: checkpoints, metrics, DDP, the loop    (shared by both scripts)
 
-"Method doc" = shared/docs/yoso-method.md, which restates the paper; section numbers refer to it.
+"Method doc" = notebooks/method.md (the method notes this file was written from: the paper restated, and
+what the released code executes where that differs); "Sec. N" refers to its sections.
 """
 from __future__ import annotations
 

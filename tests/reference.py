@@ -1,6 +1,6 @@
 """Slow, literal re-implementations of the method doc, for tests and benchmarks to compare against.
 
-Everything here is written straight from shared/docs/yoso-method.md Sec. 2 with plain eager
+Everything here is written straight from notebooks/method.md Sec. 2 with plain eager
 PyTorch: four generator forwards, three discriminator forwards, eager loss expressions and a
 per-parameter EMA loop — the structure of the official trainer. No code is shared with yoso.py
 except the schedule's ᾱ table and the network-output-to-x_0 conversion, which have tests of their own.

@@ -108,12 +108,17 @@ def test_loss_weights_equal_literal_formulas():
         w_con, w_rec = literal_weights(t, t_C, sched, cfg.gamma)
         torch.testing.assert_close(yoso.consistency_weight(t, t_C, sched, cfg.gamma), w_con.float(), rtol=1e-5, atol=1e-7)
         torch.testing.assert_close(yoso.reconstruction_weight(t, sched, cfg.gamma), w_rec.float(), rtol=1e-5, atol=1e-7)
-    # the method doc's landmarks (they hold for SD / PixArt's scaled-linear schedule)
+    # the method doc's landmarks (they hold for SD-1.5's scaled-linear schedule)
     sched = yoso.NoiseSchedule(yoso.make_betas(1000, "scaled_linear", 0.00085, 0.012))
     w = lambda tt: yoso.consistency_weight(torch.tensor([tt]), torch.tensor([tt - 25]), sched, 5.0).item()
     assert w(600) == 5.0 and w(700) < 5.0 and 0.45 < w(999) < 0.55
     assert yoso.reconstruction_weight(torch.tensor([140]), sched, 5.0).item() == 5.0
     assert 0.004 < yoso.reconstruction_weight(torch.tensor([999]), sched, 5.0).item() < 0.006
+    # PixArt-α's schedule is DDPM's "linear" 1e-4..0.02: ten times less signal left at T-1 than SD-1.5's
+    pixart = yoso.NoiseSchedule(yoso.make_betas(1000, "linear", 1e-4, 0.02))
+    assert 3.9e-5 < pixart.alphas_cumprod[-1] < 4.1e-5 and 4.6e-3 < sched.alphas_cumprod[-1] < 4.8e-3
+    w_pixart = yoso.consistency_weight(torch.tensor([999]), torch.tensor([974]), pixart, 5.0).item()
+    assert 0.02 < w_pixart < 0.04                                          # the method doc's ≈ 0.03
 
 
 def test_gan_losses_equal_literal():
