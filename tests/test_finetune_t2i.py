@@ -553,3 +553,25 @@ def test_bad_settings_and_inputs_are_one_clear_error(base, data, tmp_path, capsy
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert_main_error(capsys, [*run, "--set", "batch_size=3"], "not divisible by 2 processes")
     assert not (tmp_path / "o").exists()                                               # nothing written for a failed start
+
+
+def test_the_adaption_optimiser_is_gone_before_the_yoso_stage(base, data, tmp_path, monkeypatch):
+    # issue 15: the adaption stage's AdamW (with LoRA 2x the adapters, with full fine-tuning 2x the model) used
+    # to stay alive through the whole YOSO stage. In the YOSO stage only G's and D's optimisers may exist.
+    import gc
+
+    def optimisers() -> int:
+        gc.collect()
+        return sum(isinstance(o, torch.optim.Optimizer) for o in gc.get_objects())
+
+    alive, step, before = [], yoso.train_step, optimisers()             # other tests' may still be alive
+
+    def counting_step(*args, **kwargs):
+        alive.append(optimisers() - before)
+        return step(*args, **kwargs)
+
+    monkeypatch.setattr(yoso, "train_step", counting_step)
+    argv = ["--base", base, "--data", data, "--preset", "smoke", "--out", str(tmp_path / "run"),
+            "--set", "adapt_steps=2", "--set", "yoso_steps=2", "--set", "ckpt_every=100", "--set", "sample_every=100"]
+    assert ft.main(argv) == 0
+    assert alive == [2, 2]

@@ -582,3 +582,22 @@ def test_apply_overrides_types_nested_keys_and_one_line_errors():
                          ("yoso.lr=fast", "expected a number"), ("yoso.k_C=0", "impossible settings")]:
         with pytest.raises(yoso.UserError, match=message):
             yoso.apply_overrides(Run(), [bad])
+
+
+def test_a_checkpoint_write_copies_no_host_tensor(tmp_path, monkeypatch):
+    # issue 15: every tensor used to be cloned on its device before the copy to the host, which made the write
+    # a run's memory peak. Host tensors now go to the file as they are; only tied (shared) storage is cloned.
+    import safetensors.torch
+    net = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
+    net[1].weight = net[0].weight                               # tied weights: safetensors needs them apart
+    opt = torch.optim.AdamW(net.parameters())
+    net(torch.randn(2, 4)).sum().backward()
+    opt.step()
+    written, save = {}, safetensors.torch.save_file
+    monkeypatch.setattr(safetensors.torch, "save_file", lambda tensors, *a, **k: (written.update(tensors), save(tensors, *a, **k)))
+    yoso.save_checkpoint(str(tmp_path / "c.safetensors"), 1, {"G": net}, {"G": opt})
+    assert written["G/0.bias"].data_ptr() == net[0].bias.data_ptr()                 # no copy
+    state = opt.state[net[0].bias]["exp_avg"]
+    assert any(v.data_ptr() == state.data_ptr() for k, v in written.items() if k.startswith("opt_G.state"))
+    assert written["G/1.weight"].data_ptr() != written["G/0.weight"].data_ptr()     # the tied copy: cloned
+    assert yoso.read_checkpoint_meta(str(tmp_path / "c.safetensors"))["step"] == 1
