@@ -3,10 +3,9 @@
 Y. Luo, X. Chen, X. Qu, T. Hu, J. Tang, "You Only Sample Once: Taming One-Step Text-to-Image
 Synthesis by Self-Cooperative Diffusion GANs", arXiv 2403.12931v6 (ICLR 2025).
 
-This file is the whole method in plain PyTorch (torch and the standard library only). The two
-scripts beside it apply it: train_cifar.py (from scratch) and finetune_t2i.py (PixArt-α, LoRA or
-full). Read it top to bottom beside the paper; sections follow the order one training step
-touches things.
+The whole method in plain PyTorch (torch and the standard library only); train_cifar.py (from
+scratch) and finetune_t2i.py (PixArt-α, LoRA or full) apply it. "Sec. N" refers to notebooks/method.md
+(the paper restated, and what the released code executes where it differs).
 
 Paper symbol -> code name
     T, t, t' ............ cfg.T, t (integer step 0..T-1), t_D / t_C (the smaller steps)
@@ -32,16 +31,15 @@ Sections
     8. Sampling: one step, multi-step, informative prior     (Sec. 1, Sec. 4.3)
     9. Quick adaption and weight transplant                  (Sec. 4.3, Sec. 4.4)
    10. Run plumbing: checkpoints, metrics, DDP, the loop    (shared by both scripts)
-
-"Method doc" = notebooks/method.md (the method notes this file was written from: the paper restated, and
-what the released code executes where that differs); "Sec. N" refers to its sections.
 """
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import math
 import os
+import pathlib
 import signal
 import sys
 import time
@@ -194,11 +192,7 @@ def boundary_scalings(t: Tensor, sigma_data: float = 0.5, timestep_scaling: floa
 
 
 def predict_x0(G: nn.Module, x_t: Tensor, t: Tensor, cond, sched: NoiseSchedule, cfg: YOSOConfig) -> Tensor:
-    """G_θ(x_t, t, c): run the network and read its output as a one-step x_0 prediction (Sec. 1).
-
-    G is any module called as G(x_t, t, cond) -> tensor shaped like x_t (the scripts adapt
-    diffusers' UNet2DModel and PixArtTransformer2DModel to this call).
-    """
+    """G_θ(x_t, t, c): the one-step x_0 prediction of any G called as G(x_t, t, cond) -> shaped like x_t (Sec. 1)."""
     alpha_t, sigma_t = sched.alpha_sigma(t, x_t.ndim)
     x0_hat = x0_from_output(G(x_t, t, cond), x_t, alpha_t, sigma_t, cfg.prediction_type)
     if cfg.boundary_scaling:
@@ -319,11 +313,8 @@ def mse_distance(a: Tensor, b: Tensor, cond=None) -> Tensor:
 
 
 def latent_perceptual_distance(features: Callable) -> Callable:
-    """d(a, b) = mean ‖F(a) − F(b)‖²  with F a FROZEN network's features (Sec. 4.1).
-
-    `features(x, cond)` returns features of x (the pre-trained denoiser at t = 0). The target b is a
-    stop-gradient sample, so F(b) runs without a graph; gradient reaches a through F.
-    """
+    """d(a, b) = mean ‖F(a) − F(b)‖², F = `features(x, cond)` of a FROZEN network (the pre-trained denoiser at
+    t = 0; Sec. 4.1). The target b is a stop-gradient sample: F(b) runs without a graph."""
     def distance(a: Tensor, b: Tensor, cond=None) -> Tensor:
         with torch.no_grad():
             f_b = features(b, cond)
@@ -344,11 +335,8 @@ def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tens
 
 
 class DiscriminatorHead(nn.Module):
-    """norm → SiLU → attention pooling → SiLU → Linear(·, 1)  (Sec. 4.2).
-
-    Turns any feature map (B, C, H, W) or token sequence (B, N, C) into one logit per sample. The
-    pooling query is a learned vector plus the mean token plus (optionally) an embedding of t / c.
-    """
+    """norm → SiLU → attention pooling → SiLU → Linear(·, 1) (Sec. 4.2): a feature map (B, C, H, W) or tokens
+    (B, N, C) -> one logit per sample. Pooling query: a learned vector + the mean token (+ an embedding of t / c)."""
 
     def __init__(self, channels: int, emb_dim: int = 0, num_heads: Optional[int] = None, groups: int = 32):
         super().__init__()
@@ -397,11 +385,8 @@ class _DBlock(nn.Module):
 
 
 class Discriminator(nn.Module):
-    """Compact time-conditioned convolutional D for images or latents, trained from scratch (Sec. 3).
-
-    D(x, t, c) -> logits (B,). It sees clean x_0-space samples scored at step t; conditioning on t
-    lets one network judge every noise level's predictions. Unconditional in c (CIFAR-10).
-    """
+    """Compact time-conditioned conv D for images or latents, trained from scratch (Sec. 3): D(x, t, c) -> (B,).
+    It scores clean x_0-space samples at step t, so one network judges every noise level. Ignores c (CIFAR-10)."""
 
     def __init__(self, in_channels: int = 3, channels: tuple = (64, 128, 256, 256), emb_dim: int = 256):
         super().__init__()
@@ -422,11 +407,8 @@ class Discriminator(nn.Module):
 
 
 class FeatureDiscriminator(nn.Module):
-    """Latent D of Sec. 4.2: a trainable copy of the pre-trained denoiser's first part + the head.
-
-    `features(x, t, cond)` returns (B, C, H, W) or (B, N, C); finetune_t2i.py builds it from the
-    first transformer blocks of PixArt-α, initialised from the pre-trained weights.
-    """
+    """Latent D of Sec. 4.2: a trainable copy of the pre-trained denoiser's first part + the head. `features(x, t,
+    cond)` -> (B, C, H, W) or (B, N, C); finetune_t2i.py uses PixArt-α's first blocks, with their weights."""
 
     def __init__(self, features: nn.Module, channels: int):
         super().__init__()
@@ -478,14 +460,11 @@ def train_step(G: nn.Module, D: nn.Module, opt_G, opt_D, x0: Tensor, cond=None, 
                noise: Optional[tuple[Tensor, Tensor]] = None) -> dict:
     """One YOSO iteration: a D step, a G step, an EMA update (Sec. 2). Returns diagnostics.
 
-    Same maths as the naive step of the method doc (4 G forwards, 3 D forwards) with less work and no
-    more memory: the two stop-gradient G evaluations run as ONE batched forward, G(x_t) with grad is
-    computed once and its detached copy is D's fake. Memory: D scores the real batch (forward and
-    backward) before G(x_t)'s graph exists, and the fake in two halves on top of it, so no moment holds
-    more saved activations than the G step itself (benchmarks/run.py measures it: "saved MB").
-    With grad_accum > 1 the batch is split into micro-batches; G(x_t) is then recomputed in the G
-    step rather than kept alive across the D step (memory is the reason to accumulate).
-    G and D may be wrapped in DistributedDataParallel; scaler_G/D are GradScalers for fp16.
+    The naive step's maths (4 G forwards, 3 D forwards) with less work and no more saved activations than
+    the G step itself (benchmarks/run.py: "saved MB"): the two stop-gradient G evaluations run as ONE
+    forward, and G(x_t) runs once, its detached copy being D's fake. With grad_accum > 1, G(x_t) is
+    recomputed in the G step instead of kept across the D step. G and D may be DDP-wrapped; scaler_G/D
+    are GradScalers for fp16.
     """
     device = x0.device
     autocast = lambda: torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None)
@@ -587,10 +566,8 @@ def _sync_on_last(module: nn.Module, i: int, n: int):
 
 
 def optimizer_step(opt, params, scaler, max_norm: Optional[float]) -> float:
-    """Unscale, clip (when max_norm), and step — unless the gradient is non-finite: then skip the step.
-
-    A NaN/inf gradient must never reach the weights; the caller counts skipped steps (Sec. 2 step 4).
-    """
+    """Unscale, clip (when max_norm) and step, unless the gradient is non-finite: then skip the step, so a NaN /
+    inf never reaches the weights (the caller counts skipped steps; Sec. 2 step 4)."""
     params = [p for p in params if p.grad is not None]
     if scaler is not None:
         scaler.unscale_(opt)
@@ -606,11 +583,8 @@ def optimizer_step(opt, params, scaler, max_norm: Optional[float]) -> float:
 
 
 def make_optimizers(G: nn.Module, D: nn.Module, cfg: YOSOConfig, fused: Optional[bool] = None):
-    """AdamW for G (β = 0.9, 0.999) and D (β = 0, 0.999), same lr (Sec. 2 step 4). Trainable params only.
-
-    fused: one multi-tensor kernel per step instead of a chain per parameter; None = on CUDA only (the
-    same update, to float rounding).
-    """
+    """AdamW for G (β = 0.9, 0.999) and D (β = 0, 0.999), same lr, trainable params only (Sec. 2 step 4).
+    fused: one multi-tensor kernel per step (the same update, to float rounding); None = on CUDA only."""
     def make(m, betas):
         params = [p for p in m.parameters() if p.requires_grad]
         on_cuda = fused if fused is not None else all(p.is_cuda for p in params)
@@ -714,42 +688,53 @@ def transplant_delta(target_base: dict, source_base: dict, source_tuned: dict) -
 
 
 # ==================================================================================================
-# 10. Run plumbing: checkpoints, metrics, distributed (shared by train_cifar.py and finetune_t2i.py)
+# 10. Run plumbing: checkpoints, metrics, distributed, the loop (shared by train_cifar.py and finetune_t2i.py)
 # ==================================================================================================
-# A checkpoint is one safetensors file: every module's weights, every optimiser's state tensors and the
-# RNG state as tensors, the rest (step, optimiser settings, the caller's `extra`) as JSON metadata. Then
-# what both scripts' loops share. safetensors, torchvision, tqdm and matplotlib are imported where they
-# are used, so the method sections above need torch alone.
+# safetensors, torchvision, tqdm and matplotlib are imported where used, so the method above needs torch alone.
+
+class UserError(ValueError):
+    """A problem with the user's input or settings: run_cli prints it as ONE line and exits with code 2."""
+
+
+def _rng() -> list:
+    """The CPU RNG state, and the current CUDA device's once CUDA is in use."""
+    cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
+    return [torch.get_rng_state()] + ([torch.cuda.get_rng_state()] if cuda else [])
+
+
+def _set_rng(states: list) -> None:
+    torch.set_rng_state(states[0])
+    if len(states) > 1 and torch.cuda.is_available():
+        torch.cuda.set_rng_state(states[1])
+
 
 def save_checkpoint(path: str, step: int, modules: dict, optimizers: dict, extra: Optional[dict] = None) -> None:
-    """Write modules, optimisers, step and RNG state to `path` atomically: a temp file, fsync, rename.
-    A crash mid-write leaves the previous file untouched; the partial *.tmp is ignored by the loaders."""
-    from safetensors.torch import save_file
-    tensors, meta = {"rng/cpu": torch.get_rng_state()}, {"step": step, "optimizers": {}, "extra": extra or {}}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        tensors["rng/cuda"] = torch.cuda.get_rng_state()
+    """One safetensors file: weights, optimiser state tensors, RNG state; step, param groups and `extra` as JSON.
+    Atomic (temp file, fsync, rename): a crash mid-write leaves the previous file untouched."""
+    import safetensors.torch
+    tensors = dict(zip(("rng/cpu", "rng/cuda"), _rng()))
+    meta = {"step": step, "optimizers": {}, "extra": extra or {}}
     for name, m in modules.items():
         tensors.update({f"{name}/{k}": v for k, v in unwrap(m).state_dict().items()})
-    for name, opt in optimizers.items():                       # state tensors by name; numbers and groups as JSON
+    for name, opt in optimizers.items():
         sd = opt.state_dict()
         flat = {f"opt_{name}.state.{i}.{k}": v for i, state in sd["state"].items() for k, v in state.items()}
         tensors.update({k: v for k, v in flat.items() if torch.is_tensor(v)})
         scalars = {k: v for k, v in flat.items() if not torch.is_tensor(v)}
         meta["optimizers"][name] = {"param_groups": sd["param_groups"], "scalars": scalars}
-    host, seen = {}, set()      # copied straight into host memory: no device-side clone, which made the write
-    for k, v in tensors.items():                               # a run's GPU memory peak (issue 15)
-        v = v.detach().to("cpu").contiguous()
+    host, seen = {}, set()      # straight into host memory: a device-side clone made the write a run's GPU peak
+    for k, v in tensors.items():
+        v = v.detach().cpu().contiguous()
         host[k] = v.clone() if v.untyped_storage().data_ptr() in seen else v   # tied weights: no shared memory
         seen.add(v.untyped_storage().data_ptr())
-    save_file(host, path + ".tmp", metadata={"yoso": json.dumps(meta)})
+    safetensors.torch.save_file(host, path + ".tmp", metadata={"yoso": json.dumps(meta)})
     with open(path + ".tmp", "rb") as f:
         os.fsync(f.fileno())
     os.replace(path + ".tmp", path)
 
 
 def read_checkpoint_meta(path: str) -> dict:
-    """The JSON metadata save_checkpoint wrote ({step, extra, ...}), without loading tensors. The header
-    must cover the file, so this also tells a truncated checkpoint (UserError) from an intact one."""
+    """The JSON metadata ({step, extra, ...}); the header must cover the file, so a cut-off one is a UserError."""
     from safetensors import safe_open
     try:
         with safe_open(path, "pt") as f:
@@ -759,8 +744,8 @@ def read_checkpoint_meta(path: str) -> dict:
 
 
 def load_checkpoint(path: str, modules: dict, optimizers: dict, restore_rng: bool = True) -> dict:
-    """Load what save_checkpoint wrote into the given modules / optimisers; returns {step, extra}.
-    A file that does not match the modules (another architecture or preset) raises a one-line UserError."""
+    """Load a save_checkpoint file into modules / optimisers (and the RNG); returns {step, extra}. One that
+    does not fit the modules (another architecture or preset) raises a one-line UserError."""
     from safetensors.torch import load_file
     meta, tensors = read_checkpoint_meta(path), load_file(path)
     for name, m in modules.items():
@@ -771,17 +756,14 @@ def load_checkpoint(path: str, modules: dict, optimizers: dict, restore_rng: boo
             raise UserError(f"{path}: '{name}' does not match this model ({lines[min(1, len(lines) - 1)].strip()}); "
                             "was it written with another preset or architecture?") from None
     for name, opt in optimizers.items():
-        saved, state = meta["optimizers"][name], {}
-        prefix = f"opt_{name}.state."
+        saved, state, prefix = meta["optimizers"][name], {}, f"opt_{name}.state."
         for k, v in [(k, v) for k, v in tensors.items() if k.startswith(prefix)] + list(saved["scalars"].items()):
             i, key = k[len(prefix):].split(".", 1)
             state.setdefault(int(i), {})[key] = v
         groups = [g | {"betas": tuple(g["betas"])} if "betas" in g else g for g in saved["param_groups"]]  # JSON: list
         opt.load_state_dict({"state": state, "param_groups": groups})
     if restore_rng:
-        torch.set_rng_state(tensors["rng/cpu"])
-        if "rng/cuda" in tensors and torch.cuda.is_available():
-            torch.cuda.set_rng_state(tensors["rng/cuda"])
+        _set_rng([tensors[k] for k in ("rng/cpu", "rng/cuda") if k in tensors])
     return {"step": meta["step"], "extra": meta["extra"]}
 
 
@@ -791,40 +773,34 @@ def scaler_states(scalers: list) -> list:
 
 
 def load_scaler_states(scalers: list, extra: dict) -> None:
-    """Restore what scaler_states saved (a checkpoint without them, or a bf16/fp32 one, leaves the scalers fresh)."""
+    """Restore scaler_states' (a checkpoint without them, e.g. a bf16 / fp32 one, leaves the scalers fresh)."""
     for s, state in zip(scalers, extra.get("scalers") or []):
         if s is not None and state:
             s.load_state_dict(state)
 
 
 def rng_states(dist: Dist) -> list:
-    """Every rank's CPU (and CUDA) RNG state as hex strings, gathered (collective), for a checkpoint's extra:
-    save_checkpoint stores rank 0's state only, and each rank needs its own for an exact resume."""
-    mine = [torch.get_rng_state()] + ([torch.cuda.get_rng_state()] if dist.device.type == "cuda" else [])
-    mine = [s.numpy().tobytes().hex() for s in mine]
-    out = [mine] * dist.world
+    """Every rank's RNG state as hex strings, gathered (collective), for a checkpoint's extra: save_checkpoint
+    keeps rank 0's only, and each rank needs its own for an exact resume."""
+    out = [[s.numpy().tobytes().hex() for s in _rng()]] * dist.world
     if dist.world > 1:
-        torch.distributed.all_gather_object(out, mine)
+        torch.distributed.all_gather_object(out, out[0])
     return out
 
 
 def set_rng_state(states: list, dist: Dist) -> None:
-    mine = [torch.frombuffer(bytearray.fromhex(s), dtype=torch.uint8) for s in states[dist.rank]]
-    torch.set_rng_state(mine[0])
-    if len(mine) > 1 and dist.device.type == "cuda":
-        torch.cuda.set_rng_state(mine[1])
+    _set_rng([torch.frombuffer(bytearray.fromhex(s), dtype=torch.uint8) for s in states[dist.rank]])
 
 
 def list_checkpoints(run_dir: str) -> list:
-    """Complete checkpoints of a run, oldest first (names ckpt-<step>.safetensors)."""
-    names = [n for n in os.listdir(run_dir) if n.startswith("ckpt-") and n.endswith(".safetensors")] \
-        if os.path.isdir(run_dir) else []
-    return [os.path.join(run_dir, n) for n in sorted(names, key=lambda n: int(n[5:-12]))]
+    """A run's ckpt-<step>.safetensors files, oldest first (a *.tmp or *.corrupt one is none)."""
+    paths = glob.glob(os.path.join(glob.escape(run_dir), "ckpt-*.safetensors"))
+    return sorted(paths, key=lambda p: int(os.path.basename(p)[5:-12]))
 
 
 def save_run_checkpoint(run_dir: str, step: int, modules: dict, optimizers: dict,
                         extra: Optional[dict] = None, keep: int = 3) -> str:
-    """ckpt-<step>.safetensors in run_dir, then delete all but the newest `keep`."""
+    """save_checkpoint to run_dir/ckpt-<step>.safetensors, then delete all but the newest `keep`."""
     path = os.path.join(run_dir, f"ckpt-{step:08d}.safetensors")
     save_checkpoint(path, step, modules, optimizers, extra)
     for old in list_checkpoints(run_dir)[:-keep]:
@@ -833,12 +809,8 @@ def save_run_checkpoint(run_dir: str, step: int, modules: dict, optimizers: dict
 
 
 def newest_intact_checkpoint(run_dir: str) -> Optional[str]:
-    """The newest checkpoint of a run that reads back (None if there is none), for --resume.
-
-    A newer one that does not (truncated by a full disk or a killed copy; save_checkpoint itself never
-    leaves one) is skipped with one line and renamed *.corrupt: kept for a look, and out of
-    list_checkpoints, so the `keep` rotation of the resumed run cannot delete intact ones in its favour.
-    """
+    """The newest checkpoint that reads back (None if none), for --resume. A newer cut-off one is skipped with one
+    line and renamed *.corrupt, so the resumed run's `keep` rotation cannot delete intact ones in its favour."""
     for path in reversed(list_checkpoints(run_dir)):
         try:
             read_checkpoint_meta(path)
@@ -853,8 +825,7 @@ def newest_intact_checkpoint(run_dir: str) -> Optional[str]:
 
 
 def refuse_existing_run(run_dir: str, how_to_resume: str) -> None:
-    """A new run never writes into a folder that holds an earlier run: it would overwrite that run's config
-    and checkpoints and append to its metrics, and the earlier run could no longer be resumed."""
+    """A new run never writes into an earlier run's folder: it would overwrite its config and checkpoints."""
     found = [n for n in ("config.json", "yoso_config.json", "metrics.jsonl") if os.path.exists(os.path.join(run_dir, n))]
     found += [os.path.basename(p) for p in list_checkpoints(run_dir)[-1:]]
     if found:
@@ -886,25 +857,21 @@ class Dist:
 
 
 def init_distributed() -> Dist:
-    """Set up DDP when launched by torchrun (NCCL on GPU, gloo on CPU); a single process otherwise."""
-    use_cuda = torch.cuda.is_available()
+    """DDP when launched by torchrun (NCCL on GPU, gloo on CPU); a single process otherwise."""
+    cuda = torch.cuda.is_available()
     if "RANK" not in os.environ:
-        return Dist(device=torch.device("cuda" if use_cuda else "cpu"))
-    rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
-    if use_cuda:
+        return Dist(device=torch.device("cuda" if cuda else "cpu"))
+    local = int(os.environ["LOCAL_RANK"])
+    if cuda:
         torch.cuda.set_device(local)
-    torch.distributed.init_process_group("nccl" if use_cuda else "gloo")
-    return Dist(rank, world, torch.device(f"cuda:{local}" if use_cuda else "cpu"))
-
-
-class UserError(ValueError):
-    """A problem with the user's input or settings: run_cli prints it as ONE line and exits with code 2."""
+    torch.distributed.init_process_group("nccl" if cuda else "gloo")     # rank and world from torchrun's env
+    return Dist(torch.distributed.get_rank(), torch.distributed.get_world_size(),
+                torch.device(f"cuda:{local}" if cuda else "cpu"))
 
 
 def run_cli(body: Callable[[], int]) -> int:
-    """A script's main: a UserError becomes ONE line on stderr (rank 0 only) and exit code 2, no traceback.
-    The process group, if any, is shut down on every way out: a process that exits with its gloo / NCCL
-    group still up can abort, and so can one that tears it down while a peer still works (hence the barrier)."""
+    """A script's main: a UserError becomes ONE line on stderr (rank 0) and exit code 2. The process group goes
+    down on every way out (exiting with it up can abort), after a barrier (so can a peer still at work)."""
     ddp = lambda: torch.distributed.is_available() and torch.distributed.is_initialized()
     try:
         code = body()
@@ -933,9 +900,8 @@ def save_image_grid(images: Tensor, path: str, nrow: Optional[int] = None) -> No
 
 
 class GracefulStop:
-    """SIGINT / SIGTERM set `flag`; the loop checkpoints at the next step boundary and exits; a second
-    signal stops at once. Under DDP the flag is all-reduced so every rank stops at the same step (the
-    checkpoint write is collective)."""
+    """SIGINT / SIGTERM set `flag`: the loop checkpoints at the next step and exits; a second signal stops at
+    once. Under DDP the flag is all-reduced, so every rank stops at the same step (the checkpoint is collective)."""
 
     def __init__(self):
         self.flag = False
@@ -955,9 +921,8 @@ class GracefulStop:
 
 
 class DivergenceGuard:
-    """Counts steps that train_step skipped (non-finite gradient); gives up after `max_skipped` in a row.
-    Also warns (once) when D's logit gap D(real) − D(fake) stays above `gap` for `patience` steps: a
-    saturated D gives G no gradient, so the run is wasting time."""
+    """Gives up after `max_skipped` steps in a row that train_step skipped (non-finite gradient); warns once when
+    D(real) − D(fake) stays above `gap` for `patience` steps (a saturated D gives G no gradient)."""
 
     def __init__(self, max_skipped: int, gap: float, patience: int):
         self.max_skipped, self.gap, self.patience = max_skipped, gap, patience
@@ -979,7 +944,6 @@ class DivergenceGuard:
         return None
 
     def report(self, step: int, run_dir: str) -> None:
-        """The one-line error after a divergence: where, and which checkpoint is the last good one."""
         last = list_checkpoints(run_dir)
         print(f"error: training diverged at step {step} ({self.in_row} non-finite steps in a row); "
               f"last good checkpoint: {last[-1] if last else 'none'}; lower lr or check the data", file=sys.stderr)
@@ -988,10 +952,9 @@ class DivergenceGuard:
 def run_loop(step_fn: Callable[[int], dict], start: int, total: int, *, every: list, log: Callable,
              log_every: int, guard: DivergenceGuard, stop: GracefulStop, world: int = 1, main: bool = True,
              desc: str = "train") -> tuple[int, str]:
-    """Run step_fn(step) for step = start..total-1 with tqdm, interval-mean metrics, divergence guard
-    and graceful stop. `every` = [(n, fn)]: fn(step) after each n-th step (not the last; the caller
-    writes the final state). Under DDP the logged figures are the means over ranks. Returns
-    (steps done, "done" | "interrupted" | "diverged")."""
+    """step_fn(step) for step = start..total-1 under tqdm, logging interval means (over ranks under DDP), with
+    the divergence guard and graceful stop; `every` = [(n, fn)]: fn(step) after each n-th step but the last (the
+    caller writes the final state). Returns (steps done, "done" | "interrupted" | "diverged")."""
     from tqdm import tqdm
     sums, n, t0, step, reason = {}, 0, time.time(), start, "done"
     with tqdm(total=total, initial=start, desc=desc, disable=not main, dynamic_ncols=True) as bar:
@@ -1025,11 +988,9 @@ def run_loop(step_fn: Callable[[int], dict], start: int, total: int, *, every: l
 
 
 def batch_indices(n: int, step: int, batch: int, seed: int) -> Tensor:
-    """Indices of the GLOBAL batch at `step`: a fresh permutation per epoch seeded by (seed, epoch).
-
-    A pure function of the step (like DistributedSampler.set_epoch), so resuming needs only the step,
-    and every rank agrees on the batch without communication. The last incomplete batch is dropped.
-    """
+    """Indices of the GLOBAL batch at `step`, from a fresh permutation per epoch (the last incomplete batch is
+    dropped). A pure function of the step, like DistributedSampler.set_epoch: a resume needs only the step,
+    and the ranks agree without communication."""
     epoch, i = divmod(step, n // batch)
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
     return perm[i * batch:(i + 1) * batch]
@@ -1042,23 +1003,17 @@ def rank_slice(x, dist: Dist):
 
 
 def step_noise(batch: int, shape: tuple, T: int, step: int, seed: int, dist: Dist) -> tuple[Tensor, Tensor]:
-    """This rank's share of the GLOBAL batch's t ~ U{0..T-1} and ε ~ N(0, I) at `step` (train_step's `noise`).
-
-    Drawn on the CPU from a generator seeded by (seed, step): 1 or N processes see the same draws,
-    and a resumed run the same as an uninterrupted one, whatever the global RNG did in between.
-    """
+    """This rank's share of the GLOBAL batch's t ~ U{0..T-1} and ε ~ N(0, I) (train_step's `noise`), drawn on the
+    CPU from (seed, step): 1 or N processes, and a resumed run, see the draws of one uninterrupted run."""
     g = torch.Generator().manual_seed(seed * 1_000_003 + step + 2 ** 40)   # a stream apart from batch_indices'
     t = torch.randint(0, T, (batch,), generator=g)
-    eps = torch.randn((batch,) + tuple(shape), generator=g)
-    return rank_slice(t, dist), rank_slice(eps, dist)
+    return rank_slice(t, dist), rank_slice(torch.randn((batch,) + tuple(shape), generator=g), dist)
 
 
 def apply_overrides(cfg, items):
-    """`--set KEY=VALUE` items onto a config dataclass; KEY may be SUB.KEY for a nested one (yoso.lr).
-
-    Values are Python literals (a bare word stays a string; "inf" becomes a float for float fields).
-    Unknown keys, ill-typed values and settings that __post_init__ rejects raise UserError.
-    """
+    """`--set KEY=VALUE` items onto a config dataclass; KEY may be SUB.KEY for a nested one (yoso.lr). Values
+    are Python literals (a bare word stays a string; "inf" becomes a float for a float field). Unknown keys,
+    ill-typed values and settings that __post_init__ rejects raise UserError."""
     import ast
     import dataclasses
     for item in items:
@@ -1072,13 +1027,13 @@ def apply_overrides(cfg, items):
         except (ValueError, SyntaxError):
             value = raw                                         # a bare string such as precision=fp32
         default = getattr(target, name)
-        if isinstance(default, float) and not isinstance(value, bool):
-            try:
+        try:
+            if isinstance(default, float) and not isinstance(value, bool):
                 value = float(value)                            # 3 -> 3.0, and "inf", "nan": e.g. to test the guard
-            except (ValueError, TypeError):
-                raise UserError(f"--set {item!r}: expected a number") from None
-        elif isinstance(default, tuple) and isinstance(value, list):
-            value = tuple(value)
+            elif isinstance(default, tuple) and isinstance(value, list):
+                value = tuple(value)
+        except (ValueError, TypeError):
+            raise UserError(f"--set {item!r}: expected a number") from None
         try:
             new = dataclasses.replace(target, **{name: value})
             cfg = dataclasses.replace(cfg, **{sub: new}) if sub else new
@@ -1088,13 +1043,10 @@ def apply_overrides(cfg, items):
 
 
 def plot_metrics(jsonl: str) -> Optional[str]:
-    """metrics.jsonl -> metrics.png beside it: the losses, D(real) − D(fake), and one-step FID where a line
-    has "fid". The scripts call it with each sample grid. Returns the PNG path, or None when there is
-    nothing to plot yet."""
-    rows = []
-    if os.path.isfile(jsonl):
-        with open(jsonl) as f:
-            rows = [json.loads(line) for line in f if line.strip()]
+    """metrics.jsonl -> metrics.png beside it (atomically): the losses, D(real) − D(fake), and one-step FID where
+    a line has "fid". Returns the PNG's path, or None when there is nothing to plot yet."""
+    text = pathlib.Path(jsonl).read_text() if os.path.isfile(jsonl) else ""
+    rows = [json.loads(line) for line in text.splitlines() if line.strip()]
     train, fid = [r for r in rows if "loss_G" in r], [r for r in rows if "fid" in r]
     if not train and not fid:
         return None
@@ -1120,5 +1072,5 @@ def plot_metrics(jsonl: str) -> Optional[str]:
     png = os.path.join(os.path.dirname(os.path.abspath(jsonl)), "metrics.png")
     fig.savefig(png + ".tmp.png", dpi=80)
     plt.close(fig)
-    os.replace(png + ".tmp.png", png)                          # a viewer never sees a half-written file
+    os.replace(png + ".tmp.png", png)
     return png
