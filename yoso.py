@@ -833,11 +833,11 @@ def refuse_existing_run(run_dir: str, how_to_resume: str) -> None:
                         "or choose another --out")
 
 
+@dataclass
 class MetricsLog:
     """Append-only JSONL of metrics, one line per logged step (rank 0 only)."""
-
-    def __init__(self, path: str, enabled: bool = True):
-        self.path, self.enabled = path, enabled
+    path: str
+    enabled: bool = True
 
     def write(self, **fields) -> None:
         if self.enabled:
