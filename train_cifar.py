@@ -332,12 +332,12 @@ def resolve_config(args) -> tuple[TrainConfig, str, Optional[str]]:
 
 class WallClock(yoso.GracefulStop):
     """yoso.GracefulStop that also stops after `minutes` of training (counted on from `elapsed` seconds on
-    resume) and counts the `every`-minute marks passed; all-reduced, so every rank acts at the same step."""
+    resume) and flags each `every`-minute mark passed (new_mark); all-reduced, so every rank acts at one step."""
 
     def __init__(self, minutes: float, every: float, elapsed: float = 0.0):
         super().__init__()
         self.minutes, self.every, self.t0, self.out_of_time = minutes, every, time.time() - elapsed, False
-        self.marks = self.saved = int(elapsed / 60 // every) if every else 0   # marks behind a resumed run
+        self.marks, self.new_mark = int(elapsed / 60 // every) if every else 0, False   # a resumed run's marks count
 
     def elapsed(self) -> float:
         return time.time() - self.t0
@@ -347,7 +347,7 @@ class WallClock(yoso.GracefulStop):
         v = torch.tensor([float(self.flag), float(0 < self.minutes <= m), m // self.every if self.every else 0.0])
         if world > 1:
             torch.distributed.all_reduce(v, op=torch.distributed.ReduceOp.MAX)
-        self.out_of_time, self.marks = bool(v[1]), int(v[2])
+        self.out_of_time, self.new_mark, self.marks = bool(v[1]), int(v[2]) > self.marks, int(v[2])
         return bool(v[0]) or self.out_of_time
 
 
@@ -419,8 +419,7 @@ def train(args) -> int:
                                      s, modules, optimizers, extra)
 
     def wall_mark(s: int) -> None:
-        if stop.marks > stop.saved:
-            stop.saved = stop.marks
+        if stop.new_mark:
             save(s, mark=stop.marks * cfg.ckpt_minutes)
 
     def grid(s: int) -> None:
