@@ -97,11 +97,9 @@ def make_config(preset: str, base: Optional[dict] = None, overrides: tuple = ())
 # --- Data: every training image decoded once into one uint8 tensor (CIFAR-10 is 150 MB) ---------------------------
 
 def _decode(data: bytes, res: int) -> np.ndarray:
-    """Image file bytes -> (res, res, 3) uint8: the shorter side resized to res, then centre-cropped."""
-    from PIL import Image
-    from torchvision.transforms.functional import InterpolationMode, center_crop, resize
-    img = Image.open(io.BytesIO(data)).convert("RGB")
-    return np.asarray(center_crop(resize(img, res, InterpolationMode.BICUBIC), res))   # res x res: untouched
+    """Image file bytes -> (res, res, 3) uint8: the centre square, resized (bicubic) to res; res x res: untouched."""
+    from PIL import Image, ImageOps
+    return np.asarray(ImageOps.fit(Image.open(io.BytesIO(data)).convert("RGB"), (res, res), Image.BICUBIC))
 
 
 def load_images(path: Optional[str], res: int) -> tuple[torch.Tensor, int]:
