@@ -234,7 +234,7 @@ def reference_stats(images: torch.Tensor, features: Callable, key: str, cache_di
     """μ, Σ of the training set, cached per (dataset, detector) key as .npz."""
     cache = os.path.join(cache_dir, f"fid-ref-{hashlib.sha1(key.encode()).hexdigest()[:16]}.npz")
     if not os.path.isfile(cache):
-        mu, sigma = feature_stats((images[i:i + batch] for i in range(0, len(images), batch)), features)
+        mu, sigma = feature_stats(images.split(batch), features)
         os.makedirs(cache_dir, exist_ok=True)
         np.savez(cache + ".tmp.npz", mu=mu, sigma=sigma)
         os.replace(cache + ".tmp.npz", cache)
