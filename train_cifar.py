@@ -4,12 +4,10 @@
     python train_cifar.py --preset cpu                      # visible progress within an hour on 2 CPU cores
     python train_cifar.py --preset smoke --data cifar10-jpeg.zip   # about a minute; checks the whole pipeline
     python train_cifar.py --resume runs/cifar-XXXX          # continue exactly where a run stopped
-    python train_cifar.py --sample runs/.../ckpt-00001000.safetensors --n 64 [--steps 2]
+    python train_cifar.py --sample CKPT --n 1000 [--steps 2] [--npz s.npz]   # a grid and an .npz, for FID elsewhere
     python train_cifar.py --sample CKPT --fid 50000         # one-step FID of the EMA generator vs the training set
-    python train_cifar.py --preset cpu --set minutes=60 --set ckpt_minutes=15   # wall-clock budget, kept marks
-    python train_cifar.py --sample runs/.../wall-00900s-00000500.safetensors --n 1000 --npz s.npz   # for FID elsewhere
+    python train_cifar.py --preset cpu --set minutes=60 --set ckpt_minutes=15   # any field; here a budget, kept marks
     torchrun --nproc_per_node=8 train_cifar.py              # DDP; the global batch is kept
-    python train_cifar.py --preset cpu --set steps=500 --set lr=1e-4   # override any config field
 
 The paper does not publish its CIFAR settings; the `paper` preset is our sane choice:
 DDPM's 35.7M-parameter CIFAR UNet (diffusers UNet2DModel), yoso.Discriminator, T = 1000 linear VP,
@@ -98,15 +96,10 @@ def make_config(preset: str, base: Optional[dict] = None, overrides: tuple = ())
 
 # --- Data: every training image decoded once into one uint8 tensor (CIFAR-10 is 150 MB) ---------------------------
 
-IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff")
-
-
 def _decode(data: bytes, res: int) -> np.ndarray:
-    """Image file bytes -> (res, res, 3) uint8: the shorter side resized to res, then centre-cropped."""
-    from PIL import Image
-    from torchvision.transforms.functional import InterpolationMode, center_crop, resize
-    img = Image.open(io.BytesIO(data)).convert("RGB")
-    return np.asarray(center_crop(resize(img, res, InterpolationMode.BICUBIC), res))   # res x res: untouched
+    """Image file bytes -> (res, res, 3) uint8: the centre square, resized (bicubic) to res; res x res: untouched."""
+    from PIL import Image, ImageOps
+    return np.asarray(ImageOps.fit(Image.open(io.BytesIO(data)).convert("RGB"), (res, res), Image.BICUBIC))
 
 
 def load_images(path: Optional[str], res: int) -> tuple[torch.Tensor, int]:
@@ -124,6 +117,7 @@ def load_images(path: Optional[str], res: int) -> tuple[torch.Tensor, int]:
                                  "offline? pass --data PATH to a local image folder or .zip") from None
         return torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), 0
     fix = "pass --data PATH to an image folder (class subfolders or flat) or a .zip of one"
+    exts = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff")
     if os.path.isdir(path):
         names = [os.path.relpath(os.path.join(d, n), path) for d, _, ns in os.walk(path) for n in ns]
         read = lambda n: open(os.path.join(path, n), "rb").read()
@@ -133,10 +127,10 @@ def load_images(path: Optional[str], res: int) -> tuple[torch.Tensor, int]:
     else:
         why = "cannot be read as a .zip" if os.path.exists(path) else "no such file or folder"
         raise yoso.UserError(f"--data {path}: {why}; {fix}")
-    names = sorted(n.replace(os.sep, "/") for n in names if n.lower().endswith(IMAGE_EXTS))
+    names = sorted(n.replace(os.sep, "/") for n in names if n.lower().endswith(exts))
     names = [n for n in names if "train" in n.split("/")[:-1]] or names   # train/<class>/x.jpg: skip test/
     if not names:
-        raise yoso.UserError(f"--data {path}: no images ({', '.join(IMAGE_EXTS)}) found; {fix}")
+        raise yoso.UserError(f"--data {path}: no images ({', '.join(exts)}) found; {fix}")
     images = []
     for n in tqdm(names, desc="decoding images", leave=False, mininterval=2, disable=len(names) < 5000):
         with contextlib.suppress(Exception):                    # truncated / not an image / unreadable: counted
@@ -240,7 +234,7 @@ def reference_stats(images: torch.Tensor, features: Callable, key: str, cache_di
     """μ, Σ of the training set, cached per (dataset, detector) key as .npz."""
     cache = os.path.join(cache_dir, f"fid-ref-{hashlib.sha1(key.encode()).hexdigest()[:16]}.npz")
     if not os.path.isfile(cache):
-        mu, sigma = feature_stats((images[i:i + batch] for i in range(0, len(images), batch)), features)
+        mu, sigma = feature_stats(images.split(batch), features)
         os.makedirs(cache_dir, exist_ok=True)
         np.savez(cache + ".tmp.npz", mu=mu, sigma=sigma)
         os.replace(cache + ".tmp.npz", cache)
@@ -280,10 +274,7 @@ def load_generator(ckpt: str, overrides: tuple = (), device=None) -> tuple[nn.Mo
     meta = yoso.read_checkpoint_meta(ckpt)
     cfg = make_config(meta["extra"]["config"]["preset"], base=meta["extra"]["config"], overrides=overrides)
     G = UNetGenerator(cfg)
-    try:
-        yoso.load_checkpoint(ckpt, {"G_ema": G}, {}, restore_rng=False)
-    except ValueError as e:                                     # another architecture: one line, exit 2
-        raise yoso.UserError(str(e)) from None
+    yoso.load_checkpoint(ckpt, {"G_ema": G}, {}, restore_rng=False)   # another architecture: UserError
     return G.eval().to(device), cfg, meta
 
 
@@ -339,12 +330,12 @@ def resolve_config(args) -> tuple[TrainConfig, str, Optional[str]]:
 
 class WallClock(yoso.GracefulStop):
     """yoso.GracefulStop that also stops after `minutes` of training (counted on from `elapsed` seconds on
-    resume) and counts the `every`-minute marks passed; all-reduced, so every rank acts at the same step."""
+    resume) and flags each `every`-minute mark passed (new_mark); all-reduced, so every rank acts at one step."""
 
     def __init__(self, minutes: float, every: float, elapsed: float = 0.0):
         super().__init__()
         self.minutes, self.every, self.t0, self.out_of_time = minutes, every, time.time() - elapsed, False
-        self.marks = self.saved = int(elapsed / 60 // every) if every else 0   # marks behind a resumed run
+        self.marks, self.new_mark = int(elapsed / 60 // every) if every else 0, False   # a resumed run's marks count
 
     def elapsed(self) -> float:
         return time.time() - self.t0
@@ -354,7 +345,7 @@ class WallClock(yoso.GracefulStop):
         v = torch.tensor([float(self.flag), float(0 < self.minutes <= m), m // self.every if self.every else 0.0])
         if world > 1:
             torch.distributed.all_reduce(v, op=torch.distributed.ReduceOp.MAX)
-        self.out_of_time, self.marks = bool(v[1]), int(v[2])
+        self.out_of_time, self.new_mark, self.marks = bool(v[1]), int(v[2]) > self.marks, int(v[2])
         return bool(v[0]) or self.out_of_time
 
 
@@ -379,10 +370,7 @@ def train(args) -> int:
     modules, optimizers = {"G": G, "G_ema": G_ema, "D": D}, {"G": opt_G, "D": opt_D}
     step, extra = 0, {}                                         # extra: what a resumed checkpoint carries
     if resume_ckpt:
-        try:
-            info = yoso.load_checkpoint(resume_ckpt, modules, optimizers)
-        except ValueError as e:                                 # another architecture: one line, exit 2
-            raise yoso.UserError(str(e)) from None
+        info = yoso.load_checkpoint(resume_ckpt, modules, optimizers)   # another architecture: UserError
         step, extra = info["step"], info["extra"]
         for group in opt_G.param_groups + opt_D.param_groups:   # the config, not the saved groups, sets lr
             group["lr"] = cfg.lr                                # (so --set lr=... works on --resume)
@@ -429,8 +417,7 @@ def train(args) -> int:
                                      s, modules, optimizers, extra)
 
     def wall_mark(s: int) -> None:
-        if stop.marks > stop.saved:
-            stop.saved = stop.marks
+        if stop.new_mark:
             save(s, mark=stop.marks * cfg.ckpt_minutes)
 
     def grid(s: int) -> None:
