@@ -47,7 +47,6 @@ BASES = {"PixArt-alpha": "PixArt-alpha/PixArt-XL-2-512x512",
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 PHASES = ("adapt", "yoso")
 
-
 # ==================================================================================================
 # Config — defaults are the paper's PixArt-α run where it states them, the official SD-1.5 LoRA run otherwise
 # ==================================================================================================
@@ -121,16 +120,6 @@ PRESETS = {
 # The base model: loading, and PixArt-α read as yoso's G(x_t, t, cond)
 # ==================================================================================================
 
-@dataclass
-class Base:
-    path: str
-    tokenizer: object
-    text_encoder: nn.Module | None
-    vae: nn.Module
-    transformer: nn.Module
-    scheduler_config: dict
-
-
 def dtype_keyword() -> str:
     """from_pretrained's dtype keyword: diffusers 0.42 renamed torch_dtype to dtype (the old name now warns);
     older releases know torch_dtype only."""
@@ -160,18 +149,23 @@ def loading(what: str, path: str):
         raise yoso.UserError(f"{what}: cannot load a PixArt-α diffusers pipeline from {path!r} ({reason[:200]})") from None
 
 
-def load_base(name: str, dtype=torch.float32) -> Base:
-    """T5 encoder + tokenizer, VAE, PixArtTransformer2DModel and the scheduler config of a diffusers pipeline."""
-    from diffusers import AutoencoderKL, DDPMScheduler, PixArtTransformer2DModel
-    from transformers import AutoTokenizer, T5EncoderModel
+def load_base(name: str, dtype=torch.float32):
+    """The base's PixArtAlphaPipeline: T5 and VAE in `dtype`, the transformer (trained) in fp32."""
+    from diffusers import PixArtAlphaPipeline, PixArtTransformer2DModel
     path = resolve_base(name)
     with loading(f"--base {name}", path):
-        return Base(path=path,
-                    tokenizer=AutoTokenizer.from_pretrained(path, subfolder="tokenizer"),
-                    text_encoder=T5EncoderModel.from_pretrained(path, subfolder="text_encoder", dtype=dtype),
-                    vae=AutoencoderKL.from_pretrained(path, subfolder="vae", **{dtype_keyword(): dtype}),
-                    transformer=PixArtTransformer2DModel.from_pretrained(path, subfolder="transformer"),
-                    scheduler_config=dict(DDPMScheduler.load_config(path, subfolder="scheduler")))
+        pipe = PixArtAlphaPipeline.from_pretrained(
+            path, **{dtype_keyword(): dtype}, transformer=PixArtTransformer2DModel.from_pretrained(path, subfolder="transformer"))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def text_cond(pipe, prompts, max_tokens: int) -> dict:
+    """yoso's cond: T5 tokens {"emb": (B, L, 4096), "mask": (B, L)}, encoded as the pipeline encodes prompts
+    at sampling time (lower-cased; clean_caption off: it needs bs4 and ftfy)."""
+    emb, mask, _, _ = pipe.encode_prompt(list(prompts), do_classifier_free_guidance=False, clean_caption=False,
+                                         max_sequence_length=max_tokens)
+    return {"emb": emb, "mask": mask}
 
 
 def schedule_config(yoso_cfg: yoso.YOSOConfig, sched: dict, adapted: bool) -> yoso.YOSOConfig:
@@ -191,10 +185,8 @@ def added_cond(tf, x):
 
 
 class PixArtDenoiser(nn.Module):
-    """G(x_t, t, cond) for yoso: cond = {"emb": T5 tokens (B, L, 4096), "mask": (B, L)}.
-
-    PixArt-α predicts [ε or v, learned variance] (out_channels = 2 x in); YOSO uses the first half only.
-    """
+    """G(x_t, t, cond) for yoso, cond from text_cond. PixArt-α predicts [ε or v, learned variance]
+    (out_channels = 2 x in); YOSO uses the first half only."""
 
     def __init__(self, transformer: nn.Module):
         super().__init__()
@@ -280,135 +272,109 @@ def readable_image(path: str) -> bool:
         return False
 
 
-def read_captions(data_dir: str) -> tuple[list, int]:
-    """(image path, caption) pairs from an HF imagefolder metadata.jsonl, and how many corrupt images were
-    skipped; one clear error per bad line."""
-    meta = os.path.join(data_dir, "metadata.jsonl")
+def read_items(cfg: T2IConfig) -> tuple[list, int]:
+    """(image path, caption) pairs from an HF imagefolder metadata.jsonl, or (None, prompt) from a prompt file,
+    and how many corrupt images were skipped; one clear error per bad line."""
+    if cfg.prompts:
+        if not os.path.isfile(cfg.prompts):
+            raise yoso.UserError(f"--prompts {cfg.prompts}: no such file")
+        items = [(None, line.strip()) for line in open(cfg.prompts) if line.strip()]
+        if not items:
+            raise yoso.UserError(f"--prompts {cfg.prompts}: no prompts")
+        return items, 0
+    meta, items = os.path.join(cfg.data, "metadata.jsonl"), []
     if not os.path.isfile(meta):
-        raise yoso.UserError(f"--data {data_dir}: no metadata.jsonl (one {{\"file_name\": ..., \"text\": ...}} per line)")
-    items = []
-    with open(meta) as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise yoso.UserError(f"{meta} line {n}: not valid JSON ({e.msg})") from None
-            if not isinstance(rec, dict) or not isinstance(rec.get("text"), str) or not rec["text"].strip():
-                raise yoso.UserError(f"{meta} line {n}: no \"text\" caption")
-            path = os.path.join(data_dir, str(rec.get("file_name", "")))
-            if "file_name" not in rec or not os.path.isfile(path):
-                raise yoso.UserError(f"{meta} line {n}: \"file_name\" {rec.get('file_name')!r} is not a file in {data_dir}")
-            items.append((path, rec["text"]))
-    if not items:
-        raise yoso.UserError(f"{meta}: no items")
+        raise yoso.UserError(f"--data {cfg.data}: no metadata.jsonl (one {{\"file_name\": ..., \"text\": ...}} per line)")
+    for n, line in enumerate(open(meta), 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise yoso.UserError(f"{meta} line {n}: not valid JSON ({e.msg})") from None
+        if not isinstance(rec, dict) or not isinstance(rec.get("text"), str) or not rec["text"].strip():
+            raise yoso.UserError(f"{meta} line {n}: no \"text\" caption")
+        path = os.path.join(cfg.data, str(rec.get("file_name", "")))
+        if "file_name" not in rec or not os.path.isfile(path):
+            raise yoso.UserError(f"{meta} line {n}: \"file_name\" {rec.get('file_name')!r} is not a file in {cfg.data}")
+        items.append((path, rec["text"]))
     good = [item for item in items if readable_image(item[0])]
     if not good:
-        raise yoso.UserError(f"--data {data_dir}: all {len(items)} images are corrupt or unreadable")
+        raise yoso.UserError(f"--data {cfg.data}: all {len(items)} images are corrupt or unreadable" if items
+                             else f"{meta}: no items")
     return good, len(items) - len(good)
 
 
-def read_prompts(path: str) -> list:
-    if not os.path.isfile(path):
-        raise yoso.UserError(f"--prompts {path}: no such file")
-    prompts = [line.strip() for line in open(path) if line.strip()]
-    if not prompts:
-        raise yoso.UserError(f"--prompts {path}: no prompts")
-    return [(None, p) for p in prompts]
-
-
-class Encoder:
-    """Turns items into (x_0 latents, {"emb", "mask"}) with the base's T5, VAE and (for --prompts) its sampler."""
-
-    def __init__(self, base: Base, frozen: FrozenBase, cfg: T2IConfig, device, amp):
-        self.base, self.frozen, self.cfg, self.device, self.amp = base, frozen, cfg, device, amp
-        vae_cfg, tf_cfg = base.vae.config, base.transformer.config
-        down = 2 ** (len(vae_cfg.block_out_channels) - 1)       # the VAE's downsampling (8 for PixArt-α)
-        self.image_size = cfg.resolution or tf_cfg.sample_size * down
-        if self.image_size % (down * tf_cfg.patch_size):
-            raise yoso.UserError(f"resolution {self.image_size} is not divisible by {down * tf_cfg.patch_size} = VAE "
-                                 f"factor {down} x patch size {tf_cfg.patch_size}; pick a multiple of it")
-        self.latent_size = self.image_size // down
-
-    @torch.no_grad()
-    def text(self, prompts: list) -> dict:
-        tok = self.base.tokenizer(list(prompts), padding="max_length", max_length=self.cfg.max_tokens, truncation=True,
-                                  add_special_tokens=True, return_tensors="pt")
-        mask = tok.attention_mask.to(self.device)
-        emb = self.base.text_encoder(tok.input_ids.to(self.device), attention_mask=mask)[0]
-        return {"emb": emb, "mask": mask}
-
-    @torch.no_grad()
-    def images(self, paths: list) -> torch.Tensor:
-        from torchvision.transforms import functional as TF
-        crop = lambda img: TF.center_crop(TF.resize(img, self.image_size), self.image_size)
-        pix = torch.stack([TF.to_tensor(crop(Image.open(p).convert("RGB"))) * 2 - 1 for p in paths])   # [-1, 1]
-        pix = pix.to(self.device, self.base.vae.dtype)
-        # deviation: the posterior mean, not a sample — deterministic, so cached and on-the-fly latents agree
-        latents = self.base.vae.encode(pix).latent_dist.mode().float() * self.base.vae.config.scaling_factor
-        return latents.contiguous()     # the VAE returns channels-last strides; randn_like(x_0) would follow them
-
-    @torch.no_grad()
-    def teacher_latents(self, cond: dict, indices: list) -> torch.Tensor:
-        """The base's own DPM-Solver++ samples with CFG; item i always gets the same noise (seeded by i)."""
-        from diffusers import DPMSolverMultistepScheduler
-        solver = DPMSolverMultistepScheduler.from_config(self.base.scheduler_config)
-        solver.set_timesteps(self.cfg.teacher_steps)
-        C, S = self.base.transformer.config.in_channels, self.latent_size
-        x = torch.stack([torch.randn(C, S, S, generator=torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + i))
-                         for i in indices]).to(self.device) * solver.init_noise_sigma
-        uncond = self.text([""] * len(indices))
-        for t in solver.timesteps:
-            with self.frozen(), self.amp():
-                out = self.frozen.denoiser(torch.cat([x, x]), t.expand(2 * len(x)).to(self.device),
-                                           yoso.cat_cond(cond, uncond)).float()
-            out_c, out_u = out.chunk(2)
-            x = solver.step(out_u + self.cfg.teacher_guidance * (out_c - out_u), t, x).prev_sample
-        return x
-
-    def encode(self, items: list, indices: list) -> tuple:
-        cond = self.text([items[i][1] for i in indices])
-        if items[indices[0]][0] is None:
-            return self.teacher_latents(cond, indices), cond
-        return self.images([items[i][0] for i in indices]), cond
-
-
 class Items:
-    """Batches of (x_0, cond) by index: read from the --cache folder, or encoded on the fly."""
+    """Batches of (x_0 latents, text_cond) by item index: encoded with the base's T5 and VAE (for --prompts x_0
+    is the base's own sample), or read from the --cache folder once build_cache has filled it."""
 
-    def __init__(self, items: list, encoder: Encoder | None, cache: str | None, device):
-        self.items, self.encoder, self.cache, self.device = items, encoder, cache, device
+    def __init__(self, items: list, pipe, frozen: FrozenBase, cfg: T2IConfig, device, amp):
+        self.items, self.pipe, self.frozen, self.cfg, self.device, self.amp = items, pipe, frozen, cfg, device, amp
+        self.cache, down, patch = None, pipe.vae_scale_factor, pipe.transformer.config.patch_size   # VAE: 8x down
+        self.image_size = cfg.resolution or pipe.transformer.config.sample_size * down
+        if self.image_size % (down * patch):
+            raise yoso.UserError(f"resolution {self.image_size} is not divisible by {down * patch} = VAE "
+                                 f"factor {down} x patch size {patch}; pick a multiple of it")
+        self.latent_size = self.image_size // down
 
     def __len__(self):
         return len(self.items)
 
     def get(self, indices: list) -> tuple:
-        if self.cache is None:
-            return self.encoder.encode(self.items, indices)
-        rows = [load_file(os.path.join(self.cache, f"{i:08d}.safetensors")) for i in indices]
-        x0, emb, mask = (torch.stack([r[k] for r in rows]).to(self.device) for k in ("latent", "emb", "mask"))
-        return x0, {"emb": emb, "mask": mask}
+        if self.cache:
+            rows = [load_file(os.path.join(self.cache, f"{i:08d}.safetensors")) for i in indices]
+            x0, emb, mask = (torch.stack([r[k] for r in rows]).to(self.device) for k in ("latent", "emb", "mask"))
+            return x0, {"emb": emb, "mask": mask}
+        cond = text_cond(self.pipe, [self.items[i][1] for i in indices], self.cfg.max_tokens)
+        if self.items[indices[0]][0] is None:
+            return self.teacher_latents(cond, indices), cond
+        return self.images([self.items[i][0] for i in indices]), cond
 
+    @torch.no_grad()
+    def images(self, paths: list) -> torch.Tensor:
+        pix = self.pipe.image_processor.preprocess([Image.open(p).convert("RGB") for p in paths], self.image_size,
+                                                   self.image_size, resize_mode="crop")       # [-1, 1], centre crop
+        vae = self.pipe.vae
+        # deviation: the posterior mean, not a sample — deterministic, so cached and on-the-fly latents agree
+        latents = vae.encode(pix.to(self.device, vae.dtype)).latent_dist.mode().float() * vae.config.scaling_factor
+        return latents.contiguous()     # the VAE returns channels-last strides; randn_like(x_0) would follow them
 
-def build_cache(cache: str, items: list, encoder: Encoder, cfg: T2IConfig, dist) -> None:
-    """Encode every item once (rank 0); meta.json, written last, marks a complete cache for these settings."""
-    key = dict(base=cfg.base, data=cfg.data, prompts=cfg.prompts, n=len(items), max_tokens=cfg.max_tokens,
-               teacher_steps=cfg.teacher_steps, teacher_guidance=cfg.teacher_guidance, seed=cfg.seed)
-    meta = os.path.join(cache, "meta.json")
-    if os.path.isfile(meta) and json.load(open(meta)) == key:
-        return
-    if dist.main:
-        os.makedirs(cache, exist_ok=True)
-        for s in tqdm(range(0, len(items), cfg.batch_size), desc="cache"):
-            idx = list(range(s, min(s + cfg.batch_size, len(items))))
-            x0, cond = encoder.encode(items, idx)
-            for j, i in enumerate(idx):
-                row = {k: v[j].cpu().contiguous() for k, v in dict(latent=x0, **cond).items()}
-                save_file(row, os.path.join(cache, f"{i:08d}.safetensors"))
-        json.dump(key, open(meta, "w"))
-    if dist.world > 1:
-        torch.distributed.barrier()
+    def teacher_latents(self, cond: dict, indices: list) -> torch.Tensor:
+        """The frozen base's DPM-Solver++ samples with CFG (the pipeline's own loop); item i always gets the same
+        noise (seeded by i)."""
+        from diffusers import DPMSolverMultistepScheduler, PixArtAlphaPipeline
+        teacher = PixArtAlphaPipeline(**dict(self.pipe.components, transformer=self.frozen.transformer,
+                                             scheduler=DPMSolverMultistepScheduler.from_config(self.pipe.scheduler.config)))
+        teacher.set_progress_bar_config(disable=True)
+        S = self.latent_size
+        x = torch.stack([torch.randn(self.pipe.transformer.config.in_channels, S, S,
+                                     generator=torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + i)) for i in indices])
+        with self.frozen(), self.amp():
+            return teacher(prompt_embeds=cond["emb"], prompt_attention_mask=cond["mask"], latents=x.to(self.device),
+                           num_inference_steps=self.cfg.teacher_steps, guidance_scale=self.cfg.teacher_guidance,
+                           height=self.image_size, width=self.image_size, use_resolution_binning=False,
+                           clean_caption=False, output_type="latent").images.float()
+
+    def build_cache(self, cache: str, dist) -> None:
+        """Encode every item once (rank 0); meta.json, written last, marks a complete cache for these settings."""
+        cfg = self.cfg
+        key = dict(base=cfg.base, data=cfg.data, prompts=cfg.prompts, n=len(self), max_tokens=cfg.max_tokens,
+                   teacher_steps=cfg.teacher_steps, teacher_guidance=cfg.teacher_guidance, seed=cfg.seed,
+                   captions="lower-cased")                     # as PixArtAlphaPipeline.encode_prompt
+        meta = os.path.join(cache, "meta.json")
+        if dist.main and not (os.path.isfile(meta) and json.load(open(meta)) == key):
+            os.makedirs(cache, exist_ok=True)
+            for s in tqdm(range(0, len(self), cfg.batch_size), desc="cache"):
+                idx = list(range(s, min(s + cfg.batch_size, len(self))))
+                x0, cond = self.get(idx)
+                for j, i in enumerate(idx):
+                    row = {k: v[j].cpu().contiguous() for k, v in dict(latent=x0, **cond).items()}
+                    save_file(row, os.path.join(cache, f"{i:08d}.safetensors"))
+            json.dump(key, open(meta, "w"))
+        if dist.world > 1:
+            torch.distributed.barrier()
+        self.cache = cache
 
 
 # ==================================================================================================
@@ -456,15 +422,15 @@ def sample_grid(path, G, vae, cond, noise, sched, ycfg, amp, steps=(1, 4)):
     yoso.save_image_grid(torch.cat(rows), path, nrow=noise.shape[0])
 
 
-def export(cfg: T2IConfig, base: Base, model: nn.Module, ycfg, ipi, command: str, grid: str | None) -> None:
+def export(cfg: T2IConfig, pipe, model: nn.Module, ycfg, ipi, command: str, grid: str | None) -> None:
     """adapter/ (peft), transformer/ (merged, diffusers), scheduler/, ipi.safetensors, yoso_config.json, README.md."""
     from diffusers import LCMScheduler, PixArtTransformer2DModel
-    out, kw = cfg.out, dtype_keyword()
+    out, kw, path = cfg.out, dtype_keyword(), pipe.name_or_path
     if cfg.lora_rank > 0:
         from peft import PeftModel
         model.save_pretrained(os.path.join(out, "adapter"))
         # merge into a fresh fp32 base: merging into bf16 weights would round the small delta away
-        fresh = PixArtTransformer2DModel.from_pretrained(base.path, subfolder="transformer")
+        fresh = PixArtTransformer2DModel.from_pretrained(path, subfolder="transformer")
         model = PeftModel.from_pretrained(fresh, os.path.join(out, "adapter")).merge_and_unload()
     model.save_pretrained(os.path.join(out, "transformer"))
     # diffusers' sampler for the trained model: its prediction type and schedule; trailing: one step starts at T-1
@@ -474,20 +440,20 @@ def export(cfg: T2IConfig, base: Base, model: nn.Module, ycfg, ipi, command: str
                  ).save_pretrained(os.path.join(out, "scheduler"))
     if ipi is not None:
         save_file(ipi.state_dict(), os.path.join(out, "ipi.safetensors"))
-    run = dict(base=base.path, settings=dataclasses.asdict(cfg), yoso=ycfg.to_dict())
+    run = dict(base=path, settings=dataclasses.asdict(cfg), yoso=ycfg.to_dict())
     json.dump(run, open(os.path.join(out, "yoso_config.json"), "w"), indent=1, default=str)
     # the model card's code: weights in bf16 on a GPU (fp32 on CPU), clean_caption off (it needs bs4, ftfy)
     use = ["import torch", "from diffusers import LCMScheduler, PixArtAlphaPipeline, PixArtTransformer2DModel",
            'device = "cuda" if torch.cuda.is_available() else "cpu"',
            'dtype = torch.bfloat16 if device == "cuda" else torch.float32     # T5-XXL alone: ~19 GB in fp32',
-           f"pipe = PixArtAlphaPipeline.from_pretrained({base.path!r}, {kw}=dtype,",
+           f"pipe = PixArtAlphaPipeline.from_pretrained({path!r}, {kw}=dtype,",
            f"    transformer=PixArtTransformer2DModel.from_pretrained({os.path.join(out, 'transformer')!r}, {kw}=dtype),",
            f"    scheduler=LCMScheduler.from_pretrained({os.path.join(out, 'scheduler')!r})).to(device)",
            'image = pipe("a photo of a red house", num_inference_steps=1, guidance_scale=1.0,',
            "             clean_caption=False).images[0]"]
     how = ("Starts from the informative prior (IPI, ipi.safetensors): pass its latents to the pipeline." if ipi is not None
            else "Starts from pure noise: v-prediction on the zero-terminal-SNR schedule (after quick adaption).")
-    card = [f"# YOSO one-step generator from {base.path}", "",
+    card = [f"# YOSO one-step generator from {path}", "",
             "One-step text-to-image by YOSO (arXiv 2403.12931), fine-tuned with finetune_t2i.py.", "",
             f"![samples]({os.path.relpath(grid, out)})" if grid else "", "",
             "Rows: 1 step, 4 steps; columns: the run's fixed sample prompts.", "",
@@ -496,16 +462,15 @@ def export(cfg: T2IConfig, base: Base, model: nn.Module, ycfg, ipi, command: str
     with open(os.path.join(out, "README.md"), "w") as f:
         f.write("\n".join(card))
 
-
 # ==================================================================================================
 # Training
 # ==================================================================================================
 
 def build(cfg: T2IConfig, device):
-    """Base, G (LoRA or full), D, the frozen base and the trainable parameter list, in a fixed RNG order."""
+    """Base pipeline, G (LoRA or full), D, the frozen base and the trainable parameter list, in a fixed RNG order."""
     amp_dtype = None if cfg.precision == "fp32" else DTYPES[cfg.precision]
-    base = load_base(cfg.base, dtype=amp_dtype or torch.float32)
-    tf = base.transformer
+    pipe = load_base(cfg.base, dtype=amp_dtype or torch.float32)
+    tf = pipe.transformer
     torch.manual_seed(cfg.seed)
     D = yoso.FeatureDiscriminator(PixArtTrunk(tf, cfg.disc_blocks or len(tf.transformer_blocks) // 2,
                                               cfg.grad_checkpointing), channels=tf.inner_dim).to(device)   # fp32
@@ -519,11 +484,10 @@ def build(cfg: T2IConfig, device):
                                target_modules=["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2"]))
     else:
         model = tf.to(device)
-    frozen = FrozenBase(model, amp_dtype or torch.float32)
-    base.vae.to(device).requires_grad_(False)
-    base.text_encoder.to(device).requires_grad_(False)
+    pipe.vae.to(device).requires_grad_(False)
+    pipe.text_encoder.to(device).requires_grad_(False)
     params = nn.ParameterList([p for p in model.parameters() if p.requires_grad])
-    return base, model, D, frozen, params, amp_dtype
+    return pipe, model, D, FrozenBase(model, amp_dtype or torch.float32), params, amp_dtype
 
 
 def train(cfg: T2IConfig, command: str) -> int:
@@ -538,40 +502,38 @@ def train(cfg: T2IConfig, command: str) -> int:
     elif (path := yoso.newest_intact_checkpoint(cfg.out)) is None:     # a truncated newest one is skipped, with a line
         raise yoso.UserError(f"--resume: {cfg.out} holds no intact checkpoint (ckpt-*.safetensors); it is not a "
                              "finetune_t2i.py run folder (pass the --out of an earlier run)")
+    elif "phase" not in (meta := yoso.read_checkpoint_meta(path))["extra"]:
+        raise yoso.UserError(f"--resume: {path} was not written by finetune_t2i.py")
     else:
-        meta = yoso.read_checkpoint_meta(path)
-        if "phase" not in meta["extra"]:
-            raise yoso.UserError(f"--resume: {path} was not written by finetune_t2i.py")
         resume = dict(meta["extra"], path=path, step=meta["step"])
-    items, corrupt = read_captions(cfg.data) if cfg.data else (read_prompts(cfg.prompts), 0)
+    items, corrupt = read_items(cfg)
     if len(items) < cfg.batch_size:
         raise yoso.UserError(f"only {len(items)} usable items for a batch of {cfg.batch_size}; use more data "
                              "or --set batch_size=N")
     dist = yoso.init_distributed()
     device = dist.device
-    base, model, D, frozen, params, amp_dtype = build(cfg, device)
+    pipe, model, D, frozen, params, amp_dtype = build(cfg, device)
     amp = lambda: torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None)
-    encoder = Encoder(base, frozen, cfg, device, amp)
+    data = Items(items, pipe, frozen, cfg, device, amp)
     os.makedirs(cfg.out, exist_ok=True)
     if dist.main:
         print(f"{len(items)} items{f', {corrupt} corrupt images skipped' if corrupt else ''}; out {cfg.out}; "
               f"world {dist.world}")
-    sample_cond = encoder.text(cfg.sample_prompts)              # fixed prompts, encoded while T5 is loaded
+    sample_cond = text_cond(pipe, cfg.sample_prompts, cfg.max_tokens)   # fixed prompts, encoded while T5 is loaded
     if cfg.cache:
-        build_cache(cfg.cache, items, encoder, cfg, dist)
-        base.text_encoder = None                                # training runs without the T5 in memory
-    data = Items(items, encoder, cfg.cache, device)
+        data.build_cache(cfg.cache, dist)
+        pipe.text_encoder = None                                # training runs without the T5 in memory
     G = PixArtDenoiser(model)
     ddp = lambda m: torch.nn.parallel.DistributedDataParallel(m, [device.index] if device.type == "cuda" else None)
     G_ddp, D_ddp = (ddp(G), ddp(D)) if dist.world > 1 else (G, D)
     ema = copy.deepcopy(params).requires_grad_(False)
-    features = perceptual_features(frozen, cfg.feature_block or len(frozen.transformer.transformer_blocks) // 2,
-                                   cfg.grad_checkpointing)
+    distance = yoso.latent_perceptual_distance(perceptual_features(
+        frozen, cfg.feature_block or len(frozen.transformer.transformer_blocks) // 2, cfg.grad_checkpointing))
     log = yoso.MetricsLog(os.path.join(cfg.out, "metrics.jsonl"), dist.main)
-    C, S = base.transformer.config.in_channels, encoder.latent_size
+    C, S = pipe.transformer.config.in_channels, data.latent_size
     sample_noise = torch.randn(len(cfg.sample_prompts), C, S, S, generator=torch.Generator().manual_seed(cfg.seed)).to(device)
-    teacher_sched = yoso.NoiseSchedule.from_config(schedule_config(cfg.yoso, base.scheduler_config, False))
-    teacher_pred = base.scheduler_config.get("prediction_type", "epsilon")
+    teacher_sched = yoso.NoiseSchedule.from_config(schedule_config(cfg.yoso, pipe.scheduler.config, False))
+    teacher_pred = pipe.scheduler.config.get("prediction_type", "epsilon")
     stop = yoso.GracefulStop()
     guard = yoso.DivergenceGuard(cfg.max_skipped, cfg.saturation_gap, cfg.saturation_steps)
     # step: global steps done, over both phases; adapted: the weights are a v-model on the new schedule
@@ -581,24 +543,18 @@ def train(cfg: T2IConfig, command: str) -> int:
     for phase in [p for p in PHASES if cfg.stage in (p, "all")]:
         if resume and PHASES.index(phase) < PHASES.index(resume["phase"]):
             continue                                            # finished in an earlier run
-        ycfg = schedule_config(cfg.yoso, base.scheduler_config, phase == "adapt" or adapted)
+        ycfg = schedule_config(cfg.yoso, pipe.scheduler.config, phase == "adapt" or adapted)
         sched = yoso.NoiseSchedule.from_config(ycfg)
         # rebinding `optimizers`, their only holder, frees the adaption's AdamW state (2 x the trained
         # weights) before the YOSO stage (issue 15); the adaption trains G only
-        opt_G, opt_D = yoso.make_optimizers(G, D, ycfg)
-        optimizers, modules = {"G": opt_G}, {"G": params, "G_ema": ema}
-        if phase == "yoso":
-            optimizers["D"], modules["D"] = opt_D, D
-        del opt_G, opt_D
+        optimizers, modules = dict(zip("GD", yoso.make_optimizers(G, D, ycfg))), {"G": params, "G_ema": ema, "D": D}
+        if phase == "adapt":
+            del optimizers["D"], modules["D"]
         scalers = [torch.amp.GradScaler(device.type) if cfg.precision == "fp16" else None for _ in range(2)]
         start = 0
         if resume:                                              # this phase's full state, or an earlier phase's weights
             same = resume["phase"] == phase
-            try:
-                yoso.load_checkpoint(resume["path"], modules if same else {"G": params, "G_ema": ema},
-                                     optimizers if same else {})
-            except ValueError as e:
-                raise yoso.UserError(str(e)) from None
+            yoso.load_checkpoint(resume["path"], modules if same else {"G": params, "G_ema": ema}, optimizers if same else {})
             for group in (g for o in optimizers.values() for g in o.param_groups):
                 group["lr"] = ycfg.lr                           # the config, not the saved groups, sets lr
             if len(resume["rng"]) == dist.world:
@@ -625,22 +581,20 @@ def train(cfg: T2IConfig, command: str) -> int:
             idx = yoso.batch_indices(len(data), offset + k, cfg.batch_size, cfg.seed)   # pure function of the step
             x0, cond = data.get(yoso.rank_slice(idx, dist).tolist())
             t, eps = yoso.step_noise(cfg.batch_size, x0.shape[1:], ycfg.T, offset + k, cfg.seed, dist)
-            if phase == "adapt":
-                optimizers["G"].zero_grad(set_to_none=True)
-                loss = 0.0
-                for x_mb, c_mb, t_mb, e_mb in zip(x0.chunk(cfg.grad_accum), yoso.split_cond(cond, cfg.grad_accum),
-                                                  t.chunk(cfg.grad_accum), eps.chunk(cfg.grad_accum)):
+            if phase == "yoso":
+                stats = yoso.train_step(G_ddp, D_ddp, optimizers["G"], optimizers["D"], x0, cond, sched=sched, cfg=ycfg,
+                                        distance=distance, grad_accum=cfg.grad_accum, amp_dtype=amp_dtype,
+                                        scaler_G=scalers[0], scaler_D=scalers[1], noise=(t, eps))
+            else:
+                loss, n = 0.0, cfg.grad_accum
+                for x_mb, c_mb, t_mb, e_mb in zip(x0.chunk(n), yoso.split_cond(cond, n), t.chunk(n), eps.chunk(n)):
                     l_mb = adaption_loss(G_ddp, frozen, x_mb, c_mb, teacher_sched, student(k), teacher_pred, amp,
                                          noise=(t_mb, e_mb))
-                    (scalers[0].scale(l_mb) if scalers[0] else l_mb).div(cfg.grad_accum).backward()
-                    loss += l_mb.item() / cfg.grad_accum
+                    (scalers[0].scale(l_mb) if scalers[0] else l_mb).div(n).backward()
+                    loss += l_mb.item() / n
                 grad_norm = yoso.optimizer_step(optimizers["G"], params, scalers[0], ycfg.grad_clip)
                 stats = dict(loss_adapt=loss, grad_norm_G=grad_norm, skipped=int(not math.isfinite(grad_norm)),
                              adapt_stage=1 if student(k) is teacher_sched else 2)
-            else:
-                stats = yoso.train_step(G_ddp, D_ddp, optimizers["G"], optimizers["D"], x0, cond, sched=sched,
-                                        cfg=ycfg, distance=yoso.latent_perceptual_distance(features), grad_accum=cfg.grad_accum,
-                                        amp_dtype=amp_dtype, scaler_G=scalers[0], scaler_D=scalers[1], noise=(t, eps))
             if not stats["skipped"]:
                 yoso.ema_update(ema, params, ycfg.ema_decay)    # EMA of the trained weights (adapters for LoRA)
             return stats
@@ -655,10 +609,9 @@ def train(cfg: T2IConfig, command: str) -> int:
         def sample(k: int) -> None:
             nonlocal grid
             if dist.main:
-                grid = os.path.join(cfg.out, "samples", f"{phase}-{offset + k:06d}.png")
-                s_sched = student(k - 1)
+                grid, s_sched = os.path.join(cfg.out, "samples", f"{phase}-{offset + k:06d}.png"), student(k - 1)
                 with swapped(params, ema):
-                    sample_grid(grid, G, base.vae, sample_cond, noise, s_sched,
+                    sample_grid(grid, G, pipe.vae, sample_cond, noise, s_sched,
                                 replace(ycfg, zero_terminal_snr=s_sched is sched) if phase == "adapt" else ycfg, amp)
                 yoso.plot_metrics(os.path.join(cfg.out, "metrics.jsonl"))   # metrics.png beside it
 
@@ -683,7 +636,7 @@ def train(cfg: T2IConfig, command: str) -> int:
     if dist.main:
         # the exported weights: the EMA of the YOSO stage; after an adapt-only run, the adapted weights themselves
         with (swapped(params, ema) if cfg.stage != "adapt" else contextlib.nullcontext()):
-            export(cfg, base, model, ycfg, ipi, command, grid)
+            export(cfg, pipe, model, ycfg, ipi, command, grid)
         print(f"done: {step} steps, {guard.total} skipped; out {cfg.out}")
     return 0
 
@@ -692,18 +645,19 @@ def train(cfg: T2IConfig, command: str) -> int:
 # Sampling with diffusers, and the 1024 transplant (Sec. 4.4)
 # ==================================================================================================
 
-def load_run(out: str) -> dict:
-    path = os.path.join(out, "yoso_config.json")
+def load_run(out: str) -> tuple[dict, yoso.IPI | None]:
+    """A finished run's yoso_config.json, and its informative prior (ε-model without adaption) or None."""
+    path, ipi = os.path.join(out, "yoso_config.json"), os.path.join(out, "ipi.safetensors")
     if not os.path.isfile(path):
         raise yoso.UserError(f"{out}: not a finetune_t2i.py output folder (no yoso_config.json)")
-    return json.load(open(path))
+    return json.load(open(path)), yoso.IPI.from_state_dict(load_file(ipi)) if os.path.isfile(ipi) else None
 
 
 def sample_cli(out: str, prompts: list, steps: int, n: int, seed: int, precision: str | None = None) -> str:
     """One-step (or few-step) images with diffusers' PixArtAlphaPipeline + LCMScheduler, as a grid. precision:
     the weights' dtype; default bf16 on a GPU (half the memory: T5-XXL alone is ~19 GB in fp32), fp32 on CPU."""
     from diffusers import LCMScheduler, PixArtAlphaPipeline, PixArtTransformer2DModel
-    run = load_run(out)
+    run, ipi = load_run(out)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = {dtype_keyword(): DTYPES[precision or ("bf16" if device == "cuda" else "fp32")]}
     with loading(f"--sample {out}", run["base"]):
@@ -713,8 +667,7 @@ def sample_cli(out: str, prompts: list, steps: int, n: int, seed: int, precision
     pipe.set_progress_bar_config(disable=True)                          # stdout / stderr: the grid's path, or errors
     size = pipe.transformer.config.sample_size
     latents = None
-    if os.path.isfile(os.path.join(out, "ipi.safetensors")):          # ε-model without adaption: informative prior
-        ipi = yoso.IPI.from_state_dict(load_file(os.path.join(out, "ipi.safetensors")))
+    if ipi is not None:
         if tuple(ipi.mean.shape[-2:]) != (size, size):                   # the pipeline would follow the latents' size
             raise yoso.UserError(f"{out}/ipi.safetensors holds a {'x'.join(map(str, ipi.mean.shape[-2:]))} prior but "
                                  f"the transformer samples {size}x{size} latents; it belongs to another resolution")
@@ -733,7 +686,7 @@ def sample_cli(out: str, prompts: list, steps: int, n: int, seed: int, precision
 def transplant(out: str, target: str) -> str:
     """YOSO-target = target + (YOSO-512 − PixArt-512): with LoRA, the adapter merged into the target base."""
     from diffusers import PixArtTransformer2DModel
-    run = load_run(out)
+    run, ipi = load_run(out)
     target_path = resolve_base(target)
     with loading(f"--base {target}", target_path):
         tf = PixArtTransformer2DModel.from_pretrained(target_path, subfolder="transformer")
@@ -749,8 +702,8 @@ def transplant(out: str, target: str) -> str:
         tf.load_state_dict(sd)
     tf.save_pretrained(os.path.join(dest, "transformer"))
     shutil.copytree(os.path.join(out, "scheduler"), os.path.join(dest, "scheduler"), dirs_exist_ok=True)  # same schedule
-    if os.path.isfile(os.path.join(out, "ipi.safetensors")):            # ε-model without adaption: its prior
-        ipi, size = yoso.IPI.from_state_dict(load_file(os.path.join(out, "ipi.safetensors"))), tf.config.sample_size
+    if ipi is not None:                                                 # ε-model without adaption: its prior
+        size = tf.config.sample_size
         if (hw := list(ipi.mean.shape[-2:])) != [size, size]:
             # deviation: the paper estimates μ̂ on training latents at the sampling size; the 512 run's data is not
             # at hand here, so its μ̂ is upsampled. Latents are aligned with the image (8x down), so this is the mean

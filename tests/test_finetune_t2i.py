@@ -76,10 +76,8 @@ def smoke_config(base, **kw):
 
 
 def tiny_inputs(build_out, B=2, seed=0):
-    base = build_out[0]
-    enc = ft.Encoder(base, build_out[3], smoke_config("x"), torch.device("cpu"), lambda: torch.autocast("cpu", enabled=False))
     g = torch.Generator().manual_seed(seed)
-    return torch.randn(B, 4, 8, 8, generator=g), enc.text(["a red house", "a blue car"][:B])
+    return torch.randn(B, 4, 8, 8, generator=g), ft.text_cond(build_out[0], ["a red house", "a blue car"][:B], 16)
 
 
 # --- a full run ------------------------------------------------------------------------------------
@@ -166,7 +164,7 @@ def one_yoso_step(cfg):
     _, model, D, frozen, _, _ = out
     before = {"G": snapshot(model), "D": snapshot(D), "frozen": snapshot(frozen.transformer)}
     x0, cond = tiny_inputs(out)
-    ycfg = ft.schedule_config(cfg.yoso, out[0].scheduler_config, adapted=True)
+    ycfg = ft.schedule_config(cfg.yoso, out[0].scheduler.config, adapted=True)
     G = ft.PixArtDenoiser(model)
     opt_G, opt_D = yoso.make_optimizers(G, D, ycfg)
     torch.manual_seed(0)
