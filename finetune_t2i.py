@@ -11,13 +11,8 @@ Two stages run in sequence (--stage all):
          student to the zero-terminal-SNR schedule while the teacher keeps its own ("decoupled schedulers").
   yoso   yoso.train_step with the latent perceptual loss (Sec. 4.1) and the latent discriminator (Sec. 4.2).
 --stage yoso on an ε-prediction base skips the adaption and samples with the informative prior (IPI).
-
-With LoRA (the default) the frozen pre-trained model — adaption teacher and perceptual feature network —
-is the trained model with its adapters switched off: no second copy of PixArt in memory.
-
-Output folder (--out): adapter/ (peft), transformer/ (merged, diffusers layout), scheduler/ (LCMScheduler
-config for one-step sampling), ipi.safetensors (IPI runs only), samples/, metrics.jsonl, checkpoints, and
-README.md: the model card, with the diffusers code that loads the result.
+LoRA is the default; the frozen pre-trained model is then the trained one with its adapters off (FrozenBase).
+The output folder (--out) holds the result in diffusers / peft layout and a model card (export).
 """
 from __future__ import annotations
 
@@ -117,7 +112,7 @@ PRESETS = {
 
 
 # ==================================================================================================
-# The base model: loading, and PixArt-α read as yoso's G(x_t, t, cond)
+# The base model: loading, PixArt-α read as yoso's G(x_t, t, cond), and the frozen base's two roles
 # ==================================================================================================
 
 def dtype_keyword() -> str:
@@ -259,6 +254,19 @@ def perceptual_features(base: FrozenBase, n_blocks: int, checkpoint: bool = Fals
     return features
 
 
+def adaption_loss(G, frozen: FrozenBase, x0, cond, teacher_sched, student_sched, teacher_pred: str, amp, noise):
+    """Quick adaption (Sec. 4.3), Stage I or II: MSE(v_student, v_target); the student sees x_t on its schedule,
+    the teacher on its own, same x_0 and ε; noise = (t, ε), from yoso.step_noise."""
+    t, eps = (v.to(x0.device) for v in noise)
+    x_t_teacher, x_t_student = yoso.adaption_inputs(x0, eps, t, teacher_sched, student_sched)
+    with torch.no_grad(), frozen(), amp():
+        teacher_out = frozen.denoiser(x_t_teacher, t, cond).float()
+    target = yoso.adaption_target(teacher_out, x_t_teacher, t, teacher_sched, student_sched, teacher_pred)
+    with amp():
+        v = G(x_t_student, t, cond)
+    return yoso.weighted_mse(v, target).mean()
+
+
 # ==================================================================================================
 # Data: (latent x_0, T5 conditioning) per item — from images, from the base's own samples, or from a cache
 # ==================================================================================================
@@ -375,23 +383,6 @@ class Items:
         if dist.world > 1:
             torch.distributed.barrier()
         self.cache = cache
-
-
-# ==================================================================================================
-# Quick adaption (Sec. 4.3): one distillation step, Stage I or Stage II
-# ==================================================================================================
-
-def adaption_loss(G, frozen: FrozenBase, x0, cond, teacher_sched, student_sched, teacher_pred: str, amp, noise):
-    """MSE(v_student, v_target): the student sees x_t on its schedule, the teacher on its own, same x_0 and
-    ε; noise = (t, ε), from yoso.step_noise."""
-    t, eps = (v.to(x0.device) for v in noise)
-    x_t_teacher, x_t_student = yoso.adaption_inputs(x0, eps, t, teacher_sched, student_sched)
-    with torch.no_grad(), frozen(), amp():
-        teacher_out = frozen.denoiser(x_t_teacher, t, cond).float()
-    target = yoso.adaption_target(teacher_out, x_t_teacher, t, teacher_sched, student_sched, teacher_pred)
-    with amp():
-        v = G(x_t_student, t, cond)
-    return yoso.weighted_mse(v, target).mean()
 
 
 # ==================================================================================================
@@ -684,22 +675,18 @@ def sample_cli(out: str, prompts: list, steps: int, n: int, seed: int, precision
 
 
 def transplant(out: str, target: str) -> str:
-    """YOSO-target = target + (YOSO-512 − PixArt-512): with LoRA, the adapter merged into the target base."""
+    """YOSO-target = target + (YOSO-512 − PixArt-512), tensor by tensor (Sec. 4.4)."""
     from diffusers import PixArtTransformer2DModel
     run, ipi = load_run(out)
     target_path = resolve_base(target)
     with loading(f"--base {target}", target_path):
         tf = PixArtTransformer2DModel.from_pretrained(target_path, subfolder="transformer")
     dest = os.path.join(out, "transplant-" + os.path.basename(target_path.rstrip("/")))
-    if os.path.isdir(os.path.join(out, "adapter")):
-        from peft import PeftModel
-        tf = PeftModel.from_pretrained(tf, os.path.join(out, "adapter")).merge_and_unload()
-        kept = []
-    else:
-        source = PixArtTransformer2DModel.from_pretrained(run["base"], subfolder="transformer").state_dict()
-        tuned = load_file(os.path.join(out, "transformer", "diffusion_pytorch_model.safetensors"))
-        sd, kept = yoso.transplant_delta(tf.state_dict(), source, tuned)
-        tf.load_state_dict(sd)
+    # the run's transformer/ minus its base; with LoRA the adapter's merged delta (= merging it, to fp32 rounding)
+    source = PixArtTransformer2DModel.from_pretrained(run["base"], subfolder="transformer").state_dict()
+    tuned = load_file(os.path.join(out, "transformer", "diffusion_pytorch_model.safetensors"))
+    sd, kept = yoso.transplant_delta(tf.state_dict(), source, tuned)
+    tf.load_state_dict(sd)
     tf.save_pretrained(os.path.join(dest, "transformer"))
     shutil.copytree(os.path.join(out, "scheduler"), os.path.join(dest, "scheduler"), dirs_exist_ok=True)  # same schedule
     if ipi is not None:                                                 # ε-model without adaption: its prior
@@ -733,13 +720,14 @@ def parse_args(argv=None):
     src.add_argument("--prompts", help="prompt file, one per line; the base's own samples become the data")
     p.add_argument("--cache", help="folder for precomputed latents and T5 embeddings, built once (default: none, "
                                    "encode every batch)")
-    p.add_argument("--out", default=T2IConfig.out, help="run folder: checkpoints, metrics.jsonl, samples/, adapter/, "
-                                                        f"transformer/, scheduler/ (default {T2IConfig.out})")
-    p.add_argument("--stage", choices=("adapt", "yoso", "all"), default=T2IConfig.stage,
+    p.add_argument("--out", help="run folder: checkpoints, metrics.jsonl, samples/, adapter/, transformer/, "
+                                 f"scheduler/ (default {T2IConfig.out})")
+    p.add_argument("--stage", choices=("adapt", "yoso", "all"),
                    help="adapt: quick adaption only; yoso: the YOSO stage only (on an ε base: no adaption, sampled "
                         "from the informative prior); all: adapt then yoso (default all)")
     p.add_argument("--lora-rank", type=int, help=f"LoRA rank (default {T2IConfig.lora_rank})")
-    p.add_argument("--full", action="store_true", help="full fine-tuning instead of LoRA (default: LoRA)")
+    p.add_argument("--full", dest="lora_rank", action="store_const", const=0,
+                   help="full fine-tuning instead of LoRA: --lora-rank 0 (default: LoRA)")
     p.add_argument("--precision", choices=tuple(DTYPES),
                    help=f"autocast dtype; trained weights stay fp32, fp16 adds a GradScaler (default "
                         f"{T2IConfig.precision}); for --sample the weights' dtype (default bf16 on a GPU, fp32 on CPU)")
@@ -747,7 +735,7 @@ def parse_args(argv=None):
                    help="named settings that --set can override: smoke (a few steps of everything on a tiny "
                         "pipeline, on a CPU), cifar-teacher (the CIFAR-10 teacher of notebooks/teacher_cifar.py, "
                         "~15 min on one CPU core) (default: none, the paper's run)")
-    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    p.add_argument("--resume", action="store_true", default=None, help="continue from the newest checkpoint in --out")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a T2IConfig field (yoso.KEY for a YOSOConfig one), e.g. --set yoso_steps=2000 "
                         "(repeatable; default: none)")
@@ -763,11 +751,10 @@ def config_from_args(a) -> T2IConfig:
     """Preset deltas, then the flags, then --set overrides -> a validated T2IConfig (UserError if impossible)."""
     preset = dict(PRESETS.get(a.preset, {}))
     ydelta = preset.pop("yoso", {})
+    flags = {f.name: getattr(a, f.name) for f in dataclasses.fields(T2IConfig) if getattr(a, f.name, None) is not None}
     try:
-        cfg = T2IConfig(**preset)
-        cfg = replace(cfg, yoso=replace(cfg.yoso, **ydelta), base=a.base or cfg.base, data=a.data, prompts=a.prompts,
-                      cache=a.cache, out=a.out, stage=a.stage, resume=a.resume, precision=a.precision or cfg.precision,
-                      lora_rank=0 if a.full else (a.lora_rank or cfg.lora_rank))
+        cfg = T2IConfig(**preset | flags)
+        cfg = replace(cfg, yoso=replace(cfg.yoso, **ydelta))
     except ValueError as e:
         raise yoso.UserError(f"impossible settings: {e}") from None
     return yoso.apply_overrides(cfg, a.set)
@@ -787,7 +774,6 @@ def main(argv=None) -> int:
         cfg = config_from_args(a)
         if not (cfg.data or cfg.prompts):
             raise yoso.UserError("give --data DIR or --prompts FILE")
-        resolve_base(cfg.base)
         return train(cfg, command)
     return yoso.run_cli(body)
 
