@@ -149,8 +149,8 @@ def load_base(name: str, dtype=torch.float32):
     from diffusers import PixArtAlphaPipeline, PixArtTransformer2DModel
     path = resolve_base(name)
     with loading(f"--base {name}", path):
-        pipe = PixArtAlphaPipeline.from_pretrained(
-            path, **{dtype_keyword(): dtype}, transformer=PixArtTransformer2DModel.from_pretrained(path, subfolder="transformer"))
+        tf = PixArtTransformer2DModel.from_pretrained(path, subfolder="transformer")
+        pipe = PixArtAlphaPipeline.from_pretrained(path, transformer=tf, **{dtype_keyword(): dtype})
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -352,12 +352,12 @@ class Items:
         """The frozen base's DPM-Solver++ samples with CFG (the pipeline's own loop); item i always gets the same
         noise (seeded by i)."""
         from diffusers import DPMSolverMultistepScheduler, PixArtAlphaPipeline
-        teacher = PixArtAlphaPipeline(**dict(self.pipe.components, transformer=self.frozen.transformer,
-                                             scheduler=DPMSolverMultistepScheduler.from_config(self.pipe.scheduler.config)))
+        solver = DPMSolverMultistepScheduler.from_config(self.pipe.scheduler.config)
+        teacher = PixArtAlphaPipeline(**dict(self.pipe.components, transformer=self.frozen.transformer, scheduler=solver))
         teacher.set_progress_bar_config(disable=True)
-        S = self.latent_size
-        x = torch.stack([torch.randn(self.pipe.transformer.config.in_channels, S, S,
-                                     generator=torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + i)) for i in indices])
+        C, S = self.pipe.transformer.config.in_channels, self.latent_size
+        x = torch.stack([torch.randn(C, S, S, generator=torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + i))
+                         for i in indices])
         with self.frozen(), self.amp():
             return teacher(prompt_embeds=cond["emb"], prompt_attention_mask=cond["mask"], latents=x.to(self.device),
                            num_inference_steps=self.cfg.teacher_steps, guidance_scale=self.cfg.teacher_guidance,
@@ -453,6 +453,7 @@ def export(cfg: T2IConfig, pipe, model: nn.Module, ycfg, ipi, command: str, grid
     with open(os.path.join(out, "README.md"), "w") as f:
         f.write("\n".join(card))
 
+
 # ==================================================================================================
 # Training
 # ==================================================================================================
@@ -545,7 +546,8 @@ def train(cfg: T2IConfig, command: str) -> int:
         start = 0
         if resume:                                              # this phase's full state, or an earlier phase's weights
             same = resume["phase"] == phase
-            yoso.load_checkpoint(resume["path"], modules if same else {"G": params, "G_ema": ema}, optimizers if same else {})
+            yoso.load_checkpoint(resume["path"], modules if same else {"G": params, "G_ema": ema},
+                                 optimizers if same else {})
             for group in (g for o in optimizers.values() for g in o.param_groups):
                 group["lr"] = ycfg.lr                           # the config, not the saved groups, sets lr
             if len(resume["rng"]) == dist.world:
@@ -718,16 +720,13 @@ def parse_args(argv=None):
     src = p.add_mutually_exclusive_group()
     src.add_argument("--data", help="folder of images + metadata.jsonl ({\"file_name\", \"text\"} per line)")
     src.add_argument("--prompts", help="prompt file, one per line; the base's own samples become the data")
-    p.add_argument("--cache", help="folder for precomputed latents and T5 embeddings, built once (default: none, "
-                                   "encode every batch)")
-    p.add_argument("--out", help="run folder: checkpoints, metrics.jsonl, samples/, adapter/, transformer/, "
-                                 f"scheduler/ (default {T2IConfig.out})")
+    p.add_argument("--cache", help="precompute latents and T5 embeddings into this folder once (default: none)")
+    p.add_argument("--out", help=f"run folder: checkpoints, metrics, samples, the result (default {T2IConfig.out})")
     p.add_argument("--stage", choices=("adapt", "yoso", "all"),
                    help="adapt: quick adaption only; yoso: the YOSO stage only (on an ε base: no adaption, sampled "
                         "from the informative prior); all: adapt then yoso (default all)")
     p.add_argument("--lora-rank", type=int, help=f"LoRA rank (default {T2IConfig.lora_rank})")
-    p.add_argument("--full", dest="lora_rank", action="store_const", const=0,
-                   help="full fine-tuning instead of LoRA: --lora-rank 0 (default: LoRA)")
+    p.add_argument("--full", dest="lora_rank", action="store_const", const=0, help="full fine-tuning (default: LoRA)")
     p.add_argument("--precision", choices=tuple(DTYPES),
                    help=f"autocast dtype; trained weights stay fp32, fp16 adds a GradScaler (default "
                         f"{T2IConfig.precision}); for --sample the weights' dtype (default bf16 on a GPU, fp32 on CPU)")
@@ -740,8 +739,8 @@ def parse_args(argv=None):
                    help="override a T2IConfig field (yoso.KEY for a YOSOConfig one), e.g. --set yoso_steps=2000 "
                         "(repeatable; default: none)")
     p.add_argument("--sample", metavar="OUT", help="write a grid from a finished run's folder")
-    p.add_argument("--prompt", action="append", help=f"prompt for --sample, repeatable (default "
-                                                     f"{T2IConfig.sample_prompts[0]!r})")
+    p.add_argument("--prompt", action="append",
+                   help=f"--sample's prompt, repeatable (default {T2IConfig.sample_prompts[0]!r})")
     p.add_argument("--steps", type=int, default=1, help="sampling steps for --sample (default 1: one step)")
     p.add_argument("--transplant", metavar="OUT", help="add the run's 512 delta to --base (Sec. 4.4)")
     return p.parse_args(argv)
