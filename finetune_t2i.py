@@ -20,6 +20,7 @@ import argparse
 import contextlib
 import copy
 import dataclasses
+import importlib.metadata
 import json
 import math
 import os
@@ -40,6 +41,8 @@ import yoso
 BASES = {"PixArt-alpha": "PixArt-alpha/PixArt-XL-2-512x512",
          "PixArt-alpha-1024": "PixArt-alpha/PixArt-XL-2-1024-MS"}
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+# from_pretrained's dtype keyword: diffusers 0.42 renamed torch_dtype to dtype (the old name now warns)
+DTYPE_KW = "dtype" if tuple(map(int, importlib.metadata.version("diffusers").split(".")[:2])) >= (0, 42) else "torch_dtype"
 PHASES = ("adapt", "yoso")
 
 # ==================================================================================================
@@ -115,30 +118,20 @@ PRESETS = {
 # The base model: loading, PixArt-α read as yoso's G(x_t, t, cond), and the frozen base's two roles
 # ==================================================================================================
 
-def dtype_keyword() -> str:
-    """from_pretrained's dtype keyword: diffusers 0.42 renamed torch_dtype to dtype (the old name now warns);
-    older releases know torch_dtype only."""
-    import diffusers
-    return "dtype" if tuple(int(v) for v in diffusers.__version__.split(".")[:2]) >= (0, 42) else "torch_dtype"
-
-
-def resolve_base(name: str) -> str:
-    path = BASES.get(name, name)
-    if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "model_index.json")):
-        raise yoso.UserError(f"--base {name}: {path} is a folder but not a diffusers pipeline (no model_index.json)")
-    return path
-
-
 @contextlib.contextmanager
-def loading(what: str, path: str):
-    """Quiet diffusers / transformers loading (stderr stays for our own messages); any failure — hub errors,
-    missing subfolders, wrong model types: all mean "not a PixArt pipeline" — is one UserError line."""
+def loading(what: str, name: str):
+    """The pipeline path of `name` (a BASES key, hub id or folder), loaded quietly inside the `with` (stderr stays
+    for our own messages); any failure — hub errors, missing subfolders, wrong model types: all mean "not a PixArt
+    pipeline" — is one UserError line."""
     from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging
+    path = BASES.get(name, name)
+    if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "model_index.json")):
+        raise yoso.UserError(f"{what}: {path} is a folder but not a diffusers pipeline (no model_index.json)")
     diffusers_logging.disable_progress_bar()
     transformers_logging.disable_progress_bar()
     try:
-        yield
+        yield path
     except Exception as e:
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise yoso.UserError(f"{what}: cannot load a PixArt-α diffusers pipeline from {path!r} ({reason[:200]})") from None
@@ -147,10 +140,9 @@ def loading(what: str, path: str):
 def load_base(name: str, dtype=torch.float32):
     """The base's PixArtAlphaPipeline: T5 and VAE in `dtype`, the transformer (trained) in fp32."""
     from diffusers import PixArtAlphaPipeline, PixArtTransformer2DModel
-    path = resolve_base(name)
-    with loading(f"--base {name}", path):
+    with loading(f"--base {name}", name) as path:
         tf = PixArtTransformer2DModel.from_pretrained(path, subfolder="transformer")
-        pipe = PixArtAlphaPipeline.from_pretrained(path, transformer=tf, **{dtype_keyword(): dtype})
+        pipe = PixArtAlphaPipeline.from_pretrained(path, transformer=tf, **{DTYPE_KW: dtype})
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -416,7 +408,7 @@ def sample_grid(path, G, vae, cond, noise, sched, ycfg, amp, steps=(1, 4)):
 def export(cfg: T2IConfig, pipe, model: nn.Module, ycfg, ipi, command: str, grid: str | None) -> None:
     """adapter/ (peft), transformer/ (merged, diffusers), scheduler/, ipi.safetensors, yoso_config.json, README.md."""
     from diffusers import LCMScheduler, PixArtTransformer2DModel
-    out, kw, path = cfg.out, dtype_keyword(), pipe.name_or_path
+    out, kw, path = cfg.out, DTYPE_KW, pipe.name_or_path
     if cfg.lora_rank > 0:
         from peft import PeftModel
         model.save_pretrained(os.path.join(out, "adapter"))
@@ -652,7 +644,7 @@ def sample_cli(out: str, prompts: list, steps: int, n: int, seed: int, precision
     from diffusers import LCMScheduler, PixArtAlphaPipeline, PixArtTransformer2DModel
     run, ipi = load_run(out)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = {dtype_keyword(): DTYPES[precision or ("bf16" if device == "cuda" else "fp32")]}
+    dtype = {DTYPE_KW: DTYPES[precision or ("bf16" if device == "cuda" else "fp32")]}
     with loading(f"--sample {out}", run["base"]):
         pipe = PixArtAlphaPipeline.from_pretrained(
             run["base"], **dtype, transformer=PixArtTransformer2DModel.from_pretrained(os.path.join(out, "transformer"), **dtype),
@@ -680,8 +672,7 @@ def transplant(out: str, target: str) -> str:
     """YOSO-target = target + (YOSO-512 − PixArt-512), tensor by tensor (Sec. 4.4)."""
     from diffusers import PixArtTransformer2DModel
     run, ipi = load_run(out)
-    target_path = resolve_base(target)
-    with loading(f"--base {target}", target_path):
+    with loading(f"--base {target}", target) as target_path:
         tf = PixArtTransformer2DModel.from_pretrained(target_path, subfolder="transformer")
     dest = os.path.join(out, "transplant-" + os.path.basename(target_path.rstrip("/")))
     # the run's transformer/ minus its base; with LoRA the adapter's merged delta (= merging it, to fp32 rounding)
