@@ -405,10 +405,10 @@ def sample_grid(path, G, vae, cond, noise, sched, ycfg, amp, steps=(1, 4)):
     yoso.save_image_grid(torch.cat(rows), path, nrow=noise.shape[0])
 
 
-def export(cfg: T2IConfig, pipe, model: nn.Module, ycfg, ipi, command: str, grid: str | None) -> None:
+def export(cfg: T2IConfig, model: nn.Module, ycfg, ipi, command: str, grid: str | None) -> None:
     """adapter/ (peft), transformer/ (merged, diffusers), scheduler/, ipi.safetensors, yoso_config.json, README.md."""
     from diffusers import LCMScheduler, PixArtTransformer2DModel
-    out, kw, path = cfg.out, DTYPE_KW, pipe.name_or_path
+    out, kw, path = cfg.out, DTYPE_KW, BASES.get(cfg.base, cfg.base)
     if cfg.lora_rank > 0:
         from peft import PeftModel
         model.save_pretrained(os.path.join(out, "adapter"))
@@ -621,7 +621,7 @@ def train(cfg: T2IConfig, command: str) -> int:
     if dist.main:
         # the exported weights: the EMA of the YOSO stage; after an adapt-only run, the adapted weights themselves
         with (swapped(params, ema) if cfg.stage != "adapt" else contextlib.nullcontext()):
-            export(cfg, pipe, model, ycfg, ipi, command, grid)
+            export(cfg, model, ycfg, ipi, command, grid)
         print(f"done: {step} steps, {guard.total} skipped; out {cfg.out}")
     return 0
 
