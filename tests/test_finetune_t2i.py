@@ -256,6 +256,27 @@ def test_latent_perceptual_loss_zero_for_identical_and_grad_to_first_argument_on
     torch.testing.assert_close(features(a.detach(), cond), ref)
 
 
+def test_prompts_data_are_the_frozen_bases_own_samples(base):
+    # --prompts: x_0 of item i is the base's DPM-Solver++ sample with CFG from noise seeded by i, adapters off
+    cfg = smoke_config(base, teacher_guidance=3.0)
+    pipe, _, _, frozen, params, _ = ft.build(cfg, torch.device("cpu"))
+    for p in params:                                         # adapters that would change every sample if on
+        p.data.normal_(0, 0.5)
+    prompts = ["a red house", "a blue car", "a small green bird"]
+    data = ft.Items([(None, p) for p in prompts], pipe, frozen, cfg, torch.device("cpu"),
+                    lambda: torch.autocast("cpu", enabled=False))
+    x0, _ = data.get([0, 1, 2])
+    torch.testing.assert_close(data.get([2])[0][0], x0[2])  # the same sample in any batch
+    from diffusers import DPMSolverMultistepScheduler
+    plain = ft.load_base(base)
+    plain.scheduler = DPMSolverMultistepScheduler.from_config(plain.scheduler.config)
+    noise = torch.stack([torch.randn(4, 8, 8, generator=torch.Generator().manual_seed(i)) for i in range(3)])
+    ref = plain(prompts, latents=noise, num_inference_steps=cfg.teacher_steps, guidance_scale=3.0, height=16, width=16,
+                use_resolution_binning=False, clean_caption=False, max_sequence_length=cfg.max_tokens,
+                output_type="latent").images
+    torch.testing.assert_close(x0, ref)
+
+
 # --- transplant -------------------------------------------------------------------------------------
 
 def test_transplant_delta_is_exact_on_small_state_dicts():
