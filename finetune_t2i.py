@@ -115,7 +115,7 @@ PRESETS = {
 
 
 # ==================================================================================================
-# The base model: loading, PixArt-α read as yoso's G(x_t, t, cond), and the frozen base's two roles
+# The base model: loading, PixArt-α read as yoso's G(x_t, t, cond), the frozen base, quick adaption (Sec. 4.3)
 # ==================================================================================================
 
 @contextlib.contextmanager
@@ -307,11 +307,12 @@ def read_items(cfg: T2IConfig) -> tuple[list, int]:
 
 class Items:
     """Batches of (x_0 latents, text_cond) by item index: encoded with the base's T5 and VAE (for --prompts x_0
-    is the base's own sample), or read from the --cache folder once build_cache has filled it."""
+    is the base's own sample), or read from the --cache folder."""
 
     def __init__(self, items: list, pipe, frozen: FrozenBase, cfg: T2IConfig, device, amp):
         self.items, self.pipe, self.frozen, self.cfg, self.device, self.amp = items, pipe, frozen, cfg, device, amp
-        self.cache, down, patch = None, pipe.vae_scale_factor, pipe.transformer.config.patch_size   # VAE: 8x down
+        self.cache = None                                       # a folder once build_cache has filled it
+        down, patch = pipe.vae_scale_factor, pipe.transformer.config.patch_size     # VAE: 8x down for PixArt-α
         self.image_size = cfg.resolution or pipe.transformer.config.sample_size * down
         if self.image_size % (down * patch):
             raise yoso.UserError(f"resolution {self.image_size} is not divisible by {down * patch} = VAE "
@@ -531,7 +532,8 @@ def train(cfg: T2IConfig, command: str) -> int:
         sched = yoso.NoiseSchedule.from_config(ycfg)
         # rebinding `optimizers`, their only holder, frees the adaption's AdamW state (2 x the trained
         # weights) before the YOSO stage (issue 15); the adaption trains G only
-        optimizers, modules = dict(zip("GD", yoso.make_optimizers(G, D, ycfg))), {"G": params, "G_ema": ema, "D": D}
+        optimizers = dict(zip("GD", yoso.make_optimizers(G, D, ycfg)))
+        modules = {"G": params, "G_ema": ema, "D": D}
         if phase == "adapt":
             del optimizers["D"], modules["D"]
         scalers = [torch.amp.GradScaler(device.type) if cfg.precision == "fp16" else None for _ in range(2)]
@@ -594,7 +596,8 @@ def train(cfg: T2IConfig, command: str) -> int:
         def sample(k: int) -> None:
             nonlocal grid
             if dist.main:
-                grid, s_sched = os.path.join(cfg.out, "samples", f"{phase}-{offset + k:06d}.png"), student(k - 1)
+                grid = os.path.join(cfg.out, "samples", f"{phase}-{offset + k:06d}.png")
+                s_sched = student(k - 1)
                 with swapped(params, ema):
                     sample_grid(grid, G, pipe.vae, sample_cond, noise, s_sched,
                                 replace(ycfg, zero_terminal_snr=s_sched is sched) if phase == "adapt" else ycfg, amp)
