@@ -22,6 +22,7 @@ import copy
 import dataclasses
 import importlib.metadata
 import json
+import logging
 import math
 import os
 import shlex
@@ -144,6 +145,8 @@ def load_base(name: str, dtype=torch.float32):
         tf = PixArtTransformer2DModel.from_pretrained(path, subfolder="transformer")
         pipe = PixArtAlphaPipeline.from_pretrained(path, transformer=tf, **{DTYPE_KW: dtype})
     pipe.set_progress_bar_config(disable=True)
+    # captions past max_tokens are cut, as PixArt-α was trained; encode_prompt would warn of it on every batch
+    logging.getLogger(PixArtAlphaPipeline.__module__).setLevel(logging.ERROR)
     return pipe
 
 
