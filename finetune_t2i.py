@@ -11,13 +11,8 @@ Two stages run in sequence (--stage all):
          student to the zero-terminal-SNR schedule while the teacher keeps its own ("decoupled schedulers").
   yoso   yoso.train_step with the latent perceptual loss (Sec. 4.1) and the latent discriminator (Sec. 4.2).
 --stage yoso on an ε-prediction base skips the adaption and samples with the informative prior (IPI).
-
-With LoRA (the default) the frozen pre-trained model — adaption teacher and perceptual feature network —
-is the trained model with its adapters switched off: no second copy of PixArt in memory.
-
-Output folder (--out): adapter/ (peft), transformer/ (merged, diffusers layout), scheduler/ (LCMScheduler
-config for one-step sampling), ipi.safetensors (IPI runs only), samples/, metrics.jsonl, checkpoints, and
-README.md: the model card, with the diffusers code that loads the result.
+LoRA is the default; the frozen pre-trained model is then the trained one with its adapters off (FrozenBase).
+The output folder (--out) holds the result in diffusers / peft layout and a model card (export).
 """
 from __future__ import annotations
 
@@ -25,7 +20,9 @@ import argparse
 import contextlib
 import copy
 import dataclasses
+import importlib.metadata
 import json
+import logging
 import math
 import os
 import shlex
@@ -45,8 +42,9 @@ import yoso
 BASES = {"PixArt-alpha": "PixArt-alpha/PixArt-XL-2-512x512",
          "PixArt-alpha-1024": "PixArt-alpha/PixArt-XL-2-1024-MS"}
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+# from_pretrained's dtype keyword: diffusers 0.42 renamed torch_dtype to dtype (the old name now warns)
+DTYPE_KW = "dtype" if tuple(map(int, importlib.metadata.version("diffusers").split(".")[:2])) >= (0, 42) else "torch_dtype"
 PHASES = ("adapt", "yoso")
-
 
 # ==================================================================================================
 # Config — defaults are the paper's PixArt-α run where it states them, the official SD-1.5 LoRA run otherwise
@@ -118,60 +116,46 @@ PRESETS = {
 
 
 # ==================================================================================================
-# The base model: loading, and PixArt-α read as yoso's G(x_t, t, cond)
+# The base model: loading, PixArt-α read as yoso's G(x_t, t, cond), the frozen base, quick adaption (Sec. 4.3)
 # ==================================================================================================
 
-@dataclass
-class Base:
-    path: str
-    tokenizer: object
-    text_encoder: nn.Module | None
-    vae: nn.Module
-    transformer: nn.Module
-    scheduler_config: dict
-
-
-def dtype_keyword() -> str:
-    """from_pretrained's dtype keyword: diffusers 0.42 renamed torch_dtype to dtype (the old name now warns);
-    older releases know torch_dtype only."""
-    import diffusers
-    return "dtype" if tuple(int(v) for v in diffusers.__version__.split(".")[:2]) >= (0, 42) else "torch_dtype"
-
-
-def resolve_base(name: str) -> str:
-    path = BASES.get(name, name)
-    if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "model_index.json")):
-        raise yoso.UserError(f"--base {name}: {path} is a folder but not a diffusers pipeline (no model_index.json)")
-    return path
-
-
 @contextlib.contextmanager
-def loading(what: str, path: str):
-    """Quiet diffusers / transformers loading (stderr stays for our own messages); any failure — hub errors,
-    missing subfolders, wrong model types: all mean "not a PixArt pipeline" — is one UserError line."""
+def loading(what: str, name: str):
+    """The pipeline path of `name` (a BASES key, hub id or folder), loaded quietly inside the `with` (stderr stays
+    for our own messages); any failure — hub errors, missing subfolders, wrong model types: all mean "not a PixArt
+    pipeline" — is one UserError line."""
     from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging
+    path = BASES.get(name, name)
+    if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "model_index.json")):
+        raise yoso.UserError(f"{what}: {path} is a folder but not a diffusers pipeline (no model_index.json)")
     diffusers_logging.disable_progress_bar()
     transformers_logging.disable_progress_bar()
     try:
-        yield
+        yield path
     except Exception as e:
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise yoso.UserError(f"{what}: cannot load a PixArt-α diffusers pipeline from {path!r} ({reason[:200]})") from None
 
 
-def load_base(name: str, dtype=torch.float32) -> Base:
-    """T5 encoder + tokenizer, VAE, PixArtTransformer2DModel and the scheduler config of a diffusers pipeline."""
-    from diffusers import AutoencoderKL, DDPMScheduler, PixArtTransformer2DModel
-    from transformers import AutoTokenizer, T5EncoderModel
-    path = resolve_base(name)
-    with loading(f"--base {name}", path):
-        return Base(path=path,
-                    tokenizer=AutoTokenizer.from_pretrained(path, subfolder="tokenizer"),
-                    text_encoder=T5EncoderModel.from_pretrained(path, subfolder="text_encoder", dtype=dtype),
-                    vae=AutoencoderKL.from_pretrained(path, subfolder="vae", **{dtype_keyword(): dtype}),
-                    transformer=PixArtTransformer2DModel.from_pretrained(path, subfolder="transformer"),
-                    scheduler_config=dict(DDPMScheduler.load_config(path, subfolder="scheduler")))
+def load_base(name: str, dtype=torch.float32):
+    """The base's PixArtAlphaPipeline: T5 and VAE in `dtype`, the transformer (trained) in fp32."""
+    from diffusers import PixArtAlphaPipeline, PixArtTransformer2DModel
+    with loading(f"--base {name}", name) as path:
+        tf = PixArtTransformer2DModel.from_pretrained(path, subfolder="transformer")
+        pipe = PixArtAlphaPipeline.from_pretrained(path, transformer=tf, **{DTYPE_KW: dtype})
+    pipe.set_progress_bar_config(disable=True)
+    # captions past max_tokens are cut, as PixArt-α was trained; encode_prompt would warn of it on every batch
+    logging.getLogger(PixArtAlphaPipeline.__module__).setLevel(logging.ERROR)
+    return pipe
+
+
+def text_cond(pipe, prompts, max_tokens: int) -> dict:
+    """yoso's cond: T5 tokens {"emb": (B, L, 4096), "mask": (B, L)}, encoded as the pipeline encodes prompts
+    at sampling time (lower-cased; clean_caption off: it needs bs4 and ftfy)."""
+    emb, mask, _, _ = pipe.encode_prompt(list(prompts), do_classifier_free_guidance=False, clean_caption=False,
+                                         max_sequence_length=max_tokens)
+    return {"emb": emb, "mask": mask}
 
 
 def schedule_config(yoso_cfg: yoso.YOSOConfig, sched: dict, adapted: bool) -> yoso.YOSOConfig:
@@ -191,10 +175,8 @@ def added_cond(tf, x):
 
 
 class PixArtDenoiser(nn.Module):
-    """G(x_t, t, cond) for yoso: cond = {"emb": T5 tokens (B, L, 4096), "mask": (B, L)}.
-
-    PixArt-α predicts [ε or v, learned variance] (out_channels = 2 x in); YOSO uses the first half only.
-    """
+    """G(x_t, t, cond) for yoso, cond from text_cond. PixArt-α predicts [ε or v, learned variance]
+    (out_channels = 2 x in); YOSO uses the first half only."""
 
     def __init__(self, transformer: nn.Module):
         super().__init__()
@@ -267,6 +249,19 @@ def perceptual_features(base: FrozenBase, n_blocks: int, checkpoint: bool = Fals
     return features
 
 
+def adaption_loss(G, frozen: FrozenBase, x0, cond, teacher_sched, student_sched, teacher_pred: str, amp, noise):
+    """Quick adaption (Sec. 4.3), Stage I or II: MSE(v_student, v_target); the student sees x_t on its schedule,
+    the teacher on its own, same x_0 and ε; noise = (t, ε), from yoso.step_noise."""
+    t, eps = (v.to(x0.device) for v in noise)
+    x_t_teacher, x_t_student = yoso.adaption_inputs(x0, eps, t, teacher_sched, student_sched)
+    with torch.no_grad(), frozen(), amp():
+        teacher_out = frozen.denoiser(x_t_teacher, t, cond).float()
+    target = yoso.adaption_target(teacher_out, x_t_teacher, t, teacher_sched, student_sched, teacher_pred)
+    with amp():
+        v = G(x_t_student, t, cond)
+    return yoso.weighted_mse(v, target).mean()
+
+
 # ==================================================================================================
 # Data: (latent x_0, T5 conditioning) per item — from images, from the base's own samples, or from a cache
 # ==================================================================================================
@@ -280,152 +275,110 @@ def readable_image(path: str) -> bool:
         return False
 
 
-def read_captions(data_dir: str) -> tuple[list, int]:
-    """(image path, caption) pairs from an HF imagefolder metadata.jsonl, and how many corrupt images were
-    skipped; one clear error per bad line."""
-    meta = os.path.join(data_dir, "metadata.jsonl")
+def read_items(cfg: T2IConfig) -> tuple[list, int]:
+    """(image path, caption) pairs from an HF imagefolder metadata.jsonl, or (None, prompt) from a prompt file,
+    and how many corrupt images were skipped; one clear error per bad line."""
+    if cfg.prompts:
+        if not os.path.isfile(cfg.prompts):
+            raise yoso.UserError(f"--prompts {cfg.prompts}: no such file")
+        items = [(None, line.strip()) for line in open(cfg.prompts) if line.strip()]
+        if not items:
+            raise yoso.UserError(f"--prompts {cfg.prompts}: no prompts")
+        return items, 0
+    meta, items = os.path.join(cfg.data, "metadata.jsonl"), []
     if not os.path.isfile(meta):
-        raise yoso.UserError(f"--data {data_dir}: no metadata.jsonl (one {{\"file_name\": ..., \"text\": ...}} per line)")
-    items = []
-    with open(meta) as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise yoso.UserError(f"{meta} line {n}: not valid JSON ({e.msg})") from None
-            if not isinstance(rec, dict) or not isinstance(rec.get("text"), str) or not rec["text"].strip():
-                raise yoso.UserError(f"{meta} line {n}: no \"text\" caption")
-            path = os.path.join(data_dir, str(rec.get("file_name", "")))
-            if "file_name" not in rec or not os.path.isfile(path):
-                raise yoso.UserError(f"{meta} line {n}: \"file_name\" {rec.get('file_name')!r} is not a file in {data_dir}")
-            items.append((path, rec["text"]))
-    if not items:
-        raise yoso.UserError(f"{meta}: no items")
+        raise yoso.UserError(f"--data {cfg.data}: no metadata.jsonl (one {{\"file_name\": ..., \"text\": ...}} per line)")
+    for n, line in enumerate(open(meta), 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise yoso.UserError(f"{meta} line {n}: not valid JSON ({e.msg})") from None
+        if not isinstance(rec, dict) or not isinstance(rec.get("text"), str) or not rec["text"].strip():
+            raise yoso.UserError(f"{meta} line {n}: no \"text\" caption")
+        path = os.path.join(cfg.data, str(rec.get("file_name", "")))
+        if "file_name" not in rec or not os.path.isfile(path):
+            raise yoso.UserError(f"{meta} line {n}: \"file_name\" {rec.get('file_name')!r} is not a file in {cfg.data}")
+        items.append((path, rec["text"]))
     good = [item for item in items if readable_image(item[0])]
     if not good:
-        raise yoso.UserError(f"--data {data_dir}: all {len(items)} images are corrupt or unreadable")
+        raise yoso.UserError(f"--data {cfg.data}: all {len(items)} images are corrupt or unreadable" if items
+                             else f"{meta}: no items")
     return good, len(items) - len(good)
 
 
-def read_prompts(path: str) -> list:
-    if not os.path.isfile(path):
-        raise yoso.UserError(f"--prompts {path}: no such file")
-    prompts = [line.strip() for line in open(path) if line.strip()]
-    if not prompts:
-        raise yoso.UserError(f"--prompts {path}: no prompts")
-    return [(None, p) for p in prompts]
-
-
-class Encoder:
-    """Turns items into (x_0 latents, {"emb", "mask"}) with the base's T5, VAE and (for --prompts) its sampler."""
-
-    def __init__(self, base: Base, frozen: FrozenBase, cfg: T2IConfig, device, amp):
-        self.base, self.frozen, self.cfg, self.device, self.amp = base, frozen, cfg, device, amp
-        vae_cfg, tf_cfg = base.vae.config, base.transformer.config
-        down = 2 ** (len(vae_cfg.block_out_channels) - 1)       # the VAE's downsampling (8 for PixArt-α)
-        self.image_size = cfg.resolution or tf_cfg.sample_size * down
-        if self.image_size % (down * tf_cfg.patch_size):
-            raise yoso.UserError(f"resolution {self.image_size} is not divisible by {down * tf_cfg.patch_size} = VAE "
-                                 f"factor {down} x patch size {tf_cfg.patch_size}; pick a multiple of it")
-        self.latent_size = self.image_size // down
-
-    @torch.no_grad()
-    def text(self, prompts: list) -> dict:
-        tok = self.base.tokenizer(list(prompts), padding="max_length", max_length=self.cfg.max_tokens, truncation=True,
-                                  add_special_tokens=True, return_tensors="pt")
-        mask = tok.attention_mask.to(self.device)
-        emb = self.base.text_encoder(tok.input_ids.to(self.device), attention_mask=mask)[0]
-        return {"emb": emb, "mask": mask}
-
-    @torch.no_grad()
-    def images(self, paths: list) -> torch.Tensor:
-        from torchvision.transforms import functional as TF
-        crop = lambda img: TF.center_crop(TF.resize(img, self.image_size), self.image_size)
-        pix = torch.stack([TF.to_tensor(crop(Image.open(p).convert("RGB"))) * 2 - 1 for p in paths])   # [-1, 1]
-        pix = pix.to(self.device, self.base.vae.dtype)
-        # deviation: the posterior mean, not a sample — deterministic, so cached and on-the-fly latents agree
-        latents = self.base.vae.encode(pix).latent_dist.mode().float() * self.base.vae.config.scaling_factor
-        return latents.contiguous()     # the VAE returns channels-last strides; randn_like(x_0) would follow them
-
-    @torch.no_grad()
-    def teacher_latents(self, cond: dict, indices: list) -> torch.Tensor:
-        """The base's own DPM-Solver++ samples with CFG; item i always gets the same noise (seeded by i)."""
-        from diffusers import DPMSolverMultistepScheduler
-        solver = DPMSolverMultistepScheduler.from_config(self.base.scheduler_config)
-        solver.set_timesteps(self.cfg.teacher_steps)
-        C, S = self.base.transformer.config.in_channels, self.latent_size
-        x = torch.stack([torch.randn(C, S, S, generator=torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + i))
-                         for i in indices]).to(self.device) * solver.init_noise_sigma
-        uncond = self.text([""] * len(indices))
-        for t in solver.timesteps:
-            with self.frozen(), self.amp():
-                out = self.frozen.denoiser(torch.cat([x, x]), t.expand(2 * len(x)).to(self.device),
-                                           yoso.cat_cond(cond, uncond)).float()
-            out_c, out_u = out.chunk(2)
-            x = solver.step(out_u + self.cfg.teacher_guidance * (out_c - out_u), t, x).prev_sample
-        return x
-
-    def encode(self, items: list, indices: list) -> tuple:
-        cond = self.text([items[i][1] for i in indices])
-        if items[indices[0]][0] is None:
-            return self.teacher_latents(cond, indices), cond
-        return self.images([items[i][0] for i in indices]), cond
-
-
 class Items:
-    """Batches of (x_0, cond) by index: read from the --cache folder, or encoded on the fly."""
+    """Batches of (x_0 latents, text_cond) by item index: encoded with the base's T5 and VAE (for --prompts x_0
+    is the base's own sample), or read from the --cache folder."""
 
-    def __init__(self, items: list, encoder: Encoder | None, cache: str | None, device):
-        self.items, self.encoder, self.cache, self.device = items, encoder, cache, device
+    def __init__(self, items: list, pipe, frozen: FrozenBase, cfg: T2IConfig, device, amp):
+        self.items, self.pipe, self.frozen, self.cfg, self.device, self.amp = items, pipe, frozen, cfg, device, amp
+        self.cache = None                                       # a folder once build_cache has filled it
+        down, patch = pipe.vae_scale_factor, pipe.transformer.config.patch_size     # VAE: 8x down for PixArt-α
+        self.image_size = cfg.resolution or pipe.transformer.config.sample_size * down
+        if self.image_size % (down * patch):
+            raise yoso.UserError(f"resolution {self.image_size} is not divisible by {down * patch} = VAE "
+                                 f"factor {down} x patch size {patch}; pick a multiple of it")
+        self.latent_size = self.image_size // down
 
     def __len__(self):
         return len(self.items)
 
     def get(self, indices: list) -> tuple:
-        if self.cache is None:
-            return self.encoder.encode(self.items, indices)
-        rows = [load_file(os.path.join(self.cache, f"{i:08d}.safetensors")) for i in indices]
-        x0, emb, mask = (torch.stack([r[k] for r in rows]).to(self.device) for k in ("latent", "emb", "mask"))
-        return x0, {"emb": emb, "mask": mask}
+        if self.cache:
+            rows = [load_file(os.path.join(self.cache, f"{i:08d}.safetensors")) for i in indices]
+            x0, emb, mask = (torch.stack([r[k] for r in rows]).to(self.device) for k in ("latent", "emb", "mask"))
+            return x0, {"emb": emb, "mask": mask}
+        cond = text_cond(self.pipe, [self.items[i][1] for i in indices], self.cfg.max_tokens)
+        if self.items[indices[0]][0] is None:
+            return self.teacher_latents(cond, indices), cond
+        return self.images([self.items[i][0] for i in indices]), cond
 
+    @torch.no_grad()
+    def images(self, paths: list) -> torch.Tensor:
+        pix = self.pipe.image_processor.preprocess([Image.open(p).convert("RGB") for p in paths], self.image_size,
+                                                   self.image_size, resize_mode="crop")       # [-1, 1], centre crop
+        vae = self.pipe.vae
+        # deviation: the posterior mean, not a sample — deterministic, so cached and on-the-fly latents agree
+        latents = vae.encode(pix.to(self.device, vae.dtype)).latent_dist.mode().float() * vae.config.scaling_factor
+        return latents.contiguous()     # the VAE returns channels-last strides; randn_like(x_0) would follow them
 
-def build_cache(cache: str, items: list, encoder: Encoder, cfg: T2IConfig, dist) -> None:
-    """Encode every item once (rank 0); meta.json, written last, marks a complete cache for these settings."""
-    key = dict(base=cfg.base, data=cfg.data, prompts=cfg.prompts, n=len(items), max_tokens=cfg.max_tokens,
-               teacher_steps=cfg.teacher_steps, teacher_guidance=cfg.teacher_guidance, seed=cfg.seed)
-    meta = os.path.join(cache, "meta.json")
-    if os.path.isfile(meta) and json.load(open(meta)) == key:
-        return
-    if dist.main:
-        os.makedirs(cache, exist_ok=True)
-        for s in tqdm(range(0, len(items), cfg.batch_size), desc="cache"):
-            idx = list(range(s, min(s + cfg.batch_size, len(items))))
-            x0, cond = encoder.encode(items, idx)
-            for j, i in enumerate(idx):
-                row = {k: v[j].cpu().contiguous() for k, v in dict(latent=x0, **cond).items()}
-                save_file(row, os.path.join(cache, f"{i:08d}.safetensors"))
-        json.dump(key, open(meta, "w"))
-    if dist.world > 1:
-        torch.distributed.barrier()
+    def teacher_latents(self, cond: dict, indices: list) -> torch.Tensor:
+        """The frozen base's DPM-Solver++ samples with CFG (the pipeline's own loop); item i always gets the same
+        noise (seeded by i)."""
+        from diffusers import DPMSolverMultistepScheduler, PixArtAlphaPipeline
+        solver = DPMSolverMultistepScheduler.from_config(self.pipe.scheduler.config)
+        teacher = PixArtAlphaPipeline(**dict(self.pipe.components, transformer=self.frozen.transformer, scheduler=solver))
+        teacher.set_progress_bar_config(disable=True)
+        C, S = self.pipe.transformer.config.in_channels, self.latent_size
+        x = torch.stack([torch.randn(C, S, S, generator=torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + i))
+                         for i in indices])
+        with self.frozen(), self.amp():
+            return teacher(prompt_embeds=cond["emb"], prompt_attention_mask=cond["mask"], latents=x.to(self.device),
+                           num_inference_steps=self.cfg.teacher_steps, guidance_scale=self.cfg.teacher_guidance,
+                           height=self.image_size, width=self.image_size, use_resolution_binning=False,
+                           clean_caption=False, output_type="latent").images.float()
 
-
-# ==================================================================================================
-# Quick adaption (Sec. 4.3): one distillation step, Stage I or Stage II
-# ==================================================================================================
-
-def adaption_loss(G, frozen: FrozenBase, x0, cond, teacher_sched, student_sched, teacher_pred: str, amp, noise):
-    """MSE(v_student, v_target): the student sees x_t on its schedule, the teacher on its own, same x_0 and
-    ε; noise = (t, ε), from yoso.step_noise."""
-    t, eps = (v.to(x0.device) for v in noise)
-    x_t_teacher, x_t_student = yoso.adaption_inputs(x0, eps, t, teacher_sched, student_sched)
-    with torch.no_grad(), frozen(), amp():
-        teacher_out = frozen.denoiser(x_t_teacher, t, cond).float()
-    target = yoso.adaption_target(teacher_out, x_t_teacher, t, teacher_sched, student_sched, teacher_pred)
-    with amp():
-        v = G(x_t_student, t, cond)
-    return yoso.weighted_mse(v, target).mean()
+    def build_cache(self, cache: str, dist) -> None:
+        """Encode every item once (rank 0); meta.json, written last, marks a complete cache for these settings."""
+        cfg = self.cfg
+        key = dict(base=cfg.base, data=cfg.data, prompts=cfg.prompts, n=len(self), max_tokens=cfg.max_tokens,
+                   teacher_steps=cfg.teacher_steps, teacher_guidance=cfg.teacher_guidance, seed=cfg.seed,
+                   captions="lower-cased")                     # as PixArtAlphaPipeline.encode_prompt
+        meta = os.path.join(cache, "meta.json")
+        if dist.main and not (os.path.isfile(meta) and json.load(open(meta)) == key):
+            os.makedirs(cache, exist_ok=True)
+            for s in tqdm(range(0, len(self), cfg.batch_size), desc="cache"):
+                idx = list(range(s, min(s + cfg.batch_size, len(self))))
+                x0, cond = self.get(idx)
+                for j, i in enumerate(idx):
+                    row = {k: v[j].cpu().contiguous() for k, v in dict(latent=x0, **cond).items()}
+                    save_file(row, os.path.join(cache, f"{i:08d}.safetensors"))
+            json.dump(key, open(meta, "w"))
+        if dist.world > 1:
+            torch.distributed.barrier()
+        self.cache = cache
 
 
 # ==================================================================================================
@@ -456,15 +409,15 @@ def sample_grid(path, G, vae, cond, noise, sched, ycfg, amp, steps=(1, 4)):
     yoso.save_image_grid(torch.cat(rows), path, nrow=noise.shape[0])
 
 
-def export(cfg: T2IConfig, base: Base, model: nn.Module, ycfg, ipi, command: str, grid: str | None) -> None:
+def export(cfg: T2IConfig, model: nn.Module, ycfg, ipi, command: str, grid: str | None) -> None:
     """adapter/ (peft), transformer/ (merged, diffusers), scheduler/, ipi.safetensors, yoso_config.json, README.md."""
     from diffusers import LCMScheduler, PixArtTransformer2DModel
-    out, kw = cfg.out, dtype_keyword()
+    out, kw, path = cfg.out, DTYPE_KW, BASES.get(cfg.base, cfg.base)
     if cfg.lora_rank > 0:
         from peft import PeftModel
         model.save_pretrained(os.path.join(out, "adapter"))
         # merge into a fresh fp32 base: merging into bf16 weights would round the small delta away
-        fresh = PixArtTransformer2DModel.from_pretrained(base.path, subfolder="transformer")
+        fresh = PixArtTransformer2DModel.from_pretrained(path, subfolder="transformer")
         model = PeftModel.from_pretrained(fresh, os.path.join(out, "adapter")).merge_and_unload()
     model.save_pretrained(os.path.join(out, "transformer"))
     # diffusers' sampler for the trained model: its prediction type and schedule; trailing: one step starts at T-1
@@ -474,20 +427,20 @@ def export(cfg: T2IConfig, base: Base, model: nn.Module, ycfg, ipi, command: str
                  ).save_pretrained(os.path.join(out, "scheduler"))
     if ipi is not None:
         save_file(ipi.state_dict(), os.path.join(out, "ipi.safetensors"))
-    run = dict(base=base.path, settings=dataclasses.asdict(cfg), yoso=ycfg.to_dict())
+    run = dict(base=path, settings=dataclasses.asdict(cfg), yoso=ycfg.to_dict())
     json.dump(run, open(os.path.join(out, "yoso_config.json"), "w"), indent=1, default=str)
     # the model card's code: weights in bf16 on a GPU (fp32 on CPU), clean_caption off (it needs bs4, ftfy)
     use = ["import torch", "from diffusers import LCMScheduler, PixArtAlphaPipeline, PixArtTransformer2DModel",
            'device = "cuda" if torch.cuda.is_available() else "cpu"',
            'dtype = torch.bfloat16 if device == "cuda" else torch.float32     # T5-XXL alone: ~19 GB in fp32',
-           f"pipe = PixArtAlphaPipeline.from_pretrained({base.path!r}, {kw}=dtype,",
+           f"pipe = PixArtAlphaPipeline.from_pretrained({path!r}, {kw}=dtype,",
            f"    transformer=PixArtTransformer2DModel.from_pretrained({os.path.join(out, 'transformer')!r}, {kw}=dtype),",
            f"    scheduler=LCMScheduler.from_pretrained({os.path.join(out, 'scheduler')!r})).to(device)",
            'image = pipe("a photo of a red house", num_inference_steps=1, guidance_scale=1.0,',
            "             clean_caption=False).images[0]"]
     how = ("Starts from the informative prior (IPI, ipi.safetensors): pass its latents to the pipeline." if ipi is not None
            else "Starts from pure noise: v-prediction on the zero-terminal-SNR schedule (after quick adaption).")
-    card = [f"# YOSO one-step generator from {base.path}", "",
+    card = [f"# YOSO one-step generator from {path}", "",
             "One-step text-to-image by YOSO (arXiv 2403.12931), fine-tuned with finetune_t2i.py.", "",
             f"![samples]({os.path.relpath(grid, out)})" if grid else "", "",
             "Rows: 1 step, 4 steps; columns: the run's fixed sample prompts.", "",
@@ -502,10 +455,10 @@ def export(cfg: T2IConfig, base: Base, model: nn.Module, ycfg, ipi, command: str
 # ==================================================================================================
 
 def build(cfg: T2IConfig, device):
-    """Base, G (LoRA or full), D, the frozen base and the trainable parameter list, in a fixed RNG order."""
+    """Base pipeline, G (LoRA or full), D, the frozen base and the trainable parameter list, in a fixed RNG order."""
     amp_dtype = None if cfg.precision == "fp32" else DTYPES[cfg.precision]
-    base = load_base(cfg.base, dtype=amp_dtype or torch.float32)
-    tf = base.transformer
+    pipe = load_base(cfg.base, dtype=amp_dtype or torch.float32)
+    tf = pipe.transformer
     torch.manual_seed(cfg.seed)
     D = yoso.FeatureDiscriminator(PixArtTrunk(tf, cfg.disc_blocks or len(tf.transformer_blocks) // 2,
                                               cfg.grad_checkpointing), channels=tf.inner_dim).to(device)   # fp32
@@ -519,11 +472,10 @@ def build(cfg: T2IConfig, device):
                                target_modules=["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2"]))
     else:
         model = tf.to(device)
-    frozen = FrozenBase(model, amp_dtype or torch.float32)
-    base.vae.to(device).requires_grad_(False)
-    base.text_encoder.to(device).requires_grad_(False)
+    pipe.vae.to(device).requires_grad_(False)
+    pipe.text_encoder.to(device).requires_grad_(False)
     params = nn.ParameterList([p for p in model.parameters() if p.requires_grad])
-    return base, model, D, frozen, params, amp_dtype
+    return pipe, model, D, FrozenBase(model, amp_dtype or torch.float32), params, amp_dtype
 
 
 def train(cfg: T2IConfig, command: str) -> int:
@@ -538,40 +490,38 @@ def train(cfg: T2IConfig, command: str) -> int:
     elif (path := yoso.newest_intact_checkpoint(cfg.out)) is None:     # a truncated newest one is skipped, with a line
         raise yoso.UserError(f"--resume: {cfg.out} holds no intact checkpoint (ckpt-*.safetensors); it is not a "
                              "finetune_t2i.py run folder (pass the --out of an earlier run)")
+    elif "phase" not in (meta := yoso.read_checkpoint_meta(path))["extra"]:
+        raise yoso.UserError(f"--resume: {path} was not written by finetune_t2i.py")
     else:
-        meta = yoso.read_checkpoint_meta(path)
-        if "phase" not in meta["extra"]:
-            raise yoso.UserError(f"--resume: {path} was not written by finetune_t2i.py")
         resume = dict(meta["extra"], path=path, step=meta["step"])
-    items, corrupt = read_captions(cfg.data) if cfg.data else (read_prompts(cfg.prompts), 0)
+    items, corrupt = read_items(cfg)
     if len(items) < cfg.batch_size:
         raise yoso.UserError(f"only {len(items)} usable items for a batch of {cfg.batch_size}; use more data "
                              "or --set batch_size=N")
     dist = yoso.init_distributed()
     device = dist.device
-    base, model, D, frozen, params, amp_dtype = build(cfg, device)
+    pipe, model, D, frozen, params, amp_dtype = build(cfg, device)
     amp = lambda: torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None)
-    encoder = Encoder(base, frozen, cfg, device, amp)
+    data = Items(items, pipe, frozen, cfg, device, amp)
     os.makedirs(cfg.out, exist_ok=True)
     if dist.main:
         print(f"{len(items)} items{f', {corrupt} corrupt images skipped' if corrupt else ''}; out {cfg.out}; "
               f"world {dist.world}")
-    sample_cond = encoder.text(cfg.sample_prompts)              # fixed prompts, encoded while T5 is loaded
+    sample_cond = text_cond(pipe, cfg.sample_prompts, cfg.max_tokens)   # fixed prompts, encoded while T5 is loaded
     if cfg.cache:
-        build_cache(cfg.cache, items, encoder, cfg, dist)
-        base.text_encoder = None                                # training runs without the T5 in memory
-    data = Items(items, encoder, cfg.cache, device)
+        data.build_cache(cfg.cache, dist)
+        pipe.text_encoder = None                                # training runs without the T5 in memory
     G = PixArtDenoiser(model)
     ddp = lambda m: torch.nn.parallel.DistributedDataParallel(m, [device.index] if device.type == "cuda" else None)
     G_ddp, D_ddp = (ddp(G), ddp(D)) if dist.world > 1 else (G, D)
     ema = copy.deepcopy(params).requires_grad_(False)
-    features = perceptual_features(frozen, cfg.feature_block or len(frozen.transformer.transformer_blocks) // 2,
-                                   cfg.grad_checkpointing)
+    distance = yoso.latent_perceptual_distance(perceptual_features(
+        frozen, cfg.feature_block or len(frozen.transformer.transformer_blocks) // 2, cfg.grad_checkpointing))
     log = yoso.MetricsLog(os.path.join(cfg.out, "metrics.jsonl"), dist.main)
-    C, S = base.transformer.config.in_channels, encoder.latent_size
+    C, S = pipe.transformer.config.in_channels, data.latent_size
     sample_noise = torch.randn(len(cfg.sample_prompts), C, S, S, generator=torch.Generator().manual_seed(cfg.seed)).to(device)
-    teacher_sched = yoso.NoiseSchedule.from_config(schedule_config(cfg.yoso, base.scheduler_config, False))
-    teacher_pred = base.scheduler_config.get("prediction_type", "epsilon")
+    teacher_sched = yoso.NoiseSchedule.from_config(schedule_config(cfg.yoso, pipe.scheduler.config, False))
+    teacher_pred = pipe.scheduler.config.get("prediction_type", "epsilon")
     stop = yoso.GracefulStop()
     guard = yoso.DivergenceGuard(cfg.max_skipped, cfg.saturation_gap, cfg.saturation_steps)
     # step: global steps done, over both phases; adapted: the weights are a v-model on the new schedule
@@ -581,24 +531,20 @@ def train(cfg: T2IConfig, command: str) -> int:
     for phase in [p for p in PHASES if cfg.stage in (p, "all")]:
         if resume and PHASES.index(phase) < PHASES.index(resume["phase"]):
             continue                                            # finished in an earlier run
-        ycfg = schedule_config(cfg.yoso, base.scheduler_config, phase == "adapt" or adapted)
+        ycfg = schedule_config(cfg.yoso, pipe.scheduler.config, phase == "adapt" or adapted)
         sched = yoso.NoiseSchedule.from_config(ycfg)
         # rebinding `optimizers`, their only holder, frees the adaption's AdamW state (2 x the trained
         # weights) before the YOSO stage (issue 15); the adaption trains G only
-        opt_G, opt_D = yoso.make_optimizers(G, D, ycfg)
-        optimizers, modules = {"G": opt_G}, {"G": params, "G_ema": ema}
-        if phase == "yoso":
-            optimizers["D"], modules["D"] = opt_D, D
-        del opt_G, opt_D
+        optimizers = dict(zip("GD", yoso.make_optimizers(G, D, ycfg)))
+        modules = {"G": params, "G_ema": ema, "D": D}
+        if phase == "adapt":
+            del optimizers["D"], modules["D"]
         scalers = [torch.amp.GradScaler(device.type) if cfg.precision == "fp16" else None for _ in range(2)]
         start = 0
         if resume:                                              # this phase's full state, or an earlier phase's weights
             same = resume["phase"] == phase
-            try:
-                yoso.load_checkpoint(resume["path"], modules if same else {"G": params, "G_ema": ema},
-                                     optimizers if same else {})
-            except ValueError as e:
-                raise yoso.UserError(str(e)) from None
+            yoso.load_checkpoint(resume["path"], modules if same else {"G": params, "G_ema": ema},
+                                 optimizers if same else {})
             for group in (g for o in optimizers.values() for g in o.param_groups):
                 group["lr"] = ycfg.lr                           # the config, not the saved groups, sets lr
             if len(resume["rng"]) == dist.world:
@@ -625,22 +571,20 @@ def train(cfg: T2IConfig, command: str) -> int:
             idx = yoso.batch_indices(len(data), offset + k, cfg.batch_size, cfg.seed)   # pure function of the step
             x0, cond = data.get(yoso.rank_slice(idx, dist).tolist())
             t, eps = yoso.step_noise(cfg.batch_size, x0.shape[1:], ycfg.T, offset + k, cfg.seed, dist)
-            if phase == "adapt":
-                optimizers["G"].zero_grad(set_to_none=True)
-                loss = 0.0
-                for x_mb, c_mb, t_mb, e_mb in zip(x0.chunk(cfg.grad_accum), yoso.split_cond(cond, cfg.grad_accum),
-                                                  t.chunk(cfg.grad_accum), eps.chunk(cfg.grad_accum)):
+            if phase == "yoso":
+                stats = yoso.train_step(G_ddp, D_ddp, optimizers["G"], optimizers["D"], x0, cond, sched=sched, cfg=ycfg,
+                                        distance=distance, grad_accum=cfg.grad_accum, amp_dtype=amp_dtype,
+                                        scaler_G=scalers[0], scaler_D=scalers[1], noise=(t, eps))
+            else:
+                loss, n = 0.0, cfg.grad_accum
+                for x_mb, c_mb, t_mb, e_mb in zip(x0.chunk(n), yoso.split_cond(cond, n), t.chunk(n), eps.chunk(n)):
                     l_mb = adaption_loss(G_ddp, frozen, x_mb, c_mb, teacher_sched, student(k), teacher_pred, amp,
                                          noise=(t_mb, e_mb))
-                    (scalers[0].scale(l_mb) if scalers[0] else l_mb).div(cfg.grad_accum).backward()
-                    loss += l_mb.item() / cfg.grad_accum
+                    (scalers[0].scale(l_mb) if scalers[0] else l_mb).div(n).backward()
+                    loss += l_mb.item() / n
                 grad_norm = yoso.optimizer_step(optimizers["G"], params, scalers[0], ycfg.grad_clip)
                 stats = dict(loss_adapt=loss, grad_norm_G=grad_norm, skipped=int(not math.isfinite(grad_norm)),
                              adapt_stage=1 if student(k) is teacher_sched else 2)
-            else:
-                stats = yoso.train_step(G_ddp, D_ddp, optimizers["G"], optimizers["D"], x0, cond, sched=sched,
-                                        cfg=ycfg, distance=yoso.latent_perceptual_distance(features), grad_accum=cfg.grad_accum,
-                                        amp_dtype=amp_dtype, scaler_G=scalers[0], scaler_D=scalers[1], noise=(t, eps))
             if not stats["skipped"]:
                 yoso.ema_update(ema, params, ycfg.ema_decay)    # EMA of the trained weights (adapters for LoRA)
             return stats
@@ -658,7 +602,7 @@ def train(cfg: T2IConfig, command: str) -> int:
                 grid = os.path.join(cfg.out, "samples", f"{phase}-{offset + k:06d}.png")
                 s_sched = student(k - 1)
                 with swapped(params, ema):
-                    sample_grid(grid, G, base.vae, sample_cond, noise, s_sched,
+                    sample_grid(grid, G, pipe.vae, sample_cond, noise, s_sched,
                                 replace(ycfg, zero_terminal_snr=s_sched is sched) if phase == "adapt" else ycfg, amp)
                 yoso.plot_metrics(os.path.join(cfg.out, "metrics.jsonl"))   # metrics.png beside it
 
@@ -683,7 +627,7 @@ def train(cfg: T2IConfig, command: str) -> int:
     if dist.main:
         # the exported weights: the EMA of the YOSO stage; after an adapt-only run, the adapted weights themselves
         with (swapped(params, ema) if cfg.stage != "adapt" else contextlib.nullcontext()):
-            export(cfg, base, model, ycfg, ipi, command, grid)
+            export(cfg, model, ycfg, ipi, command, grid)
         print(f"done: {step} steps, {guard.total} skipped; out {cfg.out}")
     return 0
 
@@ -692,20 +636,21 @@ def train(cfg: T2IConfig, command: str) -> int:
 # Sampling with diffusers, and the 1024 transplant (Sec. 4.4)
 # ==================================================================================================
 
-def load_run(out: str) -> dict:
-    path = os.path.join(out, "yoso_config.json")
+def load_run(out: str) -> tuple[dict, yoso.IPI | None]:
+    """A finished run's yoso_config.json, and its informative prior (ε-model without adaption) or None."""
+    path, ipi = os.path.join(out, "yoso_config.json"), os.path.join(out, "ipi.safetensors")
     if not os.path.isfile(path):
         raise yoso.UserError(f"{out}: not a finetune_t2i.py output folder (no yoso_config.json)")
-    return json.load(open(path))
+    return json.load(open(path)), yoso.IPI.from_state_dict(load_file(ipi)) if os.path.isfile(ipi) else None
 
 
 def sample_cli(out: str, prompts: list, steps: int, n: int, seed: int, precision: str | None = None) -> str:
     """One-step (or few-step) images with diffusers' PixArtAlphaPipeline + LCMScheduler, as a grid. precision:
     the weights' dtype; default bf16 on a GPU (half the memory: T5-XXL alone is ~19 GB in fp32), fp32 on CPU."""
     from diffusers import LCMScheduler, PixArtAlphaPipeline, PixArtTransformer2DModel
-    run = load_run(out)
+    run, ipi = load_run(out)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = {dtype_keyword(): DTYPES[precision or ("bf16" if device == "cuda" else "fp32")]}
+    dtype = {DTYPE_KW: DTYPES[precision or ("bf16" if device == "cuda" else "fp32")]}
     with loading(f"--sample {out}", run["base"]):
         pipe = PixArtAlphaPipeline.from_pretrained(
             run["base"], **dtype, transformer=PixArtTransformer2DModel.from_pretrained(os.path.join(out, "transformer"), **dtype),
@@ -713,8 +658,7 @@ def sample_cli(out: str, prompts: list, steps: int, n: int, seed: int, precision
     pipe.set_progress_bar_config(disable=True)                          # stdout / stderr: the grid's path, or errors
     size = pipe.transformer.config.sample_size
     latents = None
-    if os.path.isfile(os.path.join(out, "ipi.safetensors")):          # ε-model without adaption: informative prior
-        ipi = yoso.IPI.from_state_dict(load_file(os.path.join(out, "ipi.safetensors")))
+    if ipi is not None:
         if tuple(ipi.mean.shape[-2:]) != (size, size):                   # the pipeline would follow the latents' size
             raise yoso.UserError(f"{out}/ipi.safetensors holds a {'x'.join(map(str, ipi.mean.shape[-2:]))} prior but "
                                  f"the transformer samples {size}x{size} latents; it belongs to another resolution")
@@ -731,26 +675,21 @@ def sample_cli(out: str, prompts: list, steps: int, n: int, seed: int, precision
 
 
 def transplant(out: str, target: str) -> str:
-    """YOSO-target = target + (YOSO-512 − PixArt-512): with LoRA, the adapter merged into the target base."""
+    """YOSO-target = target + (YOSO-512 − PixArt-512), tensor by tensor (Sec. 4.4)."""
     from diffusers import PixArtTransformer2DModel
-    run = load_run(out)
-    target_path = resolve_base(target)
-    with loading(f"--base {target}", target_path):
+    run, ipi = load_run(out)
+    with loading(f"--base {target}", target) as target_path:
         tf = PixArtTransformer2DModel.from_pretrained(target_path, subfolder="transformer")
     dest = os.path.join(out, "transplant-" + os.path.basename(target_path.rstrip("/")))
-    if os.path.isdir(os.path.join(out, "adapter")):
-        from peft import PeftModel
-        tf = PeftModel.from_pretrained(tf, os.path.join(out, "adapter")).merge_and_unload()
-        kept = []
-    else:
-        source = PixArtTransformer2DModel.from_pretrained(run["base"], subfolder="transformer").state_dict()
-        tuned = load_file(os.path.join(out, "transformer", "diffusion_pytorch_model.safetensors"))
-        sd, kept = yoso.transplant_delta(tf.state_dict(), source, tuned)
-        tf.load_state_dict(sd)
+    # the run's transformer/ minus its base; with LoRA the adapter's merged delta (= merging it, to fp32 rounding)
+    source = PixArtTransformer2DModel.from_pretrained(run["base"], subfolder="transformer").state_dict()
+    tuned = load_file(os.path.join(out, "transformer", "diffusion_pytorch_model.safetensors"))
+    sd, kept = yoso.transplant_delta(tf.state_dict(), source, tuned)
+    tf.load_state_dict(sd)
     tf.save_pretrained(os.path.join(dest, "transformer"))
     shutil.copytree(os.path.join(out, "scheduler"), os.path.join(dest, "scheduler"), dirs_exist_ok=True)  # same schedule
-    if os.path.isfile(os.path.join(out, "ipi.safetensors")):            # ε-model without adaption: its prior
-        ipi, size = yoso.IPI.from_state_dict(load_file(os.path.join(out, "ipi.safetensors"))), tf.config.sample_size
+    if ipi is not None:                                                 # ε-model without adaption: its prior
+        size = tf.config.sample_size
         if (hw := list(ipi.mean.shape[-2:])) != [size, size]:
             # deviation: the paper estimates μ̂ on training latents at the sampling size; the 512 run's data is not
             # at hand here, so its μ̂ is upsampled. Latents are aligned with the image (8x down), so this is the mean
@@ -778,15 +717,13 @@ def parse_args(argv=None):
     src = p.add_mutually_exclusive_group()
     src.add_argument("--data", help="folder of images + metadata.jsonl ({\"file_name\", \"text\"} per line)")
     src.add_argument("--prompts", help="prompt file, one per line; the base's own samples become the data")
-    p.add_argument("--cache", help="folder for precomputed latents and T5 embeddings, built once (default: none, "
-                                   "encode every batch)")
-    p.add_argument("--out", default=T2IConfig.out, help="run folder: checkpoints, metrics.jsonl, samples/, adapter/, "
-                                                        f"transformer/, scheduler/ (default {T2IConfig.out})")
-    p.add_argument("--stage", choices=("adapt", "yoso", "all"), default=T2IConfig.stage,
+    p.add_argument("--cache", help="precompute latents and T5 embeddings into this folder once (default: none)")
+    p.add_argument("--out", help=f"run folder: checkpoints, metrics, samples, the result (default {T2IConfig.out})")
+    p.add_argument("--stage", choices=("adapt", "yoso", "all"),
                    help="adapt: quick adaption only; yoso: the YOSO stage only (on an ε base: no adaption, sampled "
                         "from the informative prior); all: adapt then yoso (default all)")
     p.add_argument("--lora-rank", type=int, help=f"LoRA rank (default {T2IConfig.lora_rank})")
-    p.add_argument("--full", action="store_true", help="full fine-tuning instead of LoRA (default: LoRA)")
+    p.add_argument("--full", dest="lora_rank", action="store_const", const=0, help="full fine-tuning (default: LoRA)")
     p.add_argument("--precision", choices=tuple(DTYPES),
                    help=f"autocast dtype; trained weights stay fp32, fp16 adds a GradScaler (default "
                         f"{T2IConfig.precision}); for --sample the weights' dtype (default bf16 on a GPU, fp32 on CPU)")
@@ -794,13 +731,13 @@ def parse_args(argv=None):
                    help="named settings that --set can override: smoke (a few steps of everything on a tiny "
                         "pipeline, on a CPU), cifar-teacher (the CIFAR-10 teacher of notebooks/teacher_cifar.py, "
                         "~15 min on one CPU core) (default: none, the paper's run)")
-    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    p.add_argument("--resume", action="store_true", default=None, help="continue from the newest checkpoint in --out")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a T2IConfig field (yoso.KEY for a YOSOConfig one), e.g. --set yoso_steps=2000 "
                         "(repeatable; default: none)")
     p.add_argument("--sample", metavar="OUT", help="write a grid from a finished run's folder")
-    p.add_argument("--prompt", action="append", help=f"prompt for --sample, repeatable (default "
-                                                     f"{T2IConfig.sample_prompts[0]!r})")
+    p.add_argument("--prompt", action="append",
+                   help=f"--sample's prompt, repeatable (default {T2IConfig.sample_prompts[0]!r})")
     p.add_argument("--steps", type=int, default=1, help="sampling steps for --sample (default 1: one step)")
     p.add_argument("--transplant", metavar="OUT", help="add the run's 512 delta to --base (Sec. 4.4)")
     return p.parse_args(argv)
@@ -810,11 +747,10 @@ def config_from_args(a) -> T2IConfig:
     """Preset deltas, then the flags, then --set overrides -> a validated T2IConfig (UserError if impossible)."""
     preset = dict(PRESETS.get(a.preset, {}))
     ydelta = preset.pop("yoso", {})
+    flags = {f.name: getattr(a, f.name) for f in dataclasses.fields(T2IConfig) if getattr(a, f.name, None) is not None}
     try:
-        cfg = T2IConfig(**preset)
-        cfg = replace(cfg, yoso=replace(cfg.yoso, **ydelta), base=a.base or cfg.base, data=a.data, prompts=a.prompts,
-                      cache=a.cache, out=a.out, stage=a.stage, resume=a.resume, precision=a.precision or cfg.precision,
-                      lora_rank=0 if a.full else (a.lora_rank or cfg.lora_rank))
+        cfg = T2IConfig(**preset | flags)
+        cfg = replace(cfg, yoso=replace(cfg.yoso, **ydelta))
     except ValueError as e:
         raise yoso.UserError(f"impossible settings: {e}") from None
     return yoso.apply_overrides(cfg, a.set)
@@ -834,7 +770,6 @@ def main(argv=None) -> int:
         cfg = config_from_args(a)
         if not (cfg.data or cfg.prompts):
             raise yoso.UserError("give --data DIR or --prompts FILE")
-        resolve_base(cfg.base)
         return train(cfg, command)
     return yoso.run_cli(body)
 

@@ -76,10 +76,8 @@ def smoke_config(base, **kw):
 
 
 def tiny_inputs(build_out, B=2, seed=0):
-    base = build_out[0]
-    enc = ft.Encoder(base, build_out[3], smoke_config("x"), torch.device("cpu"), lambda: torch.autocast("cpu", enabled=False))
     g = torch.Generator().manual_seed(seed)
-    return torch.randn(B, 4, 8, 8, generator=g), enc.text(["a red house", "a blue car"][:B])
+    return torch.randn(B, 4, 8, 8, generator=g), ft.text_cond(build_out[0], ["a red house", "a blue car"][:B], 16)
 
 
 # --- a full run ------------------------------------------------------------------------------------
@@ -99,7 +97,7 @@ def test_both_stages_finish_with_finite_losses(lora_run):
         assert os.path.isfile(os.path.join(lora_run, name)), name
     card = open(os.path.join(lora_run, "README.md")).read()
     assert "--preset smoke" in card and "![samples](samples/yoso-" in card
-    assert f"{ft.dtype_keyword()}=dtype" in card and ".to(device)" in card and "clean_caption=False" in card
+    assert f"{ft.DTYPE_KW}=dtype" in card and ".to(device)" in card and "clean_caption=False" in card
     # a real run's setting: the recompute of checkpointed blocks in backward (issue 15: it crashed with LoRA)
     assert json.load(open(os.path.join(lora_run, "yoso_config.json")))["settings"]["grad_checkpointing"] is True
     assert not os.path.exists(os.path.join(lora_run, "ipi.safetensors"))               # adapted: pure noise
@@ -166,7 +164,7 @@ def one_yoso_step(cfg):
     _, model, D, frozen, _, _ = out
     before = {"G": snapshot(model), "D": snapshot(D), "frozen": snapshot(frozen.transformer)}
     x0, cond = tiny_inputs(out)
-    ycfg = ft.schedule_config(cfg.yoso, out[0].scheduler_config, adapted=True)
+    ycfg = ft.schedule_config(cfg.yoso, out[0].scheduler.config, adapted=True)
     G = ft.PixArtDenoiser(model)
     opt_G, opt_D = yoso.make_optimizers(G, D, ycfg)
     torch.manual_seed(0)
@@ -256,6 +254,27 @@ def test_latent_perceptual_loss_zero_for_identical_and_grad_to_first_argument_on
         plain = ft.load_base(base).transformer
         ref = ft.pixart_trunk(plain, a, t0, cond, plain.transformer_blocks[:2])
     torch.testing.assert_close(features(a.detach(), cond), ref)
+
+
+def test_prompts_data_are_the_frozen_bases_own_samples(base):
+    # --prompts: x_0 of item i is the base's DPM-Solver++ sample with CFG from noise seeded by i, adapters off
+    cfg = smoke_config(base, teacher_guidance=3.0)
+    pipe, _, _, frozen, params, _ = ft.build(cfg, torch.device("cpu"))
+    for p in params:                                         # adapters that would change every sample if on
+        p.data.normal_(0, 0.5)
+    prompts = ["a red house", "a blue car", "a small green bird"]
+    data = ft.Items([(None, p) for p in prompts], pipe, frozen, cfg, torch.device("cpu"),
+                    lambda: torch.autocast("cpu", enabled=False))
+    x0, _ = data.get([0, 1, 2])
+    torch.testing.assert_close(data.get([2])[0][0], x0[2])  # the same sample in any batch
+    from diffusers import DPMSolverMultistepScheduler
+    plain = ft.load_base(base)
+    plain.scheduler = DPMSolverMultistepScheduler.from_config(plain.scheduler.config)
+    noise = torch.stack([torch.randn(4, 8, 8, generator=torch.Generator().manual_seed(i)) for i in range(3)])
+    ref = plain(prompts, latents=noise, num_inference_steps=cfg.teacher_steps, guidance_scale=3.0, height=16, width=16,
+                use_resolution_binning=False, clean_caption=False, max_sequence_length=cfg.max_tokens,
+                output_type="latent").images
+    torch.testing.assert_close(x0, ref)
 
 
 # --- transplant -------------------------------------------------------------------------------------
