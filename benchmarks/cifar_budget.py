@@ -7,8 +7,8 @@
 Train stage: every configuration runs `train_cifar.py --preset cpu` networks with `minutes` of wall-clock
 budget and a kept checkpoint every `ckpt_minutes` (elapsed time counts the training loop only, not imports
 or decoding). Dump stage: 1,000 one-step EMA samples per kept checkpoint (the same noise for all), 5,000 for
-the paper preset's last. Pack stage (runs whatever failed before): at most two files OUTDIR/cifar_budget-{1,2}.tar,
-each <= 16 MiB; samples travel as lossless WebP mosaics, most important first (the metrics, plots and grids,
+the paper preset's last. Pack stage (runs whatever failed before): at most two files OUTDIR/cifar_budget-{1,2}.tar
+(four with --cpu), each <= 16 MiB; samples travel as lossless WebP mosaics, most important first (the metrics, plots and grids,
 the paper's 5k, each configuration's last mark, then earlier marks), and manifest.json lists what did not fit.
 Data: $YOSO_CIFAR_ZIP (ImageFolder zip with train/ and test/), default ../shared/data/cifar10-jpeg.zip.
 """
@@ -117,7 +117,7 @@ def dump(run_dir: str, n: int, last_only: bool) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------
-# Pack: at most two files, each <= 16 MiB
+# Pack: at most two files (a GPU machine returns 8; --cpu: 4), each <= 16 MiB
 # ----------------------------------------------------------------------------------------------------
 
 def mosaic_bytes(x: np.ndarray) -> tuple[bytes, str]:
@@ -138,8 +138,9 @@ def mosaic_bytes(x: np.ndarray) -> tuple[bytes, str]:
         return buf.getvalue(), "png"
 
 
-def pack(work: str, outdir: str) -> list:
-    """Greedy by priority into at most two tars; returns their paths. Never raises on a missing piece."""
+def pack(work: str, outdir: str, files: int = 2) -> list:
+    """Greedy by priority into at most `files` tars (2 come back from a GPU machine; the CPU hour keeps all);
+    returns their paths. Never raises on a missing piece."""
     items = []                                                  # (priority, arcname, bytes)
     for run in sorted(d for d in os.listdir(work) if os.path.isdir(os.path.join(work, d))):
         rd = os.path.join(work, run)
@@ -160,10 +161,10 @@ def pack(work: str, outdir: str) -> list:
             prio = 1 if i == len(npzs) - 1 else 2 if i == 0 else 3 + (len(npzs) - i)
             stem = f"{run}/samples/{os.path.basename(path)[:-4]}"
             items += [(prio, f"{stem}.{ext}", data), (prio, f"{stem}.json", head)]
-    bins, left_out = [[], []], []
+    bins, left_out = [[] for _ in range(files)], []
     for prio, name, data in sorted(items, key=lambda it: it[0]):
         room = [CAP - sum(len(d) + 1024 for _, d in b) for b in bins]
-        k = 0 if room[0] >= len(data) + 1024 else 1 if room[1] >= len(data) + 1024 else None
+        k = next((k for k, r in enumerate(room) if r >= len(data) + 1024), None)
         if k is None:
             left_out.append(name)
         else:
@@ -237,7 +238,7 @@ def run(outdir: str, dry: bool, with_paper: bool, work: str, minutes=None, ckpt_
                 p.wait()
         with open(os.path.join(work, "status.json"), "w") as f:
             json.dump(status, f)
-        paths = pack(work, outdir)
+        paths = pack(work, outdir, 4 if cpu else 2)
     log(f"done; dump exit codes {status}; files: {paths}")
     return 0 if paths and all(v == 0 for v in status.values()) else 1
 
@@ -336,7 +337,7 @@ def plot_curves(table: dict, png: str) -> None:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=__doc__.split("\n", 1)[1])
-    p.add_argument("outdir", nargs="?", help="where the (at most 2) packed files go / are read from")
+    p.add_argument("outdir", nargs="?", help="where the (at most 2; --cpu 4) packed files go / are read from")
     p.add_argument("--dry", action="store_true", help="CPU, tiny nets, ~20 s budgets, 50 samples")
     p.add_argument("--cpu", action="store_true", help="the CPU hour: cpu preset, 1 thread per run, all 4 at once, 60 min, marks every 15")
     p.add_argument("--with-paper", action="store_true", help="also train the paper preset for the budget (5k samples)")
