@@ -29,6 +29,7 @@ import shlex
 import shutil
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -131,8 +132,11 @@ def loading(what: str, name: str):
         raise yoso.UserError(f"{what}: {path} is a folder but not a diffusers pipeline (no model_index.json)")
     diffusers_logging.disable_progress_bar()
     transformers_logging.disable_progress_bar()
+    logging.getLogger("huggingface_hub").setLevel(logging.ERROR)   # offline, its HEAD retries print before our line
     try:
-        yield path
+        with warnings.catch_warnings():                             # and its deprecation notes: one line, ours
+            warnings.simplefilter("ignore")
+            yield path
     except Exception as e:
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise yoso.UserError(f"{what}: cannot load a PixArt-α diffusers pipeline from {path!r} ({reason[:200]})") from None

@@ -594,3 +594,16 @@ def test_the_adaption_optimiser_is_gone_before_the_yoso_stage(base, data, tmp_pa
             "--set", "adapt_steps=2", "--set", "yoso_steps=2", "--set", "ckpt_every=100", "--set", "sample_every=100"]
     assert ft.main(argv) == 0
     assert alive == [2, 2]
+
+
+def test_a_base_the_hub_cannot_give_is_one_line_on_stderr(data, tmp_path):
+    # a real user's first run offline: huggingface_hub's retry warnings and deprecation notes must not come
+    # before (or instead of) our one line; the warnings filter is the user's default, not the suite's "ignore"
+    env = {k: v for k, v in ENV.items() if k != "PYTHONWARNINGS"}
+    r = subprocess.run([sys.executable, SCRIPT, "--base", "PixArt-alpha", "--data", data, "--preset", "smoke",
+                        "--out", tmp_path / "o"],
+                       capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines() == [r.stderr.strip()], r.stderr
+    assert r.stderr.startswith("error: --base PixArt-alpha: cannot load a PixArt-α diffusers pipeline")
+    assert not (tmp_path / "o").exists()
