@@ -11,7 +11,7 @@
         generate    (optional) every eval row's images to out/samples/*.npz, e.g. on a GPU (--device)
         eval        FID (offline Inception) and adherence for teacher rows and for --student runs; reads the
                     images of --stage generate where present, else generates them on --device
-        figure      notebooks/results/teacher_rows.png: 20 samples of each --rows name, one strip a row
+        figure      notebooks/results/teacher[_TAG]_rows.png: 20 samples of each --rows name, one strip a row
         pack        logs, students' small files and every out/samples/*.npz (xz) into <= 3 tar files of <= 15.5 MiB
         unpack      those tar files back into out (samples/*.npz, logs/, students/)
         table       the 3-route x 3-seed table of a --tag's results, with the "far closer" verdict per seed
@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import time
 import zipfile
@@ -407,6 +408,9 @@ def evaluate(a):
     for name, row in sorted(rows.items(), key=lambda kv: kv[0] != "teacher_20step"):   # teacher-20 first
         key = name if a.n == 200 else f"{name}@n{a.n}"          # N = 200 rows keep their names from the first eval
         if a.skip_done and key in results and os.path.isfile(t20):
+            if "tiling" not in results[key] and os.path.isfile(samples_path(a, name)):   # added later: images suffice
+                results[key]["tiling"] = tiling(torch.from_numpy(np.load(samples_path(a, name))["images"]))
+                json.dump(results, open(path, "w"), indent=1)
             continue
         t0 = time.time()
         if name in ("real", "real_vae"):
@@ -428,7 +432,7 @@ def evaluate(a):
         to_teacher = train_cifar.frechet_distance(mu, sig, np.load(t20)["mu"], np.load(t20)["sigma"]) \
             if os.path.isfile(t20) else None
         results[key] = dict(fid=train_cifar.frechet_distance(mu, sig, mu_r, sig_r), fid_to_teacher20=to_teacher,
-                            adherence=acc, n=a.n, n_ref=a.n_ref, steps=row["steps"], cfg=row.get("cfg", 1.0),
+                            adherence=acc, tiling=tiling(imgs), n=a.n, n_ref=a.n_ref, steps=row["steps"], cfg=row.get("cfg", 1.0),
                             model=row.get("student", "teacher"),
                             gen_seconds=round(t_gen, 1), eval_seconds=round(time.time() - t0, 1))
         print(key, results[key], flush=True)
@@ -436,6 +440,15 @@ def evaluate(a):
         png = f"{name}.png" if name.startswith("teacher") or a.tag else f"teacher_{name}.png"
         save_image(grid.float() / 255, os.path.join(grids, png), nrow=4)
         json.dump(results, open(path, "w"), indent=1)
+
+
+def tiling(imgs: torch.Tensor) -> float:
+    """How alike the 16 blocks of 8x8 pixels of an image are — one block per latent token (8x8 latents, patch 2) —
+    as the mean cosine similarity of the blocks' patterns (each minus its own mean) over all pairs and images:
+    0.11 for the 20-step teacher; a student that repeats one pattern in every token comes near 1."""
+    x = imgs.float().reshape(len(imgs), 3, 4, 8, 4, 8).permute(0, 2, 4, 1, 3, 5).reshape(len(imgs), 16, -1)
+    x = F.normalize(x - x.mean(2, keepdim=True), dim=2)
+    return (x @ x.transpose(1, 2))[:, ~torch.eye(16, dtype=torch.bool)].mean().item()
 
 
 @torch.no_grad()
@@ -463,7 +476,7 @@ def figure(a):
         ax.set_ylabel(label or name.replace("_", " "), rotation=0, ha="right", va="center", fontsize=8)
     fig.suptitle("2 samples per class, classes " + ", ".join(CLASSES), fontsize=8)
     fig.tight_layout()
-    path = os.path.join(ROOT, "notebooks", "results", "teacher_rows.png")
+    path = os.path.join(ROOT, "notebooks", "results", f"teacher{'_' + a.tag if a.tag else ''}_rows.png")
     fig.savefig(path, dpi=100)
     print(path)
 
@@ -572,8 +585,8 @@ def table(a):
     get = lambda name: res.get(name if a.n == 200 else f"{name}@n{a.n}")
     fmt = lambda v, f="{:6.1f}": (f.format(v) if v is not None else "     -")
     line = lambda label, r: print(f"{label:34s} {fmt(r and r['fid'])} {fmt(r and r['fid_to_teacher20'])} "
-                                  f"{fmt(r and 100 * r['adherence'], '{:5.1f}%')}")
-    print(f"{'row (N = ' + str(a.n) + ')':34s} {'FID':>6s} {'to T20':>6s} {'adher.':>6s}")
+                                  f"{fmt(r and 100 * r['adherence'], '{:5.1f}%')} {fmt(r and r.get('tiling'), '{:6.2f}')}")
+    print(f"{'row (N = ' + str(a.n) + ')':34s} {'FID':>6s} {'to T20':>6s} {'adher.':>6s} {'tiling':>6s}")
     for name in ("real", "real_vae", "teacher_20step", "teacher_20step_seed2", "teacher_4step", "teacher_2step",
                  "teacher_1step") + tuple(sorted(k.split("@")[0] for k in res if "_cfg" in k and k.startswith("teacher"))):
         if get(name):
@@ -587,13 +600,13 @@ def table(a):
     verdict = {}
     for route, what in ROUTES + tuple((s, "ablation") for s in students if s.startswith("abl-")):
         print(f"-- {route}: {what}")
-        for name in [s for s in students if s == route or s.startswith(route + "_s")]:
-            for k in (1, 2):
-                r = get(f"{name}_{k}step")
+        for name in [s for s in students if s == route or re.fullmatch(rf"{route}_s\d+", s)]:
+            for k in ("1", "2", "ddim20"):
+                r = get(f"{name}_{k}step" if k.isdigit() else f"{name}_{k}")
                 if r:
                     far = bar is not None and r["fid_to_teacher20"] <= bar
-                    line(f"  {name} {k}-step" + ("  far closer" if far else ""), r)
-                    if k == 1:
+                    line(f"  {name} {k}{'-step' if k.isdigit() else ''}" + ("  far closer" if far else ""), r)
+                    if k == "1":
                         verdict.setdefault(route, []).append(far)
     for route, v in verdict.items():
         print(f"{route}: far closer in {sum(v)} of {len(v)} seeds (1 step)")
