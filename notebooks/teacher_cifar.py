@@ -432,8 +432,8 @@ def evaluate(a):
         to_teacher = train_cifar.frechet_distance(mu, sig, np.load(t20)["mu"], np.load(t20)["sigma"]) \
             if os.path.isfile(t20) else None
         results[key] = dict(fid=train_cifar.frechet_distance(mu, sig, mu_r, sig_r), fid_to_teacher20=to_teacher,
-                            adherence=acc, tiling=tiling(imgs), n=a.n, n_ref=a.n_ref, steps=row["steps"], cfg=row.get("cfg", 1.0),
-                            model=row.get("student", "teacher"),
+                            adherence=acc, tiling=tiling(imgs), n=a.n, n_ref=a.n_ref, steps=row["steps"],
+                            cfg=row.get("cfg", 1.0), model=row.get("student", "teacher"),
                             gen_seconds=round(t_gen, 1), eval_seconds=round(time.time() - t0, 1))
         print(key, results[key], flush=True)
         grid = torch.cat([imgs[labels == c][:4] for c in range(10)])          # 4 per class, one class per row

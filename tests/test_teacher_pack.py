@@ -1,10 +1,12 @@
-"""notebooks/teacher_cifar.py's pack / unpack: a GPU run's eval images come back bit-exact, in at most N capped files."""
+"""notebooks/teacher_cifar.py's pack / unpack: a GPU run's eval images come back bit-exact, in at most N capped files;
+and its tiling measure of the students' one-pattern-per-token failure."""
 import argparse
 import json
 import os
 import sys
 
 import numpy as np
+import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "notebooks"))
 import teacher_cifar  # noqa: E402
@@ -39,3 +41,13 @@ def test_pack_round_trip_caps_files_and_keeps_priority(tmp_path, monkeypatch):
     assert (back / "logs" / "status.txt").read_text() == "done\n"
     assert (back / "students" / "paper_s0" / "metrics.jsonl").is_file()
     assert not (back / "students" / "paper_s0" / "transformer").exists()
+
+
+def test_tiling_is_one_for_a_pattern_repeated_in_every_token_and_near_zero_for_noise():
+    g = torch.Generator().manual_seed(0)
+    block = torch.randint(0, 256, (8, 3, 8, 8), generator=g, dtype=torch.uint8)      # one 8x8 pattern per image
+    tiled = block.repeat(1, 1, 4, 4)                                                  # ... in all 16 token blocks
+    tiled = (tiled.int() + torch.randint(0, 256, (8, 3, 1, 1), generator=g)).clamp(0, 255)   # per-image shift: same
+    noise = torch.randint(0, 256, (8, 3, 32, 32), generator=g, dtype=torch.uint8)
+    assert abs(teacher_cifar.tiling(tiled.to(torch.uint8)) - 1) < 0.05
+    assert abs(teacher_cifar.tiling(noise)) < 0.05
