@@ -290,6 +290,8 @@ def read_items(cfg: T2IConfig) -> tuple[list, int]:
             raise yoso.UserError(f"--prompts {cfg.prompts}: no prompts")
         return items, 0
     meta, items = os.path.join(cfg.data, "metadata.jsonl"), []
+    if not os.path.isdir(cfg.data):
+        raise yoso.UserError(f"--data {cfg.data}: no such folder (an image folder with a metadata.jsonl)")
     if not os.path.isfile(meta):
         raise yoso.UserError(f"--data {cfg.data}: no metadata.jsonl (one {{\"file_name\": ..., \"text\": ...}} per line)")
     for n, line in enumerate(open(meta), 1):

@@ -568,6 +568,8 @@ def test_bad_settings_and_inputs_are_one_clear_error(base, data, tmp_path, capsy
     (corrupt / "0.png").write_bytes(b"\x89PNG garbage")
     (corrupt / "metadata.jsonl").write_text('{"file_name": "0.png", "text": "a red house"}\n')
     assert_main_error(capsys, ["--base", base, "--data", corrupt, "--preset", "smoke"], "all 1 images are corrupt")
+    assert_main_error(capsys, ["--base", base, "--data", tmp_path / "none", "--preset", "smoke"], "no such folder")
+    assert_main_error(capsys, ["--base", base, "--data", tmp_path, "--preset", "smoke"], "no metadata.jsonl")
     # a 2-process launch with batch 3: caught before any process group is set up
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert_main_error(capsys, [*run, "--set", "batch_size=3"], "not divisible by 2 processes")
