@@ -132,7 +132,9 @@ def loading(what: str, name: str):
         raise yoso.UserError(f"{what}: {path} is a folder but not a diffusers pipeline (no model_index.json)")
     diffusers_logging.disable_progress_bar()
     transformers_logging.disable_progress_bar()
-    logging.getLogger("huggingface_hub").setLevel(logging.ERROR)   # offline, its HEAD retries print before our line
+    hub_log = logging.getLogger("huggingface_hub")
+    level = hub_log.level
+    hub_log.setLevel(logging.ERROR)                                 # offline, its HEAD retries print before our line
     try:
         with warnings.catch_warnings():                             # and its deprecation notes: one line, ours
             warnings.simplefilter("ignore")
@@ -140,6 +142,8 @@ def loading(what: str, name: str):
     except Exception as e:
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise yoso.UserError(f"{what}: cannot load a PixArt-α diffusers pipeline from {path!r} ({reason[:200]})") from None
+    finally:
+        hub_log.setLevel(level)                                     # only while loading
 
 
 def load_base(name: str, dtype=torch.float32):

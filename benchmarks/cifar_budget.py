@@ -117,7 +117,7 @@ def dump(run_dir: str, n: int, last_only: bool) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------
-# Pack: at most two files (a GPU machine returns 8; --cpu: 4), each <= 16 MiB
+# Pack: at most `files` files (2 for a GPU machine's return; the CPU hour: 4), each <= 16 MiB
 # ----------------------------------------------------------------------------------------------------
 
 def mosaic_bytes(x: np.ndarray) -> tuple[bytes, str]:
