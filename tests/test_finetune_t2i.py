@@ -48,8 +48,10 @@ def free_port():
         return s.getsockname()[1]
 
 
-def metrics(out):
-    return [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+def metrics(out, training: bool = True):
+    """metrics.jsonl's training lines (or, training=False, every line: the collapse figures of each grid too)."""
+    rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+    return [r for r in rows if "skipped" in r] if training else rows
 
 
 @pytest.fixture(scope="session")
@@ -83,7 +85,11 @@ def tiny_inputs(build_out, B=2, seed=0):
 # --- a full run ------------------------------------------------------------------------------------
 
 def test_both_stages_finish_with_finite_losses(lora_run):
-    rows = metrics(lora_run)
+    rows = metrics(lora_run, training=False)
+    collapse = [r for r in rows if "diversity" in r]            # logged with every grid: the collapse figures
+    assert {r["phase"] for r in collapse} == {"adapt", "yoso"} and os.path.isfile(os.path.join(lora_run, "metrics.png"))
+    assert all(r["diversity"] >= 0 and -1 <= r["tiling"] <= 1 for r in collapse)
+    rows = [r for r in rows if "skipped" in r]                  # the training lines
     assert {r["phase"] for r in rows} == {"adapt", "yoso"}
     assert {r["adapt_stage"] for r in rows if r["phase"] == "adapt"} == {1, 2}      # Stage I then Stage II
     for r in rows:

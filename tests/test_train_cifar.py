@@ -58,6 +58,8 @@ def assert_smoke_run(run, steps):
     for m in rows:
         for k in ("loss_D", "D_real", "D_fake", "L_adv", "L_con", "L_rec", "loss_G", "grad_norm_G", "grad_norm_D", "it_s"):
             assert np.isfinite(m[k]), (k, m)
+    collapse = [m for m in read_metrics(run) if "diversity" in m]       # with every grid: Inception diversity
+    assert collapse and collapse[-1]["step"] == steps and all(m["diversity"] > 0 for m in collapse)
         assert m["skipped"] == 0
     from PIL import Image
     grid = Image.open(os.path.join(run, f"samples-{steps:08d}.png"))

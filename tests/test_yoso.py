@@ -9,6 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import yoso
+import reference
 from reference import literal_weights, naive_train_step
 
 
@@ -30,7 +31,7 @@ class TinyG(nn.Module):
 def setup(seed=0, **cfg_kw):
     torch.manual_seed(seed)
     cfg = yoso.YOSOConfig(**cfg_kw)
-    G, D = TinyG(), yoso.Discriminator(3, (16, 32), emb_dim=32)
+    G, D = TinyG(), yoso.Discriminator(3, (16, 32), emb_dim=32, resolution=16)
     return cfg, yoso.NoiseSchedule.from_config(cfg), G, D
 
 
@@ -186,16 +187,114 @@ def test_latent_perceptual_distance_zero_and_gradient_route():
 # ---------------------------------------------------------------------------------------- discriminators
 
 def test_discriminators_shapes_and_head_on_tokens():
-    D = yoso.Discriminator(4, (16, 32), emb_dim=32)
+    D = yoso.Discriminator(4, (16, 32), emb_dim=32, resolution=16)
     assert D(torch.randn(3, 4, 16, 16), torch.tensor([0, 10, 999])).shape == (3,)
-    head = yoso.DiscriminatorHead(64)
-    tokens = torch.randn(2, 10, 64)
+    head = yoso.DiscriminatorHead(64, grid=9)
+    tokens = torch.randn(2, 9, 64)
     assert head(tokens).shape == (2,)
-    # the head is permutation-invariant over positions (attention pooling over a set)
-    torch.testing.assert_close(head(tokens), head(tokens[:, torch.randperm(10)]), rtol=1e-5, atol=1e-5)
     # a (B, C, H, W) map and its (B, N, C) token view give the same logits
     fmap = torch.randn(2, 64, 3, 3)
     torch.testing.assert_close(head(fmap), head(fmap.flatten(2).transpose(1, 2)))
+
+
+def test_head_knows_where_a_token_is():
+    """The released head's learned position embedding: moving the tokens changes the logit (the head without
+    one moved it by 4.7e-9, so it scored one token copied everywhere as well as a picture)."""
+    torch.manual_seed(0)
+    head = yoso.DiscriminatorHead(64, grid=16)
+    tokens = torch.randn(4, 16, 64)
+    moved = lambda: (head(tokens) - head(tokens[:, torch.randperm(16)])).abs().min().item()
+    assert moved() > 1e-5                                       # at initialisation, logits ~0.03
+    with torch.no_grad():
+        head.pos.zero_()
+    assert moved() < 1e-7                                       # it is the position embedding that tells
+
+
+@pytest.mark.parametrize("channels,side,tokens", [(1280, 8, False), (1152, 32, True)])
+def test_head_equals_a_literal_transcription_of_the_released_head(channels, side, tokens):
+    """SD-1.5's released D head (1280 channels, 8x8, 16-channel heads, out 512) and PixArt-α-512's token layout
+    (1152 wide, 32x32 tokens): same weights in, same logit out, against tests/reference.ReleasedHead."""
+    torch.manual_seed(0)
+    ref = reference.ReleasedHead(channels, side)
+    ours = yoso.DiscriminatorHead(channels, grid=side * side)
+    with torch.no_grad():
+        ref.fc.weight.mul_(30)                                  # logits of order 1, so 1e-6 is a tight bound
+        ours.norm.load_state_dict(ref.norm.state_dict())
+        ours.pos.copy_(ref.positional_embedding.T)             # released: (C, N + 1); ours: (N + 1, C)
+        ours.qkv.weight.copy_(ref.qkv_proj.weight[:, :, 0])    # a 1x1 Conv1d is a Linear
+        ours.qkv.bias.copy_(ref.qkv_proj.bias)
+        ours.proj.weight.copy_(ref.c_proj.weight[:, :, 0])
+        ours.proj.bias.copy_(ref.c_proj.bias)
+        ours.fc.load_state_dict(ref.fc.state_dict())
+    x = torch.randn(2, channels, side, side) * 3
+    got = ours(x.flatten(2).transpose(1, 2) if tokens else x)
+    want = ref(x).squeeze(1)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+    assert ours.heads == channels // 16 and want.abs().max() > 0.1
+
+
+def test_head_interpolates_its_position_embedding_to_another_square_grid(capsys):
+    head = yoso.DiscriminatorHead(32, grid=16)
+    assert head(torch.randn(2, 64, 32)).shape == (2,)          # 4x4 -> 8x8
+    head(torch.randn(2, 64, 32))
+    assert capsys.readouterr().err.count("interpolated from a 4x4 to a 8x8") == 1   # said once
+    torch.testing.assert_close(head.positions(16), head.pos)
+    with pytest.raises(ValueError, match="square"):
+        head(torch.randn(2, 12, 32))
+
+
+def test_minibatch_std_feature():
+    h = torch.randn(1, 8, 4, 4).expand(8, 8, 4, 4)             # 8 identical samples
+    out = yoso.minibatch_std(h, 4)
+    assert out.shape == (8, 9, 4, 4) and torch.equal(out[:, :8], h)
+    assert out[:, 8].abs().max() < 1e-3                         # std of copies: 0 (+ the 1e-8 under the root)
+    x = torch.randn(8, 8, 4, 4)                                 # groups i, i + 2, i + 4, i + 6 (StyleGAN's)
+    out = yoso.minibatch_std(x, 4)[:, 8, 0, 0]
+    expect = torch.stack([x[i::2].std(0, unbiased=False).mean() for i in range(2)])
+    torch.testing.assert_close(out, expect.repeat(4), rtol=1e-4, atol=1e-6)
+    D = yoso.Discriminator(3, (16, 32), emb_dim=32, resolution=16, mbstd_group=4)
+    assert D(torch.randn(8, 3, 16, 16), torch.arange(8)).shape == (8,)
+
+
+def test_r1_penalty_is_half_gamma_squared_input_gradient_norm():
+    torch.manual_seed(0)
+    D = yoso.Discriminator(3, (16, 32), emb_dim=32, resolution=16)
+    x, t = torch.randn(4, 3, 16, 16, requires_grad=True), torch.tensor([0, 100, 500, 999])
+    got = yoso.r1_penalty(D(x, t), x, gamma=0.02)
+    for i in range(4):                                          # plainly, one sample at a time
+        xi = x[i:i + 1].detach().requires_grad_(True)
+        (g,) = torch.autograd.grad(D(xi, t[i:i + 1]).sum(), xi)
+        torch.testing.assert_close(got[i], 0.01 * g.pow(2).sum(), rtol=1e-4, atol=1e-10)
+    got.mean().backward()                                       # create_graph: D's weights get R1's gradient
+    assert D.stem.weight.grad.abs().sum() > 0 and D.head.qkv.weight.grad.abs().sum() > 0
+
+
+def test_lazy_r1_runs_every_kth_step_and_lr_D_is_separate():
+    cfg, sched, G, D = setup(r1_gamma=0.02, r1_every=3, lr_D=1e-3, lr=1e-4)
+    opt_G, opt_D = yoso.make_optimizers(G, D, cfg)
+    assert opt_G.param_groups[0]["lr"] == 1e-4 and opt_D.param_groups[0]["lr"] == 1e-3
+    x0 = torch.randn(4, 3, 16, 16)
+    r1 = [yoso.train_step(G, D, opt_G, opt_D, x0, sched=sched, cfg=cfg, step=s)["R1"] for s in range(4)]
+    assert r1[0] > 0 and r1[3] > 0 and r1[1] == r1[2] == 0
+    assert "R1" not in yoso.train_step(G, D, opt_G, opt_D, x0, sched=sched, cfg=setup()[0])
+    assert yoso.d_lr(yoso.YOSOConfig(lr=3e-4)) == 3e-4          # unset: the released one lr
+
+
+def test_collapse_figures():
+    torch.manual_seed(0)
+    one = torch.rand(1, 3, 32, 32).expand(16, 3, 32, 32)
+    assert yoso.feature_diversity(one.reshape(16, -1)) == 0.0  # copies of one image: 0
+    tile = torch.randn(3, 3, 8, 8)
+    tiled = tile.repeat(1, 1, 4, 4)                             # one 8x8 pattern in all 16 tokens of a 32x32 image
+    assert yoso.token_tiling(tiled, 8) > 0.99
+    assert abs(yoso.token_tiling(torch.randn(3, 3, 32, 32), 8)) < 0.05
+    # the meter: a second set of real images ~1, copies 0 (a stand-in feature net keeps this test fast)
+    real = torch.rand(64, 3, 32, 32) * 2 - 1
+    meter = yoso.CollapseMeter.__new__(yoso.CollapseMeter)
+    meter.block, meter.features = 8, lambda u8: u8.float().flatten(1)
+    meter.real = yoso.feature_diversity(meter.features(yoso.to_uint8(real)))
+    assert abs(meter(torch.rand(64, 3, 32, 32) * 2 - 1)["diversity"] - 1) < 0.02
+    assert meter(one * 2 - 1)["diversity"] == 0.0 and meter(tiled[:1].expand(4, 3, 32, 32))["tiling"] > 0.99
 
 
 # ---------------------------------------------------------------------------------------- train step
@@ -491,7 +590,7 @@ def test_checkpoint_roundtrip_atomic_and_keep_last(tmp_path):
         for key in s1["state"][k]:
             assert torch.equal(torch.as_tensor(s1["state"][k][key]), torch.as_tensor(s2["state"][k][key]))
     with pytest.raises(yoso.UserError, match="does not match"):          # one line for the scripts
-        yoso.load_checkpoint(files[-1], {"G": yoso.Discriminator(3, (8,)), "D": D2}, {})
+        yoso.load_checkpoint(files[-1], {"G": yoso.Discriminator(3, (8,), resolution=16), "D": D2}, {})
     (tmp_path / "junk.safetensors").write_bytes(b"not a checkpoint")
     with pytest.raises(yoso.UserError, match="not a YOSO checkpoint"):
         yoso.load_checkpoint(str(tmp_path / "junk.safetensors"), {"G": G2}, {})
