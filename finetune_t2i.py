@@ -92,6 +92,8 @@ class T2IConfig:
         lr=2e-5, ema_decay=0.999))      # official LoRA lr and EMA
 
     def __post_init__(self):
+        if self.lora_rank < 0:
+            raise ValueError(f"lora_rank must be >= 0 (0 = full fine-tuning), got {self.lora_rank}")
         if self.stage not in ("adapt", "yoso", "all") or self.precision not in DTYPES:
             raise ValueError(f"stage must be adapt, yoso or all and precision bf16, fp16 or fp32, "
                              f"got stage={self.stage!r}, precision={self.precision!r}")
@@ -146,6 +148,17 @@ def loading(what: str, name: str):
         raise yoso.UserError(f"{what}: cannot load a PixArt-α diffusers pipeline from {path!r} ({reason[:200]})") from None
     finally:
         hub_log.setLevel(level)                                     # only while loading
+
+
+def check_base(name: str) -> None:
+    """Fail fast, before any data is read, when the base cannot be had: a folder must be a pipeline, a hub id
+    must be in the local cache or answer one quick request (no retries)."""
+    path = BASES.get(name, name)
+    with loading(f"--base {name}", name):
+        if not os.path.isdir(path):
+            from huggingface_hub import model_info, try_to_load_from_cache
+            if not isinstance(try_to_load_from_cache(path, "model_index.json"), str):
+                model_info(path, timeout=10)
 
 
 def load_base(name: str, dtype=torch.float32):
@@ -468,6 +481,8 @@ def export(cfg: T2IConfig, model: nn.Module, ycfg, ipi, command: str, grid: str 
            f"    scheduler=LCMScheduler.from_pretrained({os.path.join(out, 'scheduler')!r})).to(device)",
            'image = pipe("a photo of a red house", num_inference_steps=1, guidance_scale=1.0,',
            "             clean_caption=False).images[0]"]
+    if model.config.sample_size not in (32, 64, 128):           # PixArt-α's aspect-ratio bins: 256, 512, 1024 px
+        use[-1] = "             clean_caption=False, use_resolution_binning=False).images[0]   # no bins at this size"
     how = ("Starts from the informative prior (IPI, ipi.safetensors): pass its latents to the pipeline." if ipi is not None
            else "Starts from pure noise: v-prediction on the zero-terminal-SNR schedule (after quick adaption).")
     card = [f"# YOSO one-step generator from {path}", "",
@@ -475,7 +490,9 @@ def export(cfg: T2IConfig, model: nn.Module, ycfg, ipi, command: str, grid: str 
             f"![samples]({os.path.relpath(grid, out)})" if grid else "", "",
             "Rows: 1 step, 4 steps; columns: the run's fixed sample prompts.", "",
             "## Use", "```python", *use, "```", how, "", "## Command", "```", command, "```", "",
-            "## Settings", "```json", json.dumps(run, indent=1, default=str), "```", ""]
+            "## Settings", "`yoso`: what the last stage trained with (the base's schedule, after adaption v-prediction "
+            "on zero terminal SNR); `settings.yoso`: as configured, before the base's schedule was read.", "",
+            "```json", json.dumps(run, indent=1, default=str), "```", ""]
     with open(os.path.join(out, "README.md"), "w") as f:
         f.write("\n".join(card))
 
@@ -511,6 +528,7 @@ def build(cfg: T2IConfig, device):
 
 def train(cfg: T2IConfig, command: str) -> int:
     """Returns the exit code: 0 done or interrupted (checkpointed), 3 diverged."""
+    check_base(cfg.base)                                        # the real problem first: an unreachable base
     world = int(os.environ.get("WORLD_SIZE", 1))                # checked before any process group waits
     if cfg.batch_size % (world * cfg.grad_accum):
         raise yoso.UserError(f"batch_size {cfg.batch_size} is not divisible by {world} processes x grad_accum "
@@ -531,6 +549,8 @@ def train(cfg: T2IConfig, command: str) -> int:
                              "or --set batch_size=N")
     dist = yoso.init_distributed()
     device = dist.device
+    if resume and dist.main:                                    # a skipped damaged checkpoint's steps: dropped
+        yoso.rewind_run(cfg.out, resume["step"], os.path.join("samples", "*.png"))
     pipe, model, D, frozen, params, amp_dtype = build(cfg, device)
     amp = lambda: torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None)
     data = Items(items, pipe, frozen, cfg, device, amp)
@@ -768,8 +788,11 @@ def parse_args(argv=None):
     p.add_argument("--stage", choices=("adapt", "yoso", "all"),
                    help="adapt: quick adaption only; yoso: the YOSO stage only (on an ε base: no adaption, sampled "
                         "from the informative prior); all: adapt then yoso (default all)")
-    p.add_argument("--lora-rank", type=int, help=f"LoRA rank (default {T2IConfig.lora_rank})")
-    p.add_argument("--full", dest="lora_rank", action="store_const", const=0, help="full fine-tuning (default: LoRA)")
+    rank = p.add_mutually_exclusive_group()
+    rank.add_argument("--lora-rank", type=int, help=f"LoRA rank; 0 = full fine-tuning, as --full (default "
+                                                    f"{T2IConfig.lora_rank})")
+    rank.add_argument("--full", dest="lora_rank", action="store_const", const=0,
+                      help="full fine-tuning, the paper's PixArt-α run (default: LoRA)")
     p.add_argument("--precision", choices=tuple(DTYPES),
                    help=f"autocast dtype; trained weights stay fp32, fp16 adds a GradScaler (default "
                         f"{T2IConfig.precision}); for --sample the weights' dtype (default bf16 on a GPU, fp32 on CPU)")
@@ -780,7 +803,7 @@ def parse_args(argv=None):
     p.add_argument("--resume", action="store_true", default=None, help="continue from the newest checkpoint in --out")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a T2IConfig field (yoso.KEY for a YOSOConfig one), e.g. --set yoso_steps=2000 "
-                        "(repeatable; default: none)")
+                        "(repeatable; default: none). KEY is one of: " + ", ".join(yoso.config_keys(T2IConfig())))
     p.add_argument("--sample", metavar="OUT", help="write a grid from a finished run's folder")
     p.add_argument("--prompt", action="append",
                    help=f"--sample's prompt, repeatable (default {T2IConfig.sample_prompts[0]!r})")

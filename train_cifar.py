@@ -113,10 +113,14 @@ def load_images(path: Optional[str], res: int) -> tuple[torch.Tensor, int]:
     folders or flat), or a .zip of one, read in place. A train/ split is used when present.
     """
     if path is None:
+        import shutil
         import torchvision
+        made = not os.path.exists("./data")
         try:
             images = torchvision.datasets.CIFAR10("./data", train=True, download=True).data
         except Exception as e:
+            if made:                                            # leave no empty ./data behind
+                shutil.rmtree("./data", ignore_errors=True)
             raise yoso.UserError(f"could not download CIFAR-10 to ./data ({type(e).__name__}: {e}); "
                                  "offline? pass --data PATH to a local image folder or .zip") from None
         return torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), 0
@@ -241,6 +245,9 @@ def fid_of(G: nn.Module, n: int, cfg: TrainConfig, images: torch.Tensor, incepti
 def load_generator(ckpt: str, overrides: tuple = (), device=None) -> tuple[nn.Module, TrainConfig, dict]:
     """(EMA generator on `device`, its run's config, the checkpoint's meta) of a checkpoint."""
     meta = yoso.read_checkpoint_meta(ckpt)
+    if "preset" not in meta["extra"].get("config", {}):
+        raise yoso.UserError(f"{ckpt} is not a train_cifar.py checkpoint (a finetune_t2i.py run samples with "
+                             "`python finetune_t2i.py --sample RUN_DIR`)")
     cfg = make_config(meta["extra"]["config"]["preset"], base=meta["extra"]["config"], overrides=overrides)
     G = UNetGenerator(cfg)
     yoso.load_checkpoint(ckpt, {"G_ema": G}, {}, restore_rng=False)   # another architecture: UserError
@@ -259,6 +266,9 @@ def write_samples(G: nn.Module, cfg: TrainConfig, meta: dict, n: int, stem: str,
 
 
 def run_sample(args) -> int:
+    if not args.fid:                                            # where the samples go: checked before any work
+        yoso.check_out_dir(os.path.dirname(os.path.abspath(args.npz)) if args.npz else args.out or
+                          os.path.dirname(os.path.abspath(args.sample)), "--npz" if args.npz else "--out")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     G, cfg, meta = load_generator(args.sample, args.set, device)
     if args.fid:
@@ -320,6 +330,15 @@ class WallClock(yoso.GracefulStop):
 
 def train(args) -> int:
     cfg, out, resume_ckpt = resolve_config(args)
+    if resume_ckpt:                                             # a finished run: nothing to add, say how to extend
+        meta = yoso.read_checkpoint_meta(resume_ckpt)
+        spent = meta["extra"].get("elapsed", 0.0) / 60
+        if meta["step"] >= cfg.steps or 0 < cfg.minutes <= spent:
+            how = f"--set steps=N (N > {meta['step']})" if meta["step"] >= cfg.steps else \
+                f"--set minutes=M (M > the {spent:.1f} spent)"
+            print(f"{out} is complete ({meta['step']} steps, {spent:.1f} min of training); nothing to do. "
+                  f"To train on: python train_cifar.py --resume {out} {how}")
+            return 0
     world = int(os.environ.get("WORLD_SIZE", 1))                # checked before any process group waits
     if cfg.batch % world:
         raise yoso.UserError(f"batch {cfg.batch} is not divisible by the {world} processes; the global batch is "
@@ -346,6 +365,8 @@ def train(args) -> int:
                 group["lr"] = lr
         if len(extra.get("rng", [])) == dist.world:
             yoso.set_rng_state(extra["rng"], dist)
+        if main:                                                # a skipped damaged checkpoint's steps: dropped
+            yoso.rewind_run(out, step, "samples-*.png")
     if main:
         os.makedirs(out, exist_ok=True)
         with open(os.path.join(out, "config.json"), "w") as f:
@@ -437,7 +458,8 @@ def main(argv=None) -> int:
     p.add_argument("--out", help="run dir (default: runs/cifar-<time>; with --sample: the checkpoint's folder)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue a run where it stopped (default: a new run)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field, "
-                   "repeatable (default: the preset's; on --resume the run's config.json)")
+                   "repeatable (default: the preset's; on --resume the run's config.json). KEY is one of: "
+                   + ", ".join(yoso.config_keys(TrainConfig())))
     p.add_argument("--sample", metavar="CKPT", help="sample a checkpoint's EMA generator instead (default: train)")
     p.add_argument("--n", type=int, default=64, help="samples written by --sample (default: %(default)s)")
     p.add_argument("--npz", metavar="PATH", help="--sample's output; the first 64 go to PATH's .png "

@@ -888,13 +888,49 @@ def newest_intact_checkpoint(run_dir: str) -> Optional[str]:
     return None
 
 
+def check_out_dir(path: str, flag: str = "--out") -> None:
+    """Say in one line, before any work and writing nothing, why `path` cannot be a results folder: an existing
+    file, a path under a file, or a place where no folder can be created or written."""
+    import tempfile
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise UserError(f"{flag} {path}: is a file, not a folder; choose another {flag}")
+    parent = os.path.abspath(path)
+    while not os.path.exists(parent):                           # the nearest part that exists must take a folder
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise UserError(f"{flag} {path}: {parent} is a file, so no folder can be made under it; choose another {flag}")
+    try:
+        os.close((probe := tempfile.mkstemp(dir=parent, prefix=".yoso-write-test-"))[0])
+        os.remove(probe[1])
+    except OSError as e:
+        raise UserError(f"{flag} {path}: cannot write in {parent} ({e.strerror}); choose another {flag}") from None
+
+
 def refuse_existing_run(run_dir: str, how_to_resume: str) -> None:
-    """A new run never writes into an earlier run's folder: it would overwrite its config and checkpoints."""
+    """A new run never writes into an earlier run's folder: it would overwrite its config and checkpoints. The
+    folder is checked here, so a --out that cannot be one fails before any work (one line)."""
+    check_out_dir(run_dir)
     found = [n for n in ("config.json", "yoso_config.json", "metrics.jsonl") if os.path.exists(os.path.join(run_dir, n))]
     found += [os.path.basename(p) for p in list_checkpoints(run_dir)[-1:]]
     if found:
         raise UserError(f"{run_dir} already holds a run ({', '.join(found)}); continue it with {how_to_resume}, "
                         "or choose another --out")
+
+
+def rewind_run(run_dir: str, step: int, grids: str) -> None:
+    """A resumed run reads as one run: metrics.jsonl lines and sample grids (glob `grids`, the step as the last
+    number in the name) past `step` — what a skipped damaged checkpoint's steps left — are dropped."""
+    import re
+    path = os.path.join(run_dir, "metrics.jsonl")
+    if os.path.isfile(path):
+        lines = pathlib.Path(path).read_text().splitlines(keepends=True)
+        kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= step]
+        if len(kept) < len(lines):
+            pathlib.Path(path + ".tmp").write_text("".join(kept))
+            os.replace(path + ".tmp", path)
+    for grid in glob.glob(os.path.join(run_dir, grids)):
+        if int(re.findall(r"\d+", os.path.basename(grid))[-1]) > step:
+            os.remove(grid)
 
 
 @dataclass
@@ -1157,6 +1193,16 @@ def step_noise(batch: int, shape: tuple, T: int, step: int, seed: int, dist: Dis
     return rank_slice(t, dist), rank_slice(torch.randn((batch,) + tuple(shape), generator=g), dist)
 
 
+def config_keys(cfg) -> list:
+    """The --set keys of a config dataclass (SUB.KEY for a nested one), for --help and the unknown-key error."""
+    import dataclasses
+    keys = []
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        keys += [f"{f.name}.{k}" for k in config_keys(value)] if dataclasses.is_dataclass(value) else [f.name]
+    return keys
+
+
 def apply_overrides(cfg, items):
     """`--set KEY=VALUE` items onto a config dataclass; KEY may be SUB.KEY for a nested one (yoso.lr). Values
     are Python literals (a bare word stays a string; "inf" becomes a float for a float field). Unknown keys,
@@ -1168,7 +1214,7 @@ def apply_overrides(cfg, items):
         sub, _, name = key.rpartition(".")
         target = getattr(cfg, sub, None) if sub else cfg
         if not sep or not dataclasses.is_dataclass(target) or name not in {f.name for f in dataclasses.fields(target)}:
-            raise UserError(f"--set {item!r}: expected KEY=VALUE with KEY a config field")
+            raise UserError(f"--set {item!r}: expected KEY=VALUE with KEY one of: {', '.join(config_keys(cfg))}")
         try:
             value = ast.literal_eval(raw)
         except (ValueError, SyntaxError):

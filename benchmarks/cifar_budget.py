@@ -271,13 +271,14 @@ def evaluate(outdir: str, ref_n: int, zip_path: str, results: str, floor_n: int 
     import torch
     sys.path.insert(0, ROOT)
     import train_cifar as tc
+    import yoso
     found = unpack(outdir)
     os.makedirs(results, exist_ok=True)
     if not found:
         sys.exit(f"error: no cifar_budget-*.tar with samples under {outdir}")
     torch.set_num_threads(max(1, os.cpu_count() or 1))
-    path = tc.resolve_inception(None)
-    features = tc.inception_features(path, "cpu")
+    path = yoso.resolve_inception(None)
+    features = yoso.inception_features(path, "cpu")
     train = tc.reference_subset(tc.load_images(zip_path, 32)[0], ref_n)
     key = f"{os.path.abspath(zip_path)}|{os.path.getsize(zip_path)}|subset{ref_n}|{len(train)}|{os.path.getsize(path)}"
     mu_r, sig_r = tc.reference_stats(train, features, key, os.path.expanduser("~/.cache/yoso"))

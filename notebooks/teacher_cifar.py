@@ -389,7 +389,7 @@ def evaluate(a):
     os.makedirs(grids, exist_ok=True)
     results = json.load(open(path)) if os.path.isfile(path) else {}
     x, _ = load_cifar(a.out)
-    features = train_cifar.inception_features(train_cifar.resolve_inception(), "cpu")
+    features = yoso.inception_features(yoso.resolve_inception(), "cpu")
     ref_idx = torch.randperm(len(x), generator=torch.Generator().manual_seed(2))[:a.n_ref]
     ref_cache = os.path.join(a.out, f"fid-ref-{a.n_ref}.npz")
     if os.path.isfile(ref_cache):
@@ -433,7 +433,7 @@ def evaluate(a):
             if os.path.isfile(t20) else None
         results[key] = dict(fid=train_cifar.frechet_distance(mu, sig, mu_r, sig_r), fid_to_teacher20=to_teacher,
                             adherence=acc, tiling=tiling(imgs), n=a.n, n_ref=a.n_ref, steps=row["steps"],
-                            cfg=row.get("cfg", 1.0), model=row.get("student", "teacher"),
+                            cfg=row.get("cfg", 1.0), model=os.path.basename(row.get("student", "teacher")),
                             gen_seconds=round(t_gen, 1), eval_seconds=round(time.time() - t0, 1))
         print(key, results[key], flush=True)
         grid = torch.cat([imgs[labels == c][:4] for c in range(10)])          # 4 per class, one class per row
@@ -443,12 +443,9 @@ def evaluate(a):
 
 
 def tiling(imgs: torch.Tensor) -> float:
-    """How alike the 16 blocks of 8x8 pixels of an image are — one block per latent token (8x8 latents, patch 2) —
-    as the mean cosine similarity of the blocks' patterns (each minus its own mean) over all pairs and images:
-    0.11 for the 20-step teacher; a student that repeats one pattern in every token comes near 1."""
-    x = imgs.float().reshape(len(imgs), 3, 4, 8, 4, 8).permute(0, 2, 4, 1, 3, 5).reshape(len(imgs), 16, -1)
-    x = F.normalize(x - x.mean(2, keepdim=True), dim=2)
-    return (x @ x.transpose(1, 2))[:, ~torch.eye(16, dtype=torch.bool)].mean().item()
+    """yoso.token_tiling with one 8x8-pixel block per latent token (8x8 latents, patch 2): 0.11 for the 20-step
+    teacher; a student that repeats one pattern in every token comes near 1."""
+    return yoso.token_tiling(imgs, 8)
 
 
 @torch.no_grad()

@@ -615,3 +615,55 @@ def test_a_base_the_hub_cannot_give_is_one_line_on_stderr(data, tmp_path):
     assert r.stderr.strip().splitlines() == [r.stderr.strip()], r.stderr
     assert r.stderr.startswith("error: --base PixArt-alpha: cannot load a PixArt-α diffusers pipeline")
     assert not (tmp_path / "o").exists()
+
+
+# --- first contact (issue 24) -------------------------------------------------------------------------
+
+def test_an_out_that_cannot_be_a_run_folder_is_one_line_before_any_work(base, data, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(ft, "read_items", lambda cfg: pytest.fail("read the data before checking --out"))
+    a_file = tmp_path / "a_file.txt"
+    a_file.write_text("x")
+    for out, words in ((a_file, ("is a file, not a folder",)), (a_file / "sub", ("is a file, so no folder",)),
+                       ("/proc/no/such/run", ("cannot write in /proc",))):
+        assert_main_error(capsys, ["--base", base, "--data", data, "--preset", "smoke", "--out", out], str(out), *words)
+
+
+def test_lora_rank_is_checked_and_full_excludes_it(base, data, tmp_path, capsys):
+    run = ["--base", base, "--data", data, "--preset", "smoke", "--out", tmp_path / "o"]
+    assert_main_error(capsys, [*run, "--lora-rank", "-1"], "lora_rank must be >= 0")
+    with pytest.raises(SystemExit) as e:                         # argparse: one usage line and exit 2
+        ft.parse_args([*map(str, run), "--full", "--lora-rank", "8"])
+    assert e.value.code == 2 and "not allowed with argument" in capsys.readouterr().err
+    assert "0 = full fine-tuning" in subprocess.run([sys.executable, SCRIPT, "--help"], capture_output=True,
+                                                    text=True, env=ENV).stdout
+
+
+def test_the_model_cards_code_runs_on_the_base_it_was_trained_from(lora_run, tmp_path):
+    # the tiny base has no aspect-ratio bins (8x8 latents): the card must say use_resolution_binning=False
+    card = open(os.path.join(lora_run, "README.md")).read()
+    code = card.split("```python\n")[1].split("```")[0]
+    assert "use_resolution_binning=False" in code
+    scope = {}
+    exec(compile(code, "README.md", "exec"), scope)
+    assert scope["image"].size == (16, 16)
+    assert "`yoso`: what the last stage trained with" in card
+
+
+def test_an_unreachable_base_is_said_before_any_data_problem(data, tmp_path):
+    # offline, a default base and too few items for its batch: the base is the real problem, said first
+    r = run_script("--data", data, "--out", tmp_path / "o")
+    assert r.returncode == 2 and r.stderr.startswith("error: --base PixArt-alpha: cannot load"), r.stderr
+
+
+def test_a_resume_past_a_damaged_checkpoint_reads_as_one_run(base, data, tmp_path):
+    run = ["--base", base, "--data", data, "--preset", "smoke", "--out", tmp_path, "--set", "adapt_steps=2",
+           "--set", "yoso_steps=4", "--set", "ckpt_every=2", "--set", "sample_every=2"]
+    assert run_script(*run).returncode == 0
+    newest = sorted((tmp_path).glob("ckpt-*.safetensors"))[-1]
+    newest.write_bytes(newest.read_bytes()[:1000])               # the step-6 checkpoint cut off
+    r = run_script(*run, "--resume")
+    assert r.returncode == 0, r.stderr[-3000:]
+    steps = [m["step"] for m in metrics(tmp_path)]
+    assert steps == sorted(steps) and len(steps) == len(set(steps)) == 6, steps   # no step twice
+    grids = sorted(p.name for p in (tmp_path / "samples").glob("*.png"))
+    assert grids == ["adapt-000002.png", "yoso-000004.png", "yoso-000006.png"], grids

