@@ -7,30 +7,35 @@ The whole method in plain PyTorch (torch and the standard library only); train_c
 scratch) and finetune_t2i.py (PixArt-α, LoRA or full) apply it. "Sec. N" refers to notebooks/method.md
 (the paper restated, and what the released code executes where it differs).
 
+THE OBJECTIVE is on one screen at the top of section 4 (search "# 4."): L_D and L_G's three terms
+at their three noise levels, in paper symbols, and the four small functions train_step calls.
+
 Paper symbol -> code name
-    T, t, t' ............ cfg.T, t (integer step 0..T-1), t_D / t_C (the smaller steps)
+    T, t, t_D, t_C ...... cfg.T, t (integer step 0..T-1), t_D = t − k_D, t_C = t − k_C
     ᾱ_t ................. sched.alphas_cumprod[t]
     α_t, σ_t, SNR_t ..... alpha_t, sigma_t, sched.snr(t)          (x_t = α_t x_0 + σ_t ε)
     ε, v ................ eps, v                                  (v = α_t ε − σ_t x_0)
+    x_t, x_tD, x_tC ..... x_t, x_tD, x_tC                         (one x_0, one ε, three steps)
     G_θ(x_t, t, c) ...... predict_x0(G, x_t, t, c, ...)           (the one-step x_0 predictor)
     D(x, t, c) .......... D(x, t, c) -> logits (B,)
-    k_D, k_C ............ cfg.k_D, cfg.k_C   (gaps to the self-cooperative "real" and the consistency target)
-    γ, λ_adv, λ_con, λ_rec  cfg.gamma, cfg.lambda_adv (1; 0 drops D), cfg.lambda_con, cfg.lambda_rec
+    k_D, k_C ............ cfg.k_D, cfg.k_C     (gaps to D's self-cooperative "real", to the target)
+    γ, λ_adv, λ_con, λ_rec  cfg.gamma, cfg.lambda_adv (0 drops D), cfg.lambda_con, cfg.lambda_rec
     w_con(t), w_rec(t) .. consistency_weight, reconstruction_weight
+    L_D; L_G, L_adv, L_con, L_rec  discriminator_loss; generator_loss (returns all four)
     sg[·] ............... torch.no_grad() / .detach()
     μ̂, ŝ (IPI) .......... ipi.mean, ipi.std
 
-Sections
+Sections, in the order one training step touches them
     1. Config
     2. Noise schedule and the zero-terminal-SNR fix          (Sec. 4.3 of the method doc)
     3. Forward process and the x_0-parameterisation          (Sec. 1)
-    4. Fused ops: logistic loss, weighted MSE, foreach EMA   (custom autograd.Functions, no Triton)
-    5. Losses                                                (Sec. 2, Eq. for L_D and L_G)
-    6. Discriminators                                        (Sec. 3 and Sec. 4.2)
-    7. Train step                                            (Sec. 2, steps 1-4)
-    8. Sampling: one step, multi-step, informative prior     (Sec. 1, Sec. 4.3)
-    9. Quick adaption and weight transplant                  (Sec. 4.3, Sec. 4.4)
-   10. Run plumbing: checkpoints, metrics, DDP, the loop    (shared by both scripts)
+    4. Losses: the objective, its weights and distances,     (Sec. 2, Sec. 4.1)
+       then the fused ops behind them (hand-written backward)
+    5. Discriminators, R1                                    (Sec. 3, Sec. 4.2)
+    6. Train step: D step, G step, EMA; optimisers           (Sec. 2, steps 1-4)
+    7. Sampling: one step, multi-step, informative prior     (Sec. 1, Sec. 4.3)
+    8. Quick adaption and weight transplant                  (Sec. 4.3, Sec. 4.4)
+    9. Run plumbing: checkpoints, metrics, DDP, collapse figures, the loop   (shared by both scripts)
 """
 from __future__ import annotations
 
@@ -209,8 +214,101 @@ def predict_x0(G: nn.Module, x_t: Tensor, t: Tensor, cond, sched: NoiseSchedule,
 
 
 # ==================================================================================================
-# 4. Fused ops — hand-written backward, identical code on CPU and CUDA, no Triton / torch.compile
+# 4. Losses (Sec. 2): the objective on one screen, then its pieces (per-sample values; callers reduce)
 # ==================================================================================================
+# One x_0 and one ε give x_t, x_tD, x_tC at three noise levels: t, t_D = t − k_D, t_C = t − k_C.
+#   L_D = softplus(−D(sg G(x_tD, t_D), t)) + softplus(D(sg G(x_t, t), t))
+#   L_G = λ_adv·softplus(−D(G(x_t, t), t)) + λ_con·w_con(t)·d(G(x_t, t), sg G(x_tC, t_C))
+#       + λ_rec·w_rec(t)·‖G(x_t, t) − x_0‖²
+# D's "real" is G's own denoising of less-noised data (self-cooperation); real data enters through L_rec.
+# train_step (section 6) calls the four functions below and adds only how they run: micro-batches, DDP
+# sync, GradScaler, lazy R1 and the order that keeps memory low. tests/reference.py writes the same step
+# out naively (4 G and 3 D forwards); a test holds train_step to it.
+
+def noise_levels(t: Tensor, cfg: YOSOConfig) -> tuple[Tensor, Tensor]:
+    """t_D = max(t − k_D, 0), t_C = max(t − k_C, 0)   (Sec. 2 step 1)."""
+    return (t - cfg.k_D).clamp(min=0), (t - cfg.k_C).clamp(min=0)
+
+
+@torch.no_grad()
+def self_cooperative_samples(G: nn.Module, x_tD: Tensor, t_D: Tensor, x_tC: Tensor, t_C: Tensor, c,
+                             sched: NoiseSchedule, cfg: YOSOConfig, with_real: bool = True):
+    """real = sg G(x_tD, t_D), D's "real" (Sec. 2 step 2), and target = sg G(x_tC, t_C), the consistency
+    target (step 3), as ONE batched forward. Returns (real, target); real is None without a D."""
+    if not with_real:
+        return None, predict_x0(G, x_tC, t_C, c, sched, cfg)
+    both = predict_x0(G, torch.cat([x_tD, x_tC]), torch.cat([t_D, t_C]), cat_cond(c, c), sched, cfg)
+    return both.chunk(2)
+
+
+def discriminator_loss(logits_real: Optional[Tensor], logits_fake: Optional[Tensor],
+                       batch_mean: bool = False) -> Tensor:
+    """L_D = softplus(−D(real, t)) + softplus(D(fake, t)) per sample (Sec. 2 step 2). A term given None is
+    left out: train_step runs the real and the fake term as separate passes, each through this function."""
+    real = logistic_loss(logits_real, True, batch_mean) if logits_real is not None else 0
+    return real + (logistic_loss(logits_fake, False, batch_mean) if logits_fake is not None else 0)
+
+
+def generator_loss(D: nn.Module, x0_hat: Tensor, target: Tensor, x0: Tensor, t: Tensor, t_C: Tensor, c, *,
+                   sched: NoiseSchedule, cfg: YOSOConfig, distance: Callable) -> dict:
+    """L_G and its three terms per sample (Sec. 2 step 3). x0_hat = G(x_t, t) with its graph; D frozen."""
+    L_adv = (generator_adv_loss(D(x0_hat, t, c), cfg.gan_loss == "batch_mean") if cfg.lambda_adv > 0
+             else torch.zeros(len(t), device=t.device))                  # softplus(−D(x̂, t)); λ_adv = 0: no D
+    L_con = consistency_weight(t, t_C, sched, cfg.gamma) * distance(x0_hat, target, c)   # w_con d(x̂, target)
+    w_rec = reconstruction_weight(t, sched, cfg.gamma, cfg.rec_weight)
+    L_rec = weighted_mse(x0_hat, x0, w_rec)                                             # w_rec ‖x̂ − x_0‖²
+    loss_G = cfg.lambda_adv * L_adv.mean() + cfg.lambda_con * L_con.mean() + cfg.lambda_rec * L_rec.mean()
+    return dict(L_adv=L_adv, L_con=L_con, L_rec=L_rec, loss_G=loss_G)
+
+
+# --- the pieces ---------------------------------------------------------------------------------
+
+def sample_noise_levels(B: int, cfg: YOSOConfig, device) -> tuple[Tensor, Tensor, Tensor]:
+    """t ~ U{0..T-1}, with its t_D and t_C   (Sec. 2 step 1)."""
+    t = torch.randint(0, cfg.T, (B,), device=device)
+    return (t, *noise_levels(t, cfg))
+
+
+def consistency_weight(t: Tensor, t_C: Tensor, sched: NoiseSchedule, gamma: float) -> Tensor:
+    """w_con(t) = min(1 / (σ_t/α_t − σ_{t_C}/α_{t_C}), γ)   (Sec. 2 step 3)."""
+    ab = sched.alphas_cumprod.to(t.device)
+    inv_snr_sqrt = ((1 - ab) / ab).sqrt()                       # σ/α, inf where ᾱ = 0 (zero terminal SNR)
+    return (1 / (inv_snr_sqrt[t] - inv_snr_sqrt[t_C])).clamp(max=gamma).float()   # t == t_C -> 1/0 = inf -> γ
+
+
+def reconstruction_weight(t: Tensor, sched: NoiseSchedule, gamma: float, form: str = "paper") -> Tensor:
+    """w_rec(t) = min(SNR_t, γ) per sample   (Sec. 2 step 3), shape (B,).
+
+    form="released" gives every sample the BATCH MEAN of min(SNR_t, γ) instead: what train_yoso_lora.py
+    executes (it reduces the already per-sample loss with mean(dim=[]), a mean over everything). On
+    SD-1.5's schedule that is ~0.27x the paper's weight at low t, ~3.6x at t = 500, 100-300x at t >= 900,
+    and it stays > 0 at t = T-1 on a zero-terminal-SNR schedule, where the paper's weight is 0.
+    """
+    w = sched.snr(t).clamp(max=gamma)
+    return w.mean().expand_as(w) if form == "released" else w
+
+
+def generator_adv_loss(logits_fake: Tensor, batch_mean: bool = False) -> Tensor:
+    """L_adv = softplus(−D(x̂))   (Sec. 2 step 3)."""
+    return logistic_loss(logits_fake, True, batch_mean)
+
+
+def mse_distance(a: Tensor, b: Tensor, cond=None) -> Tensor:
+    """d(a, b) for training from scratch: per-sample MSE in pixel space."""
+    return weighted_mse(a, b)
+
+
+def latent_perceptual_distance(features: Callable) -> Callable:
+    """d(a, b) = mean ‖F(a) − F(b)‖², F = `features(x, cond)` of a FROZEN network (the pre-trained denoiser at
+    t = 0; Sec. 4.1). The target b is a stop-gradient sample: F(b) runs without a graph."""
+    def distance(a: Tensor, b: Tensor, cond=None) -> Tensor:
+        with torch.no_grad():
+            f_b = features(b, cond)
+        return weighted_mse(features(a, cond), f_b)
+    return distance
+
+
+# --- Fused ops behind the losses: hand-written backward, the same code on CPU and CUDA (no Triton) ---
 # Each Function saves one tensor instead of the chain of intermediates eager autograd keeps, and
 # computes in (at least) float32 whatever the autocast dtype of its inputs.
 
@@ -271,66 +369,8 @@ def weighted_mse(a: Tensor, b: Tensor, w: Optional[Tensor] = None) -> Tensor:
     return _WeightedMSE.apply(a, b, w.detach())
 
 
-@torch.no_grad()
-def ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
-    """θ_ema ← decay·θ_ema + (1 − decay)·θ, as ONE multi-tensor op over all parameters (no Python loop)."""
-    ema_p = [p for p in ema.parameters()]
-    model_p = [p.detach() for p in model.parameters()]
-    torch._foreach_lerp_(ema_p, model_p, 1.0 - decay)
-    for b_ema, b in zip(ema.buffers(), model.buffers()):
-        b_ema.copy_(b)
-
-
 # ==================================================================================================
-# 5. Losses (Sec. 2) — small pure functions returning per-sample values; the caller weights and reduces
-# ==================================================================================================
-
-def consistency_weight(t: Tensor, t_C: Tensor, sched: NoiseSchedule, gamma: float) -> Tensor:
-    """w_con(t) = min(1 / (σ_t/α_t − σ_{t_C}/α_{t_C}), γ)   (Sec. 2 step 3)."""
-    ab = sched.alphas_cumprod.to(t.device)
-    inv_snr_sqrt = ((1 - ab) / ab).sqrt()                       # σ/α, inf where ᾱ = 0 (zero terminal SNR)
-    return (1 / (inv_snr_sqrt[t] - inv_snr_sqrt[t_C])).clamp(max=gamma).float()   # t == t_C -> 1/0 = inf -> γ
-
-
-def reconstruction_weight(t: Tensor, sched: NoiseSchedule, gamma: float, form: str = "paper") -> Tensor:
-    """w_rec(t) = min(SNR_t, γ) per sample   (Sec. 2 step 3), shape (B,).
-
-    form="released" gives every sample the BATCH MEAN of min(SNR_t, γ) instead: what train_yoso_lora.py
-    executes (it reduces the already per-sample loss with mean(dim=[]), a mean over everything). On
-    SD-1.5's schedule that is ~0.27x the paper's weight at low t, ~3.6x at t = 500, 100-300x at t >= 900,
-    and it stays > 0 at t = T-1 on a zero-terminal-SNR schedule, where the paper's weight is 0.
-    """
-    w = sched.snr(t).clamp(max=gamma)
-    return w.mean().expand_as(w) if form == "released" else w
-
-
-def discriminator_loss(logits_real: Tensor, logits_fake: Tensor, batch_mean: bool = False) -> Tensor:
-    """L_D = softplus(−D(real)) + softplus(D(fake))   (Sec. 2 step 2)."""
-    return logistic_loss(logits_real, True, batch_mean) + logistic_loss(logits_fake, False, batch_mean)
-
-
-def generator_adv_loss(logits_fake: Tensor, batch_mean: bool = False) -> Tensor:
-    """L_adv = softplus(−D(x̂))   (Sec. 2 step 3)."""
-    return logistic_loss(logits_fake, True, batch_mean)
-
-
-def mse_distance(a: Tensor, b: Tensor, cond=None) -> Tensor:
-    """d(a, b) for training from scratch: per-sample MSE in pixel space."""
-    return weighted_mse(a, b)
-
-
-def latent_perceptual_distance(features: Callable) -> Callable:
-    """d(a, b) = mean ‖F(a) − F(b)‖², F = `features(x, cond)` of a FROZEN network (the pre-trained denoiser at
-    t = 0; Sec. 4.1). The target b is a stop-gradient sample: F(b) runs without a graph."""
-    def distance(a: Tensor, b: Tensor, cond=None) -> Tensor:
-        with torch.no_grad():
-            f_b = features(b, cond)
-        return weighted_mse(features(a, cond), f_b)
-    return distance
-
-
-# ==================================================================================================
-# 6. Discriminators (Sec. 3 from scratch; Sec. 4.2 latent)
+# 5. Discriminators (Sec. 3 from scratch; Sec. 4.2 latent)
 # ==================================================================================================
 
 def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
@@ -472,7 +512,7 @@ def r1_penalty(logits: Tensor, x: Tensor, gamma: float) -> Tensor:
 
 
 # ==================================================================================================
-# 7. Train step (Sec. 2, steps 1-4)
+# 6. Train step (Sec. 2, steps 1-4)
 # ==================================================================================================
 
 def unwrap(module: nn.Module) -> nn.Module:
@@ -499,18 +539,13 @@ def split_cond(cond, n: int):
     return list(cond.chunk(n))
 
 
-def sample_noise_levels(B: int, cfg: YOSOConfig, device) -> tuple[Tensor, Tensor, Tensor]:
-    """t ~ U{0..T-1}; t_D = max(t − k_D, 0); t_C = max(t − k_C, 0)   (Sec. 2 step 1)."""
-    t = torch.randint(0, cfg.T, (B,), device=device)
-    return t, (t - cfg.k_D).clamp(min=0), (t - cfg.k_C).clamp(min=0)
-
-
 def train_step(G: nn.Module, D: nn.Module, opt_G, opt_D, x0: Tensor, cond=None, *,
                sched: NoiseSchedule, cfg: YOSOConfig, G_ema: Optional[nn.Module] = None,
                distance: Callable = mse_distance, grad_accum: int = 1,
                amp_dtype: Optional[torch.dtype] = None, scaler_G=None, scaler_D=None,
                noise: Optional[tuple[Tensor, Tensor]] = None, step: int = 0) -> dict:
-    """One YOSO iteration: a D step, a G step, an EMA update (Sec. 2). Returns diagnostics.
+    """One YOSO iteration: a D step, a G step, an EMA update (Sec. 2), on section 4's losses. Returns
+    diagnostics.
 
     The naive step's maths (4 G forwards, 3 D forwards) with less work and no more saved activations than
     the G step itself (benchmarks/run.py: "saved MB"): the two stop-gradient G evaluations run as ONE
@@ -519,21 +554,27 @@ def train_step(G: nn.Module, D: nn.Module, opt_G, opt_D, x0: Tensor, cond=None, 
     are GradScalers for fp16. `step` (the global step) times the lazy R1 penalty when cfg.r1_gamma > 0.
     """
     device = x0.device
-    autocast = lambda: torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None)
+    autocast = lambda: torch.autocast(device.type, dtype=amp_dtype or torch.float32,
+                                      enabled=amp_dtype is not None)
     G_plain, D_plain = unwrap(G), unwrap(D)
     batch_mean = cfg.gan_loss == "batch_mean"
     keep_graph = grad_accum == 1
     scale = lambda loss, scaler: scaler.scale(loss) if scaler is not None else loss
+    names = ("loss_D", "D_real", "D_fake", "L_adv", "L_con", "L_rec", "loss_G") + ("R1",) * (cfg.r1_gamma > 0)
+    stats = dict.fromkeys(names, torch.zeros((), device=device))   # means over micro-batches, on the device
+
+    def add(**figures):
+        stats.update({k: stats[k] + v.detach().float() / grad_accum for k, v in figures.items()})
 
     # --- 1. noise levels and inputs: one x_0, one ε, three steps -----------------------------------
     # Drawn for the whole batch before splitting, so grad_accum does not change the random stream;
     # or given (`noise` = (t, ε), e.g. yoso.step_noise: the same draws for any number of processes).
     if noise is None:
         t, t_D, t_C = sample_noise_levels(x0.shape[0], cfg, device)
-        eps = torch.randn(x0.shape, device=device, dtype=x0.dtype)   # not randn_like: its draw follows the memory layout
+        eps = torch.randn(x0.shape, device=device, dtype=x0.dtype)   # not randn_like: it follows the layout
     else:
         t, eps = (v.to(device) for v in noise)
-        t_D, t_C = (t - cfg.k_D).clamp(min=0), (t - cfg.k_C).clamp(min=0)
+        t_D, t_C = noise_levels(t, cfg)
     full = dict(x0=x0, t=t, t_D=t_D, t_C=t_C, x_t=sched.add_noise(x0, eps, t),
                 x_tD=sched.add_noise(x0, eps, t_D), x_tC=sched.add_noise(x0, eps, t_C))
     if x0.shape[0] % grad_accum:
@@ -541,30 +582,25 @@ def train_step(G: nn.Module, D: nn.Module, opt_G, opt_D, x0: Tensor, cond=None, 
     parts = {k: v.chunk(grad_accum) for k, v in full.items()}
     micro = [{k: parts[k][i] for k in parts} | {"c": c} for i, c in enumerate(split_cond(cond, grad_accum))]
 
-    # --- 2. D step: real = sg G(x_{t_D}, t_D), fake = sg G(x_t, t), both scored at t ------------------
-    # L_D = real term + fake term (Sec. 2 step 2), so each term runs forward and backward on its own.
+    # --- 2. D step: L_D's real term, then its fake term, each backward at once ----------------------
     use_D = cfg.lambda_adv > 0                                 # λ_adv = 0: the no-discriminator ablation
     D.requires_grad_(True)
     opt_D.zero_grad(set_to_none=True)
-    stats = torch.zeros(8, device=device)                      # loss_D, D_real, D_fake, adv, con, rec, loss_G, R1
     r1_now = use_D and cfg.r1_gamma > 0 and step % cfg.r1_every == 0
     for i, m in enumerate(micro):
         B = m["x0"].shape[0]
-        with torch.no_grad(), autocast():
-            if use_D:                                          # the two sg evaluations as ONE forward
-                x0_real, m["target"] = predict_x0(G_plain, torch.cat([m["x_tD"], m["x_tC"]]),
-                                                  torch.cat([m["t_D"], m["t_C"]]), cat_cond(m["c"], m["c"]),
-                                                  sched, cfg).chunk(2)
-            else:                                              # no D: only the consistency target
-                m["target"] = predict_x0(G_plain, m["x_tC"], m["t_C"], m["c"], sched, cfg)
+        with autocast():
+            real, m["target"] = self_cooperative_samples(G_plain, m["x_tD"], m["t_D"], m["x_tC"], m["t_C"],
+                                                         m["c"], sched, cfg, with_real=use_D)
         if use_D:                                              # real first: its D graph is gone before G's exists
-            with D.no_sync() if hasattr(D, "no_sync") else contextlib.nullcontext(), autocast():   # DDP: fake syncs
-                x0_real = x0_real.detach().requires_grad_(r1_now)
-                logits_real = D(x0_real, m["t"], m["c"])
-                loss_real = logistic_loss(logits_real, True, batch_mean).mean()
+            with D.no_sync() if hasattr(D, "no_sync") else contextlib.nullcontext(), autocast():  # DDP: fake syncs
+                real = real.detach().requires_grad_(r1_now)
+                logits_real = D(real, m["t"], m["c"])
+                loss_real = discriminator_loss(logits_real, None, batch_mean).mean()
                 if r1_now:                                     # lazy R1, scaled by its interval
-                    r1 = r1_penalty(logits_real, x0_real, cfg.r1_gamma).mean()
-                    loss_real, stats[7] = loss_real + cfg.r1_every * r1, stats[7] + r1.detach() / grad_accum
+                    r1 = r1_penalty(logits_real, real, cfg.r1_gamma).mean()
+                    loss_real = loss_real + cfg.r1_every * r1
+                    add(R1=r1)
             scale(loss_real / grad_accum, scaler_D).backward()
         with torch.set_grad_enabled(keep_graph), autocast():  # G(x_t): D's fake now, the G step's x̂ later
             x0_hat = predict_x0(G, m["x_t"], m["t"], m["c"], sched, cfg)
@@ -576,15 +612,14 @@ def train_step(G: nn.Module, D: nn.Module, opt_G, opt_D, x0: Tensor, cond=None, 
         # under the G step's. softplus of the batch-mean logit does not split: batch_mean runs it whole.
         pieces = min(2, B) if keep_graph and not batch_mean else 1
         loss_fake, sum_fake = 0.0, 0.0
-        for j, (x0_fake, t_j, c_j) in enumerate(zip(x0_hat.detach().chunk(pieces), m["t"].chunk(pieces),
-                                                    split_cond(m["c"], pieces))):
-            with _sync_on_last(D, i * pieces + j, grad_accum * pieces), autocast():   # DDP: all-reduce once, last
-                logits_fake = D(x0_fake, t_j, c_j)
-                loss = logistic_loss(logits_fake, False, batch_mean).mean() * (logits_fake.shape[0] / B)
+        for j, (fake, t_j, c_j) in enumerate(zip(x0_hat.detach().chunk(pieces), m["t"].chunk(pieces),
+                                                 split_cond(m["c"], pieces))):
+            with _sync_on_last(D, i * pieces + j, grad_accum * pieces), autocast():  # DDP: reduce at the last
+                logits_fake = D(fake, t_j, c_j)
+                loss = discriminator_loss(None, logits_fake, batch_mean).mean() * (len(logits_fake) / B)
             scale(loss / grad_accum, scaler_D).backward()
             loss_fake, sum_fake = loss_fake + loss.detach(), sum_fake + logits_fake.detach().float().sum()
-        stats[:3] += torch.stack([loss_real.detach() + loss_fake, logits_real.detach().float().mean(),
-                                  sum_fake / B]) / grad_accum
+        add(loss_D=loss_real + loss_fake, D_real=logits_real.float().mean(), D_fake=sum_fake / B)
     grad_norm_D = optimizer_step(opt_D, D.parameters(), scaler_D, max_norm=None) if use_D else 0.0
 
     # --- 3. G step: D frozen (its plain module, so DDP does not wait for D's gradients) --------------
@@ -594,15 +629,10 @@ def train_step(G: nn.Module, D: nn.Module, opt_G, opt_D, x0: Tensor, cond=None, 
         with _sync_on_last(G, i, grad_accum):
             with autocast():                                   # the perceptual distance's network too
                 x0_hat = m["x0_hat"] if keep_graph else predict_x0(G, m["x_t"], m["t"], m["c"], sched, cfg)
-                L_adv = generator_adv_loss(D_plain(x0_hat, m["t"], m["c"]), batch_mean) if use_D \
-                    else x0_hat.new_zeros(())                                                       # softplus(−D(x̂))
-                L_con = consistency_weight(m["t"], m["t_C"], sched, cfg.gamma) * distance(x0_hat, m["target"], m["c"])
-                w_rec = reconstruction_weight(m["t"], sched, cfg.gamma, cfg.rec_weight)
-                L_rec = weighted_mse(x0_hat, m["x0"], w_rec)                                       # w_rec ‖x̂ − x_0‖²
-                loss_G = cfg.lambda_adv * L_adv.mean() + cfg.lambda_con * L_con.mean() + cfg.lambda_rec * L_rec.mean()
-            scale(loss_G / grad_accum, scaler_G).backward()
-        stats[3:7] += torch.stack([L_adv.detach().mean(), L_con.detach().mean(), L_rec.detach().mean(),
-                                   loss_G.detach()]) / grad_accum
+                L = generator_loss(D_plain, x0_hat, m["target"], m["x0"], m["t"], m["t_C"], m["c"],
+                                   sched=sched, cfg=cfg, distance=distance)
+            scale(L["loss_G"] / grad_accum, scaler_G).backward()
+        add(**{k: v.mean() for k, v in L.items()})
         m.clear()                                              # free the graph's inputs early
     grad_norm_G = optimizer_step(opt_G, G.parameters(), scaler_G, max_norm=cfg.grad_clip)
     D_plain.requires_grad_(True)
@@ -611,12 +641,8 @@ def train_step(G: nn.Module, D: nn.Module, opt_G, opt_D, x0: Tensor, cond=None, 
     skipped = not (math.isfinite(grad_norm_G) and math.isfinite(grad_norm_D))
     if G_ema is not None and not skipped:
         ema_update(G_ema, G_plain, cfg.ema_decay)
-    names = ("loss_D", "D_real", "D_fake", "L_adv", "L_con", "L_rec", "loss_G", "R1")
-    out = dict(zip(names, stats.tolist()))                     # one device sync for all figures
-    if cfg.r1_gamma == 0:
-        del out["R1"]
-    out.update(grad_norm_G=grad_norm_G, grad_norm_D=grad_norm_D, skipped=int(skipped))
-    return out
+    out = dict(zip(stats, torch.stack(list(stats.values())).tolist()))   # one device sync for all figures
+    return out | dict(grad_norm_G=grad_norm_G, grad_norm_D=grad_norm_D, skipped=int(skipped))
 
 
 def _sync_on_last(module: nn.Module, i: int, n: int):
@@ -641,6 +667,16 @@ def optimizer_step(opt, params, scaler, max_norm: Optional[float]) -> float:
     return norm
 
 
+@torch.no_grad()
+def ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
+    """θ_ema ← decay·θ_ema + (1 − decay)·θ, as ONE multi-tensor op over all parameters (no Python loop)."""
+    ema_p = [p for p in ema.parameters()]
+    model_p = [p.detach() for p in model.parameters()]
+    torch._foreach_lerp_(ema_p, model_p, 1.0 - decay)
+    for b_ema, b in zip(ema.buffers(), model.buffers()):
+        b_ema.copy_(b)
+
+
 def make_optimizers(G: nn.Module, D: nn.Module, cfg: YOSOConfig, fused: Optional[bool] = None):
     """AdamW for G (β = 0.9, 0.999) and D (β = 0, 0.999; lr_D, default the same lr), trainable params only
     (Sec. 2 step 4). fused: one multi-tensor kernel per step (the same update, to float rounding); None = on CUDA."""
@@ -657,7 +693,7 @@ def d_lr(cfg: YOSOConfig) -> float:
 
 
 # ==================================================================================================
-# 8. Sampling (Sec. 1; informative prior of Sec. 4.3)
+# 7. Sampling (Sec. 1; informative prior of Sec. 4.3)
 # ==================================================================================================
 
 @torch.no_grad()
@@ -710,7 +746,7 @@ class IPI:
 
 
 # ==================================================================================================
-# 9. Quick adaption (Sec. 4.3) and the 1024 transplant (Sec. 4.4)
+# 8. Quick adaption (Sec. 4.3) and the 1024 transplant (Sec. 4.4)
 # ==================================================================================================
 
 def adaption_target(teacher_out: Tensor, x_t_teacher: Tensor, t: Tensor, teacher_sched: NoiseSchedule,
@@ -752,7 +788,7 @@ def transplant_delta(target_base: dict, source_base: dict, source_tuned: dict) -
 
 
 # ==================================================================================================
-# 10. Run plumbing: checkpoints, metrics, distributed, the loop (shared by train_cifar.py and finetune_t2i.py)
+# 9. Run plumbing: checkpoints, metrics, distributed, the loop (shared by train_cifar.py and finetune_t2i.py)
 # ==================================================================================================
 # safetensors, torchvision, tqdm and matplotlib are imported where used, so the method above needs torch alone.
 
