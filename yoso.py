@@ -122,7 +122,8 @@ class YOSOConfig:
 # ==================================================================================================
 
 def make_betas(T: int, kind: str, beta_start: float, beta_end: float) -> Tensor:
-    """β_1..β_T of DDPM ("linear") or of SD / PixArt ("scaled_linear", linear in sqrt β). float64."""
+    """β_1..β_T, float64: "linear" (DDPM's, and PixArt-α's: 1e-4 → 0.02) or "scaled_linear" (SD-1.5's:
+    0.00085 → 0.012, linear in sqrt β)."""
     if kind == "linear":
         return torch.linspace(beta_start, beta_end, T, dtype=torch.float64)
     if kind == "scaled_linear":
@@ -333,7 +334,7 @@ class _LogisticLoss(torch.autograd.Function):
 
 
 class _WeightedMSE(torch.autograd.Function):
-    """w_i · mean_j (a_ij − b_ij)² per sample i. Saves only a − b; no gradient to w."""
+    """w_i · mean_j (a_ij − b_ij)² per sample i. Saves only a − b (and w); no gradient to w."""
 
     @staticmethod
     def forward(ctx, a: Tensor, b: Tensor, w: Tensor) -> Tensor:
@@ -669,7 +670,8 @@ def optimizer_step(opt, params, scaler, max_norm: Optional[float]) -> float:
 
 @torch.no_grad()
 def ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
-    """θ_ema ← decay·θ_ema + (1 − decay)·θ, as ONE multi-tensor op over all parameters (no Python loop)."""
+    """θ_ema ← decay·θ_ema + (1 − decay)·θ, as ONE multi-tensor op over all parameters; buffers (e.g.
+    norm statistics) are copied."""
     ema_p = [p for p in ema.parameters()]
     model_p = [p.detach() for p in model.parameters()]
     torch._foreach_lerp_(ema_p, model_p, 1.0 - decay)
@@ -703,7 +705,7 @@ def sample(G: nn.Module, noise: Tensor, cond=None, *, sched: NoiseSchedule, cfg:
 
     steps = 1:  x_0 = G(x_{T-1}, T−1).
     steps = k:  x̂_0 = G(x_{τ_i}, τ_i); x_{τ_{i+1}} = α x̂_0 + σ ε_new, on τ = T−1, T−1−T/k, ... ("trailing").
-    `noise` is N(0, I) for zero-terminal-SNR / from-scratch models, or ipi_prior(...) for IPI.
+    `noise` is N(0, I) for zero-terminal-SNR / from-scratch models, or IPI.prior(...) (Sec. 4.3).
     """
     taus = [cfg.T - 1 - i * (cfg.T // steps) for i in range(steps)]
     x = noise
