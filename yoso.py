@@ -65,34 +65,33 @@ Tensor = torch.Tensor
 @dataclass
 class YOSOConfig:
     # --- noise schedule (Sec. 4.3) ---
-    T: int = 1000                      # number of diffusion steps (official: 1000)
-    beta_schedule: str = "linear"      # "linear" (DDPM, PixArt-α: ᾱ_{T-1} ≈ 4.0e-5) or "scaled_linear" (SD-1.5: ≈ 0.0047)
-    beta_start: float = 1e-4           # DDPM's and PixArt-α's 1e-4; SD-1.5 uses 0.00085
-    beta_end: float = 0.02             # DDPM's and PixArt-α's 0.02; SD-1.5 uses 0.012
-    zero_terminal_snr: bool = False    # rescale betas so ᾱ_{T-1} = 0 (Lin et al. 2023; the PixArt fix); needs v or x_0
+    T: int = 1000                      # diffusion steps (official: 1000)
+    beta_schedule: str = "linear"      # "linear" (DDPM, PixArt-α) | "scaled_linear" (SD-1.5)
+    beta_start: float = 1e-4           # DDPM's and PixArt-α's; SD-1.5: 0.00085
+    beta_end: float = 0.02             # DDPM's and PixArt-α's; SD-1.5: 0.012
+    zero_terminal_snr: bool = False    # rescale so ᾱ_{T-1} = 0 (Lin et al. 2023); needs v or x_0
     # --- generator parameterisation (Sec. 1) ---
-    prediction_type: str = "v_prediction"  # "epsilon" | "v_prediction" | "sample"; v is exact at low noise (Sec. 5.1)
-    boundary_scaling: bool = False     # LCM's c_skip/c_out (official: on); pins G(x_0, 0) = x_0
+    prediction_type: str = "v_prediction"  # "epsilon" | "v_prediction" | "sample"
+    boundary_scaling: bool = False     # LCM's c_skip/c_out (official: on): G(x_0, 0) = x_0
     # --- the self-cooperative objective (Sec. 2) ---
-    k_D: int = 250                     # gap to the discriminator's "real" step t_D = t - k_D (official: 250)
-    k_C: int = 25                      # gap to the consistency target's step t_C = t - k_C (official: 25)
-    gamma: float = 5.0                 # clip of both weights w_con, w_rec (official snr_gamma = 5)
-    lambda_adv: float = 1.0            # weight of the adversarial term; 0 = no discriminator (ablation)
-    lambda_con: float = 2.0            # weight of the consistency term (official: 2)
-    lambda_rec: float = 0.5            # weight of the reconstruction ("KL") term (official: 0.5)
-    gan_loss: str = "per_sample"       # "per_sample" (paper) | "batch_mean" (official code: softplus of the mean logit)
-    rec_weight: str = "paper"          # "paper": each sample's own w_rec(t_i) | "released": the batch mean of w_rec, as
-                                       # train_yoso_lora.py executes it (its mean over an empty dim list; Sec. 2 step 3)
+    k_D: int = 250                     # t_D = t − k_D, D's "real" step (official: 250)
+    k_C: int = 25                      # t_C = t − k_C, the target's step (official: 25)
+    gamma: float = 5.0                 # clip of w_con and w_rec (official snr_gamma: 5)
+    lambda_adv: float = 1.0            # adversarial weight; 0 = no discriminator (ablation)
+    lambda_con: float = 2.0            # consistency weight (official: 2)
+    lambda_rec: float = 0.5            # reconstruction ("KL") weight (official: 0.5)
+    gan_loss: str = "per_sample"       # "per_sample" (paper) | "batch_mean" (released code)
+    rec_weight: str = "paper"          # "paper": w_rec(t_i) | "released": its batch mean
     # --- optimisation (Sec. 2 step 4) ---
-    lr: float = 2e-5                   # official LoRA lr; from scratch use ~2e-4
-    betas_G: tuple = (0.9, 0.999)      # AdamW betas of the generator (official)
-    lr_D: Optional[float] = None       # D's lr; None = lr, as released (DDGAN from scratch: 1.25e-4 with lr_G 1.6e-4)
-    betas_D: tuple = (0.0, 0.999)      # AdamW betas of the discriminator (official)
-    weight_decay: float = 1e-2         # AdamW weight decay of both (released code: 1e-2, diffusers' default; paper: unstated)
-    grad_clip: float = 1.0             # max grad norm of G (official max_grad_norm = 1)
-    ema_decay: float = 0.999           # EMA of G (official, fine-tuning); from scratch 0.9999 is usual
-    # --- guards of a from-scratch D (paper: none; DDGAN's, which YOSO builds on; Sec. 3) ---
-    r1_gamma: float = 0.0              # R1 penalty γ/2·‖∇_x D(real)‖² (0 = off, released; DDGAN CIFAR: 0.02)
+    lr: float = 2e-5                   # official LoRA lr; from scratch ~2e-4
+    betas_G: tuple = (0.9, 0.999)      # AdamW betas of G (official)
+    lr_D: Optional[float] = None       # D's lr; None = lr (official)
+    betas_D: tuple = (0.0, 0.999)      # AdamW betas of D (official)
+    weight_decay: float = 1e-2         # AdamW, both (released code; paper: unstated)
+    grad_clip: float = 1.0             # max grad norm of G (official: 1)
+    ema_decay: float = 0.999           # EMA of G (official, fine-tuning); from scratch 0.9999
+    # --- guards of a from-scratch D (paper: none; DDGAN's; Sec. 3) ---
+    r1_gamma: float = 0.0              # R1 γ/2·‖∇_x D(real)‖²; 0 = off (DDGAN: 0.02)
     r1_every: int = 1                  # lazy R1: every k-th step, scaled by k (DDGAN: 15)
 
     def __post_init__(self):
