@@ -19,7 +19,7 @@ Paper symbol -> code name
     G_θ(x_t, t, c) ...... predict_x0(G, x_t, t, c, ...)           (the one-step x_0 predictor)
     D(x, t, c) .......... D(x, t, c) -> logits (B,)
     k_D, k_C ............ cfg.k_D, cfg.k_C     (gaps to D's self-cooperative "real", to the target)
-    γ, λ_adv, λ_con, λ_rec  cfg.gamma, cfg.lambda_adv (0 drops D), cfg.lambda_con, cfg.lambda_rec
+    γ, λ_adv, λ_con, λ_rec  cfg.gamma, cfg.lambda_adv (0: no D), cfg.lambda_con, cfg.lambda_rec
     w_con(t), w_rec(t) .. consistency_weight, reconstruction_weight
     L_D; L_G, L_adv, L_con, L_rec  discriminator_loss; generator_loss (returns all four)
     sg[·] ............... torch.no_grad() / .detach()
@@ -35,7 +35,7 @@ Sections, in the order one training step touches them
     6. Train step: D step, G step, EMA; optimisers           (Sec. 2, steps 1-4)
     7. Sampling: one step, multi-step, informative prior     (Sec. 1, Sec. 4.3)
     8. Quick adaption and weight transplant                  (Sec. 4.3, Sec. 4.4)
-    9. Run plumbing: checkpoints, metrics, DDP, collapse figures, the loop   (shared by both scripts)
+    9. Run plumbing: checkpoints, metrics, DDP, collapse figures, the loop   (both scripts)
 """
 from __future__ import annotations
 
@@ -96,21 +96,24 @@ class YOSOConfig:
 
     def __post_init__(self):
         if not 0 < self.k_C < self.T or not 0 < self.k_D < self.T:
-            raise ValueError(f"need 0 < k_C, k_D < T, got k_C={self.k_C}, k_D={self.k_D}, T={self.T}")
+            raise ValueError(f"need 0 < k_C, k_D < T, got k_C={self.k_C}, k_D={self.k_D}, "
+                             f"T={self.T}")
         if self.prediction_type not in ("epsilon", "v_prediction", "sample"):
-            raise ValueError(f"prediction_type must be epsilon, v_prediction or sample, got {self.prediction_type!r}")
+            raise ValueError("prediction_type must be epsilon, v_prediction or sample, "
+                             f"got {self.prediction_type!r}")
         if self.lambda_adv < 0 or self.lambda_con < 0 or self.lambda_rec < 0:
             raise ValueError("the loss weights lambda_adv, lambda_con, lambda_rec must be >= 0")
         if self.gan_loss not in ("per_sample", "batch_mean"):
             raise ValueError(f"gan_loss must be per_sample or batch_mean, got {self.gan_loss!r}")
         if self.r1_gamma < 0 or self.r1_every < 1 or (self.lr_D is not None and self.lr_D <= 0):
-            raise ValueError(f"need r1_gamma >= 0, r1_every >= 1, lr_D > 0 (or None), got r1_gamma={self.r1_gamma}, "
-                             f"r1_every={self.r1_every}, lr_D={self.lr_D}")
+            raise ValueError(f"need r1_gamma >= 0, r1_every >= 1, lr_D > 0 (or None), "
+                             f"got r1_gamma={self.r1_gamma}, r1_every={self.r1_every}, "
+                             f"lr_D={self.lr_D}")
         if self.rec_weight not in ("paper", "released"):
             raise ValueError(f"rec_weight must be paper or released, got {self.rec_weight!r}")
         if self.zero_terminal_snr and self.prediction_type == "epsilon":
-            raise ValueError("prediction_type epsilon with zero_terminal_snr gives x̂_0 = ±inf at t = T-1 (α = 0); "
-                             "use v_prediction or sample")
+            raise ValueError("prediction_type epsilon with zero_terminal_snr gives x̂_0 = ±inf "
+                             "at t = T-1 (α = 0); use v_prediction or sample")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -131,7 +134,7 @@ def make_betas(T: int, kind: str, beta_start: float, beta_end: float) -> Tensor:
 
 
 def rescale_zero_terminal_snr(betas: Tensor) -> Tensor:
-    """Lin et al. 2023, Algorithm 1: shift and scale sqrt(ᾱ_t) so that ᾱ_{T-1} = 0 and ᾱ_0 is kept."""
+    """Lin et al. 2023, Algorithm 1: shift and scale sqrt(ᾱ_t) so ᾱ_{T-1} = 0, ᾱ_0 kept."""
     sqrt_ab = torch.cumprod(1 - betas, 0).sqrt()
     first, last = sqrt_ab[0].clone(), sqrt_ab[-1].clone()
     sqrt_ab = (sqrt_ab - last) * first / (first - last)        # last -> 0 exactly, first -> first
@@ -141,7 +144,7 @@ def rescale_zero_terminal_snr(betas: Tensor) -> Tensor:
 
 
 class NoiseSchedule:
-    """ᾱ_t on the integer grid t = 0..T-1, and α_t, σ_t, SNR_t read off it (stored in float64)."""
+    """ᾱ_t on the integer grid t = 0..T-1; α_t, σ_t, SNR_t read off it (stored in float64)."""
 
     def __init__(self, betas: Tensor):
         self.betas = betas.double()
@@ -149,7 +152,8 @@ class NoiseSchedule:
         self.T = len(betas)
 
     @classmethod
-    def from_config(cls, cfg: YOSOConfig, zero_terminal_snr: Optional[bool] = None) -> "NoiseSchedule":
+    def from_config(cls, cfg: YOSOConfig,
+                    zero_terminal_snr: Optional[bool] = None) -> "NoiseSchedule":
         betas = make_betas(cfg.T, cfg.beta_schedule, cfg.beta_start, cfg.beta_end)
         ztsnr = cfg.zero_terminal_snr if zero_terminal_snr is None else zero_terminal_snr
         return cls(rescale_zero_terminal_snr(betas) if ztsnr else betas)
@@ -162,7 +166,7 @@ class NoiseSchedule:
 
     def snr(self, t: Tensor) -> Tensor:
         ab = self.alphas_cumprod.to(t.device)[t]
-        return (ab / (1 - ab)).float()                          # inf at t where ᾱ = 1 never happens (β_0 > 0)
+        return (ab / (1 - ab)).float()                          # finite: ᾱ < 1 as β_0 > 0
 
     def add_noise(self, x0: Tensor, eps: Tensor, t: Tensor) -> Tensor:
         alpha_t, sigma_t = self.alpha_sigma(t, x0.ndim)
@@ -173,7 +177,8 @@ class NoiseSchedule:
 # 3. Forward process and the x_0-parameterisation (Sec. 1)
 # ==================================================================================================
 
-def x0_from_output(out: Tensor, x_t: Tensor, alpha_t: Tensor, sigma_t: Tensor, prediction_type: str) -> Tensor:
+def x0_from_output(out: Tensor, x_t: Tensor, alpha_t: Tensor, sigma_t: Tensor,
+                   prediction_type: str) -> Tensor:
     """Read a network output as an estimate of x_0 (Sec. 1)."""
     if prediction_type == "epsilon":
         return (x_t - sigma_t * out) / alpha_t                  # x̂_0 = (x_t − σ_t ε̂) / α_t
@@ -182,7 +187,8 @@ def x0_from_output(out: Tensor, x_t: Tensor, alpha_t: Tensor, sigma_t: Tensor, p
     return out                                                  # "sample": x̂_0 = network output
 
 
-def eps_from_output(out: Tensor, x_t: Tensor, alpha_t: Tensor, sigma_t: Tensor, prediction_type: str) -> Tensor:
+def eps_from_output(out: Tensor, x_t: Tensor, alpha_t: Tensor, sigma_t: Tensor,
+                    prediction_type: str) -> Tensor:
     """The ε a network output implies; used by quick adaption (Sec. 4.3)."""
     if prediction_type == "epsilon":
         return out
@@ -195,7 +201,8 @@ def v_target(x0: Tensor, eps: Tensor, alpha_t: Tensor, sigma_t: Tensor) -> Tenso
     return alpha_t * eps - sigma_t * x0                         # v = α_t ε − σ_t x_0
 
 
-def boundary_scalings(t: Tensor, sigma_data: float = 0.5, timestep_scaling: float = 10.0) -> tuple[Tensor, Tensor]:
+def boundary_scalings(t: Tensor, sigma_data: float = 0.5,
+                      timestep_scaling: float = 10.0) -> tuple[Tensor, Tensor]:
     """LCM's c_skip(t), c_out(t): G = c_skip x_t + c_out x̂_0, so G(x_0, 0) = x_0 (Sec. 1)."""
     s = timestep_scaling * t.float()
     c_skip = sigma_data ** 2 / (s ** 2 + sigma_data ** 2)
@@ -203,8 +210,10 @@ def boundary_scalings(t: Tensor, sigma_data: float = 0.5, timestep_scaling: floa
     return c_skip, c_out
 
 
-def predict_x0(G: nn.Module, x_t: Tensor, t: Tensor, cond, sched: NoiseSchedule, cfg: YOSOConfig) -> Tensor:
-    """G_θ(x_t, t, c): the one-step x_0 prediction of any G called as G(x_t, t, cond) -> shaped like x_t (Sec. 1)."""
+def predict_x0(G: nn.Module, x_t: Tensor, t: Tensor, cond, sched: NoiseSchedule,
+               cfg: YOSOConfig) -> Tensor:
+    """G_θ(x_t, t, c): the one-step x_0 prediction of any G called as G(x_t, t, cond), shaped
+    like x_t (Sec. 1)."""
     alpha_t, sigma_t = sched.alpha_sigma(t, x_t.ndim)
     x0_hat = x0_from_output(G(x_t, t, cond), x_t, alpha_t, sigma_t, cfg.prediction_type)
     if cfg.boundary_scaling:
@@ -214,16 +223,16 @@ def predict_x0(G: nn.Module, x_t: Tensor, t: Tensor, cond, sched: NoiseSchedule,
 
 
 # ==================================================================================================
-# 4. Losses (Sec. 2): the objective on one screen, then its pieces (per-sample values; callers reduce)
+# 4. Losses (Sec. 2): the objective on one screen, then its pieces (per sample; callers reduce)
 # ==================================================================================================
-# One x_0 and one ε give x_t, x_tD, x_tC at three noise levels: t, t_D = t − k_D, t_C = t − k_C.
+# One x_0 and one ε give x_t, x_tD, x_tC at three noise levels: t, t_D = t − k_D, t_C = t − k_C
 #   L_D = softplus(−D(sg G(x_tD, t_D), t)) + softplus(D(sg G(x_t, t), t))
 #   L_G = λ_adv·softplus(−D(G(x_t, t), t)) + λ_con·w_con(t)·d(G(x_t, t), sg G(x_tC, t_C))
 #       + λ_rec·w_rec(t)·‖G(x_t, t) − x_0‖²
-# D's "real" is G's own denoising of less-noised data (self-cooperation); real data enters through L_rec.
-# train_step (section 6) calls the four functions below and adds only how they run: micro-batches, DDP
-# sync, GradScaler, lazy R1 and the order that keeps memory low. tests/reference.py writes the same step
-# out naively (4 G and 3 D forwards); a test holds train_step to it.
+# D's "real" is G's own denoising of less-noised data (self-cooperation); data enters via L_rec.
+# train_step (section 6) calls the four functions below and adds only how they run: micro-batches,
+# DDP sync, GradScaler, lazy R1 and the order that keeps memory low. tests/reference.py writes the
+# same step out naively (4 G and 3 D forwards); a test holds train_step to it.
 
 def noise_levels(t: Tensor, cfg: YOSOConfig) -> tuple[Tensor, Tensor]:
     """t_D = max(t − k_D, 0), t_C = max(t − k_C, 0)   (Sec. 2 step 1)."""
@@ -251,15 +260,20 @@ def discriminator_loss(logits_real: Optional[Tensor], logits_fake: Optional[Tens
     return real + (logistic_loss(logits_fake, False, batch_mean) if logits_fake is not None else 0)
 
 
-def generator_loss(D: nn.Module, x0_hat: Tensor, target: Tensor, x0: Tensor, t: Tensor, t_C: Tensor, c, *,
-                   sched: NoiseSchedule, cfg: YOSOConfig, distance: Callable) -> dict:
-    """L_G and its three terms per sample (Sec. 2 step 3). x0_hat = G(x_t, t) with its graph; D frozen."""
-    L_adv = (generator_adv_loss(D(x0_hat, t, c), cfg.gan_loss == "batch_mean") if cfg.lambda_adv > 0
-             else torch.zeros(len(t), device=t.device))                  # softplus(−D(x̂, t)); λ_adv = 0: no D
-    L_con = consistency_weight(t, t_C, sched, cfg.gamma) * distance(x0_hat, target, c)   # w_con d(x̂, target)
+def generator_loss(D: nn.Module, x0_hat: Tensor, target: Tensor, x0: Tensor, t: Tensor,
+                   t_C: Tensor, c, *, sched: NoiseSchedule, cfg: YOSOConfig,
+                   distance: Callable) -> dict:
+    """L_G and its three terms per sample (Sec. 2 step 3); x0_hat = G(x_t, t) with its graph."""
+    if cfg.lambda_adv > 0:                                       # softplus(−D(x̂, t))
+        L_adv = generator_adv_loss(D(x0_hat, t, c), cfg.gan_loss == "batch_mean")
+    else:                                                        # λ_adv = 0: no D (ablation)
+        L_adv = torch.zeros(len(t), device=t.device)
+    w_con = consistency_weight(t, t_C, sched, cfg.gamma)
     w_rec = reconstruction_weight(t, sched, cfg.gamma, cfg.rec_weight)
-    L_rec = weighted_mse(x0_hat, x0, w_rec)                                             # w_rec ‖x̂ − x_0‖²
-    loss_G = cfg.lambda_adv * L_adv.mean() + cfg.lambda_con * L_con.mean() + cfg.lambda_rec * L_rec.mean()
+    L_con = w_con * distance(x0_hat, target, c)                  # w_con d(x̂, sg G(x_tC, t_C))
+    L_rec = weighted_mse(x0_hat, x0, w_rec)                      # w_rec ‖x̂ − x_0‖²
+    loss_G = (cfg.lambda_adv * L_adv.mean() + cfg.lambda_con * L_con.mean()
+              + cfg.lambda_rec * L_rec.mean())
     return dict(L_adv=L_adv, L_con=L_con, L_rec=L_rec, loss_G=loss_G)
 
 
@@ -274,11 +288,13 @@ def sample_noise_levels(B: int, cfg: YOSOConfig, device) -> tuple[Tensor, Tensor
 def consistency_weight(t: Tensor, t_C: Tensor, sched: NoiseSchedule, gamma: float) -> Tensor:
     """w_con(t) = min(1 / (σ_t/α_t − σ_{t_C}/α_{t_C}), γ)   (Sec. 2 step 3)."""
     ab = sched.alphas_cumprod.to(t.device)
-    inv_snr_sqrt = ((1 - ab) / ab).sqrt()                       # σ/α, inf where ᾱ = 0 (zero terminal SNR)
-    return (1 / (inv_snr_sqrt[t] - inv_snr_sqrt[t_C])).clamp(max=gamma).float()   # t == t_C -> 1/0 = inf -> γ
+    inv_snr_sqrt = ((1 - ab) / ab).sqrt()                       # σ/α; inf where ᾱ = 0 (ZTSNR)
+    w = 1 / (inv_snr_sqrt[t] - inv_snr_sqrt[t_C])               # t == t_C: 1/0 = inf, clipped to γ
+    return w.clamp(max=gamma).float()
 
 
-def reconstruction_weight(t: Tensor, sched: NoiseSchedule, gamma: float, form: str = "paper") -> Tensor:
+def reconstruction_weight(t: Tensor, sched: NoiseSchedule, gamma: float,
+                          form: str = "paper") -> Tensor:
     """w_rec(t) = min(SNR_t, γ) per sample   (Sec. 2 step 3), shape (B,).
 
     form="released" gives every sample the BATCH MEAN of min(SNR_t, γ) instead: what
@@ -312,7 +328,7 @@ def latent_perceptual_distance(features: Callable) -> Callable:
     return distance
 
 
-# --- Fused ops behind the losses: hand-written backward, the same code on CPU and CUDA (no Triton) ---
+# --- Fused ops behind the losses: hand-written backward, the same code on CPU and CUDA ---
 # Each Function saves one tensor instead of the chain of intermediates eager autograd keeps, and
 # computes in (at least) float32 whatever the autocast dtype of its inputs.
 
@@ -321,7 +337,7 @@ def _upcast(x: Tensor) -> Tensor:
 
 
 class _LogisticLoss(torch.autograd.Function):
-    """softplus(−s·x) per element, s = +1 for "real", −1 for "fake".  d/dx = −s·sigmoid(−s·x)."""
+    """softplus(−s·x) per element, s = +1 ("real") or −1 ("fake"); d/dx = −s·σ(−s·x)."""
 
     @staticmethod
     def forward(ctx, logits: Tensor, sign: float) -> Tensor:
@@ -337,7 +353,7 @@ class _LogisticLoss(torch.autograd.Function):
 
 
 class _WeightedMSE(torch.autograd.Function):
-    """w_i · mean_j (a_ij − b_ij)² per sample i. Saves only a − b (and w); no gradient to w."""
+    """w_i · mean_j (a_ij − b_ij)² per sample i. Saves only a − b (and w); no grad to w."""
 
     @staticmethod
     def forward(ctx, a: Tensor, b: Tensor, w: Tensor) -> Tensor:
@@ -363,7 +379,8 @@ def logistic_loss(logits: Tensor, real: bool, batch_mean: bool = False) -> Tenso
     batch_mean=True reproduces the official code, which applies softplus to the batch-mean logit;
     it then returns one value, shape (1,).
     """
-    return _LogisticLoss.apply(logits.mean(0, keepdim=True) if batch_mean else logits, 1.0 if real else -1.0)
+    x = logits.mean(0, keepdim=True) if batch_mean else logits
+    return _LogisticLoss.apply(x, 1.0 if real else -1.0)
 
 
 def weighted_mse(a: Tensor, b: Tensor, w: Optional[Tensor] = None) -> Tensor:
@@ -380,7 +397,8 @@ def weighted_mse(a: Tensor, b: Tensor, w: Optional[Tensor] = None) -> Tensor:
 def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
     """Sinusoidal embedding of integer steps t (B,) -> (B, dim)."""
     half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+    freqs = -math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32)
+    freqs = torch.exp(freqs / half)
     args = t.float()[:, None] * freqs[None]
     return torch.cat([args.cos(), args.sin()], dim=1)
 
@@ -398,45 +416,50 @@ class DiscriminatorHead(nn.Module):
     built for (a square H·W); another square grid (a new resolution) interpolates the embedding
     bicubically, with a one-time warning."""
 
-    def __init__(self, channels: int, grid: int, head_channels: int = 16, out_dim: int = 512, groups: int = 32):
+    def __init__(self, channels: int, grid: int, head_channels: int = 16, out_dim: int = 512,
+                 groups: int = 32):
         super().__init__()
         self.norm = nn.GroupNorm(math.gcd(groups, channels), channels)
-        self.pos = nn.Parameter(torch.randn(grid + 1, channels) / channels ** 0.5)   # row 0: the mean token's
-        self.qkv = nn.Linear(channels, 3 * channels)           # released: a 1x1 Conv1d, the same map
+        self.pos = nn.Parameter(torch.randn(grid + 1, channels) / channels ** 0.5)   # row 0: mean
+        self.qkv = nn.Linear(channels, 3 * channels)           # released: a 1x1 Conv1d, same map
         self.heads = max(1, channels // head_channels)         # released: 1280 / 16 = 80 heads
         self.proj = nn.Linear(channels, out_dim)
         self.fc = nn.Linear(out_dim, 1)
         self._warned = False
 
     def positions(self, n: int) -> Tensor:
-        """The (n + 1, C) positional embedding, the token rows interpolated when n is not the built grid."""
+        """The (n + 1, C) positional embedding; token rows interpolated when n is another grid."""
         if n + 1 == len(self.pos):
             return self.pos
         g0, g = math.isqrt(len(self.pos) - 1), math.isqrt(n)
         if g * g != n or g0 * g0 != len(self.pos) - 1:
-            raise ValueError(f"D's head was built for {len(self.pos) - 1} tokens and got {n}: only square grids "
-                             "interpolate")
+            raise ValueError(f"D's head was built for {len(self.pos) - 1} tokens and got {n}: "
+                             "only square grids interpolate")
         if not self._warned:
-            print(f"note: D's positional embedding interpolated from a {g0}x{g0} to a {g}x{g} token grid",
-                  file=sys.stderr)
+            print(f"note: D's positional embedding interpolated from a {g0}x{g0} to a {g}x{g} "
+                  "token grid", file=sys.stderr)
             self._warned = True
         grid = self.pos[1:].T.reshape(1, -1, g0, g0)
-        grid = F.interpolate(grid.float(), size=(g, g), mode="bicubic", align_corners=False).to(self.pos.dtype)
+        grid = F.interpolate(grid.float(), size=(g, g), mode="bicubic", align_corners=False)
+        grid = grid.to(self.pos.dtype)
         return torch.cat([self.pos[:1], grid.reshape(-1, n).T])
 
     def forward(self, h: Tensor) -> Tensor:
         h = h.flatten(2) if h.ndim == 4 else h.transpose(1, 2)   # (B, C, N)
         h = F.silu(self.norm(h))
-        h = torch.cat([h.mean(2, keepdim=True), h], 2).transpose(1, 2)   # (B, N + 1, C): mean token first
+        h = torch.cat([h.mean(2, keepdim=True), h], 2).transpose(1, 2)   # (B, N + 1, C), mean 1st
         B, N1, C = h.shape
         h = h + self.positions(N1 - 1).to(h.dtype)
         d = C // self.heads
         W_q, W_kv = self.qkv.weight.split([C, 2 * C])
         b_q, b_kv = self.qkv.bias.split([C, 2 * C])
-        q = F.linear(h[:, :1], W_q, b_q).view(B, 1, self.heads, d).transpose(1, 2)          # only the mean token asks
-        k, v = F.linear(h, W_kv, b_kv).view(B, N1, 2, self.heads, d).permute(2, 0, 3, 1, 4)  # (B, heads, N + 1, d)
-        w = torch.softmax((q @ k.transpose(-1, -2)).float() / math.sqrt(d), -1).to(v.dtype)   # (B, heads, 1, N + 1)
-        pooled = (w @ v).reshape(B, C)                          # written out: R1 needs its double backward
+        q = F.linear(h[:, :1], W_q, b_q).view(B, 1, self.heads, d)      # only the mean token asks
+        q = q.transpose(1, 2)                                           # (B, heads, 1, d)
+        kv = F.linear(h, W_kv, b_kv).view(B, N1, 2, self.heads, d)
+        k, v = kv.permute(2, 0, 3, 1, 4)                                # (B, heads, N + 1, d) each
+        w = (q @ k.transpose(-1, -2)).float() / math.sqrt(d)
+        w = torch.softmax(w, -1).to(v.dtype)                            # (B, heads, 1, N + 1)
+        pooled = (w @ v).reshape(B, C)                  # written out: R1 needs its double backward
         return self.fc(F.silu(self.proj(pooled))).squeeze(1)   # (B,)
 
 
@@ -446,20 +469,22 @@ def minibatch_std(h: Tensor, group: int) -> Tensor:
     over C, H, W. A D that sees it can tell a batch of copies (std 0) from a varied one, so a
     collapsed G is caught."""
     B = h.shape[0]
-    g = math.gcd(group, B)                                     # samples i, i + B/g, ... form a group
+    g = math.gcd(group, B)                                     # groups: samples i, i + B/g, ...
     y = h.float().view(g, B // g, *h.shape[1:])
     y = (y.var(0, unbiased=False) + 1e-8).sqrt().mean([1, 2, 3])   # (B // g,)
     return torch.cat([h, y.to(h.dtype).repeat(g).view(B, 1, 1, 1).expand(B, 1, *h.shape[2:])], 1)
 
 
 class _DBlock(nn.Module):
-    """Residual conv block with the time embedding added as a per-channel bias, then 2x downsample."""
+    """Residual conv block, the time embedding added as a per-channel bias; then 2x downsample."""
 
     def __init__(self, c_in: int, c_out: int, emb_dim: int, down: bool):
         super().__init__()
-        self.norm1, self.conv1 = nn.GroupNorm(math.gcd(32, c_in), c_in), nn.Conv2d(c_in, c_out, 3, padding=1)
+        self.norm1 = nn.GroupNorm(math.gcd(32, c_in), c_in)
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, padding=1)
         self.emb = nn.Linear(emb_dim, c_out)
-        self.norm2, self.conv2 = nn.GroupNorm(math.gcd(32, c_out), c_out), nn.Conv2d(c_out, c_out, 3, padding=1)
+        self.norm2 = nn.GroupNorm(math.gcd(32, c_out), c_out)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1)
         self.skip = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
         self.down = down
 
@@ -476,16 +501,17 @@ class Discriminator(nn.Module):
     noise level. Ignores c (CIFAR-10). mbstd_group > 0 adds the minibatch-std channel before the
     last block (DDGAN: 4; the paper: none)."""
 
-    def __init__(self, in_channels: int = 3, channels: tuple = (64, 128, 256, 256), emb_dim: int = 256,
-                 resolution: int = 32, mbstd_group: int = 0):
+    def __init__(self, in_channels: int = 3, channels: tuple = (64, 128, 256, 256),
+                 emb_dim: int = 256, resolution: int = 32, mbstd_group: int = 0):
         super().__init__()
         self.emb_dim, self.mbstd_group = emb_dim, mbstd_group
-        self.t_mlp = nn.Sequential(nn.Linear(emb_dim, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        self.t_mlp = nn.Sequential(nn.Linear(emb_dim, emb_dim), nn.SiLU(),
+                                   nn.Linear(emb_dim, emb_dim))
         self.stem = nn.Conv2d(in_channels, channels[0], 3, padding=1)
         c_ins = [channels[0]] + list(channels[:-1])
         c_ins[-1] += 1 if mbstd_group else 0
-        self.blocks = nn.ModuleList(
-            _DBlock(ci, co, emb_dim, down=i < len(channels) - 1) for i, (ci, co) in enumerate(zip(c_ins, channels)))
+        self.blocks = nn.ModuleList(_DBlock(ci, co, emb_dim, down=i < len(channels) - 1)
+                                    for i, (ci, co) in enumerate(zip(c_ins, channels)))
         side = resolution // 2 ** (len(channels) - 1)
         self.head = DiscriminatorHead(channels[-1], grid=side * side)
 
