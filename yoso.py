@@ -597,18 +597,20 @@ def train_step(G: nn.Module, D: nn.Module, opt_G, opt_D, x0: Tensor, cond=None, 
     batch_mean = cfg.gan_loss == "batch_mean"
     keep_graph = grad_accum == 1
     scale = lambda loss, scaler: scaler.scale(loss) if scaler is not None else loss
-    names = ("loss_D", "D_real", "D_fake", "L_adv", "L_con", "L_rec", "loss_G") + ("R1",) * (cfg.r1_gamma > 0)
-    stats = dict.fromkeys(names, torch.zeros((), device=device))   # means over micro-batches, on the device
+    no_sync = lambda m: m.no_sync() if hasattr(m, "no_sync") else contextlib.nullcontext()
+    names = ["loss_D", "D_real", "D_fake", "L_adv", "L_con", "L_rec", "loss_G"]
+    names += ["R1"] if cfg.r1_gamma > 0 else []
+    stats = dict.fromkeys(names, torch.zeros((), device=device))   # micro-batch means, on device
 
     def add(**figures):
         stats.update({k: stats[k] + v.detach().float() / grad_accum for k, v in figures.items()})
 
-    # --- 1. noise levels and inputs: one x_0, one ε, three steps -----------------------------------
+    # --- 1. noise levels and inputs: one x_0, one ε, three steps ---------------------------------
     # Drawn for the whole batch before splitting, so grad_accum does not change the random stream;
-    # or given (`noise` = (t, ε), e.g. yoso.step_noise: the same draws for any number of processes).
+    # or given (`noise` = (t, ε), e.g. yoso.step_noise: the same draws for any process count).
     if noise is None:
         t, t_D, t_C = sample_noise_levels(x0.shape[0], cfg, device)
-        eps = torch.randn(x0.shape, device=device, dtype=x0.dtype)   # not randn_like: it follows the layout
+        eps = torch.randn(x0.shape, device=device, dtype=x0.dtype)   # randn_like follows the layout
     else:
         t, eps = (v.to(device) for v in noise)
         t_D, t_C = noise_levels(t, cfg)
@@ -617,20 +619,21 @@ def train_step(G: nn.Module, D: nn.Module, opt_G, opt_D, x0: Tensor, cond=None, 
     if x0.shape[0] % grad_accum:
         raise ValueError(f"batch {x0.shape[0]} is not divisible by grad_accum={grad_accum}")
     parts = {k: v.chunk(grad_accum) for k, v in full.items()}
-    micro = [{k: parts[k][i] for k in parts} | {"c": c} for i, c in enumerate(split_cond(cond, grad_accum))]
+    conds = split_cond(cond, grad_accum)
+    micro = [{k: parts[k][i] for k in parts} | {"c": c} for i, c in enumerate(conds)]
 
-    # --- 2. D step: L_D's real term, then its fake term, each backward at once ----------------------
-    use_D = cfg.lambda_adv > 0                                 # λ_adv = 0: the no-discriminator ablation
+    # --- 2. D step: L_D's real term, then its fake term, each backward at once --------------------
+    use_D = cfg.lambda_adv > 0                                 # λ_adv = 0: the no-D ablation
     D.requires_grad_(True)
     opt_D.zero_grad(set_to_none=True)
     r1_now = use_D and cfg.r1_gamma > 0 and step % cfg.r1_every == 0
     for i, m in enumerate(micro):
         B = m["x0"].shape[0]
         with autocast():
-            real, m["target"] = self_cooperative_samples(G_plain, m["x_tD"], m["t_D"], m["x_tC"], m["t_C"],
-                                                         m["c"], sched, cfg, with_real=use_D)
-        if use_D:                                              # real first: its D graph is gone before G's exists
-            with D.no_sync() if hasattr(D, "no_sync") else contextlib.nullcontext(), autocast():  # DDP: fake syncs
+            real, m["target"] = self_cooperative_samples(G_plain, m["x_tD"], m["t_D"], m["x_tC"],
+                                                         m["t_C"], m["c"], sched, cfg, use_D)
+        if use_D:                                  # real first: its D graph goes before G's exists
+            with no_sync(D), autocast():           # DDP: the fake term's backward syncs
                 real = real.detach().requires_grad_(r1_now)
                 logits_real = D(real, m["t"], m["c"])
                 loss_real = discriminator_loss(logits_real, None, batch_mean).mean()
@@ -639,7 +642,7 @@ def train_step(G: nn.Module, D: nn.Module, opt_G, opt_D, x0: Tensor, cond=None, 
                     loss_real = loss_real + cfg.r1_every * r1
                     add(R1=r1)
             scale(loss_real / grad_accum, scaler_D).backward()
-        with torch.set_grad_enabled(keep_graph), autocast():  # G(x_t): D's fake now, the G step's x̂ later
+        with torch.set_grad_enabled(keep_graph), autocast():  # G(x_t): D's fake now, x̂ later
             x0_hat = predict_x0(G, m["x_t"], m["t"], m["c"], sched, cfg)
         m["x0_hat"] = x0_hat if keep_graph else None
         if not use_D:
@@ -649,24 +652,29 @@ def train_step(G: nn.Module, D: nn.Module, opt_G, opt_D, x0: Tensor, cond=None, 
         # this peak under the G step's. softplus of the batch-mean logit does not split: batch_mean
         # runs it whole.
         pieces = min(2, B) if keep_graph and not batch_mean else 1
+        halves = zip(x0_hat.detach().chunk(pieces), m["t"].chunk(pieces),
+                     split_cond(m["c"], pieces))
         loss_fake, sum_fake = 0.0, 0.0
-        for j, (fake, t_j, c_j) in enumerate(zip(x0_hat.detach().chunk(pieces), m["t"].chunk(pieces),
-                                                 split_cond(m["c"], pieces))):
-            with _sync_on_last(D, i * pieces + j, grad_accum * pieces), autocast():  # DDP: reduce at the last
+        for j, (fake, t_j, c_j) in enumerate(halves):
+            with _sync_on_last(D, i * pieces + j, grad_accum * pieces), autocast():  # DDP: once
                 logits_fake = D(fake, t_j, c_j)
-                loss = discriminator_loss(None, logits_fake, batch_mean).mean() * (len(logits_fake) / B)
+                loss = discriminator_loss(None, logits_fake, batch_mean).mean() * (len(fake) / B)
             scale(loss / grad_accum, scaler_D).backward()
-            loss_fake, sum_fake = loss_fake + loss.detach(), sum_fake + logits_fake.detach().float().sum()
-        add(loss_D=loss_real + loss_fake, D_real=logits_real.float().mean(), D_fake=sum_fake / B)
+            loss_fake = loss_fake + loss.detach()
+            sum_fake = sum_fake + logits_fake.detach().float().sum()
+        add(loss_D=loss_real.detach() + loss_fake, D_real=logits_real.detach().float().mean(),
+            D_fake=sum_fake / B)
     grad_norm_D = optimizer_step(opt_D, D.parameters(), scaler_D, max_norm=None) if use_D else 0.0
 
-    # --- 3. G step: D frozen (its plain module, so DDP does not wait for D's gradients) --------------
-    D_plain.requires_grad_(False)                              # no parameter grads for D: G's step only
+    # --- 3. G step: D frozen (its plain module, so DDP does not wait for D's gradients) -----------
+    D_plain.requires_grad_(False)                              # no parameter grads for D: G's step
     opt_G.zero_grad(set_to_none=True)
     for i, m in enumerate(micro):
         with _sync_on_last(G, i, grad_accum):
-            with autocast():                                   # the perceptual distance's network too
-                x0_hat = m["x0_hat"] if keep_graph else predict_x0(G, m["x_t"], m["t"], m["c"], sched, cfg)
+            with autocast():                                   # the perceptual distance's net too
+                x0_hat = m["x0_hat"]
+                if not keep_graph:
+                    x0_hat = predict_x0(G, m["x_t"], m["t"], m["c"], sched, cfg)
                 L = generator_loss(D_plain, x0_hat, m["target"], m["x0"], m["t"], m["t_C"], m["c"],
                                    sched=sched, cfg=cfg, distance=distance)
             scale(L["loss_G"] / grad_accum, scaler_G).backward()
@@ -675,17 +683,18 @@ def train_step(G: nn.Module, D: nn.Module, opt_G, opt_D, x0: Tensor, cond=None, 
     grad_norm_G = optimizer_step(opt_G, G.parameters(), scaler_G, max_norm=cfg.grad_clip)
     D_plain.requires_grad_(True)
 
-    # --- 4. EMA of G --------------------------------------------------------------------------------
+    # --- 4. EMA of G ------------------------------------------------------------------------------
     skipped = not (math.isfinite(grad_norm_G) and math.isfinite(grad_norm_D))
     if G_ema is not None and not skipped:
         ema_update(G_ema, G_plain, cfg.ema_decay)
-    out = dict(zip(stats, torch.stack(list(stats.values())).tolist()))   # one device sync for all figures
+    out = dict(zip(stats, torch.stack(list(stats.values())).tolist()))   # one sync for all figures
     return out | dict(grad_norm_G=grad_norm_G, grad_norm_D=grad_norm_D, skipped=int(skipped))
 
 
 def _sync_on_last(module: nn.Module, i: int, n: int):
     """Under DDP, all-reduce gradients after the last micro-batch only."""
-    return module.no_sync() if i < n - 1 and hasattr(module, "no_sync") else contextlib.nullcontext()
+    skip = i < n - 1 and hasattr(module, "no_sync")
+    return module.no_sync() if skip else contextlib.nullcontext()
 
 
 def optimizer_step(opt, params, scaler, max_norm: Optional[float]) -> float:
@@ -695,10 +704,10 @@ def optimizer_step(opt, params, scaler, max_norm: Optional[float]) -> float:
     params = [p for p in params if p.grad is not None]
     if scaler is not None:
         scaler.unscale_(opt)
-    norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm is not None else float("inf"))
-    norm = float(norm)
+    max_norm = max_norm if max_norm is not None else float("inf")
+    norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
     if scaler is not None:
-        scaler.step(opt)                                       # GradScaler skips non-finite steps itself
+        scaler.step(opt)                                       # skips a non-finite step itself
         scaler.update()
     elif math.isfinite(norm):
         opt.step()
