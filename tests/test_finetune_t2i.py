@@ -272,7 +272,8 @@ def test_prompts_data_are_the_frozen_bases_own_samples(base):
     data = ft.Items([(None, p) for p in prompts], pipe, frozen, cfg, torch.device("cpu"),
                     lambda: torch.autocast("cpu", enabled=False))
     x0, _ = data.get([0, 1, 2])
-    torch.testing.assert_close(data.get([2])[0][0], x0[2])  # the same sample in any batch
+    # the same sample in any batch (batched matmuls round differently: seen 1.1e-5 apart; another seed is O(1))
+    torch.testing.assert_close(data.get([2])[0][0], x0[2], rtol=1e-4, atol=1e-4)
     from diffusers import DPMSolverMultistepScheduler
     plain = ft.load_base(base)
     plain.scheduler = DPMSolverMultistepScheduler.from_config(plain.scheduler.config)
