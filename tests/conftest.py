@@ -10,6 +10,10 @@ from PIL import Image
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):         # parallel workers (pytest.ini): share the cores, not fight
+    import torch
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
+
 
 def write_image_folder(root, n_train=24, n_test=4, corrupt=1, size=32, seed=0):
     """ImageFolder layout: train/<class>/*.png (+ `corrupt` broken .jpg files) and test/<class>/*.png."""
