@@ -79,8 +79,12 @@ PRESETS = {
     # fp32: bf16 autocast is ~20x SLOWER on this CPU with torch 2.14 (benchmarks/cpu_amp.py: no avx512_bf16 kernels
     # in the build); ~2.3 s/step at batch 32 on 1 idle thread: 1500 steps in about an hour, grids every 500.
     # EMA 0.99 (a 100-step horizon): at 0.999 a run of a few hundred steps samples mostly its initial weights.
+    # DDGAN's guards of a from-scratch D (minibatch std, lazy R1, Adam (0.5, 0.9), its lrs): one-step FID-1k 312
+    # against 389 without them at equal CPU time (benchmarks/README.md, "the collapse pair").
     "cpu": dict(unet_channels=(32, 64, 64), unet_layers=1, attn_resolutions=(), d_channels=(32, 64, 64),
-                batch=32, amp="none", steps=1500, ema_decay=0.99, log_every=10, sample_every=500, ckpt_every=250),
+                batch=32, amp="none", steps=1500, ema_decay=0.99, log_every=10, sample_every=500, ckpt_every=250,
+                d_mbstd=4, r1_gamma=0.02, r1_every=15, betas_G=(0.5, 0.9), betas_D=(0.5, 0.9), lr=1.6e-4,
+                lr_D=1.25e-4),
     # tiny nets, fp32 (bit-exact resume tests); checks the pipeline, not the method.
     "smoke": dict(unet_channels=(16, 32), unet_layers=1, attn_resolutions=(), d_channels=(16, 32), batch=8,
                   steps=30, amp="none", ema_decay=0.9, log_every=1, sample_every=10, ckpt_every=10, n_grid=16,
@@ -464,7 +468,8 @@ def main(argv=None) -> int:
     p.add_argument("--n", type=int, default=64, help="samples written by --sample (default: %(default)s)")
     p.add_argument("--npz", metavar="PATH", help="--sample's output; the first 64 go to PATH's .png "
                    "(default: samples-<step>-<steps>step.npz in --out)")
-    p.add_argument("--steps", type=int, default=1, help="sampling steps of --sample and --fid (default: %(default)s)")
+    p.add_argument("--steps", type=int, help="sampling steps of --sample and --fid (default: 1; training steps: "
+                   "--set steps=N)")
     p.add_argument("--seed", type=int, default=0, help="noise seed of --sample (default: %(default)s)")
     p.add_argument("--fid", type=int, default=0, metavar="N", help="FID of N EMA samples after training or of "
                    "--sample CKPT (default: %(default)s, none)")
@@ -475,6 +480,10 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     def body() -> int:
+        if args.steps is not None and not (args.sample or args.fid):
+            raise yoso.UserError(f"--steps {args.steps} sets the sampling steps of --sample and --fid; to train "
+                                 f"{args.steps} steps use --set steps={args.steps}")
+        args.steps = 1 if args.steps is None else args.steps
         if args.n <= 0 or args.steps <= 0 or args.fid < 0 or args.fid_ref < 0:
             raise yoso.UserError("--n and --steps must be positive, --fid and --fid-ref non-negative")
         if not (args.preset or args.resume or args.sample or torch.cuda.is_available()):

@@ -328,28 +328,13 @@ def latent_perceptual_distance(features: Callable) -> Callable:
     return distance
 
 
-# --- Fused ops behind the losses: hand-written backward, the same code on CPU and CUDA ---
-# Each Function saves one tensor instead of the chain of intermediates eager autograd keeps, and
-# computes in (at least) float32 whatever the autocast dtype of its inputs.
+# --- The fused op behind the losses: hand-written backward, the same code on CPU and CUDA ---
+# It saves one tensor instead of the chain of intermediates eager autograd keeps, and computes in
+# (at least) float32 whatever the autocast dtype of its inputs. (The logistic loss was one too: on (B,)
+# logits the plain softplus is as good, 0.04 against 0.08 ms on the CPU, 0.41 against 0.31 on an H200.)
 
 def _upcast(x: Tensor) -> Tensor:
     return x if x.dtype == torch.float64 else x.float()
-
-
-class _LogisticLoss(torch.autograd.Function):
-    """softplus(−s·x) per element, s = +1 ("real") or −1 ("fake"); d/dx = −s·σ(−s·x)."""
-
-    @staticmethod
-    def forward(ctx, logits: Tensor, sign: float) -> Tensor:
-        x = _upcast(logits)
-        ctx.save_for_backward(x)
-        ctx.sign, ctx.dtype = sign, logits.dtype
-        return F.softplus(-sign * x)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):
-        (x,) = ctx.saved_tensors
-        return (grad * (-ctx.sign) * torch.sigmoid(-ctx.sign * x)).to(ctx.dtype), None
 
 
 class _WeightedMSE(torch.autograd.Function):
@@ -379,8 +364,8 @@ def logistic_loss(logits: Tensor, real: bool, batch_mean: bool = False) -> Tenso
     batch_mean=True reproduces the official code, which applies softplus to the batch-mean logit;
     it then returns one value, shape (1,).
     """
-    x = logits.mean(0, keepdim=True) if batch_mean else logits
-    return _LogisticLoss.apply(x, 1.0 if real else -1.0)
+    x = _upcast(logits.mean(0, keepdim=True) if batch_mean else logits)
+    return F.softplus(-x if real else x)
 
 
 def weighted_mse(a: Tensor, b: Tensor, w: Optional[Tensor] = None) -> Tensor:

@@ -528,6 +528,13 @@ def test_set_keys_are_listed_in_help_and_in_the_error(cifar_like_folder, tmp_pat
                               "--set", "nonsense=1"), "nonsense=1", "one of:", "lr_D", "d_mbstd")
 
 
+def test_steps_without_sampling_is_one_line_naming_the_training_key(cifar_like_folder, tmp_path):
+    # --steps is the sampler's; training with it used to ignore it silently
+    r = cli("--preset", "smoke", "--data", cifar_like_folder, "--out", tmp_path / "r", "--steps", "50")
+    assert_one_error_line(r, "--steps 50", "--set steps=50")
+    assert not (tmp_path / "r").exists()
+
+
 def test_a_failed_download_leaves_no_empty_data_folder(tmp_path, monkeypatch):
     import torchvision
     monkeypatch.chdir(tmp_path)
