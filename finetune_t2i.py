@@ -800,7 +800,8 @@ def parse_args(argv=None):
                    help="named settings that --set can override: smoke (a few steps of everything on a tiny "
                         "pipeline, on a CPU), cifar-teacher (the CIFAR-10 teacher of notebooks/teacher_cifar.py, "
                         "~15 min on one CPU core) (default: none, the paper's run)")
-    p.add_argument("--resume", action="store_true", default=None, help="continue from the newest checkpoint in --out")
+    p.add_argument("--resume", nargs="?", const=True, metavar="RUN_DIR", help="continue from the newest checkpoint "
+                   "in RUN_DIR (or --out), given the run's --data / --prompts again (default: a new run)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a T2IConfig field (yoso.KEY for a YOSOConfig one), e.g. --set yoso_steps=2000 "
                         "(repeatable; default: none). KEY is one of: " + ", ".join(yoso.config_keys(T2IConfig())))
@@ -814,6 +815,10 @@ def parse_args(argv=None):
 
 def config_from_args(a) -> T2IConfig:
     """Preset deltas, then the flags, then --set overrides -> a validated T2IConfig (UserError if impossible)."""
+    if isinstance(a.resume, str):                              # --resume RUN_DIR, as train_cifar.py's
+        if a.out and os.path.abspath(a.out) != os.path.abspath(a.resume):
+            raise yoso.UserError("--resume continues in the run's own folder; drop --out (or copy the run first)")
+        a.out, a.resume = a.resume, True
     preset = dict(PRESETS.get(a.preset, {}))
     ydelta = preset.pop("yoso", {})
     flags = {f.name: getattr(a, f.name) for f in dataclasses.fields(T2IConfig) if getattr(a, f.name, None) is not None}

@@ -23,7 +23,6 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from tqdm import tqdm
 
 import yoso
@@ -46,9 +45,9 @@ class TrainConfig(yoso.YOSOConfig):
     resolution: int = 32
     hflip: bool = True                 # random horizontal flips, as DDPM / EDM on CIFAR-10
     # --- run ---
-    batch: int = 256                   # GLOBAL batch, split over DDP ranks
+    batch_size: int = 256              # GLOBAL batch per step, split over DDP ranks
     steps: int = 200_000               # our choice; the paper does not state its CIFAR iteration count
-    amp: str = "bf16"                  # autocast dtype of train_step: "bf16" | "fp16" | "none"
+    precision: str = "bf16"            # bf16 | fp16 | fp32 (mixed precision via autocast; weights fp32)
     seed: int = 0
     log_every: int = 50                # metrics.jsonl line (means over the interval)
     sample_every: int = 5000           # grid of one-step EMA samples from one FIXED noise batch
@@ -66,11 +65,12 @@ class TrainConfig(yoso.YOSOConfig):
 
     def __post_init__(self):
         super().__post_init__()        # k_D, k_C < T, prediction_type, gan_loss
-        if min(self.steps, self.batch) <= 0 or min(self.minutes, self.ckpt_minutes) < 0 or \
-                self.amp not in ("bf16", "fp16", "none") or not -1 <= self.fixed_t < self.T:
-            raise ValueError(f"need steps, batch > 0, minutes, ckpt_minutes >= 0, amp bf16 | fp16 | none and fixed_t "
-                             f"-1 (off) or in [0, T); got steps={self.steps}, batch={self.batch}, minutes={self.minutes}, "
-                             f"ckpt_minutes={self.ckpt_minutes}, amp={self.amp!r}, fixed_t={self.fixed_t}")
+        if min(self.steps, self.batch_size) <= 0 or min(self.minutes, self.ckpt_minutes) < 0 or \
+                self.precision not in ("bf16", "fp16", "fp32") or not -1 <= self.fixed_t < self.T:
+            raise ValueError(f"need steps, batch_size > 0, minutes, ckpt_minutes >= 0, precision bf16 | fp16 | fp32 and "
+                             f"fixed_t -1 (off) or in [0, T); got steps={self.steps}, batch_size={self.batch_size}, "
+                             f"minutes={self.minutes}, ckpt_minutes={self.ckpt_minutes}, precision={self.precision!r}, "
+                             f"fixed_t={self.fixed_t}")
 
 
 # The objectives compared at equal wall-clock on the cpu nets: benchmarks/cifar_budget.py, notebook 02 section 5.
@@ -82,12 +82,12 @@ PRESETS = {
     # DDGAN's guards of a from-scratch D (minibatch std, lazy R1, Adam (0.5, 0.9), its lrs): one-step FID-1k 312
     # against 389 without them at equal CPU time (benchmarks/README.md, "the collapse pair").
     "cpu": dict(unet_channels=(32, 64, 64), unet_layers=1, attn_resolutions=(), d_channels=(32, 64, 64),
-                batch=32, amp="none", steps=1500, ema_decay=0.99, log_every=10, sample_every=500, ckpt_every=250,
+                batch_size=32, precision="fp32", steps=1500, ema_decay=0.99, log_every=10, sample_every=500, ckpt_every=250,
                 d_mbstd=4, r1_gamma=0.02, r1_every=15, betas_G=(0.5, 0.9), betas_D=(0.5, 0.9), lr=1.6e-4,
                 lr_D=1.25e-4),
     # tiny nets, fp32 (bit-exact resume tests); checks the pipeline, not the method.
-    "smoke": dict(unet_channels=(16, 32), unet_layers=1, attn_resolutions=(), d_channels=(16, 32), batch=8,
-                  steps=30, amp="none", ema_decay=0.9, log_every=1, sample_every=10, ckpt_every=10, n_grid=16,
+    "smoke": dict(unet_channels=(16, 32), unet_layers=1, attn_resolutions=(), d_channels=(16, 32), batch_size=8,
+                  steps=30, precision="fp32", ema_decay=0.9, log_every=1, sample_every=10, ckpt_every=10, n_grid=16,
                   n_diversity=4),
 }
 
@@ -95,6 +95,8 @@ PRESETS = {
 def make_config(preset: str, base: Optional[dict] = None, overrides: tuple = ()) -> TrainConfig:
     """preset deltas (or a saved config.json, `base`) + `--set KEY=VALUE` overrides -> a validated TrainConfig."""
     values = dict(base) if base is not None else {**PRESETS[preset], "preset": preset}
+    if "batch" in values:                                       # a run saved before 2026-12-03's names
+        values["batch_size"], values["precision"] = values.pop("batch"), values.pop("amp").replace("none", "fp32")
     try:                                                        # JSON stored the tuples as lists
         cfg = TrainConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
     except (ValueError, TypeError) as e:                        # TypeError: a field this script does not know
@@ -154,10 +156,10 @@ def load_images(path: Optional[str], res: int) -> tuple[torch.Tensor, int]:
 
 def get_batch(images: torch.Tensor, step: int, cfg: TrainConfig, dist: yoso.Dist) -> torch.Tensor:
     """This rank's share of the global batch at `step`, as float in [-1, 1], flipped deterministically."""
-    idx = yoso.batch_indices(len(images), step, cfg.batch, cfg.seed)
+    idx = yoso.batch_indices(len(images), step, cfg.batch_size, cfg.seed)
     x = images[yoso.rank_slice(idx, dist)].float() / 127.5 - 1
     if cfg.hflip:                                               # seeded by the step, like the data order
-        flip = torch.rand(cfg.batch, generator=torch.Generator().manual_seed(cfg.seed + 7919 * step)) < 0.5
+        flip = torch.rand(cfg.batch_size, generator=torch.Generator().manual_seed(cfg.seed + 7919 * step)) < 0.5
         x = torch.where(yoso.rank_slice(flip, dist)[:, None, None, None], x.flip(3), x)
     return x
 
@@ -344,12 +346,13 @@ def train(args) -> int:
                   f"To train on: python train_cifar.py --resume {out} {how}")
             return 0
     world = int(os.environ.get("WORLD_SIZE", 1))                # checked before any process group waits
-    if cfg.batch % world:
-        raise yoso.UserError(f"batch {cfg.batch} is not divisible by the {world} processes; the global batch is "
-                             f"split evenly, so pick a multiple of {world} (--set batch=N)")
+    if cfg.batch_size % world:
+        raise yoso.UserError(f"batch_size {cfg.batch_size} is not divisible by the {world} processes; the global "
+                             f"batch is split evenly, so pick a multiple of {world} (--set batch_size=N)")
     images, corrupt = load_images(cfg.data, cfg.resolution)
-    if len(images) < cfg.batch:
-        raise yoso.UserError(f"only {len(images)} usable images for a batch of {cfg.batch}; use more data or --set batch=N")
+    if len(images) < cfg.batch_size:
+        raise yoso.UserError(f"only {len(images)} usable images for a batch of {cfg.batch_size}; use more data or "
+                             "--set batch_size=N")
     dist = yoso.init_distributed()
     device, main = dist.device, dist.main
 
@@ -378,14 +381,14 @@ def train(args) -> int:
         n_G, n_D = (sum(p.numel() for p in m.parameters()) / 1e6 for m in (G, D))
         print(f"{len(images)} training images{f', {corrupt} corrupt files skipped' if corrupt else ''}; "
               f"run dir {out}; world {dist.world}")
-        print(f"preset {cfg.preset}: G {n_G:.1f}M params, D {n_D:.1f}M params, batch {cfg.batch}, {cfg.steps} steps, "
-              f"amp {cfg.amp}" + (f"; resumed from {resume_ckpt} at step {step}" if resume_ckpt else ""))
+        print(f"preset {cfg.preset}: G {n_G:.1f}M params, D {n_D:.1f}M params, batch {cfg.batch_size}, {cfg.steps} steps, "
+              f"precision {cfg.precision}" + (f"; resumed from {resume_ckpt} at step {step}" if resume_ckpt else ""))
     if dist.world > 1:
         G, D = (torch.nn.parallel.DistributedDataParallel(m) for m in (G, D))
 
     sched = yoso.NoiseSchedule.from_config(cfg)
-    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}[cfg.amp]
-    scalers = [torch.amp.GradScaler(device.type) for _ in "GD"] if cfg.amp == "fp16" else [None, None]
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[cfg.precision]
+    scalers = [torch.amp.GradScaler(device.type) for _ in "GD"] if cfg.precision == "fp16" else [None, None]
     yoso.load_scaler_states(scalers, extra)                     # fp16: the loss scales go on where they were
     stop = WallClock(cfg.minutes, cfg.ckpt_minutes, extra.get("elapsed", 0.0))
     fixed_noise = torch.randn(cfg.n_grid, 3, cfg.resolution, cfg.resolution,
@@ -397,7 +400,7 @@ def train(args) -> int:
 
     def step_fn(s: int) -> dict:
         x0 = get_batch(images, s, cfg, dist).to(device)
-        t, eps = yoso.step_noise(cfg.batch, x0.shape[1:], cfg.T, s, cfg.seed, dist)   # this rank's share of the draw
+        t, eps = yoso.step_noise(cfg.batch_size, x0.shape[1:], cfg.T, s, cfg.seed, dist)   # this rank's share of the draw
         t = t if cfg.fixed_t < 0 else torch.full_like(t, cfg.fixed_t)
         return yoso.train_step(G, D, opt_G, opt_D, x0, sched=sched, cfg=cfg, G_ema=G_ema, amp_dtype=amp_dtype,
                                scaler_G=scalers[0], scaler_D=scalers[1], noise=(t, eps), step=s)
@@ -405,7 +408,7 @@ def train(args) -> int:
     def save(s: int, mark: Optional[float] = None) -> None:    # collective (RNG gather): every rank calls it
         rng = yoso.rng_states(dist)
         if main:
-            epoch, index = divmod(s, len(images) // cfg.batch)
+            epoch, index = divmod(s, len(images) // cfg.batch_size)
             extra = dict(config=cfg.to_dict(), rng=rng, data=dict(n=len(images), seed=cfg.seed, epoch=epoch, index=index),
                          scalers=yoso.scaler_states(scalers), elapsed=round(stop.elapsed(), 3))
             if mark is None:

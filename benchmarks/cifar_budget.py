@@ -37,15 +37,15 @@ CONFIGS = {
     "D_gan_real_data": ["zero_terminal_snr=True", "fixed_t=999", "k_D=999", "boundary_scaling=True",
                         "lambda_con=0.0", "lambda_rec=0.0"],
 }
-GPU = dict(minutes=5.0, ckpt_minutes=1.0, n=1000, n_paper=5000, net=["batch=128", "sample_every=500", "log_every=20"],
+GPU = dict(minutes=5.0, ckpt_minutes=1.0, n=1000, n_paper=5000, net=["batch_size=128", "sample_every=500", "log_every=20"],
            paper_net=["sample_every=1000", "log_every=20"], grace=240, dump_timeout=300, limit=570)
 # The CPU hour: the cpu preset as it is (batch 32), one thread per run, all four at once so they share the
 # machine's load alike (2 cores: each run gets about half a core), a kept mark every 15 minutes.
 CPU = dict(minutes=60.0, ckpt_minutes=15.0, n=1000, n_paper=1000, net=["sample_every=250", "log_every=10"],
            paper_net=[], grace=300, dump_timeout=900, limit=6000)
 DRY = dict(minutes=0.33, ckpt_minutes=0.1, n=50, n_paper=50, grace=240, dump_timeout=300, limit=720,
-           net=["unet_channels=(16,32)", "d_channels=(16,32)", "batch=8", "sample_every=10", "log_every=5"],
-           paper_net=["unet_channels=(16,32)", "attn_resolutions=()", "d_channels=(16,32)", "batch=8",
+           net=["unet_channels=(16,32)", "d_channels=(16,32)", "batch_size=8", "sample_every=10", "log_every=5"],
+           paper_net=["unet_channels=(16,32)", "attn_resolutions=()", "d_channels=(16,32)", "batch_size=8",
                       "sample_every=10", "log_every=5"])
 
 

@@ -24,7 +24,7 @@ for amp in ("none", "bf16"):
     torch.manual_seed(0)
     G, D, G_ema = tc.build_models(cfg)
     runs[amp] = (G, D, G_ema, *yoso.make_optimizers(G, D, cfg))
-x0 = torch.rand(cfg.batch, 3, 32, 32) * 2 - 1
+x0 = torch.rand(cfg.batch_size, 3, 32, 32) * 2 - 1
 times = {k: [] for k in runs}
 for i in range(a.iters + 1):
     for amp, (G, D, G_ema, oG, oD) in runs.items():
@@ -34,6 +34,6 @@ for i in range(a.iters + 1):
         if i >= 1:                                              # 1 warm-up step each
             times[amp].append(time.perf_counter() - t0)
 med = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
-print(f"cpu preset, batch {cfg.batch}, {a.threads} thread(s), median of {a.iters} steps "
+print(f"cpu preset, batch {cfg.batch_size}, {a.threads} thread(s), median of {a.iters} steps "
       f"({torch.__version__}, {os.cpu_count()} cores): fp32 {med['none']:.3f} s/step, bf16 {med['bf16']:.3f} s/step, "
       f"bf16/fp32 = {med['bf16'] / med['none']:.2f}")

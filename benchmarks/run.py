@@ -446,7 +446,7 @@ def bench_loader(args, device, amp):
     t0 = time.perf_counter()
     images, _ = train_cifar.load_images(args.data, 32)
     decode_ips = len(images) / (time.perf_counter() - t0)
-    cfg = train_cifar.make_config("paper", overrides=(f"batch={args.batch}",))
+    cfg = train_cifar.make_config("paper", overrides=(f"batch_size={args.batch}",))
     batch_s = time_it(lambda: train_cifar.get_batch(images, 123, cfg, yoso.Dist()).to(device), device, iters=20)
     w = workload("cifar", device, args.batch, args.channels_last)
     step_s = time_it(make_step("ours", w, amp)[0], device, iters=args.iters)

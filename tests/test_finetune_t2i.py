@@ -478,7 +478,8 @@ def test_resume_is_bit_identical_to_an_uninterrupted_run(base, data_with_corrupt
     # fp32, one thread, data order and (t, ε) functions of (seed, step): 2 steps + --resume 2 = 4 steps, bit for bit
     args = ("--base", base, "--data", data_with_corrupt, *YOSO_RUN, "--out", tmp_path)
     assert run_script(*args, "--set", "yoso_steps=2").returncode == 0
-    r = run_script(*args, "--set", "yoso_steps=4", "--resume")
+    # --resume RUN_DIR (train_cifar.py's form); the torchrun test below resumes with --out DIR --resume
+    r = run_script("--base", base, "--data", data_with_corrupt, *YOSO_RUN, "--set", "yoso_steps=4", "--resume", tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "at step 2" in r.stdout
     assert [m["step"] for m in metrics(tmp_path)] == [1, 2, 3, 4]

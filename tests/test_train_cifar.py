@@ -115,7 +115,7 @@ def test_resume_is_bit_identical_to_an_uninterrupted_run(cifar_like_folder, tmp_
 
 
 def test_fp16_checkpoint_keeps_both_loss_scales(cifar_like_folder, tmp_path):
-    r = cli("--preset", "smoke", "--data", cifar_like_folder, "--out", tmp_path / "r", "--set", "amp=fp16",
+    r = cli("--preset", "smoke", "--data", cifar_like_folder, "--out", tmp_path / "r", "--set", "precision=fp16",
             "--set", "steps=2")
     assert r.returncode == 0, r.stderr[-3000:]
     extra = yoso.read_checkpoint_meta(os.path.join(tmp_path / "r", "ckpt-00000002.safetensors"))["extra"]
@@ -220,11 +220,20 @@ def test_impossible_settings(cifar_like_folder, tmp_path):
     base = ("--preset", "smoke", "--data", cifar_like_folder, "--out", tmp_path / "r")
     assert_one_error_line(cli(*base, "--set", "k_D=1000"), "k_D=1000")
     assert_one_error_line(cli(*base, "--set", "steps=0"), "steps=0")
-    assert_one_error_line(cli(*base, "--set", "batch=64"), "only 24 usable images")
+    assert_one_error_line(cli(*base, "--set", "batch_size=64"), "only 24 usable images")
     assert_one_error_line(cli(*base, "--set", "nonsense=1"), "nonsense=1")
     # a 2-process launch with batch 7: caught before any process group is set up
     dist_env = dict(RANK="0", WORLD_SIZE="2", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
-    assert_one_error_line(cli(*base, "--set", "batch=7", env=dist_env), "not divisible")
+    assert_one_error_line(cli(*base, "--set", "batch_size=7", env=dist_env), "not divisible")
+
+
+def test_a_config_saved_with_the_old_names_still_loads():
+    # batch / amp (before 2026-12-03) -> batch_size / precision, finetune_t2i.py's names; amp "none" is fp32
+    old = tc.make_config("smoke").to_dict()
+    old["batch"], old["amp"] = old.pop("batch_size"), "none"
+    del old["precision"]
+    cfg = tc.make_config("smoke", base=old)
+    assert (cfg.batch_size, cfg.precision) == (8, "fp32")
 
 
 def test_bad_resume_targets(cifar_like_folder, tmp_path):
@@ -318,7 +327,7 @@ def test_data_order_is_a_permutation_per_epoch_and_ranks_split_the_global_batch(
     assert not torch.equal(yoso.batch_indices(n, 0, batch, 0), yoso.batch_indices(n, 2, batch, 0))   # reshuffled
     assert torch.equal(yoso.batch_indices(n, 3, batch, 0), yoso.batch_indices(n, 3, batch, 0))       # deterministic
     images = torch.arange(n, dtype=torch.uint8).view(n, 1, 1, 1).expand(n, 3, 2, 2).contiguous()
-    cfg = tc.make_config("smoke", overrides=("batch=4", "hflip=False"))
+    cfg = tc.make_config("smoke", overrides=("batch_size=4", "hflip=False"))
     halves = [tc.get_batch(images, 5, cfg, yoso.Dist(rank=r, world=2)) for r in (0, 1)]
     full = tc.get_batch(images, 5, cfg, yoso.Dist())
     assert torch.equal(torch.cat(halves), full)
@@ -425,7 +434,7 @@ def test_plot_metrics_draws_losses_gap_and_fid(tmp_path):
 
 def test_no_gpu_and_no_preset_trains_the_cpu_preset_and_says_so(cifar_like_folder, tmp_path):
     env = dict(CUDA_VISIBLE_DEVICES="")
-    r = cli("--data", cifar_like_folder, "--out", tmp_path / "r", "--set", "steps=1", "--set", "batch=8",
+    r = cli("--data", cifar_like_folder, "--out", tmp_path / "r", "--set", "steps=1", "--set", "batch_size=8",
             "--set", "n_diversity=4", env=env)                       # the figure itself: tested elsewhere
     assert r.returncode == 0, r.stderr[-3000:]
     said = [line for line in r.stdout.splitlines() if "paper preset" in line]
