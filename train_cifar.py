@@ -77,7 +77,7 @@ class TrainConfig(yoso.YOSOConfig):
 PRESETS = {
     "paper": {},
     # fp32: bf16 autocast is ~20x SLOWER on this CPU with torch 2.14 (benchmarks/cpu_amp.py: no avx512_bf16 kernels
-    # in the build); ~2.3 s/step at batch 32 on 1 idle thread: 1500 steps in about an hour, grids every 500.
+    # in the build); ~2.7 s/step at batch 32 on one thread: 1,335 steps in an hour (2026-12-03), grids every 500.
     # EMA 0.99 (a 100-step horizon): at 0.999 a run of a few hundred steps samples mostly its initial weights.
     # DDGAN's guards of a from-scratch D (minibatch std, lazy R1, Adam (0.5, 0.9), its lrs): one-step FID-1k 312
     # against 389 without them at equal CPU time (benchmarks/README.md, "the collapse pair").
