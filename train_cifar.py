@@ -76,11 +76,11 @@ class TrainConfig(yoso.YOSOConfig):
 # The objectives compared at equal wall-clock on the cpu nets: benchmarks/cifar_budget.py, notebook 02 section 5.
 PRESETS = {
     "paper": {},
-    # fp32: bf16 autocast is ~20x SLOWER on this CPU with torch 2.14 (benchmarks/cpu_amp.py: no avx512_bf16 kernels
-    # in the build); ~2.7 s/step at batch 32 on one thread: 1,335 steps in an hour (2026-12-03), grids every 500.
+    # fp32: bf16 autocast is ~20x SLOWER on the development CPU (benchmarks/cpu_amp.py; AVX2, no AVX-512);
+    # ~2.7 s/step at batch 32 on one thread: 1,335 steps in an hour (2026-12-03), grids every 500.
     # EMA 0.99 (a 100-step horizon): at 0.999 a run of a few hundred steps samples mostly its initial weights.
     # DDGAN's guards of a from-scratch D (minibatch std, lazy R1, Adam (0.5, 0.9), its lrs): one-step FID-1k 312
-    # against 389 without them at equal CPU time (benchmarks/README.md, "the collapse pair").
+    # against 389 without them at equal CPU time (benchmarks/README.md, "Collapse on the CPU").
     "cpu": dict(unet_channels=(32, 64, 64), unet_layers=1, attn_resolutions=(), d_channels=(32, 64, 64),
                 batch_size=32, precision="fp32", steps=1500, ema_decay=0.99, log_every=10, sample_every=500, ckpt_every=250,
                 d_mbstd=4, r1_gamma=0.02, r1_every=15, betas_G=(0.5, 0.9), betas_D=(0.5, 0.9), lr=1.6e-4,
