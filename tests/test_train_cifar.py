@@ -398,7 +398,8 @@ def test_wall_clock_budget_stops_keeps_marks_resumes_and_dumps_samples(cifar_lik
     assert 3.0 <= meta["extra"]["elapsed"] < 60 and meta["step"] < 100000
     walls = sorted(n for n in os.listdir(run) if n.startswith("wall-"))
     assert walls[-1] == f"wall-00003s-{meta['step']:08d}.safetensors"          # the budget's own mark
-    assert len(walls) >= 2 and walls[0].startswith("wall-00001s-")               # 0.02 min = 1.2 s
+    # marks every 0.02 min = 1.2 s; a slow first step (a loaded machine) can pass two at once: one file, the later
+    assert len(walls) >= 2 and int(walls[0][5:10]) in (1, 2)
     rows = [m for m in read_metrics(str(run)) if "loss_G" in m]
     assert [m["elapsed"] for m in rows] == sorted(m["elapsed"] for m in rows) and rows[-1]["elapsed"] >= 3.0
     assert os.path.getsize(run / "metrics.png") > 1000                          # refreshed with each grid
