@@ -533,24 +533,14 @@ def train(cfg: T2IConfig, command: str) -> int:
     if cfg.batch_size % (world * cfg.grad_accum):
         raise yoso.UserError(f"batch_size {cfg.batch_size} is not divisible by {world} processes x grad_accum "
                              f"{cfg.grad_accum}; the global batch is split evenly (--set batch_size=N)")
-    resume = None
-    if not cfg.resume:
-        yoso.refuse_existing_run(cfg.out, "--resume (the same command plus --resume)")
-    elif (path := yoso.newest_intact_checkpoint(cfg.out)) is None:     # a truncated newest one is skipped, with a line
-        raise yoso.UserError(f"--resume: {cfg.out} holds no intact checkpoint (ckpt-*.safetensors); it is not a "
-                             "finetune_t2i.py run folder (pass the --out of an earlier run)")
-    elif "phase" not in (meta := yoso.read_checkpoint_meta(path))["extra"]:
-        raise yoso.UserError(f"--resume: {path} was not written by finetune_t2i.py")
-    else:
-        resume = dict(meta["extra"], path=path, step=meta["step"])
+    resume = yoso.open_run(cfg.out, cfg.resume, "--resume (the same command plus --resume)",
+                           os.path.join("samples", "*.png"), "finetune_t2i.py", mark="phase")
     items, corrupt = read_items(cfg)
     if len(items) < cfg.batch_size:
         raise yoso.UserError(f"only {len(items)} usable items for a batch of {cfg.batch_size}; use more data "
                              "or --set batch_size=N")
     dist = yoso.init_distributed()
     device = dist.device
-    if resume and dist.main:                                    # a skipped damaged checkpoint's steps: dropped
-        yoso.rewind_run(cfg.out, resume["step"], os.path.join("samples", "*.png"))
     pipe, model, D, frozen, params, amp_dtype = build(cfg, device)
     amp = lambda: torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None)
     data = Items(items, pipe, frozen, cfg, device, amp)
@@ -577,7 +567,7 @@ def train(cfg: T2IConfig, command: str) -> int:
     div_cond = {k: v[torch.arange(n_div) % len(cfg.sample_prompts)] for k, v in sample_cond.items()}
     div_noise = torch.randn(n_div, C, S, S, generator=torch.Generator().manual_seed(cfg.seed + 1)).to(device)
     collapse = None                                             # made at the first grid (its real images cost a pass)
-    stop = yoso.GracefulStop()
+    stop = yoso.Stop()
     guard = yoso.DivergenceGuard(cfg.max_skipped, cfg.saturation_gap, cfg.saturation_steps)
     # step: global steps done, over both phases; adapted: the weights are a v-model on the new schedule
     step, adapted = (resume["step"], resume["adapted"]) if resume else (0, False)
@@ -595,19 +585,14 @@ def train(cfg: T2IConfig, command: str) -> int:
         if phase == "adapt":
             del optimizers["D"], modules["D"]
         scalers = [torch.amp.GradScaler(device.type) if cfg.precision == "fp16" else None for _ in range(2)]
+        optimizers |= {f"scaler_{k}": s for k, s in zip(optimizers, scalers) if s is not None}   # fp16 loss scales
         start = 0
         if resume:                                              # this phase's full state, or an earlier phase's weights
             same = resume["phase"] == phase
             yoso.load_checkpoint(resume["path"], modules if same else {"G": params, "G_ema": ema},
                                  optimizers if same else {})
-            for name, o in optimizers.items():                 # the config, not the saved groups, sets lr
-                for group in o.param_groups:
-                    group["lr"] = ycfg.lr if name == "G" else yoso.d_lr(ycfg)
-            if len(resume["rng"]) == dist.world:
-                yoso.set_rng_state(resume["rng"], dist)
             if same:
                 start = resume["phase_step"]
-                yoso.load_scaler_states(scalers, resume)        # fp16: the loss scales go on where they were
             if dist.main:
                 print(f"resumed from {resume['path']} at step {step} ({phase} step {start})")
             resume = None
@@ -645,12 +630,10 @@ def train(cfg: T2IConfig, command: str) -> int:
                 yoso.ema_update(ema, params, ycfg.ema_decay)    # EMA of the trained weights (adapters for LoRA)
             return stats
 
-        def save(k: int) -> None:                              # collective (RNG gather): every rank calls it
-            rng = yoso.rng_states(dist)
+        def save(k: int) -> None:
             if dist.main:
                 yoso.save_run_checkpoint(cfg.out, offset + k, modules, optimizers, extra=dict(
-                    phase=phase, phase_step=k, adapted=phase == "adapt" or adapted, rng=rng,
-                    scalers=yoso.scaler_states(scalers)))
+                    phase=phase, phase_step=k, adapted=phase == "adapt" or adapted))
 
         def sample(k: int) -> None:
             nonlocal grid, collapse

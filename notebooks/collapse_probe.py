@@ -27,10 +27,10 @@ LADDER = (0, 100, 250, 400, 550, 700, 850, 999)
 
 
 def probe(ckpt: str, n: int, data: str | None, blur: bool = False) -> list[dict]:
-    meta = yoso.read_checkpoint_meta(ckpt)
+    meta = yoso.read_checkpoint(ckpt)
     cfg = tc.make_config(meta["extra"]["config"]["preset"], base=meta["extra"]["config"])
     G, D, G_ema = tc.build_models(cfg)
-    yoso.load_checkpoint(ckpt, {"G": G, "G_ema": G_ema, "D": D}, {}, restore_rng=False)
+    yoso.load_checkpoint(ckpt, {"G": G, "G_ema": G_ema, "D": D}, {})
     sched = yoso.NoiseSchedule.from_config(cfg)
     real = tc.reference_subset(tc.load_images(data or cfg.data, cfg.resolution)[0], n).float() / 127.5 - 1
     meter = yoso.CollapseMeter(real, "cpu")
@@ -78,7 +78,7 @@ if __name__ == "__main__":
     p.add_argument("--blur", action="store_true", help="also blurred real images, the reference for blur")
     a = p.parse_args()
     ckpts = [a.path] if os.path.isfile(a.path) else \
-        sorted(glob.glob(os.path.join(a.path, "wall-*.safetensors"))) + yoso.list_checkpoints(a.path)[-1:]
+        sorted(glob.glob(os.path.join(a.path, "wall-*.pt"))) + yoso.list_checkpoints(a.path)[-1:]
     rows = [r for c in ckpts for r in probe(c, a.n, a.data, a.blur)]
     if a.json:
         json.dump(rows, open(a.json, "w"), indent=1)

@@ -49,3 +49,24 @@ def cifar_like_zip(tmp_path):
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "distributed: multi-process (torchrun, gloo on CPU) test; runs by default")
+
+
+def checkpoint_tensors(path) -> dict:
+    """A yoso checkpoint flattened to {"modules/G/w": tensor, "optimizers/G/state/0/exp_avg": ..., "step": ...}, every
+    value a tensor, so two checkpoints compare entry by entry with torch.equal."""
+    import torch
+    import yoso
+    flat = {}
+
+    def walk(prefix, v):
+        if isinstance(v, dict):
+            for k, x in v.items():
+                walk(f"{prefix}/{k}", x)
+        elif isinstance(v, (list, tuple)) and not all(isinstance(x, (int, float)) for x in v):
+            for i, x in enumerate(v):
+                walk(f"{prefix}/{i}", x)
+        else:
+            flat[prefix.lstrip("/")] = v if torch.is_tensor(v) else torch.tensor(v if v is not None else [])
+    ckpt = yoso.read_checkpoint(str(path))
+    walk("", {k: ckpt[k] for k in ("step", "modules", "optimizers")})
+    return flat

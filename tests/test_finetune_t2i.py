@@ -24,6 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import finetune_t2i as ft  # noqa: E402
 import tiny_pixart  # noqa: E402
 import yoso  # noqa: E402
+from conftest import checkpoint_tensors  # noqa: E402
 
 
 # One thread: the tiny models' ops take microseconds, and on a shared 2-core machine multi-threaded
@@ -232,9 +233,9 @@ def test_real_pixart_block_width_runs_both_stages(data, tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     rows = metrics(tmp_path / "run")
     assert [m["phase"] for m in rows] == ["adapt", "adapt", "yoso"] and all(m["skipped"] == 0 for m in rows)
-    ckpt = load_file(yoso.list_checkpoints(str(tmp_path / "run"))[-1])
-    assert ckpt["D/features.blocks.0.attn1.to_q.weight"].shape == (1152, 1152)
-    assert ckpt["D/features.caption_projection.linear_1.weight"].shape == (1152, 4096)
+    ckpt = checkpoint_tensors(yoso.list_checkpoints(str(tmp_path / "run"))[-1])
+    assert ckpt["modules/D/features.blocks.0.attn1.to_q.weight"].shape == (1152, 1152)
+    assert ckpt["modules/D/features.caption_projection.linear_1.weight"].shape == (1152, 4096)
 
 
 def test_latent_perceptual_loss_zero_for_identical_and_grad_to_first_argument_only(base):
@@ -405,7 +406,6 @@ def test_cache_gives_the_same_first_step_losses(base, data, tmp_path):
     # --stage yoso on an ε-prediction base: no adaption, so the informative prior is saved and used
     out = runs["cached"]
     from diffusers import LCMScheduler
-    from safetensors.torch import load_file
     assert LCMScheduler.from_pretrained(os.path.join(out, "scheduler")).config.prediction_type == "epsilon"
     ipi = yoso.IPI.from_state_dict(load_file(os.path.join(out, "ipi.safetensors")))
     assert ipi.mean.shape == (4, 8, 8) and ipi.std > 0
@@ -423,7 +423,6 @@ def test_prompts_adapt_then_resume_into_yoso(base, tmp_path):
     r = run_script(*args, "--stage", "adapt")
     assert r.returncode == 0, r.stderr[-3000:]
     assert {m["phase"] for m in metrics(out)} == {"adapt"}
-    from safetensors.torch import load_file
     cached = load_file(str(tmp_path / "c" / "00000001.safetensors"))
     assert cached["latent"].shape == (4, 8, 8) and torch.isfinite(cached["latent"]).all()   # the teacher's sample
     r = run_script(*args, "--stage", "yoso", "--resume")
@@ -465,13 +464,12 @@ def straight_run(base, data_with_corrupt, tmp_path_factory):
 
 
 def assert_same_checkpoints(a, b):
-    ta, tb = (load_file(os.path.join(d, "ckpt-00000004.safetensors")) for d in (a, b))
+    ta, tb = (checkpoint_tensors(os.path.join(d, "ckpt-00000004.pt")) for d in (a, b))
     assert ta.keys() == tb.keys()
-    for prefix in ("G/", "G_ema/", "D/", "opt_G.state", "opt_D.state"):                # adapters, EMA, D, optimisers
-        assert any(k.startswith(prefix) for k in ta), prefix
+    for prefix in ("modules/G/", "modules/G_ema/", "modules/D/", "optimizers/G/state", "optimizers/D/state"):
+        assert any(k.startswith(prefix) for k in ta), prefix                        # adapters, EMA, D, optimisers
     for k in ta:
-        if not k.startswith("rng/"):
-            assert torch.equal(ta[k], tb[k]), k
+        assert torch.equal(ta[k], tb[k]), k
 
 
 def test_resume_is_bit_identical_to_an_uninterrupted_run(base, data_with_corrupt, straight_run, tmp_path):
@@ -516,22 +514,22 @@ def test_sigint_checkpoints_and_says_how_to_resume(base, data, tmp_path):
     assert p.returncode == 0, err[-3000:]
     assert "interrupted" in out and "--resume" in out and "Traceback" not in err
     ckpts = yoso.list_checkpoints(str(tmp_path))
-    assert len(ckpts) == 1 and yoso.read_checkpoint_meta(ckpts[0])["step"] == metrics(tmp_path)[-1]["step"] >= 1
+    assert len(ckpts) == 1 and yoso.read_checkpoint(ckpts[0])["step"] == metrics(tmp_path)[-1]["step"] >= 1
 
 
 def test_divergence_stops_with_exit_3_and_keeps_the_last_good_checkpoint(base, data_with_corrupt, straight_run, tmp_path):
-    good_path = os.path.join(tmp_path, "ckpt-00000004.safetensors")
-    shutil.copy(os.path.join(straight_run, "ckpt-00000004.safetensors"), good_path)   # a run that stopped at step 4
-    good = load_file(good_path)
+    good_path = os.path.join(tmp_path, "ckpt-00000004.pt")
+    shutil.copy(os.path.join(straight_run, "ckpt-00000004.pt"), good_path)   # a run that stopped at step 4
+    good = checkpoint_tensors(good_path)
     # lr = inf: D's first update is non-finite, so is G's gradient through it, and every one after -> skipped;
     # saturation_gap = -inf: any finite D gap counts as saturated, so the warning fires on the first step
     r = run_script("--base", base, "--data", data_with_corrupt, *YOSO_RUN, "--out", tmp_path, "--resume",
                    "--set", "yoso_steps=50", "--set", "yoso.lr=inf", "--set", "max_skipped=3",
                    "--set", "saturation_gap=-inf", "--set", "saturation_steps=1")
     assert r.returncode == 3, r.stderr[-3000:]
-    assert "diverged" in r.stderr and "ckpt-00000004.safetensors" in r.stderr and "saturated" in r.stderr
+    assert "diverged" in r.stderr and "ckpt-00000004.pt" in r.stderr and "saturated" in r.stderr
     assert yoso.list_checkpoints(str(tmp_path)) == [good_path]
-    assert all(torch.equal(v, good[k]) for k, v in load_file(good_path).items())
+    assert all(torch.equal(v, good[k]) for k, v in checkpoint_tensors(good_path).items())
     rows = metrics(tmp_path)
     assert [r["skipped_total"] for r in rows] == [1, 2, 3] and rows[-1]["step"] == 7
 
@@ -544,18 +542,18 @@ def test_a_new_run_never_overwrites_an_earlier_one(base, data, straight_run, cap
 
 
 def test_resume_skips_a_truncated_newest_checkpoint(base, data_with_corrupt, straight_run, tmp_path):
-    good = os.path.join(tmp_path, "ckpt-00000004.safetensors")
-    shutil.copy(os.path.join(straight_run, "ckpt-00000004.safetensors"), good)
+    good = os.path.join(tmp_path, "ckpt-00000004.pt")
+    shutil.copy(os.path.join(straight_run, "ckpt-00000004.pt"), good)
     data = open(good, "rb").read()
-    open(os.path.join(tmp_path, "ckpt-00000005.safetensors"), "wb").write(data[: len(data) // 2])   # a cut-off copy
+    open(os.path.join(tmp_path, "ckpt-00000005.pt"), "wb").write(data[: len(data) // 2])   # a cut-off copy
     r = run_script("--base", base, "--data", data_with_corrupt, *YOSO_RUN, "--out", tmp_path, "--resume",
                    "--set", "yoso_steps=5")
     assert r.returncode == 0, r.stderr[-3000:]
     warnings = [line for line in r.stderr.splitlines() if "ckpt-00000005" in line]
     assert len(warnings) == 1 and "skipping unreadable checkpoint" in warnings[0]
     assert "at step 4" in r.stdout and [m["step"] for m in metrics(tmp_path)] == [5]
-    assert os.path.isfile(os.path.join(tmp_path, "ckpt-00000005.safetensors.corrupt"))   # kept aside for a look
-    assert yoso.read_checkpoint_meta(os.path.join(tmp_path, "ckpt-00000005.safetensors"))["step"] == 5
+    assert os.path.isfile(os.path.join(tmp_path, "ckpt-00000005.pt.corrupt"))   # kept aside for a look
+    assert yoso.read_checkpoint(os.path.join(tmp_path, "ckpt-00000005.pt"))["step"] == 5
 
 
 def test_resume_with_another_architecture_is_one_clear_error(base, data, straight_run, capsys, monkeypatch):
@@ -663,7 +661,7 @@ def test_a_resume_past_a_damaged_checkpoint_reads_as_one_run(base, data, tmp_pat
     run = ["--base", base, "--data", data, "--preset", "smoke", "--out", tmp_path, "--set", "adapt_steps=2",
            "--set", "yoso_steps=4", "--set", "ckpt_every=2", "--set", "sample_every=2"]
     assert run_script(*run).returncode == 0
-    newest = sorted((tmp_path).glob("ckpt-*.safetensors"))[-1]
+    newest = sorted((tmp_path).glob("ckpt-*.pt"))[-1]
     newest.write_bytes(newest.read_bytes()[:1000])               # the step-6 checkpoint cut off
     r = run_script(*run, "--resume")
     assert r.returncode == 0, r.stderr[-3000:]
