@@ -95,6 +95,8 @@ PRESETS = {
 def make_config(preset: str, base: Optional[dict] = None, overrides: tuple = ()) -> TrainConfig:
     """preset deltas (or a saved config.json, `base`) + `--set KEY=VALUE` overrides -> a validated TrainConfig."""
     values = dict(base) if base is not None else {**PRESETS[preset], "preset": preset}
+    if "batch" in values:                                       # a run saved before 2026-12-03's names
+        values["batch_size"], values["precision"] = values.pop("batch"), values.pop("amp").replace("none", "fp32")
     try:                                                        # JSON stored the tuples as lists
         cfg = TrainConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
     except (ValueError, TypeError) as e:                        # TypeError: a field this script does not know

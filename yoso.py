@@ -847,8 +847,17 @@ def save_checkpoint(path: str, step: int, modules: dict, optimizers: dict,
 
 def read_checkpoint(path: str) -> dict:
     """A save_checkpoint file as {step, extra, modules, optimizers}, memory-mapped (tensors are read
-    when used); a cut-off or foreign file is a UserError."""
+    when used); a cut-off or foreign file is a UserError. A *.safetensors one (written before
+    2026-12-03) gives its weights and meta, no optimiser state: it samples, it does not resume."""
     try:
+        if path.endswith(".safetensors"):
+            from safetensors import safe_open
+            with safe_open(path, "pt") as f:
+                meta, modules = json.loads(f.metadata()["yoso"]), {}
+                for k in f.keys():
+                    name, _, key = k.partition("/")
+                    modules.setdefault(name, {})[key] = f.get_tensor(k)
+            return dict(step=meta["step"], extra=meta["extra"], modules=modules, optimizers={})
         ckpt = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
         if not isinstance(ckpt, dict) or not {"step", "extra", "modules"} <= ckpt.keys():
             raise KeyError("step")

@@ -226,6 +226,25 @@ def test_impossible_settings(cifar_like_folder, tmp_path):
     assert_one_error_line(cli(*base, "--set", "batch_size=7", env=dist_env), "not divisible")
 
 
+def test_a_checkpoint_written_before_the_torch_save_format_still_samples(tmp_path):
+    # until 2026-12-03: one safetensors file, "G_ema/<name>" tensors and the meta as JSON, the config with the old
+    # names batch / amp ("none" = fp32): it samples (weights and config); it does not resume (no optimiser state)
+    import json
+    import safetensors.torch
+    cfg = tc.make_config("smoke")
+    G = tc.UNetGenerator(cfg)
+    old = cfg.to_dict()
+    old["batch"], old["amp"] = old.pop("batch_size"), "none"
+    del old["precision"]
+    path = str(tmp_path / "ckpt-00000007.safetensors")
+    safetensors.torch.save_file({f"G_ema/{k}": v.contiguous() for k, v in G.state_dict().items()}, path,
+                                metadata={"yoso": json.dumps(dict(step=7, extra=dict(config=old)))})
+    G2, cfg2, meta = tc.load_generator(path)
+    assert meta["step"] == 7 and (cfg2.batch_size, cfg2.precision) == (8, "fp32")
+    assert all(torch.equal(a, b) for a, b in zip(G.parameters(), G2.parameters()))
+    assert yoso.list_checkpoints(str(tmp_path)) == []                  # --resume looks for ckpt-*.pt only
+
+
 def test_bad_resume_targets(cifar_like_folder, tmp_path):
     assert_one_error_line(cli("--resume", tmp_path), "not a train_cifar.py run folder")
     run = tmp_path / "run"
