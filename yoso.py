@@ -346,7 +346,8 @@ class _WeightedMSE(torch.autograd.Function):
         n = diff[0].numel()
         ctx.save_for_backward(diff, w)
         ctx.dtypes = (a.dtype, b.dtype)
-        return w.to(diff.dtype) * diff.pow(2).flatten(1).sum(1) / n   # (B,)
+        sq = torch.linalg.vector_norm(diff.flatten(1), dim=1).square()   # one pass: no (a - b)² tensor
+        return w.to(diff.dtype) * sq / n                        # (B,)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
