@@ -355,7 +355,6 @@ def train(args) -> int:
         G, D = (torch.nn.parallel.DistributedDataParallel(m) for m in (G, D))
 
     sched = yoso.NoiseSchedule.from_config(cfg)
-    stop = yoso.Stop(cfg.minutes, cfg.ckpt_minutes, (resume or {}).get("elapsed", 0.0))
     fixed_noise = torch.randn(cfg.n_grid, 3, cfg.resolution, cfg.resolution,
                               generator=torch.Generator().manual_seed(cfg.seed)).to(device)
     metrics = yoso.MetricsLog(os.path.join(out, "metrics.jsonl"), enabled=main)
@@ -394,6 +393,8 @@ def train(args) -> int:
             yoso.plot_metrics(metrics.path)                    # metrics.png beside metrics.jsonl
 
     guard = yoso.DivergenceGuard(cfg.max_skipped, cfg.saturation_gap, cfg.saturation_steps)
+    # the budget counts the loop: made here, after the detector and data are loaded, the clock starts with step 1
+    stop = yoso.Stop(cfg.minutes, cfg.ckpt_minutes, (resume or {}).get("elapsed", 0.0))
     step, reason = yoso.run_loop(step_fn, step, cfg.steps, every=[(cfg.ckpt_every, save), (cfg.sample_every, grid),
                                                                   (1, wall_mark)],
                                  log=lambda **m: metrics.write(**m, elapsed=round(stop.elapsed(), 2)),
