@@ -346,7 +346,8 @@ class _WeightedMSE(torch.autograd.Function):
         n = diff[0].numel()
         ctx.save_for_backward(diff, w)
         ctx.dtypes = (a.dtype, b.dtype)
-        sq = torch.linalg.vector_norm(diff.flatten(1), dim=1).square()   # one pass: no (a - b)² tensor
+        # one reduction pass; writing (a − b)² out first was 1.12x slower than eager on an H200
+        sq = torch.linalg.vector_norm(diff.flatten(1), dim=1).square()
         return w.to(diff.dtype) * sq / n                        # (B,)
 
     @staticmethod
