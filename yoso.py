@@ -861,9 +861,9 @@ def read_checkpoint(path: str) -> dict:
                     modules.setdefault(name, {})[key] = f.get_tensor(k)
             return dict(step=meta["step"], extra=meta["extra"], modules=modules, optimizers={})
         ckpt = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-        if not isinstance(ckpt, dict) or not {"step", "extra", "modules"} <= ckpt.keys():
-            raise KeyError("step")
-        return ckpt
+        if isinstance(ckpt, dict) and {"step", "extra", "modules"} <= ckpt.keys():
+            return ckpt
+        raise ValueError("no step, extra and modules")
     except Exception as e:
         raise UserError(f"{path} is not a YOSO checkpoint ({type(e).__name__}); "
                         "pass a ckpt-*.pt file") from None
@@ -883,13 +883,14 @@ def load_checkpoint(path: str, modules: dict, optimizers: dict) -> dict:
             raise UserError(f"{path}: '{name}' does not match this model ({why}); "
                             "was it written with another preset or architecture?") from None
     for name, opt in optimizers.items():
-        state = ckpt["optimizers"].get(name)                   # None: a GradScaler the run had not
-        if state is not None and isinstance(opt, torch.optim.Optimizer):
+        state = ckpt["optimizers"].get(name)
+        if state is None:                                      # a GradScaler the run did not have
+            continue
+        if isinstance(opt, torch.optim.Optimizer):             # hyperparameters: the loading ones
             groups = zip(state["param_groups"], opt.param_groups)
             state["param_groups"] = [g | {k: v for k, v in mine.items() if k != "params"}
                                      for g, mine in groups]
-        if state is not None:
-            opt.load_state_dict(state)
+        opt.load_state_dict(state)
     return {"step": ckpt["step"], "extra": ckpt["extra"]}
 
 
