@@ -1,20 +1,25 @@
 """collapse_probe.py — where does a one-step generator collapse? (issues 21, 22)
 
-For a train_cifar.py checkpoint, at a ladder of noise levels t, on the same real images and the same ε:
+For a train_cifar.py checkpoint, or a finetune_t2i.py run (--t2i), at a ladder of noise levels t, on the same real
+data and the same ε:
   diversity  Inception-feature diversity of the EMA generator's x̂_0 = G(x_t, t) over that of the real images
              (1 ≈ as varied as the data, 0 = one image); t = T-1 is one-step generation from (nearly) pure noise
+  tiling     (--t2i) the token-tiling score of those images (teacher_cifar.py's 20-step teacher: 0.11; 1 = one
+             pattern in every latent token)
   D_gap      D(real) − D(fake) at t, real = sg G(x_{t_D}, t_D) (the self-cooperative "real"), fake = G(x_t, t)
-  |∇ adv|, |∇ con|, |∇ rec|   the norm of each term's gradient on G's weights, as weighted in L_G
+  |∇ adv|, |∇ con|, |∇ rec|   the norm of each term's gradient on G's trained weights, as weighted in L_G
              (λ_adv L_adv, λ_con w_con L_con, λ_rec w_rec L_rec): which term drives G at that t
-  mse        of the EMA generator's x̂_0 to the real images
+  mse        of the EMA generator's x̂_0 to the real data (pixels; --t2i: latents)
   --blur     the same real images blurred (Gaussian σ = 1..4), their mse and diversity: blur alone lowers the
              figure (σ = 3: mse 0.06, diversity 0.75), so a low figure at small t may be blur, not collapse
 
     python notebooks/collapse_probe.py RUN_DIR_OR_CKPT [--n 64] [--data ZIP] [--json OUT.json] [--blur]
+    python notebooks/collapse_probe.py T2I_RUN_DIR --t2i --n 64 --json OUT.json -- --preset cifar-teacher \\
+        --base TEACHER/pipeline --data TEACHER/data --set seed=0      # the run's own finetune_t2i.py flags
 """
 from __future__ import annotations
 
-import argparse, glob, json, os, sys
+import argparse, contextlib, copy, glob, json, os, sys
 
 import torch
 
@@ -26,6 +31,42 @@ import yoso  # noqa: E402
 LADDER = (0, 100, 250, 400, 550, 700, 850, 999)
 
 
+def ladder(G, D, ema, x0, cond, to_images, meter, sched, cfg, distance, step, pixels=True) -> list[dict]:
+    """The rows of one checkpoint: `ema()` a context in which G is the EMA generator, `to_images` x_0 -> [-1, 1]."""
+    params = [p for p in G.parameters() if p.requires_grad]
+    eps = torch.randn(x0.shape, generator=torch.Generator().manual_seed(1))
+    D.requires_grad_(False)
+    rows = []
+    for t_int in LADDER:
+        t = torch.full((len(x0),), min(t_int, sched.T - 1), dtype=torch.long)
+        t_D, t_C = yoso.noise_levels(t, cfg)
+        with torch.no_grad():
+            with ema():
+                x0_ema = yoso.predict_x0(G, sched.add_noise(x0, eps, t), t, cond, sched, cfg)
+            x0_real, target = yoso.self_cooperative_samples(G, sched.add_noise(x0, eps, t_D), t_D,
+                                                            sched.add_noise(x0, eps, t_C), t_C, cond, sched, cfg)
+        x0_hat = yoso.predict_x0(G, sched.add_noise(x0, eps, t), t, cond, sched, cfg)
+        logits_fake = D(x0_hat, t, cond)
+        terms = {"adv": cfg.lambda_adv * yoso.logistic_loss(logits_fake, True).mean(),
+                 "con": cfg.lambda_con * (yoso.consistency_weight(t, t_C, sched, cfg.gamma)
+                                          * distance(x0_hat, target, cond)).mean(),
+                 "rec": cfg.lambda_rec * yoso.weighted_mse(x0_hat, x0, yoso.reconstruction_weight(
+                     t, sched, cfg.gamma, cfg.rec_weight)).mean()}
+        mse = ((x0_ema.clamp(-1, 1) if pixels else x0_ema) - x0).pow(2).mean().item()
+        row = dict(t=t_int, step=step, mse=mse, **meter(to_images(x0_ema)))
+        with torch.no_grad():
+            row["D_gap"] = (D(x0_real, t, cond) - logits_fake).mean().item()
+        for name, loss in terms.items():
+            grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
+            row[f"grad_{name}"] = torch.sqrt(sum((g.float() ** 2).sum() for g in grads if g is not None)).item()
+        rows.append(row)
+        print(f"step {step:6d}  t {t_int:4d}  diversity {row.get('diversity', float('nan')):.3f}  "
+              + (f"tiling {row['tiling']:.3f}  " if "tiling" in row else "") + f"mse {row['mse']:.3f}  "
+              f"D_gap {row['D_gap']:+.2f}  "
+              f"|grad| adv {row['grad_adv']:.3g}  con {row['grad_con']:.3g}  rec {row['grad_rec']:.3g}", flush=True)
+    return rows
+
+
 def probe(ckpt: str, n: int, data: str | None, blur: bool = False) -> list[dict]:
     meta = yoso.read_checkpoint(ckpt)
     cfg = tc.make_config(meta["extra"]["config"]["preset"], base=meta["extra"]["config"])
@@ -34,33 +75,17 @@ def probe(ckpt: str, n: int, data: str | None, blur: bool = False) -> list[dict]
     sched = yoso.NoiseSchedule.from_config(cfg)
     real = tc.reference_subset(tc.load_images(data or cfg.data, cfg.resolution)[0], n).float() / 127.5 - 1
     meter = yoso.CollapseMeter(real, "cpu")
-    eps = torch.randn(real.shape, generator=torch.Generator().manual_seed(1))
-    rows = []
-    for t_int in LADDER:
-        t = torch.full((n,), t_int, dtype=torch.long)
-        t_D, t_C = (t - cfg.k_D).clamp(min=0), (t - cfg.k_C).clamp(min=0)
-        with torch.no_grad():
-            x0_ema = yoso.predict_x0(G_ema, sched.add_noise(real, eps, t), t, None, sched, cfg)
-            x0_real = yoso.predict_x0(G, sched.add_noise(real, eps, t_D), t_D, None, sched, cfg)
-            target = yoso.predict_x0(G, sched.add_noise(real, eps, t_C), t_C, None, sched, cfg)
-        x0_hat = yoso.predict_x0(G, sched.add_noise(real, eps, t), t, None, sched, cfg)
-        D.requires_grad_(False)
-        logits_fake = D(x0_hat, t)
-        terms = {"adv": cfg.lambda_adv * yoso.generator_adv_loss(logits_fake).mean(),
-                 "con": cfg.lambda_con * (yoso.consistency_weight(t, t_C, sched, cfg.gamma)
-                                          * yoso.mse_distance(x0_hat, target)).mean(),
-                 "rec": cfg.lambda_rec * yoso.weighted_mse(x0_hat, real, yoso.reconstruction_weight(
-                     t, sched, cfg.gamma, cfg.rec_weight)).mean()}
-        row = dict(t=t_int, step=meta["step"], mse=(x0_ema.clamp(-1, 1) - real).pow(2).mean().item(), **meter(x0_ema))
-        with torch.no_grad():
-            row["D_gap"] = (D(x0_real, t) - logits_fake).mean().item()
-        for name, loss in terms.items():
-            grads = torch.autograd.grad(loss, list(G.parameters()), retain_graph=True, allow_unused=True)
-            row[f"grad_{name}"] = torch.sqrt(sum((g.float() ** 2).sum() for g in grads if g is not None)).item()
-        rows.append(row)
-        print(f"step {row['step']:6d}  t {t_int:4d}  diversity {row['diversity']:.3f}  mse {row['mse']:.3f}  "
-              f"D_gap {row['D_gap']:+.2f}  "
-              f"|grad| adv {row['grad_adv']:.3g}  con {row['grad_con']:.3g}  rec {row['grad_rec']:.3g}", flush=True)
+
+    @contextlib.contextmanager
+    def ema():                                                  # G's weights <-> G_ema's, for the EMA rows
+        saved = copy.deepcopy(G.state_dict())
+        G.load_state_dict(G_ema.state_dict())
+        try:
+            yield
+        finally:
+            G.load_state_dict(saved)
+    rows = ladder(G, D, ema, real, None, lambda x: x.clamp(-1, 1), meter, sched, cfg, yoso.mse_distance,
+                  meta["step"])
     for sigma in (1.0, 2.0, 3.0, 4.0) if blur else ():         # the reference: blur, and no collapse at all
         from torchvision.transforms.functional import gaussian_blur
         b = gaussian_blur(real, kernel_size=13, sigma=sigma)
@@ -69,16 +94,42 @@ def probe(ckpt: str, n: int, data: str | None, blur: bool = False) -> list[dict]
     return rows
 
 
+def probe_t2i(ckpt: str, n: int, run_args: list) -> list[dict]:
+    """A finetune_t2i.py checkpoint of its YOSO stage, the run rebuilt from its own flags (`run_args`)."""
+    import finetune_t2i as ft
+    cfg = ft.config_from_args(ft.parse_args(run_args + ["--out", os.path.dirname(ckpt)]))
+    meta = yoso.read_checkpoint(ckpt)
+    if meta["extra"].get("phase") != "yoso":
+        raise SystemExit(f"{ckpt}: a checkpoint of the {meta['extra'].get('phase')} stage; the probe needs YOSO's")
+    pipe, model, D, frozen, params, _ = ft.build(cfg, torch.device("cpu"))
+    ema = copy.deepcopy(params).requires_grad_(False)
+    yoso.load_checkpoint(ckpt, {"G": params, "G_ema": ema, "D": D}, {})
+    ycfg = ft.schedule_config(cfg.yoso, pipe.scheduler.config, meta["extra"]["adapted"])
+    items, _ = ft.read_items(cfg)
+    data = ft.Items(items, pipe, frozen, cfg, torch.device("cpu"), contextlib.nullcontext)
+    idx = torch.linspace(0, len(data) - 1, n).long().tolist()  # spread over the items (all classes)
+    x0, cond = data.get(idx)
+    to_images = lambda z: ft.decode(pipe.vae, z).clamp(-1, 1)
+    meter = yoso.CollapseMeter(to_images(x0), "cpu", block=pipe.vae_scale_factor * pipe.transformer.config.patch_size)
+    distance = yoso.latent_perceptual_distance(ft.perceptual_features(
+        frozen, cfg.feature_block or len(frozen.transformer.transformer_blocks) // 2))
+    return ladder(ft.PixArtDenoiser(model), D, lambda: ft.swapped(params, ema), x0, cond, to_images, meter,
+                  yoso.NoiseSchedule.from_config(ycfg), ycfg, distance, meta["step"], pixels=False)
+
+
 if __name__ == "__main__":
+    argv = sys.argv[1:]
+    run_args = argv[argv.index("--") + 1:] if "--" in argv else []
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("path", help="a run folder (all its kept wall-* and the newest ckpt-*) or one checkpoint")
     p.add_argument("--n", type=int, default=64)
     p.add_argument("--data", help="CIFAR-10 folder or zip (default: the run's own --data)")
     p.add_argument("--json", help="write the rows here")
     p.add_argument("--blur", action="store_true", help="also blurred real images, the reference for blur")
-    a = p.parse_args()
+    p.add_argument("--t2i", action="store_true", help="a finetune_t2i.py run; its own flags follow `--`")
+    a = p.parse_args(argv[:argv.index("--")] if "--" in argv else argv)
     ckpts = [a.path] if os.path.isfile(a.path) else \
         sorted(glob.glob(os.path.join(a.path, "wall-*.pt"))) + yoso.list_checkpoints(a.path)[-1:]
-    rows = [r for c in ckpts for r in probe(c, a.n, a.data, a.blur)]
+    rows = [r for c in ckpts for r in (probe_t2i(c, a.n, run_args) if a.t2i else probe(c, a.n, a.data, a.blur))]
     if a.json:
         json.dump(rows, open(a.json, "w"), indent=1)

@@ -110,6 +110,19 @@ def test_both_stages_finish_with_finite_losses(lora_run):
     assert not os.path.exists(os.path.join(lora_run, "ipi.safetensors"))               # adapted: pure noise
 
 
+def test_collapse_probe_reads_a_t2i_run(lora_run, base, data):
+    # notebooks/collapse_probe.py --t2i: the figures per noise level of a YOSO-stage checkpoint, the run rebuilt
+    # from its own flags; at t = 0 boundary scaling pins G(x_0, 0) = x_0, so no term has a gradient there
+    sys.path.insert(0, os.path.join(ROOT, "notebooks"))
+    import collapse_probe
+    rows = collapse_probe.probe_t2i(os.path.join(lora_run, "ckpt-00000007.pt"), 4,
+                                    ["--base", base, "--data", data, "--preset", "smoke"])
+    assert [r["t"] for r in rows] == list(collapse_probe.LADDER) and all(r["step"] == 7 for r in rows)
+    assert all(math.isfinite(r[k]) for r in rows for k in ("D_gap", "grad_adv", "grad_con", "grad_rec", "tiling"))
+    assert rows[0]["grad_adv"] == rows[0]["grad_con"] == rows[0]["grad_rec"] == 0
+    assert all(r["grad_adv"] > 0 and r["grad_con"] > 0 for r in rows[1:-1])
+
+
 def test_adapted_schedule_has_zero_terminal_snr(lora_run):
     from diffusers import LCMScheduler
     s = LCMScheduler.from_pretrained(os.path.join(lora_run, "scheduler"))
