@@ -1300,8 +1300,11 @@ def apply_overrides(cfg, items):
         except (ValueError, SyntaxError):
             value = raw                                   # a bare string such as precision=fp32
         default = getattr(target, name)
+        field_type = next(str(f.type) for f in dataclasses.fields(target) if f.name == name)
         try:
-            if isinstance(default, float) and not isinstance(value, bool):
+            if value is None and "Optional" in field_type:
+                pass                                      # lr_D=None: back to "same as lr"
+            elif isinstance(default, float) and not isinstance(value, bool):
                 value = float(value)                      # 3 -> 3.0; "inf", "nan" (to test a guard)
             elif isinstance(default, tuple) and isinstance(value, list):
                 value = tuple(value)

@@ -693,8 +693,11 @@ def test_apply_overrides_types_nested_keys_and_one_line_errors():
     assert (cfg.steps, cfg.name, cfg.yoso.betas_D) == (3, "b", (0.5, 0.9))
     assert isinstance(cfg.yoso.lr, float) and cfg.yoso.lr == 1.0 and math.isinf(cfg.yoso.gamma)
     assert Run().yoso.lr == 2e-5                                               # the default is not touched
+    set_D = yoso.apply_overrides(Run(), ["yoso.lr_D=1e-4"])
+    assert yoso.apply_overrides(set_D, ["yoso.lr_D=None"]).yoso.lr_D is None        # Optional: None is a value
     for bad, message in [("nope=1", "KEY=VALUE"), ("steps", "KEY=VALUE"), ("yoso.nope=1", "KEY=VALUE"),
-                         ("yoso.lr=fast", "expected a number"), ("yoso.k_C=0", "impossible settings")]:
+                         ("yoso.lr=fast", "expected a number"), ("yoso.lr=None", "expected a number"),
+                         ("yoso.k_C=0", "impossible settings")]:
         with pytest.raises(yoso.UserError, match=message):
             yoso.apply_overrides(Run(), [bad])
 
