@@ -508,11 +508,13 @@ def test_two_processes_match_one_and_resume_under_torchrun(base, data_with_corru
     assert r.returncode == 0, r.stderr[-3000:]
     one, two = metrics(straight_run), metrics(tmp_path)
     assert [m["step"] for m in two] == [1, 2, 3, 4]                                    # rank 0 writes, once
-    # measured here < 1e-6 relative; on CI's CPU D_real (~5e-4, a near-cancellation of logits) differed by
-    # 1.4e-6 after one update: abs 1e-5 is ~2% of it, far below what a wrong rank slice changes (all of it)
+    # losses and gradient norms to 1e-4 relative (a wrong rank slice changes them by far more). D_real / D_fake
+    # are means of ~1e-3 logits that nearly cancel: summation order (one process vs two) moved D_real by 1.4e-6
+    # after one update and 1.2e-5 after three on CI's CPU, so they get an absolute 1e-4 instead
     for a, b in zip(one, two):
         for k in FIGURES:
-            assert b[k] == pytest.approx(a[k], rel=1e-4, abs=1e-5), (a["step"], k)
+            tol = dict(abs=1e-4) if k in ("D_real", "D_fake") else dict(rel=1e-4, abs=1e-5)
+            assert b[k] == pytest.approx(a[k], **tol), (a["step"], k)
 
 
 def test_sigint_checkpoints_and_says_how_to_resume(base, data, tmp_path):
