@@ -16,20 +16,8 @@ The output folder (--out) holds the result in diffusers / peft layout and a mode
 """
 from __future__ import annotations
 
-import argparse
-import contextlib
-import copy
-import dataclasses
-import importlib.metadata
-import json
-import logging
-import math
-import os
-import shlex
-import shutil
-import sys
-import time
-import warnings
+import argparse, contextlib, copy, dataclasses, importlib.metadata, json, logging, math, os, shlex, shutil, sys
+import time, warnings
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -40,16 +28,13 @@ from tqdm import tqdm
 
 import yoso
 
-BASES = {"PixArt-alpha": "PixArt-alpha/PixArt-XL-2-512x512",
-         "PixArt-alpha-1024": "PixArt-alpha/PixArt-XL-2-1024-MS"}
+BASES = {"PixArt-alpha": "PixArt-alpha/PixArt-XL-2-512x512", "PixArt-alpha-1024": "PixArt-alpha/PixArt-XL-2-1024-MS"}
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 # from_pretrained's dtype keyword: diffusers 0.42 renamed torch_dtype to dtype (the old name now warns)
 DTYPE_KW = "dtype" if tuple(map(int, importlib.metadata.version("diffusers").split(".")[:2])) >= (0, 42) else "torch_dtype"
 PHASES = ("adapt", "yoso")
 
-# ==================================================================================================
-# Config — defaults are the paper's PixArt-α run where it states them, the official SD-1.5 LoRA run otherwise
-# ==================================================================================================
+# ==== 1. Config: the paper's PixArt-α run where it says, else the official SD-1.5 LoRA run ========
 
 @dataclass
 class T2IConfig:
@@ -76,8 +61,7 @@ class T2IConfig:
     ipi_items: int = 1000               # training latents used to estimate the informative prior
     sample_prompts: tuple = ("a photo of a red house on a hill", "a small blue bird on a branch",
                              "a cat wearing sunglasses, studio light", "an astronaut riding a horse, oil painting")
-    n_diversity: int = 64               # one-step samples (sample prompts in turn, fixed noise) whose diversity and
-                                        # token tiling are logged with every grid; 0 = none
+    n_diversity: int = 64               # fixed-noise one-step samples scored for collapse at each grid; 0 = none
     sample_every: int = 250             # steps between sample grids (fixed prompts, fixed noise)
     ckpt_every: int = 500               # steps between resumable checkpoints
     log_every: int = 10                 # steps between metrics.jsonl lines
@@ -102,64 +86,53 @@ class T2IConfig:
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {name}={getattr(self, name)}")
 
-
 PRESETS = {
-    # CPU smoke test on a tiny pipeline: a few steps of everything, every output written; gradient
-    # checkpointing stays on, as in a real run.
+    # CPU smoke test on a tiny pipeline: a few steps of everything, every output written; checkpointing on
     "smoke": dict(lora_rank=4, adapt_steps=4, yoso_steps=3, batch_size=2, grad_accum=1, precision="fp32",
-                  max_tokens=16, teacher_steps=2, teacher_guidance=1.0, ipi_items=8,
-                  sample_prompts=("a red house", "a blue car"), sample_every=3, ckpt_every=3, log_every=1, n_diversity=4,
+                  max_tokens=16, teacher_steps=2, teacher_guidance=1.0, ipi_items=8, n_diversity=4,
+                  sample_prompts=("a red house", "a blue car"), sample_every=3, ckpt_every=3, log_every=1,
                   yoso=dict(lr=1e-3, ema_decay=0.5, k_D=250, k_C=25)),
     # One busy CPU core, ~15 min: the small CIFAR-10 PixArt teacher of notebooks/teacher_cifar.py (issue 8).
     # LoRA scale 1 and a 15x larger lr than the official run: 1000 YOSO steps of batch 32 instead of 5000 of 256.
-    "cifar-teacher": dict(lora_rank=32, lora_alpha=32.0, adapt_steps=400, yoso_steps=1000, batch_size=32, grad_accum=1,
-                          precision="fp32", grad_checkpointing=False, max_tokens=16, ipi_items=1000,
-                          sample_prompts=("a photo of a airplane", "a photo of a cat", "a photo of a horse",
-                                          "a photo of a truck"), sample_every=250, ckpt_every=250, log_every=10,
+    "cifar-teacher": dict(lora_rank=32, lora_alpha=32.0, adapt_steps=400, yoso_steps=1000, batch_size=32,
+                          grad_accum=1, precision="fp32", grad_checkpointing=False, max_tokens=16, ipi_items=1000,
+                          sample_prompts=tuple(f"a photo of a {c}" for c in ("airplane", "cat", "horse", "truck")),
+                          sample_every=250, ckpt_every=250, log_every=10,
                           yoso=dict(lr=3e-4, ema_decay=0.99)),
 }
 
 
-# ==================================================================================================
-# The base model: loading, PixArt-α read as yoso's G(x_t, t, cond), the frozen base, quick adaption (Sec. 4.3)
-# ==================================================================================================
+# ==== 2. The base model: loading, PixArt-α as G(x_t, t, cond), the frozen base, quick adaption ====
 
 @contextlib.contextmanager
 def loading(what: str, name: str):
-    """The pipeline path of `name` (a BASES key, hub id or folder), loaded quietly inside the `with` (stderr stays
-    for our own messages); any failure — hub errors, missing subfolders, wrong model types: all mean "not a PixArt
-    pipeline" — is one UserError line."""
-    from diffusers.utils import logging as diffusers_logging
-    from transformers.utils import logging as transformers_logging
+    """The pipeline path of `name` (a BASES key, hub id or folder), loaded quietly inside the `with`; any failure
+    (hub errors, missing subfolders, wrong model types: all mean "not a PixArt pipeline") is one UserError line."""
+    import diffusers, transformers
     path = BASES.get(name, name)
     if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "model_index.json")):
         raise yoso.UserError(f"{what}: {path} is a folder but not a diffusers pipeline (no model_index.json)")
-    diffusers_logging.disable_progress_bar()
-    transformers_logging.disable_progress_bar()
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.disable_progress_bar()
     hub_log = logging.getLogger("huggingface_hub")
     level = hub_log.level
-    hub_log.setLevel(logging.ERROR)                                 # offline, its HEAD retries print before our line
+    hub_log.setLevel(logging.ERROR)     # while loading: offline, its retries print before our line
     try:
-        with warnings.catch_warnings():                             # and its deprecation notes: one line, ours
+        with warnings.catch_warnings():     # and its deprecation notes: stderr holds one line, ours
             warnings.simplefilter("ignore")
             yield path
     except Exception as e:
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise yoso.UserError(f"{what}: cannot load a PixArt-α diffusers pipeline from {path!r} ({reason[:200]})") from None
     finally:
-        hub_log.setLevel(level)                                     # only while loading
-
+        hub_log.setLevel(level)
 
 def check_base(name: str) -> None:
-    """Fail fast, before any data is read, when the base cannot be had: a folder must be a pipeline, a hub id
-    must be in the local cache or answer one quick request (no retries)."""
-    path = BASES.get(name, name)
-    with loading(f"--base {name}", name):
-        if not os.path.isdir(path):
-            from huggingface_hub import model_info, try_to_load_from_cache
-            if not isinstance(try_to_load_from_cache(path, "model_index.json"), str):
-                model_info(path, timeout=10)
-
+    """Fail fast, before any data is read: a hub id must be cached or answer one quick request."""
+    from huggingface_hub import model_info, try_to_load_from_cache
+    with loading(f"--base {name}", name) as path:
+        if not os.path.isdir(path) and not isinstance(try_to_load_from_cache(path, "model_index.json"), str):
+            model_info(path, timeout=10)
 
 def load_base(name: str, dtype=torch.float32):
     """The base's PixArtAlphaPipeline: T5 and VAE in `dtype`, the transformer (trained) in fp32."""
@@ -172,7 +145,6 @@ def load_base(name: str, dtype=torch.float32):
     logging.getLogger(PixArtAlphaPipeline.__module__).setLevel(logging.ERROR)
     return pipe
 
-
 def text_cond(pipe, prompts, max_tokens: int) -> dict:
     """yoso's cond: T5 tokens {"emb": (B, L, 4096), "mask": (B, L)}, encoded as the pipeline encodes prompts
     at sampling time (lower-cased; clean_caption off: it needs bs4 and ftfy)."""
@@ -180,13 +152,11 @@ def text_cond(pipe, prompts, max_tokens: int) -> dict:
                                          max_sequence_length=max_tokens)
     return {"emb": emb, "mask": mask}
 
-
 def schedule_config(yoso_cfg: yoso.YOSOConfig, sched: dict, adapted: bool) -> yoso.YOSOConfig:
     """The base's schedule; after adaption v-prediction on its zero-terminal-SNR rescaling (Sec. 4.3)."""
     return replace(yoso_cfg, T=sched["num_train_timesteps"], beta_schedule=sched["beta_schedule"],
                    beta_start=sched["beta_start"], beta_end=sched["beta_end"], zero_terminal_snr=adapted,
                    prediction_type="v_prediction" if adapted else sched.get("prediction_type", "epsilon"))
-
 
 def added_cond(tf, x):
     """PixArt-α-1024's size conditioning (resolution, aspect ratio in pixels); the 512 model takes None."""
@@ -196,10 +166,8 @@ def added_cond(tf, x):
     size = torch.tensor([[h * 8.0, w * 8.0]], device=x.device).repeat(B, 1)     # PixArt's VAE downsamples 8x
     return {"resolution": size, "aspect_ratio": size[:, :1] / size[:, 1:]}
 
-
 class PixArtDenoiser(nn.Module):
-    """G(x_t, t, cond) for yoso, cond from text_cond. PixArt-α predicts [ε or v, learned variance]
-    (out_channels = 2 x in); YOSO uses the first half only."""
+    """G(x_t, t, cond) for yoso: of PixArt-α's output [ε or v, learned variance] the first half."""
 
     def __init__(self, transformer: nn.Module):
         super().__init__()
@@ -210,13 +178,10 @@ class PixArtDenoiser(nn.Module):
                                timestep=t, added_cond_kwargs=added_cond(self.transformer, x_t), return_dict=False)[0]
         return out[:, : x_t.shape[1]]                           # (B, 2C, H, W) -> (B, C, H, W): drop learned sigma
 
-
 def pixart_trunk(tf, x, t, cond, blocks, checkpoint: bool = False, context=contextlib.nullcontext):
-    """PixArtTransformer2DModel.forward up to the end of `blocks`: the hidden tokens (B, N, C).
-
-    Every computation runs inside `context()` (FrozenBase: adapters off), each block's own call
-    included: a checkpointed block is recomputed during backward, after any `with` around this
-    call has exited, and must see the same weights as in the forward."""
+    """PixArtTransformer2DModel.forward up to the end of `blocks`: the hidden tokens (B, N, C). All of it runs inside
+    `context()` (FrozenBase: adapters off), each block's own call included: a checkpointed block is recomputed in
+    backward, after any `with` around this call has exited, and must see the weights of the forward."""
     B = x.shape[0]
     with context():
         h = tf.pos_embed(x)                                     # (B, N, C) patch tokens + position
@@ -231,7 +196,6 @@ def pixart_trunk(tf, x, t, cond, blocks, checkpoint: bool = False, context=conte
             else run(h)
     return h
 
-
 class PixArtTrunk(nn.Module):
     """Trainable copy of PixArt-α's patch embed, timestep and caption embedders and first N blocks (Sec. 4.2)."""
 
@@ -245,13 +209,9 @@ class PixArtTrunk(nn.Module):
     def forward(self, x, t, cond):
         return pixart_trunk(self, x, t, cond, self.blocks, self.checkpoint)
 
-
 class FrozenBase:
-    """The pre-trained PixArt-α, frozen: adaption teacher, perceptual features and --prompts sampler.
-
-    With LoRA it is the trained model with its adapters switched off (peft's disable_adapter), so no copy;
-    with full fine-tuning a frozen deep copy. Use as `with base(): base.denoiser(...)`.
-    """
+    """The pre-trained PixArt-α, frozen (adaption teacher, perceptual features, --prompts sampler): with LoRA the
+    trained model with its adapters off (peft's disable_adapter), else a frozen copy. Use: `with base(): ...`"""
 
     def __init__(self, model: nn.Module, dtype=torch.float32):
         self.lora = hasattr(model, "disable_adapter")           # LoRA: the base is already in `dtype` (build)
@@ -262,7 +222,6 @@ class FrozenBase:
     def __call__(self):
         return self.model.disable_adapter() if self.lora else contextlib.nullcontext()
 
-
 def perceptual_features(base: FrozenBase, n_blocks: int, checkpoint: bool = False):
     """F(x, c) of Sec. 4.1: the frozen base's tokens after `n_blocks` blocks, run at t = 0 on the latent."""
     def features(x, cond):
@@ -270,7 +229,6 @@ def perceptual_features(base: FrozenBase, n_blocks: int, checkpoint: bool = Fals
         return pixart_trunk(base.transformer, x, t0, cond, base.transformer.transformer_blocks[:n_blocks], checkpoint,
                             context=base)               # not `with base():` around it: see pixart_trunk
     return features
-
 
 def adaption_loss(G, frozen: FrozenBase, x0, cond, teacher_sched, student_sched, teacher_pred: str, amp, noise):
     """Quick adaption (Sec. 4.3), Stage I or II: MSE(v_student, v_target); the student sees x_t on its schedule,
@@ -285,18 +243,7 @@ def adaption_loss(G, frozen: FrozenBase, x0, cond, teacher_sched, student_sched,
     return yoso.weighted_mse(v, target).mean()
 
 
-# ==================================================================================================
-# Data: (latent x_0, T5 conditioning) per item — from images, from the base's own samples, or from a cache
-# ==================================================================================================
-
-def readable_image(path: str) -> bool:
-    try:
-        with Image.open(path) as img:
-            img.convert("RGB")                                  # decodes it all: truncated files fail here
-        return True
-    except Exception:
-        return False
-
+# ==== 3. Data: (latent x_0, T5 cond) per item — from images, the base's own samples, or a cache ===
 
 def read_items(cfg: T2IConfig) -> tuple[list, int]:
     """(image path, caption) pairs from an HF imagefolder metadata.jsonl, or (None, prompt) from a prompt file,
@@ -308,7 +255,7 @@ def read_items(cfg: T2IConfig) -> tuple[list, int]:
         if not items:
             raise yoso.UserError(f"--prompts {cfg.prompts}: no prompts")
         return items, 0
-    meta, items = os.path.join(cfg.data, "metadata.jsonl"), []
+    meta, items, corrupt = os.path.join(cfg.data, "metadata.jsonl"), [], 0
     if not os.path.isdir(cfg.data):
         raise yoso.UserError(f"--data {cfg.data}: no such folder (an image folder with a metadata.jsonl)")
     if not os.path.isfile(meta):
@@ -325,13 +272,16 @@ def read_items(cfg: T2IConfig) -> tuple[list, int]:
         path = os.path.join(cfg.data, str(rec.get("file_name", "")))
         if "file_name" not in rec or not os.path.isfile(path):
             raise yoso.UserError(f"{meta} line {n}: \"file_name\" {rec.get('file_name')!r} is not a file in {cfg.data}")
-        items.append((path, rec["text"]))
-    good = [item for item in items if readable_image(item[0])]
-    if not good:
-        raise yoso.UserError(f"--data {cfg.data}: all {len(items)} images are corrupt or unreadable" if items
+        try:
+            with Image.open(path) as img:
+                img.convert("RGB")                       # decodes it all: truncated files fail here
+            items.append((path, rec["text"]))
+        except Exception:
+            corrupt += 1
+    if not items:
+        raise yoso.UserError(f"--data {cfg.data}: all {corrupt} images are corrupt or unreadable" if corrupt
                              else f"{meta}: no items")
-    return good, len(items) - len(good)
-
+    return items, corrupt
 
 class Items:
     """Batches of (x_0 latents, text_cond) by item index: encoded with the base's T5 and VAE (for --prompts x_0
@@ -345,7 +295,7 @@ class Items:
         if self.image_size % (down * patch):
             raise yoso.UserError(f"resolution {self.image_size} is not divisible by {down * patch} = VAE "
                                  f"factor {down} x patch size {patch}; pick a multiple of it")
-        self.latent_size = self.image_size // down
+        self.latent_shape = (pipe.transformer.config.in_channels, self.image_size // down, self.image_size // down)
 
     def __len__(self):
         return len(self.items)
@@ -355,10 +305,17 @@ class Items:
             rows = [load_file(os.path.join(self.cache, f"{i:08d}.safetensors")) for i in indices]
             x0, emb, mask = (torch.stack([r[k] for r in rows]).to(self.device) for k in ("latent", "emb", "mask"))
             return x0, {"emb": emb, "mask": mask}
-        cond = text_cond(self.pipe, [self.items[i][1] for i in indices], self.cfg.max_tokens)
-        if self.items[indices[0]][0] is None:
-            return self.teacher_latents(cond, indices), cond
-        return self.images([self.items[i][0] for i in indices]), cond
+        paths, captions = zip(*(self.items[i] for i in indices))
+        cond = text_cond(self.pipe, captions, self.cfg.max_tokens)
+        return (self.teacher_latents(cond, indices) if paths[0] is None else self.images(paths)), cond
+
+    def batches(self, n: int) -> list:
+        """The first n item indices in batches of batch_size."""
+        return [list(range(s, min(s + self.cfg.batch_size, n))) for s in range(0, n, self.cfg.batch_size)]
+
+    def latents(self, n: int) -> torch.Tensor:
+        """x_0 of the first n items: the informative prior's data, the collapse figures' real images."""
+        return torch.cat([self.get(idx)[0] for idx in self.batches(n)])
 
     @torch.no_grad()
     def images(self, paths: list) -> torch.Tensor:
@@ -370,15 +327,14 @@ class Items:
         return latents.contiguous()     # the VAE returns channels-last strides; randn_like(x_0) would follow them
 
     def teacher_latents(self, cond: dict, indices: list) -> torch.Tensor:
-        """The frozen base's DPM-Solver++ samples with CFG (the pipeline's own loop); item i always gets the same
-        noise (seeded by i)."""
+        """The frozen base's DPM-Solver++ samples with CFG (the pipeline's own loop), item i from noise seeded by i."""
         from diffusers import DPMSolverMultistepScheduler, PixArtAlphaPipeline
         solver = DPMSolverMultistepScheduler.from_config(self.pipe.scheduler.config)
-        teacher = PixArtAlphaPipeline(**dict(self.pipe.components, transformer=self.frozen.transformer, scheduler=solver))
+        teacher = PixArtAlphaPipeline(**dict(self.pipe.components, transformer=self.frozen.transformer,
+                                             scheduler=solver))
         teacher.set_progress_bar_config(disable=True)
-        C, S = self.pipe.transformer.config.in_channels, self.latent_size
-        x = torch.stack([torch.randn(C, S, S, generator=torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + i))
-                         for i in indices])
+        seeded = lambda i: torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + i)    # item i's own noise
+        x = torch.stack([torch.randn(self.latent_shape, generator=seeded(i)) for i in indices])
         with self.frozen(), self.amp():
             return teacher(prompt_embeds=cond["emb"], prompt_attention_mask=cond["mask"], latents=x.to(self.device),
                            num_inference_steps=self.cfg.teacher_steps, guidance_scale=self.cfg.teacher_guidance,
@@ -394,8 +350,7 @@ class Items:
         meta = os.path.join(cache, "meta.json")
         if dist.main and not (os.path.isfile(meta) and json.load(open(meta)) == key):
             os.makedirs(cache, exist_ok=True)
-            for s in tqdm(range(0, len(self), cfg.batch_size), desc="cache"):
-                idx = list(range(s, min(s + cfg.batch_size, len(self))))
+            for idx in tqdm(self.batches(len(self)), desc="cache"):
                 x0, cond = self.get(idx)
                 for j, i in enumerate(idx):
                     row = {k: v[j].cpu().contiguous() for k, v in dict(latent=x0, **cond).items()}
@@ -406,9 +361,7 @@ class Items:
         self.cache = cache
 
 
-# ==================================================================================================
-# Outputs: sample grids, export in diffusers / peft layout, model card
-# ==================================================================================================
+# ==== 4. Training: sample grids, export (diffusers / peft layout, model card), the loop ===========
 
 @contextlib.contextmanager
 def swapped(params: nn.ParameterList, ema: nn.ParameterList):
@@ -421,36 +374,27 @@ def swapped(params: nn.ParameterList, ema: nn.ParameterList):
         for p, e in zip(params, ema):
             p.data, e.data = e.data, p.data
 
-
 @torch.no_grad()
 def decode(vae, latents, chunk: int = 8) -> torch.Tensor:
     """Latents -> images in [-1, 1] (float32), `chunk` at a time (a 512 px VAE decode is memory-hungry)."""
     return torch.cat([vae.decode(z.to(vae.dtype) / vae.config.scaling_factor).sample.float()
                       for z in latents.split(chunk)])
 
-
 @torch.no_grad()
-def sample_grid(path, G, vae, cond, noise, sched, ycfg, amp, steps=(1, 4)):
-    """One row per step count, one column per prompt; the same noise every time so grids compare across steps."""
-    rows = []
-    for k in steps:
-        with amp():
-            x0 = yoso.sample(G, noise, cond, sched=sched, cfg=ycfg, steps=k, generator=torch.Generator().manual_seed(0))
-        rows.append(decode(vae, x0))
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    yoso.save_image_grid(torch.cat(rows), path, nrow=noise.shape[0])
-
-
-@torch.no_grad()
-def one_step_batch(G, vae, cond, noise, sched, ycfg, amp, chunk: int = 8) -> torch.Tensor:
-    """One-step images of a batch of (noise, prompt) pairs, `chunk` at a time: what the collapse figures measure."""
-    out = []
+def generate(G, vae, cond, noise, sched, ycfg, amp, steps: int = 1, chunk: int = 8) -> torch.Tensor:
+    """Images of (noise, prompt) pairs in `steps` steps, `chunk` at a time; the noise of later steps is seeded."""
+    g, images = torch.Generator().manual_seed(0), []
     for i in range(0, len(noise), chunk):
         with amp():
-            x0 = yoso.sample(G, noise[i:i + chunk], {k: v[i:i + chunk] for k, v in cond.items()}, sched=sched, cfg=ycfg)
-        out.append(decode(vae, x0))
-    return torch.cat(out)
+            x0 = yoso.sample(G, noise[i:i + chunk], {k: v[i:i + chunk] for k, v in cond.items()}, sched=sched, cfg=ycfg,
+                             steps=steps, generator=g)
+        images.append(decode(vae, x0))
+    return torch.cat(images)
 
+def sample_grid(path, G, vae, cond, noise, sched, ycfg, amp, steps=(1, 4)):
+    """One row per step count, one column per prompt; the same noise every time so grids compare across steps."""
+    rows = [generate(G, vae, cond, noise, sched, ycfg, amp, k) for k in steps]
+    yoso.save_image_grid(torch.cat(rows), path, nrow=noise.shape[0])
 
 def export(cfg: T2IConfig, model: nn.Module, ycfg, ipi, command: str, grid: str | None) -> None:
     """adapter/ (peft), transformer/ (merged, diffusers), scheduler/, ipi.safetensors, yoso_config.json, README.md."""
@@ -465,41 +409,34 @@ def export(cfg: T2IConfig, model: nn.Module, ycfg, ipi, command: str, grid: str 
     model.save_pretrained(os.path.join(out, "transformer"))
     # diffusers' sampler for the trained model: its prediction type and schedule; trailing: one step starts at T-1
     LCMScheduler(num_train_timesteps=ycfg.T, beta_schedule=ycfg.beta_schedule, beta_start=ycfg.beta_start,
-                 beta_end=ycfg.beta_end, prediction_type=ycfg.prediction_type,
-                 rescale_betas_zero_snr=ycfg.zero_terminal_snr, timestep_spacing="trailing"
-                 ).save_pretrained(os.path.join(out, "scheduler"))
+                 beta_end=ycfg.beta_end, prediction_type=ycfg.prediction_type, timestep_spacing="trailing",
+                 rescale_betas_zero_snr=ycfg.zero_terminal_snr).save_pretrained(os.path.join(out, "scheduler"))
     if ipi is not None:
         save_file(ipi.state_dict(), os.path.join(out, "ipi.safetensors"))
     run = dict(base=path, settings=dataclasses.asdict(cfg), yoso=ycfg.to_dict())
     json.dump(run, open(os.path.join(out, "yoso_config.json"), "w"), indent=1, default=str)
-    # the model card's code: weights in bf16 on a GPU (fp32 on CPU), clean_caption off (it needs bs4, ftfy)
-    use = ["import torch", "from diffusers import LCMScheduler, PixArtAlphaPipeline, PixArtTransformer2DModel",
-           'device = "cuda" if torch.cuda.is_available() else "cpu"',
-           'dtype = torch.bfloat16 if device == "cuda" else torch.float32     # T5-XXL alone: ~19 GB in fp32',
-           f"pipe = PixArtAlphaPipeline.from_pretrained({path!r}, {kw}=dtype,",
-           f"    transformer=PixArtTransformer2DModel.from_pretrained({os.path.join(out, 'transformer')!r}, {kw}=dtype),",
-           f"    scheduler=LCMScheduler.from_pretrained({os.path.join(out, 'scheduler')!r})).to(device)",
-           'image = pipe("a photo of a red house", num_inference_steps=1, guidance_scale=1.0,',
-           "             clean_caption=False).images[0]"]
-    if model.config.sample_size not in (32, 64, 128):           # PixArt-α's aspect-ratio bins: 256, 512, 1024 px
-        use[-1] = "             clean_caption=False, use_resolution_binning=False).images[0]   # no bins at this size"
-    how = ("Starts from the informative prior (IPI, ipi.safetensors): pass its latents to the pipeline." if ipi is not None
+    # the card's code: bf16 on a GPU, clean_caption off (it needs bs4, ftfy), no binning (a no-op at the model's size)
+    use = f"""import torch
+from diffusers import LCMScheduler, PixArtAlphaPipeline, PixArtTransformer2DModel
+device = "cuda" if torch.cuda.is_available() else "cpu"
+dtype = torch.bfloat16 if device == "cuda" else torch.float32     # T5-XXL alone: ~19 GB in fp32
+pipe = PixArtAlphaPipeline.from_pretrained({path!r}, {kw}=dtype,
+    transformer=PixArtTransformer2DModel.from_pretrained({os.path.join(out, 'transformer')!r}, {kw}=dtype),
+    scheduler=LCMScheduler.from_pretrained({os.path.join(out, 'scheduler')!r})).to(device)
+image = pipe("a photo of a red house", num_inference_steps=1, guidance_scale=1.0, clean_caption=False,
+             use_resolution_binning=False).images[0]"""
+    how = ("Starts from the informative prior (IPI, ipi.safetensors): pass its latents to the pipeline." if ipi
            else "Starts from pure noise: v-prediction on the zero-terminal-SNR schedule (after quick adaption).")
     card = [f"# YOSO one-step generator from {path}", "",
             "One-step text-to-image by YOSO (arXiv 2403.12931), fine-tuned with finetune_t2i.py.", "",
             f"![samples]({os.path.relpath(grid, out)})" if grid else "", "",
             "Rows: 1 step, 4 steps; columns: the run's fixed sample prompts.", "",
-            "## Use", "```python", *use, "```", how, "", "## Command", "```", command, "```", "",
+            "## Use", "```python", use, "```", how, "", "## Command", "```", command, "```", "",
             "## Settings", "`yoso`: what the last stage trained with (the base's schedule, after adaption v-prediction "
             "on zero terminal SNR); `settings.yoso`: as configured, before the base's schedule was read.", "",
             "```json", json.dumps(run, indent=1, default=str), "```", ""]
     with open(os.path.join(out, "README.md"), "w") as f:
         f.write("\n".join(card))
-
-
-# ==================================================================================================
-# Training
-# ==================================================================================================
 
 def build(cfg: T2IConfig, device):
     """Base pipeline, G (LoRA or full), D, the frozen base and the trainable parameter list, in a fixed RNG order."""
@@ -525,7 +462,6 @@ def build(cfg: T2IConfig, device):
     params = nn.ParameterList([p for p in model.parameters() if p.requires_grad])
     return pipe, model, D, FrozenBase(model, amp_dtype or torch.float32), params, amp_dtype
 
-
 def train(cfg: T2IConfig, command: str) -> int:
     """Returns the exit code: 0 done or interrupted (checkpointed), 3 diverged."""
     check_base(cfg.base)                                        # the real problem first: an unreachable base
@@ -544,7 +480,7 @@ def train(cfg: T2IConfig, command: str) -> int:
     pipe, model, D, frozen, params, amp_dtype = build(cfg, device)
     amp = lambda: torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None)
     data = Items(items, pipe, frozen, cfg, device, amp)
-    os.makedirs(cfg.out, exist_ok=True)
+    os.makedirs(os.path.join(cfg.out, "samples"), exist_ok=True)
     if dist.main:
         print(f"{len(items)} items{f', {corrupt} corrupt images skipped' if corrupt else ''}; out {cfg.out}; "
               f"world {dist.world}")
@@ -556,17 +492,17 @@ def train(cfg: T2IConfig, command: str) -> int:
     ddp = lambda m: torch.nn.parallel.DistributedDataParallel(m, [device.index] if device.type == "cuda" else None)
     G_ddp, D_ddp = (ddp(G), ddp(D)) if dist.world > 1 else (G, D)
     ema = copy.deepcopy(params).requires_grad_(False)
+    weights = {"G": params, "G_ema": ema}              # in every checkpoint; the YOSO stage's add D
     distance = yoso.latent_perceptual_distance(perceptual_features(
         frozen, cfg.feature_block or len(frozen.transformer.transformer_blocks) // 2, cfg.grad_checkpointing))
-    log = yoso.MetricsLog(os.path.join(cfg.out, "metrics.jsonl"), dist.main)
-    C, S = pipe.transformer.config.in_channels, data.latent_size
-    sample_noise = torch.randn(len(cfg.sample_prompts), C, S, S, generator=torch.Generator().manual_seed(cfg.seed)).to(device)
     teacher_sched = yoso.NoiseSchedule.from_config(schedule_config(cfg.yoso, pipe.scheduler.config, False))
     teacher_pred = pipe.scheduler.config.get("prediction_type", "epsilon")
+    log = yoso.MetricsLog(os.path.join(cfg.out, "metrics.jsonl"), dist.main)
+    # collapse figures (rank 0): one-step samples, prompts in turn, vs. the first n_div items
     n_div = min(cfg.n_diversity, len(data)) if dist.main else 0
     div_cond = {k: v[torch.arange(n_div) % len(cfg.sample_prompts)] for k, v in sample_cond.items()}
-    div_noise = torch.randn(n_div, C, S, S, generator=torch.Generator().manual_seed(cfg.seed + 1)).to(device)
-    collapse = None                                             # made at the first grid (its real images cost a pass)
+    block = pipe.vae_scale_factor * pipe.transformer.config.patch_size   # pixels per token: the tiling's tile
+    collapse = yoso.CollapseMeter(decode(pipe.vae, data.latents(n_div)), device, block=block) if n_div > 1 else None
     stop = yoso.Stop()
     guard = yoso.DivergenceGuard(cfg.max_skipped, cfg.saturation_gap, cfg.saturation_steps)
     # step: global steps done, over both phases; adapted: the weights are a v-model on the new schedule
@@ -578,35 +514,31 @@ def train(cfg: T2IConfig, command: str) -> int:
             continue                                            # finished in an earlier run
         ycfg = schedule_config(cfg.yoso, pipe.scheduler.config, phase == "adapt" or adapted)
         sched = yoso.NoiseSchedule.from_config(ycfg)
-        # rebinding `optimizers`, their only holder, frees the adaption's AdamW state (2 x the trained
-        # weights) before the YOSO stage (issue 15); the adaption trains G only
-        optimizers = dict(zip("GD", yoso.make_optimizers(G, D, ycfg)))
-        modules = {"G": params, "G_ema": ema, "D": D}
-        if phase == "adapt":
-            del optimizers["D"], modules["D"]
-        scalers = [torch.amp.GradScaler(device.type) if cfg.precision == "fp16" else None for _ in range(2)]
-        optimizers |= {f"scaler_{k}": s for k, s in zip(optimizers, scalers) if s is not None}   # fp16 loss scales
-        start = 0
+        # rebinding `optimizers`, their only holder, frees the adaption's AdamW state (2 x the trained weights)
+        # before the YOSO stage (issue 15); the adaption trains G only, so zip drops D's optimiser
+        optimizers = dict(zip("GD" if phase == "yoso" else "G", yoso.make_optimizers(G, D, ycfg)))
+        scalers = {f"scaler_{k}": torch.amp.GradScaler(device.type) for k in optimizers if cfg.precision == "fp16"}
+        optimizers |= scalers                        # fp16: the loss scales, checkpointed with them
+        modules = weights | ({"D": D} if phase == "yoso" else {})
+        same = resume is not None and resume["phase"] == phase
+        start = resume["phase_step"] if same else 0
         if resume:                                              # this phase's full state, or an earlier phase's weights
-            same = resume["phase"] == phase
-            yoso.load_checkpoint(resume["path"], modules if same else {"G": params, "G_ema": ema},
-                                 optimizers if same else {})
-            if same:
-                start = resume["phase_step"]
+            yoso.load_checkpoint(resume["path"], modules if same else weights, optimizers if same else {})
             if dist.main:
                 print(f"resumed from {resume['path']} at step {step} ({phase} step {start})")
             resume = None
         if start == 0:
             ema.load_state_dict(params.state_dict())           # an EMA across the ε -> v switch would mix both
         if phase == "yoso" and ycfg.prediction_type == "epsilon" and not ycfg.zero_terminal_snr:
-            n = min(len(data), cfg.ipi_items)                   # Sec. 4.3: the ε base keeps its flawed schedule
-            ipi = yoso.IPI.estimate(torch.cat([data.get(list(range(s, min(s + cfg.batch_size, n))))[0].cpu()
-                                               for s in range(0, n, cfg.batch_size)]))
-        noise = ipi.prior(len(cfg.sample_prompts), sched, torch.Generator().manual_seed(cfg.seed)).to(device) \
-            if ipi is not None else sample_noise
+            # Sec. 4.3: the ε base keeps its flawed schedule; samples start from the prior
+            ipi = yoso.IPI.estimate(data.latents(min(len(data), cfg.ipi_items)).cpu())
         offset, total = step - start, getattr(cfg, f"{phase}_steps")
         # Stage I (first half of adaption): v on the teacher's schedule; Stage II: on the new one
         student = lambda k: teacher_sched if phase == "adapt" and k < total // 2 else sched
+
+        def start_noise(n: int, seed: int) -> torch.Tensor:     # fixed x_{T-1}: N(0, I) or IPI
+            g = torch.Generator().manual_seed(seed)
+            return (ipi.prior(n, sched, g) if ipi else torch.randn((n, *data.latent_shape), generator=g)).to(device)
 
         def step_fn(k: int) -> dict:
             idx = yoso.batch_indices(len(data), offset + k, cfg.batch_size, cfg.seed)   # pure function of the step
@@ -615,57 +547,50 @@ def train(cfg: T2IConfig, command: str) -> int:
             if phase == "yoso":
                 stats = yoso.train_step(G_ddp, D_ddp, optimizers["G"], optimizers["D"], x0, cond, sched=sched, cfg=ycfg,
                                         distance=distance, grad_accum=cfg.grad_accum, amp_dtype=amp_dtype,
-                                        scaler_G=scalers[0], scaler_D=scalers[1], noise=(t, eps))
-            else:
-                loss, n = 0.0, cfg.grad_accum
+                                        noise=(t, eps), **scalers)
+            else:                                               # micro-batched as train_step is
+                loss, n, scaler = 0.0, cfg.grad_accum, scalers.get("scaler_G")
                 for x_mb, c_mb, t_mb, e_mb in zip(x0.chunk(n), yoso.split_cond(cond, n), t.chunk(n), eps.chunk(n)):
                     l_mb = adaption_loss(G_ddp, frozen, x_mb, c_mb, teacher_sched, student(k), teacher_pred, amp,
                                          noise=(t_mb, e_mb))
-                    (scalers[0].scale(l_mb) if scalers[0] else l_mb).div(n).backward()
+                    (scaler.scale(l_mb) if scaler else l_mb).div(n).backward()
                     loss += l_mb.item() / n
-                grad_norm = yoso.optimizer_step(optimizers["G"], params, scalers[0], ycfg.grad_clip)
+                grad_norm = yoso.optimizer_step(optimizers["G"], params, scaler, ycfg.grad_clip)
                 stats = dict(loss_adapt=loss, grad_norm_G=grad_norm, skipped=int(not math.isfinite(grad_norm)),
                              adapt_stage=1 if student(k) is teacher_sched else 2)
             if not stats["skipped"]:
                 yoso.ema_update(ema, params, ycfg.ema_decay)    # EMA of the trained weights (adapters for LoRA)
             return stats
 
-        def save(k: int) -> None:
-            if dist.main:
-                yoso.save_run_checkpoint(cfg.out, offset + k, modules, optimizers, extra=dict(
-                    phase=phase, phase_step=k, adapted=phase == "adapt" or adapted))
+        def save(k: int) -> None:                  # rank 0's, as sample's: the others write nothing
+            yoso.save_run_checkpoint(cfg.out, offset + k, modules, optimizers,
+                                     extra=dict(phase=phase, phase_step=k, adapted=phase == "adapt" or adapted))
 
         def sample(k: int) -> None:
-            nonlocal grid, collapse
-            if dist.main:
-                grid = os.path.join(cfg.out, "samples", f"{phase}-{offset + k:06d}.png")
-                s_sched = student(k - 1)
-                s_cfg = replace(ycfg, zero_terminal_snr=s_sched is sched) if phase == "adapt" else ycfg
-                with swapped(params, ema):
-                    sample_grid(grid, G, pipe.vae, sample_cond, noise, s_sched, s_cfg, amp)
-                    if n_div > 1:                               # collapse: diversity -> 0, tiling -> 1
-                        if collapse is None:                    # the first n_div training latents, decoded
-                            real = torch.cat([data.get(list(range(i, min(i + cfg.batch_size, n_div))))[0]
-                                              for i in range(0, n_div, cfg.batch_size)])
-                            collapse = yoso.CollapseMeter(decode(pipe.vae, real), device, block=pipe.vae_scale_factor
-                                                          * pipe.transformer.config.patch_size)
-                        d_noise = ipi.prior(n_div, sched, torch.Generator().manual_seed(cfg.seed + 1)).to(device) \
-                            if ipi is not None else div_noise
-                        log.write(step=offset + k, phase=phase,
-                                  **collapse(one_step_batch(G, pipe.vae, div_cond, d_noise, s_sched, s_cfg, amp)))
-                yoso.plot_metrics(os.path.join(cfg.out, "metrics.jsonl"))   # metrics.png beside it
+            nonlocal grid
+            grid = os.path.join(cfg.out, "samples", f"{phase}-{offset + k:06d}.png")
+            s_sched = student(k - 1)                      # the last step's schedule, and its config
+            s_cfg = replace(ycfg, zero_terminal_snr=s_sched is sched) if phase == "adapt" else ycfg
+            with swapped(params, ema):
+                noise = start_noise(len(cfg.sample_prompts), cfg.seed)
+                sample_grid(grid, G, pipe.vae, sample_cond, noise, s_sched, s_cfg, amp)
+                if collapse:                                 # collapse: diversity -> 0, tiling -> 1
+                    images = generate(G, pipe.vae, div_cond, start_noise(n_div, cfg.seed + 1), s_sched, s_cfg, amp)
+                    log.write(step=offset + k, phase=phase, **collapse(images))
+            yoso.plot_metrics(log.path)                         # metrics.png beside metrics.jsonl
 
         if start < total:
             done, reason = yoso.run_loop(
-                step_fn, start, total, every=[(cfg.ckpt_every, save), (cfg.sample_every, sample)],
+                step_fn, start, total, every=[(cfg.ckpt_every, save), (cfg.sample_every, sample)] if dist.main else [],
                 log=lambda step, **m: log.write(step=offset + step, phase=phase, **m), log_every=cfg.log_every,
                 guard=guard, stop=stop, world=dist.world, main=dist.main, desc=phase)
             if reason == "diverged":                            # keep the last good checkpoint: write nothing
                 if dist.main:
                     guard.report(offset + done, cfg.out)
                 return 3
-            save(done)
-            sample(done)
+            if dist.main:
+                save(done)
+                sample(done)
             if reason == "interrupted":
                 if dist.main:
                     print(f"\ninterrupted at step {offset + done}; checkpoint saved. Resume with:\n  "
@@ -681,9 +606,7 @@ def train(cfg: T2IConfig, command: str) -> int:
     return 0
 
 
-# ==================================================================================================
-# Sampling with diffusers, and the 1024 transplant (Sec. 4.4)
-# ==================================================================================================
+# ==== 5. Sampling with diffusers, the 1024 transplant (Sec. 4.4), the command line ================
 
 def load_run(out: str) -> tuple[dict, yoso.IPI | None]:
     """A finished run's yoso_config.json, and its informative prior (ε-model without adaption) or None."""
@@ -691,7 +614,6 @@ def load_run(out: str) -> tuple[dict, yoso.IPI | None]:
     if not os.path.isfile(path):
         raise yoso.UserError(f"{out}: not a finetune_t2i.py output folder (no yoso_config.json)")
     return json.load(open(path)), yoso.IPI.from_state_dict(load_file(ipi)) if os.path.isfile(ipi) else None
-
 
 def sample_cli(out: str, prompts: list, steps: int, n: int, seed: int, precision: str | None = None) -> str:
     """One-step (or few-step) images with diffusers' PixArtAlphaPipeline + LCMScheduler, as a grid. precision:
@@ -701,18 +623,16 @@ def sample_cli(out: str, prompts: list, steps: int, n: int, seed: int, precision
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = {DTYPE_KW: DTYPES[precision or ("bf16" if device == "cuda" else "fp32")]}
     with loading(f"--sample {out}", run["base"]):
-        pipe = PixArtAlphaPipeline.from_pretrained(
-            run["base"], **dtype, transformer=PixArtTransformer2DModel.from_pretrained(os.path.join(out, "transformer"), **dtype),
-            scheduler=LCMScheduler.from_pretrained(os.path.join(out, "scheduler"))).to(device)
+        tf = PixArtTransformer2DModel.from_pretrained(os.path.join(out, "transformer"), **dtype)
+        scheduler = LCMScheduler.from_pretrained(os.path.join(out, "scheduler"))
+        pipe = PixArtAlphaPipeline.from_pretrained(run["base"], transformer=tf, scheduler=scheduler, **dtype).to(device)
     pipe.set_progress_bar_config(disable=True)                          # stdout / stderr: the grid's path, or errors
     size = pipe.transformer.config.sample_size
-    latents = None
-    if ipi is not None:
-        if tuple(ipi.mean.shape[-2:]) != (size, size):                   # the pipeline would follow the latents' size
-            raise yoso.UserError(f"{out}/ipi.safetensors holds a {'x'.join(map(str, ipi.mean.shape[-2:]))} prior but "
-                                 f"the transformer samples {size}x{size} latents; it belongs to another resolution")
-        latents = ipi.prior(n * len(prompts), yoso.NoiseSchedule(pipe.scheduler.betas),
-                            torch.Generator().manual_seed(seed)).to(device, pipe.transformer.dtype)
+    if ipi and tuple(ipi.mean.shape[-2:]) != (size, size):              # the pipeline would follow the latents' size
+        raise yoso.UserError(f"{out}/ipi.safetensors holds a {'x'.join(map(str, ipi.mean.shape[-2:]))} prior but "
+                             f"the transformer samples {size}x{size} latents; it belongs to another resolution")
+    latents = ipi.prior(n * len(prompts), yoso.NoiseSchedule(pipe.scheduler.betas),
+                        torch.Generator().manual_seed(seed)).to(device, pipe.transformer.dtype) if ipi else None
     images = pipe(prompts, num_images_per_prompt=n, num_inference_steps=steps, guidance_scale=1.0, latents=latents,
                   generator=torch.Generator(device).manual_seed(seed), height=size * pipe.vae_scale_factor,
                   width=size * pipe.vae_scale_factor, use_resolution_binning=False, clean_caption=False,
@@ -721,7 +641,6 @@ def sample_cli(out: str, prompts: list, steps: int, n: int, seed: int, precision
     os.makedirs(os.path.dirname(path), exist_ok=True)
     yoso.save_image_grid(images.float() * 2 - 1, path, nrow=n)
     return path
-
 
 def transplant(out: str, target: str) -> str:
     """YOSO-target = target + (YOSO-512 − PixArt-512), tensor by tensor (Sec. 4.4)."""
@@ -743,8 +662,8 @@ def transplant(out: str, target: str) -> str:
             # deviation: the paper estimates μ̂ on training latents at the sampling size; the 512 run's data is not
             # at hand here, so its μ̂ is upsampled. Latents are aligned with the image (8x down), so this is the mean
             # latent of the same images seen larger, up to the VAE's non-linearity; ŝ (one scalar) is kept.
-            ipi = yoso.IPI(mean=nn.functional.interpolate(ipi.mean[None], size=(size, size), mode="bilinear",
-                                                          align_corners=False)[0], std=ipi.std)
+            ipi = yoso.IPI(mean=nn.functional.interpolate(ipi.mean[None], size=(size, size), mode="bilinear")[0],
+                           std=ipi.std)
             run["ipi_upsampled_from"] = hw
             print(f"ipi.safetensors: the {hw[0]}x{hw[1]} prior mean upsampled (bilinear) to the target's {size}x{size} latents")
         save_file(ipi.state_dict(), os.path.join(dest, "ipi.safetensors"))
@@ -753,13 +672,8 @@ def transplant(out: str, target: str) -> str:
         print(f"kept from the target (no matching 512 tensor): {', '.join(kept)}")
     return dest
 
-
-# ==================================================================================================
-# Command line
-# ==================================================================================================
-
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0].split(" — ")[1],
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0].split(" — ")[1], epilog=__doc__.split("\n", 1)[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--base", help=f"{', '.join(BASES)}, a hub id or a diffusers pipeline folder (default "
                                   f"{T2IConfig.base}); for --transplant the target (default PixArt-alpha-1024)")
@@ -768,33 +682,26 @@ def parse_args(argv=None):
     src.add_argument("--prompts", help="prompt file, one per line; the base's own samples become the data")
     p.add_argument("--cache", help="precompute latents and T5 embeddings into this folder once (default: none)")
     p.add_argument("--out", help=f"run folder: checkpoints, metrics, samples, the result (default {T2IConfig.out})")
-    p.add_argument("--stage", choices=("adapt", "yoso", "all"),
-                   help="adapt: quick adaption only; yoso: the YOSO stage only (on an ε base: no adaption, sampled "
-                        "from the informative prior); all: adapt then yoso (default all)")
+    p.add_argument("--stage", choices=("adapt", "yoso", "all"), help="quick adaption, the YOSO stage (alone on an "
+                   "ε base: sampled from the informative prior) or adapt then yoso (default all)")
     rank = p.add_mutually_exclusive_group()
-    rank.add_argument("--lora-rank", type=int, help=f"LoRA rank; 0 = full fine-tuning, as --full (default "
-                                                    f"{T2IConfig.lora_rank})")
+    rank.add_argument("--lora-rank", type=int, help=f"0 = full fine-tuning, as --full (default {T2IConfig.lora_rank})")
     rank.add_argument("--full", dest="lora_rank", action="store_const", const=0,
                       help="full fine-tuning, the paper's PixArt-α run (default: LoRA)")
-    p.add_argument("--precision", choices=tuple(DTYPES),
-                   help=f"autocast dtype; trained weights stay fp32, fp16 adds a GradScaler (default "
-                        f"{T2IConfig.precision}); for --sample the weights' dtype (default bf16 on a GPU, fp32 on CPU)")
-    p.add_argument("--preset", choices=sorted(PRESETS),
-                   help="named settings that --set can override: smoke (a few steps of everything on a tiny "
-                        "pipeline, on a CPU), cifar-teacher (the CIFAR-10 teacher of notebooks/teacher_cifar.py, "
-                        "~15 min on one CPU core) (default: none, the paper's run)")
+    p.add_argument("--precision", choices=tuple(DTYPES), help=f"autocast dtype, fp16 with a GradScaler (default "
+                   f"{T2IConfig.precision}); --sample's weights' dtype (default bf16 on a GPU, fp32 on CPU)")
+    p.add_argument("--preset", choices=sorted(PRESETS), help="smoke: a few steps of everything on a tiny pipeline "
+                   "(CPU); cifar-teacher: notebooks/teacher_cifar.py's, ~15 min on a CPU core (default: the paper's)")
     p.add_argument("--resume", nargs="?", const=True, metavar="RUN_DIR", help="continue from the newest checkpoint "
                    "in RUN_DIR (or --out), given the run's --data / --prompts again (default: a new run)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a T2IConfig field (yoso.KEY for a YOSOConfig one), e.g. --set yoso_steps=2000 "
-                        "(repeatable; default: none). KEY is one of: " + ", ".join(yoso.config_keys(T2IConfig())))
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field, "
+                   "repeatable (default: the preset's). KEY is one of: " + ", ".join(yoso.config_keys(T2IConfig())))
     p.add_argument("--sample", metavar="OUT", help="write a grid from a finished run's folder")
     p.add_argument("--prompt", action="append",
                    help=f"--sample's prompt, repeatable (default {T2IConfig.sample_prompts[0]!r})")
     p.add_argument("--steps", type=int, default=1, help="sampling steps for --sample (default 1: one step)")
     p.add_argument("--transplant", metavar="OUT", help="add the run's 512 delta to --base (Sec. 4.4)")
     return p.parse_args(argv)
-
 
 def config_from_args(a) -> T2IConfig:
     """Preset deltas, then the flags, then --set overrides -> a validated T2IConfig (UserError if impossible)."""
@@ -812,13 +719,12 @@ def config_from_args(a) -> T2IConfig:
         raise yoso.UserError(f"impossible settings: {e}") from None
     return yoso.apply_overrides(cfg, a.set)
 
-
 def main(argv=None) -> int:
     a = parse_args(argv)
     command = "python finetune_t2i.py " + " ".join(shlex.quote(s) for s in (sys.argv[1:] if argv is None else argv))
     def body() -> int:
         if a.sample:
-            print(sample_cli(a.sample, a.prompt or list(T2IConfig.sample_prompts[:1]), a.steps, n=4, seed=0,
+            print(sample_cli(a.sample, a.prompt or [T2IConfig.sample_prompts[0]], a.steps, n=4, seed=0,
                              precision=a.precision))
             return 0
         if a.transplant:

