@@ -123,7 +123,9 @@ def loading(what: str, name: str):
             yield path
     except Exception as e:
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise yoso.UserError(f"{what}: cannot load a PixArt-α diffusers pipeline from {path!r} ({reason[:200]})") from None
+        fix = "" if os.path.isdir(path) else "; offline? pass --base PATH to a local diffusers pipeline folder"
+        raise yoso.UserError(f"{what}: cannot load a PixArt-α diffusers pipeline from {path!r} ({reason[:200]}){fix}") \
+            from None
     finally:
         hub_log.setLevel(level)
 

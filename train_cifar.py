@@ -264,7 +264,7 @@ def run_sample(args) -> int:
     stem = os.path.splitext(args.npz)[0] if args.npz else \
         os.path.join(out, f"samples-{meta['step']:08d}-{args.steps}step")
     write_samples(G, cfg, meta, args.n, stem, device, args.steps, args.seed)
-    print(f"wrote {args.n} samples ({args.steps} step) to {stem}.npz, the first 64 to {stem}.png")
+    print(f"wrote {args.n} samples ({args.steps} step) to {stem}.npz, the first {min(args.n, 64)} to {stem}.png")
     return 0
 
 

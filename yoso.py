@@ -1125,7 +1125,9 @@ def apply_overrides(cfg, items):
         is_config = dataclasses.is_dataclass(target)
         fields = {f.name: f for f in dataclasses.fields(target)} if is_config else {}
         if not sep or name not in fields:
-            raise UserError(f"--set {item!r}: expected KEY=VALUE with KEY one of: "
+            near = [k for k in config_keys(cfg) if k.rpartition(".")[2] == name]   # lr -> yoso.lr
+            why = f"unknown key {key!r}" + (f" (did you mean {near[0]}?)" if near else "") + "; " if sep else ""
+            raise UserError(f"--set {item!r}: {why}expected KEY=VALUE with KEY one of: "
                             f"{', '.join(config_keys(cfg))}")
         try:
             value = ast.literal_eval(raw)
