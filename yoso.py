@@ -337,16 +337,18 @@ class DiscriminatorHead(nn.Module):
     Pooling is CLIP's AttentionPool2d as released: the mean token put before the N tokens, a LEARNED
     positional embedding of N + 1 rows added, the mean token's query over all N + 1 keys and values,
     projected to `out_dim`. Without positions D cannot tell one good token copied everywhere from a
-    picture. `grid` = N (square); another square grid interpolates the embedding (said once)."""
+    picture. `grid` = N (square); another square grid interpolates the embedding (said once).
+    mbstd_group > 0 (not released): the tokens' batch_std joins the pooled token before `proj`."""
 
     def __init__(self, channels: int, grid: int, head_channels: int = 16, out_dim: int = 512,
-                 groups: int = 32):
+                 groups: int = 32, mbstd_group: int = 0):
         super().__init__()
+        self.mbstd_group = mbstd_group
         self.norm = nn.GroupNorm(math.gcd(groups, channels), channels)
         self.pos = nn.Parameter(torch.randn(grid + 1, channels) / channels ** 0.5)   # row 0: mean
         self.qkv = nn.Linear(channels, 3 * channels)           # released: a 1x1 Conv1d, same map
         self.heads = max(1, channels // head_channels)         # released: 1280 / 16 = 80 heads
-        self.proj = nn.Linear(channels, out_dim)
+        self.proj = nn.Linear(channels + (mbstd_group > 0), out_dim)
         self.fc = nn.Linear(out_dim, 1)
         self._warned = False
 
@@ -382,16 +384,22 @@ class DiscriminatorHead(nn.Module):
         w = (q @ k.transpose(-1, -2)).float() / math.sqrt(d)
         w = torch.softmax(w, -1).to(v.dtype)                            # (B, heads, 1, N + 1)
         pooled = (w @ v).reshape(B, C)                  # written out: R1 needs its double backward
+        if self.mbstd_group:
+            pooled = torch.cat([pooled, batch_std(h[:, 1:], self.mbstd_group)[:, None].to(v.dtype)], 1)
         return self.fc(F.silu(self.proj(pooled))).squeeze(1)   # (B,)
 
-def minibatch_std(h: Tensor, group: int) -> Tensor:
-    """StyleGAN's minibatch-std feature (DDGAN's CIFAR D): h (B, C, H, W) -> (B, C + 1, H, W), the
-    extra channel the std over groups of `group` samples, averaged over C, H, W: copies give 0."""
+def batch_std(h: Tensor, group: int) -> Tensor:
+    """StyleGAN's minibatch-std statistic: h (B, ...) -> (B,), the std over groups of `group` samples
+    (samples i, i + B/g, ...), averaged over every other dim; copies give 0."""
     B = h.shape[0]
-    g = math.gcd(group, B)                                     # groups: samples i, i + B/g, ...
+    g = math.gcd(group, B)
     y = h.float().view(g, B // g, *h.shape[1:])
-    y = (y.var(0, unbiased=False) + 1e-8).sqrt().mean([1, 2, 3])   # (B // g,)
-    return torch.cat([h, y.to(h.dtype).repeat(g).view(B, 1, 1, 1).expand(B, 1, *h.shape[2:])], 1)
+    return (y.var(0, unbiased=False) + 1e-8).sqrt().flatten(1).mean(1).repeat(g)
+
+def minibatch_std(h: Tensor, group: int) -> Tensor:
+    """h (B, C, H, W) -> (B, C + 1, H, W), the batch_std channel added (DDGAN's CIFAR D)."""
+    y = batch_std(h, group).to(h.dtype)
+    return torch.cat([h, y.view(-1, 1, 1, 1).expand(-1, 1, *h.shape[2:])], 1)
 
 class _DBlock(nn.Module):
     """Residual conv block, the time embedding added as a per-channel bias; then 2x downsample."""
@@ -444,10 +452,10 @@ class FeatureDiscriminator(nn.Module):
     """Latent D of Sec. 4.2: a trainable copy of the pre-trained denoiser's first blocks
     (`features(x, t, cond)` -> (B, N, C) or (B, C, H, W), N = `grid` tokens) + the head."""
 
-    def __init__(self, features: nn.Module, channels: int, grid: int):
+    def __init__(self, features: nn.Module, channels: int, grid: int, mbstd_group: int = 0):
         super().__init__()
         self.features = features
-        self.head = DiscriminatorHead(channels, grid)
+        self.head = DiscriminatorHead(channels, grid, mbstd_group=mbstd_group)
 
     def forward(self, x: Tensor, t: Tensor, cond=None) -> Tensor:
         return self.head(self.features(x, t, cond))
