@@ -5,7 +5,7 @@
     python train_cifar.py --preset smoke --data cifar10-jpeg.zip   # about a minute; checks the whole pipeline
     python train_cifar.py --resume runs/cifar-XXXX          # continue exactly where a run stopped
     python train_cifar.py --sample CKPT --n 1000 [--steps 2] [--npz s.npz]   # a grid and an .npz, for FID elsewhere
-    python train_cifar.py --sample CKPT --fid 50000         # one-step FID of the EMA generator vs the training set
+    python train_cifar.py --sample RUN_DIR --fid 50000      # one-step FID of its newest EMA generator, to metrics
     python train_cifar.py --preset cpu --set minutes=60 --set ckpt_minutes=15   # any field; here a budget, kept marks
     torchrun --nproc_per_node=8 train_cifar.py              # DDP; the global batch is kept
 
@@ -63,10 +63,9 @@ class TrainConfig(yoso.YOSOConfig):
         super().__post_init__()        # k_D, k_C < T, prediction_type, gan_loss
         if min(self.steps, self.batch_size) <= 0 or min(self.minutes, self.ckpt_minutes) < 0 or \
                 self.precision not in ("bf16", "fp16", "fp32") or not -1 <= self.fixed_t < self.T:
-            raise ValueError(f"need steps, batch_size > 0, minutes, ckpt_minutes >= 0, precision bf16 | fp16 | fp32 and "
-                             f"fixed_t -1 (off) or in [0, T); got steps={self.steps}, batch_size={self.batch_size}, "
-                             f"minutes={self.minutes}, ckpt_minutes={self.ckpt_minutes}, precision={self.precision!r}, "
-                             f"fixed_t={self.fixed_t}")
+            raise ValueError("need steps, batch_size > 0, minutes, ckpt_minutes >= 0, precision bf16 | fp16 | fp32 and "
+                             "fixed_t -1 (off) or in [0, T); got " + ", ".join(f"{k}={getattr(self, k)!r}" for k in
+                             ("steps", "batch_size", "minutes", "ckpt_minutes", "precision", "fixed_t")))
 
 PRESETS = {
     "paper": {},
@@ -75,9 +74,8 @@ PRESETS = {
                 precision="fp32", steps=1500, ema_decay=0.99, log_every=10, sample_every=500, ckpt_every=250, d_mbstd=4,
                 r1_gamma=0.02, r1_every=15, betas_G=(0.5, 0.9), betas_D=(0.5, 0.9), lr=1.6e-4, lr_D=1.25e-4),
     # tiny nets, fp32 (bit-exact resume tests); checks the pipeline, not the method.
-    "smoke": dict(unet_channels=(16, 32), unet_layers=1, attn_resolutions=(), d_channels=(16, 32),
-                  batch_size=8, steps=30, precision="fp32", ema_decay=0.9, log_every=1,
-                  sample_every=10, ckpt_every=10, n_grid=16, n_diversity=4),
+    "smoke": dict(unet_channels=(16, 32), unet_layers=1, attn_resolutions=(), d_channels=(16, 32), batch_size=8, steps=30,
+                  precision="fp32", ema_decay=0.9, log_every=1, sample_every=10, ckpt_every=10, n_grid=16, n_diversity=4),
 }
 
 def make_config(preset: str, base: Optional[dict] = None, overrides: tuple = ()) -> TrainConfig:
@@ -231,20 +229,22 @@ def write_samples(G: nn.Module, cfg: TrainConfig, meta: dict, n: int, stem: str,
     yoso.save_image_grid(x[:64].float() / 127.5 - 1, stem + ".png")
 
 def run_sample(args) -> int:
-    """--sample CKPT: --n samples (an .npz and a grid), or with --fid N the checkpoint's FID."""
-    out = args.out or os.path.dirname(os.path.abspath(args.sample))
-    if not args.fid:                                            # where the samples go: checked before any work
-        yoso.check_out_dir(os.path.dirname(os.path.abspath(args.npz)) if args.npz else out,
-                           "--npz" if args.npz else "--out")
+    """--sample CKPT | RUN_DIR (its newest intact checkpoint): --n samples (.npz, grid), or --fid N into metrics."""
+    ckpt = yoso.newest_intact_checkpoint(args.sample) if os.path.isdir(args.sample) else args.sample
+    if ckpt is None:
+        raise yoso.UserError(f"--sample {args.sample}: no intact ckpt-*.pt in it; pass a checkpoint or a run folder")
+    out, to_npz = args.out or os.path.dirname(os.path.abspath(ckpt)), args.npz and not args.fid
+    yoso.check_out_dir(os.path.dirname(os.path.abspath(args.npz)) if to_npz else out, "--npz" if to_npz else "--out")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    G, cfg, meta = load_generator(args.sample, args.set, device)
+    G, cfg, meta = load_generator(ckpt, args.set, device)
     if args.fid:
         images = reference_subset(load_images(args.data or cfg.data, cfg.resolution)[0], args.fid_ref)
-        print(f"FID ({args.fid} {args.steps}-step EMA samples vs {len(images)} training images): "
-              f"{fid_of(G, args.fid, cfg, images, args.inception, device, args.steps):.3f}")
+        score = fid_of(G, args.fid, cfg, images, args.inception, device, args.steps)
+        yoso.MetricsLog(os.path.join(out, "metrics.jsonl")).write(step=meta["step"], fid=score, fid_n=args.fid,
+                                                                  fid_steps=args.steps)
+        print(f"FID ({args.fid} {args.steps}-step EMA samples vs {len(images)} training images): {score:.3f}")
         return 0
-    stem = os.path.splitext(args.npz)[0] if args.npz else \
-        os.path.join(out, f"samples-{meta['step']:08d}-{args.steps}step")
+    stem = os.path.splitext(args.npz)[0] if args.npz else os.path.join(out, f"samples-{meta['step']:08d}-{args.steps}step")
     write_samples(G, cfg, meta, args.n, stem, device, args.steps, args.seed)
     print(f"wrote {args.n} samples ({args.steps} step) to {stem}.npz, the first {min(args.n, 64)} to {stem}.png")
     return 0
@@ -369,14 +369,14 @@ def main(argv=None) -> int:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field, "
                    "repeatable (default: the preset's; on --resume the run's config.json). KEY is one of: "
                    + ", ".join(yoso.config_keys(TrainConfig())))
-    p.add_argument("--sample", metavar="CKPT", help="sample a checkpoint's EMA generator instead (default: train)")
+    p.add_argument("--sample", metavar="CKPT|RUN_DIR", help="sample a checkpoint's EMA generator instead (default: train)")
     p.add_argument("--n", type=int, default=64, help="samples written by --sample (default: %(default)s)")
     p.add_argument("--npz", metavar="PATH", help="--sample's output, the first 64 in PATH's .png (default: "
                    "samples-<step>-<steps>step.npz in --out)")
     p.add_argument("--steps", type=int, help="sampling steps of --sample, --fid (default: 1; training: --set steps=N)")
     p.add_argument("--seed", type=int, default=0, help="noise seed of --sample (default: %(default)s)")
-    p.add_argument("--fid", type=int, default=0, metavar="N", help="FID of N EMA samples after training or of --sample "
-                   "CKPT (default: %(default)s, none)")
+    p.add_argument("--fid", type=int, default=0, metavar="N", help="FID of N EMA samples after training or of --sample, "
+                   "into metrics.jsonl (default: %(default)s, none)")
     p.add_argument("--fid-ref", type=int, default=0, metavar="N", help="FID reference: N training images spread over "
                    "the set (default: %(default)s, all)")
     p.add_argument("--inception", metavar="PT", help="TorchScript Inception-v3 of FID (default: $YOSO_INCEPTION, "

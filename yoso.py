@@ -874,6 +874,7 @@ class MetricsLog:
 
     def write(self, **fields) -> None:
         if self.enabled:
+            os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
             with open(self.path, "a") as f:
                 f.write(json.dumps({"time": round(time.time(), 3), **fields}) + "\n")
 

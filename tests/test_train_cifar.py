@@ -92,6 +92,15 @@ def test_smoke_on_zip_and_sample_from_checkpoint(cifar_like_zip, tmp_path):
     x = np.load(tmp_path / "s" / "samples-00000002-2step.npz")["samples"]
     assert x.shape == (5, 32, 32, 3) and x.dtype == np.uint8 and x.std() > 0
     assert os.path.isfile(tmp_path / "s" / "samples-00000002-2step.png")
+    # a run folder samples its newest checkpoint; --fid's figure lands in the run's metrics.jsonl
+    assert cli("--sample", run, "--n", 3).returncode == 0
+    assert np.load(run / "samples-00000002-1step.npz")["samples"].shape == (3, 32, 32, 3)
+    r = cli("--sample", run, "--fid", 6, "--fid-ref", 6)
+    assert r.returncode == 0, r.stderr[-3000:]
+    last = read_metrics(str(run), training=False)[-1]
+    assert last["step"] == 2 and last["fid_n"] == 6 and last["fid_steps"] == 1 and f"{last['fid']:.3f}" in r.stdout
+    (tmp_path / "empty").mkdir()
+    assert_one_error_line(cli("--sample", tmp_path / "empty"), "no intact ckpt-*.pt")
 
 
 def test_resume_is_bit_identical_to_an_uninterrupted_run(cifar_like_folder, tmp_path):
