@@ -30,7 +30,6 @@ import yoso
 
 BASES = {"PixArt-alpha": "PixArt-alpha/PixArt-XL-2-512x512", "PixArt-alpha-1024": "PixArt-alpha/PixArt-XL-2-1024-MS"}
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-# from_pretrained's dtype keyword: diffusers 0.42 renamed torch_dtype to dtype (the old name now warns)
 DTYPE_KW = "dtype" if tuple(map(int, importlib.metadata.version("diffusers").split(".")[:2])) >= (0, 42) else "torch_dtype"
 PHASES = ("adapt", "yoso")
 
@@ -93,10 +92,10 @@ PRESETS = {
                   sample_prompts=("a red house", "a blue car"), sample_every=3, ckpt_every=3, log_every=1,
                   yoso=dict(lr=1e-3, ema_decay=0.5, k_D=250, k_C=25)),
     # LoRA scale 1 and 15x the official lr: 1000 YOSO steps of batch 32, not 5000 of 256 (issue 8)
-    "cifar-teacher": dict(lora_rank=32, lora_alpha=32.0, adapt_steps=400, yoso_steps=1000, batch_size=32,
-                          grad_accum=1, precision="fp32", grad_checkpointing=False, max_tokens=16,
+    "cifar-teacher": dict(lora_rank=32, lora_alpha=32.0, adapt_steps=400, yoso_steps=1000, batch_size=32, grad_accum=1,
+                          precision="fp32", grad_checkpointing=False, max_tokens=16, ckpt_every=250,
                           sample_prompts=tuple(f"a photo of a {c}" for c in ("airplane", "cat", "horse", "truck")),
-                          ckpt_every=250, yoso=dict(lr=3e-4, ema_decay=0.99)),
+                          yoso=dict(lr=3e-4, ema_decay=0.99)),
 }
 
 
@@ -126,13 +125,6 @@ def loading(what: str, name: str):
     finally:
         hub_log.setLevel(level)
 
-def check_base(name: str) -> None:
-    """Fail fast, before any data is read: a hub id must be cached or answer one quick request."""
-    from huggingface_hub import model_info, try_to_load_from_cache
-    with loading(f"--base {name}", name) as path:
-        if not os.path.isdir(path) and not isinstance(try_to_load_from_cache(path, "model_index.json"), str):
-            model_info(path, timeout=10)
-
 def load_base(name: str, dtype=torch.float32):
     """The base's PixArtAlphaPipeline: T5 and VAE in `dtype`, the transformer (trained) in fp32."""
     from diffusers import PixArtAlphaPipeline, PixArtTransformer2DModel
@@ -140,8 +132,7 @@ def load_base(name: str, dtype=torch.float32):
         tf = PixArtTransformer2DModel.from_pretrained(path, subfolder="transformer")
         pipe = PixArtAlphaPipeline.from_pretrained(path, transformer=tf, **{DTYPE_KW: dtype})
     pipe.set_progress_bar_config(disable=True)
-    # captions past max_tokens are cut, as PixArt-α was trained; encode_prompt would warn of it on every batch
-    logging.getLogger(PixArtAlphaPipeline.__module__).setLevel(logging.ERROR)
+    logging.getLogger(PixArtAlphaPipeline.__module__).setLevel(logging.ERROR)   # long captions: cut, unwarned
     return pipe
 
 def text_cond(pipe, prompts, max_tokens: int) -> dict:
@@ -178,11 +169,10 @@ class PixArtDenoiser(nn.Module):
 
 def pixart_trunk(tf, x, t, cond, blocks, checkpoint: bool = False, context=contextlib.nullcontext):
     """PixArt's forward up to the end of `blocks` (tokens B, N, C), each block in `context()`."""
-    B = x.shape[0]
     with context():
         h = tf.pos_embed(x)                                     # (B, N, C) patch tokens + position
-        t_emb, _ = tf.adaln_single(t, added_cond(tf, x), batch_size=B, hidden_dtype=h.dtype)
-        c = tf.caption_projection(cond["emb"]).view(B, -1, h.shape[-1])
+        t_emb, _ = tf.adaln_single(t, added_cond(tf, x), batch_size=len(x), hidden_dtype=h.dtype)
+        c = tf.caption_projection(cond["emb"]).view(len(x), -1, h.shape[-1])
     mask_bias = ((1 - cond["mask"].to(h.dtype)) * -10000.0).unsqueeze(1)   # (B, 1, L), diffusers' convention
     checkpoint = checkpoint and torch.is_grad_enabled()         # no graph: nothing to recompute
     for block in blocks:
@@ -299,7 +289,6 @@ class Items:
         return (self.teacher_latents(cond, indices) if paths[0] is None else self.images(paths)), cond
 
     def batches(self, n: int) -> list:
-        """The first n item indices in batches of batch_size."""
         return [list(range(s, min(s + self.cfg.batch_size, n))) for s in range(0, n, self.cfg.batch_size)]
 
     def latents(self, n: int) -> torch.Tensor:
@@ -318,9 +307,8 @@ class Items:
     def teacher_latents(self, cond: dict, indices: list) -> torch.Tensor:
         """The frozen base's DPM-Solver++ samples with CFG (the pipeline's own loop), item i from noise seeded by i."""
         from diffusers import DPMSolverMultistepScheduler, PixArtAlphaPipeline
-        solver = DPMSolverMultistepScheduler.from_config(self.pipe.scheduler.config)
-        teacher = PixArtAlphaPipeline(**dict(self.pipe.components, transformer=self.frozen.transformer,
-                                             scheduler=solver))
+        dpm = DPMSolverMultistepScheduler.from_config(self.pipe.scheduler.config)
+        teacher = PixArtAlphaPipeline(**dict(self.pipe.components, transformer=self.frozen.transformer, scheduler=dpm))
         teacher.set_progress_bar_config(disable=True)
         seeded = lambda i: torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + i)    # item i's own noise
         x = torch.stack([torch.randn(self.latent_shape, generator=seeded(i)) for i in indices])
@@ -374,9 +362,8 @@ def generate(G, vae, cond, noise, sched, ycfg, amp, steps: int = 1, chunk: int =
     """Images of (noise, prompt) pairs in `steps` steps, `chunk` at a time; later noise seeded."""
     g = torch.Generator().manual_seed(0)
     with amp():
-        x0 = [yoso.sample(G, noise[i:i + chunk], {k: v[i:i + chunk] for k, v in cond.items()},
-                          sched=sched, cfg=ycfg, steps=steps, generator=g)
-              for i in range(0, len(noise), chunk)]
+        x0 = [yoso.sample(G, noise[i:i + chunk], {k: v[i:i + chunk] for k, v in cond.items()}, sched=sched, cfg=ycfg,
+                          steps=steps, generator=g) for i in range(0, len(noise), chunk)]
     return decode(vae, torch.cat(x0), chunk)
 
 def sample_grid(path, G, vae, cond, noise, sched, ycfg, amp, steps=(1, 4)):
@@ -387,7 +374,8 @@ def sample_grid(path, G, vae, cond, noise, sched, ycfg, amp, steps=(1, 4)):
 def export(cfg: T2IConfig, model: nn.Module, ycfg, ipi, command: str, grid: str | None) -> None:
     """adapter/ (peft), transformer/ (merged, diffusers), scheduler/, ipi.safetensors, yoso_config.json, README.md."""
     from diffusers import LCMScheduler, PixArtTransformer2DModel
-    out, kw, path = cfg.out, DTYPE_KW, BASES.get(cfg.base, cfg.base)
+    out, kw = cfg.out, DTYPE_KW
+    path = os.path.abspath(cfg.base) if os.path.isdir(cfg.base) else BASES.get(cfg.base, cfg.base)   # any cwd samples
     if cfg.lora_rank > 0:
         from peft import PeftModel
         model.save_pretrained(os.path.join(out, "adapter"))
@@ -417,8 +405,7 @@ image = pipe("a photo of a red house", num_inference_steps=1, guidance_scale=1.0
            else "Starts from pure noise: v-prediction on the zero-terminal-SNR schedule (after quick adaption).")
     card = [f"# YOSO one-step generator from {path}", "",
             "One-step text-to-image by YOSO (arXiv 2403.12931), fine-tuned with finetune_t2i.py.", "",
-            f"![samples]({os.path.relpath(grid, out)})" if grid else "", "",
-            "Rows: 1 step, 4 steps; columns: the run's fixed sample prompts.", "",
+            f"![samples: rows 1 and 4 steps, a prompt a column]({os.path.relpath(grid, out)})" if grid else "", "",
             "## Use", "```python", use, "```", how, "", "## Command", "```", command, "```", "",
             "## Settings", "`yoso`: what the last stage trained with (the base's schedule, after adaption v-prediction "
             "on zero terminal SNR); `settings.yoso`: as configured, before the base's schedule was read.", "",
@@ -432,9 +419,8 @@ def build(cfg: T2IConfig, device):
     tf = pipe.transformer
     torch.manual_seed(cfg.seed)
     side = (cfg.resolution // pipe.vae_scale_factor if cfg.resolution else tf.config.sample_size) // tf.config.patch_size
-    D = yoso.FeatureDiscriminator(PixArtTrunk(tf, cfg.disc_blocks or len(tf.transformer_blocks) // 2,
-                                              cfg.grad_checkpointing), tf.inner_dim, grid=side * side,
-                                   mbstd_group=cfg.d_mbstd).to(device)   # fp32
+    trunk = PixArtTrunk(tf, cfg.disc_blocks or len(tf.transformer_blocks) // 2, cfg.grad_checkpointing)
+    D = yoso.FeatureDiscriminator(trunk, tf.inner_dim, grid=side * side, mbstd_group=cfg.d_mbstd).to(device)   # fp32
     if cfg.grad_checkpointing:
         tf.enable_gradient_checkpointing()
     if cfg.lora_rank > 0:
@@ -452,7 +438,10 @@ def build(cfg: T2IConfig, device):
 
 def train(cfg: T2IConfig, command: str) -> int:
     """Returns the exit code: 0 done or interrupted (checkpointed), 3 diverged."""
-    check_base(cfg.base)                                        # the real problem first: an unreachable base
+    from huggingface_hub import model_info, try_to_load_from_cache
+    with loading(f"--base {cfg.base}", cfg.base) as path:       # an unreachable base first, before reading data:
+        if not os.path.isdir(path) and not isinstance(try_to_load_from_cache(path, "model_index.json"), str):
+            model_info(path, timeout=10)                        # a hub id must be cached or answer one quick request
     world = int(os.environ.get("WORLD_SIZE", 1))                # checked before any process group waits
     if cfg.batch_size % (world * cfg.grad_accum):
         raise yoso.UserError(f"batch_size {cfg.batch_size} is not divisible by {world} processes x grad_accum "
@@ -514,11 +503,9 @@ def train(cfg: T2IConfig, command: str) -> int:
         if start == 0:
             ema.load_state_dict(params.state_dict())           # an EMA across the ε -> v switch would mix both
         if phase == "yoso" and ycfg.prediction_type == "epsilon" and not ycfg.zero_terminal_snr:
-            # Sec. 4.3: the ε base keeps its flawed schedule; samples start from the prior
-            ipi = yoso.IPI.estimate(data.latents(min(len(data), cfg.ipi_items)).cpu())
+            ipi = yoso.IPI.estimate(data.latents(min(len(data), cfg.ipi_items)).cpu())   # Sec. 4.3: the sampling prior
         offset, total = step - start, getattr(cfg, f"{phase}_steps")
-        # Stage I (first half of adaption): v on the teacher's schedule; Stage II: on the new one
-        student = lambda k: teacher_sched if phase == "adapt" and k < total // 2 else sched
+        student = lambda k: teacher_sched if phase == "adapt" and k < total // 2 else sched   # Stage I: old schedule
 
         def start_noise(n: int, seed: int) -> torch.Tensor:     # fixed x_{T-1}: N(0, I) or IPI
             g = torch.Generator().manual_seed(seed)
@@ -534,9 +521,8 @@ def train(cfg: T2IConfig, command: str) -> int:
                                         noise=(t, eps), **scalers)
             else:                                               # micro-batched as train_step is
                 loss, n, scaler = 0.0, cfg.grad_accum, scalers.get("scaler_G")
-                for x_mb, c_mb, t_mb, e_mb in zip(x0.chunk(n), yoso.split_cond(cond, n), t.chunk(n), eps.chunk(n)):
-                    l_mb = adaption_loss(G_ddp, frozen, x_mb, c_mb, teacher_sched, student(k), teacher_pred, amp,
-                                         noise=(t_mb, e_mb))
+                for x_mb, c_mb, noise in zip(x0.chunk(n), yoso.split_cond(cond, n), zip(t.chunk(n), eps.chunk(n))):
+                    l_mb = adaption_loss(G_ddp, frozen, x_mb, c_mb, teacher_sched, student(k), teacher_pred, amp, noise)
                     (scaler.scale(l_mb) if scaler else l_mb).div(n).backward()
                     loss += l_mb.item() / n
                 grad_norm = yoso.optimizer_step(optimizers["G"], params, scaler, ycfg.grad_clip)
@@ -581,8 +567,7 @@ def train(cfg: T2IConfig, command: str) -> int:
         step, adapted = offset + total, adapted or phase == "adapt"
 
     if dist.main:
-        # the exported weights: the EMA of the YOSO stage; after an adapt-only run, the adapted weights themselves
-        with (swapped(params, ema) if cfg.stage != "adapt" else contextlib.nullcontext()):
+        with (swapped(params, ema) if cfg.stage != "adapt" else contextlib.nullcontext()):   # adapt-only: as trained
             export(cfg, model, ycfg, ipi, command, grid)
         print(f"done: {step} steps, {guard.total} skipped; out {cfg.out}")
     return 0
@@ -597,7 +582,7 @@ def load_run(out: str) -> tuple[dict, yoso.IPI | None]:
         raise yoso.UserError(f"{out}: not a finetune_t2i.py output folder (no yoso_config.json)")
     return json.load(open(path)), yoso.IPI.from_state_dict(load_file(ipi)) if os.path.isfile(ipi) else None
 
-def sample_cli(out: str, prompts: list, steps: int, n: int, seed: int, precision: str | None = None) -> str:
+def sample_cli(out: str, prompts: list, steps: int, n: int = 4, seed: int = 0, precision: str | None = None) -> str:
     """A one-step (or few-step) grid via diffusers' LCMScheduler; default weights bf16 on a GPU."""
     from diffusers import LCMScheduler, PixArtAlphaPipeline, PixArtTransformer2DModel
     run, ipi = load_run(out)
@@ -700,8 +685,7 @@ def main(argv=None) -> int:
     command = "python finetune_t2i.py " + shlex.join(sys.argv[1:] if argv is None else argv)
     def body() -> int:
         if a.sample:
-            print(sample_cli(a.sample, a.prompt or [T2IConfig.sample_prompts[0]], a.steps, n=4, seed=0,
-                             precision=a.precision))
+            print(sample_cli(a.sample, a.prompt or [T2IConfig.sample_prompts[0]], a.steps, precision=a.precision))
             return 0
         if a.transplant:
             print(transplant(a.transplant, a.base or "PixArt-alpha-1024"))

@@ -70,3 +70,12 @@ def make_image_folder(path: str, n: int = 6, seed: int = 0) -> str:
     with open(os.path.join(path, "metadata.jsonl"), "w") as f:
         f.write("\n".join(lines) + "\n")
     return path
+
+
+if __name__ == "__main__":
+    # python tests/tiny_pixart.py DIR: DIR/pipeline and DIR/data, for `finetune_t2i.py --preset smoke`
+    import sys
+    out = sys.argv[1] if len(sys.argv) > 1 else "runs/tiny-pixart"
+    save_pipeline(os.path.join(out, "pipeline"))
+    make_image_folder(os.path.join(out, "data"), n=8)
+    print(f"python finetune_t2i.py --preset smoke --base {out}/pipeline --data {out}/data --out runs/smoke-t2i")
