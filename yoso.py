@@ -758,7 +758,7 @@ def read_checkpoint(path: str) -> dict:
         raise ValueError("no step, extra and modules")
     except Exception as e:
         raise UserError(f"{path} is not a YOSO checkpoint ({type(e).__name__}); "
-                        "pass a ckpt-*.pt file") from None
+                        "pass a ckpt-*.pt file or the run folder holding it") from None
 
 def load_checkpoint(path: str, modules: dict, optimizers: dict) -> dict:
     """Load a checkpoint into modules and optimisers; returns {step, extra}. The optimisers keep
