@@ -872,9 +872,12 @@ class MetricsLog:
     path: str
     enabled: bool = True
 
-    def write(self, **fields) -> None:
+    def __post_init__(self):                       # the folder, once: --sample --fid may name a new one
         if self.enabled:
             os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+
+    def write(self, **fields) -> None:
+        if self.enabled:
             with open(self.path, "a") as f:
                 f.write(json.dumps({"time": round(time.time(), 3), **fields}) + "\n")
 
