@@ -872,7 +872,7 @@ class MetricsLog:
     path: str
     enabled: bool = True
 
-    def __post_init__(self):                       # the folder, once: --sample --fid may name a new one
+    def __post_init__(self):                   # the folder, once: --sample --fid may name a new one
         if self.enabled:
             os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
 
@@ -902,9 +902,9 @@ def init_distributed() -> Dist:
                 torch.device(f"cuda:{local}" if cuda else "cpu"))
 
 def run_cli(body: Callable[[], int]) -> int:
-    """A script's main: a UserError becomes ONE line on stderr (rank 0) and exit code 2. Under torchrun
-    the group goes down after a barrier and the process ends with os._exit: with torch 2.14's gloo,
-    interpreter shutdown after destroy_process_group aborted a rank in ~1 run of 10 (SIGABRT)."""
+    """A script's main: a UserError becomes ONE line on stderr (rank 0) and exit code 2. Under
+    torchrun the group goes down after a barrier and the process ends with os._exit: with torch
+    2.14's gloo, shutdown after destroy_process_group aborted a rank in ~1 run of 10 (SIGABRT)."""
     ddp = lambda: torch.distributed.is_available() and torch.distributed.is_initialized()
     code = None                                # stays None while an unexpected error propagates
     try:
