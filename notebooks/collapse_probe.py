@@ -16,6 +16,9 @@ data and the same ε:
     python notebooks/collapse_probe.py RUN_DIR_OR_CKPT [--n 64] [--data ZIP] [--json OUT.json] [--blur]
     python notebooks/collapse_probe.py T2I_RUN_DIR --t2i --n 64 --json OUT.json -- --preset cifar-teacher \\
         --base TEACHER/pipeline --data TEACHER/data --set seed=0      # the run's own finetune_t2i.py flags
+
+A checkpoint of finetune_t2i.py's adaption stage (--stage adapt) gives, per t, the tiling, diversity and mse of the
+adapted student's x̂_0 and of the x̂_0 its adaption target implies: what the YOSO stage's "real" starts from.
 """
 from __future__ import annotations
 
@@ -95,27 +98,56 @@ def probe(ckpt: str, n: int, data: str | None, blur: bool = False) -> list[dict]
 
 
 def probe_t2i(ckpt: str, n: int, run_args: list) -> list[dict]:
-    """A finetune_t2i.py checkpoint of its YOSO stage, the run rebuilt from its own flags (`run_args`)."""
+    """A finetune_t2i.py checkpoint, the run rebuilt from its own flags (`run_args`): of the YOSO stage, the
+    ladder; of the adaption stage, probe_adaption's rows."""
     import finetune_t2i as ft
     cfg = ft.config_from_args(ft.parse_args(run_args + ["--out", os.path.dirname(ckpt)]))
     meta = yoso.read_checkpoint(ckpt)
-    if meta["extra"].get("phase") != "yoso":
-        raise SystemExit(f"{ckpt}: a checkpoint of the {meta['extra'].get('phase')} stage; the probe needs YOSO's")
+    phase = meta["extra"].get("phase")
+    if phase not in ("adapt", "yoso"):
+        raise SystemExit(f"{ckpt}: not a finetune_t2i.py checkpoint (phase {phase})")
     pipe, model, D, frozen, params, _ = ft.build(cfg, torch.device("cpu"))
     ema = copy.deepcopy(params).requires_grad_(False)
-    yoso.load_checkpoint(ckpt, {"G": params, "G_ema": ema, "D": D}, {})
-    ycfg = ft.schedule_config(cfg.yoso, pipe.scheduler.config, meta["extra"]["adapted"])
+    yoso.load_checkpoint(ckpt, {"G": params, "G_ema": ema} | ({"D": D} if phase == "yoso" else {}), {})
+    ycfg = ft.schedule_config(cfg.yoso, pipe.scheduler.config, phase == "adapt" or meta["extra"]["adapted"])
     items, _ = ft.read_items(cfg)
     data = ft.Items(items, pipe, frozen, cfg, torch.device("cpu"), contextlib.nullcontext)
     idx = torch.linspace(0, len(data) - 1, n).long().tolist()  # spread over the items (all classes)
     x0, cond = data.get(idx)
     to_images = lambda z: ft.decode(pipe.vae, z).clamp(-1, 1)
     meter = yoso.CollapseMeter(to_images(x0), "cpu", block=pipe.vae_scale_factor * pipe.transformer.config.patch_size)
+    G, sched = ft.PixArtDenoiser(model), yoso.NoiseSchedule.from_config(ycfg)
+    if phase == "adapt":
+        teacher_sched = yoso.NoiseSchedule.from_config(ft.schedule_config(cfg.yoso, pipe.scheduler.config, False))
+        return probe_adaption(G, lambda: ft.swapped(params, ema), frozen, x0, cond, to_images, meter, sched,
+                              teacher_sched, ycfg, pipe.scheduler.config.prediction_type, meta["step"])
     distance = yoso.latent_perceptual_distance(ft.perceptual_features(
         frozen, cfg.feature_block or len(frozen.transformer.transformer_blocks) // 2))
-    return ladder(ft.PixArtDenoiser(model), D, lambda: ft.swapped(params, ema), x0, cond, to_images, meter,
-                  yoso.NoiseSchedule.from_config(ycfg), ycfg, distance, meta["step"], pixels=False)
+    return ladder(G, D, lambda: ft.swapped(params, ema), x0, cond, to_images, meter, sched, ycfg, distance,
+                  meta["step"], pixels=False)
 
+
+def probe_adaption(G, ema, frozen, x0, cond, to_images, meter, sched, teacher_sched, cfg, teacher_pred, step):
+    """Quick adaption's x̂_0 per t, before any adversarial term: the EMA student's (what the YOSO stage's
+    self-cooperative "real" starts from) and the one its v-target implies, x̂_0 = α_t x_t − σ_t v_target
+    (the frozen teacher's, re-combined on the new schedule); row t = -1: the real latents."""
+    eps = torch.randn(x0.shape, generator=torch.Generator().manual_seed(1))
+    rows = [dict(t=-1, what="real", step=step, mse=0.0, **meter(to_images(x0)))]
+    for t_int in LADDER:
+        t = torch.full((len(x0),), t_int, dtype=torch.long)
+        x_t_teacher, x_t = yoso.adaption_inputs(x0, eps, t, teacher_sched, sched)
+        alpha_t, sigma_t = sched.alpha_sigma(t, x0.ndim)
+        with torch.no_grad():
+            with ema():
+                student = yoso.predict_x0(G, x_t, t, cond, sched, cfg)
+            with frozen():
+                out = frozen.denoiser(x_t_teacher, t, cond).float()
+            v = yoso.adaption_target(out, x_t_teacher, t, teacher_sched, sched, teacher_pred)
+        for what, z in (("student", student), ("target", alpha_t * x_t - sigma_t * v)):
+            rows.append(dict(t=t_int, what=what, step=step, mse=(z - x0).pow(2).mean().item(), **meter(to_images(z))))
+            print(f"step {step:6d}  t {t_int:4d}  {what:8s} diversity {rows[-1].get('diversity', float('nan')):.3f}"
+                  f"  tiling {rows[-1]['tiling']:.3f}  mse {rows[-1]['mse']:.3f}", flush=True)
+    return rows
 
 if __name__ == "__main__":
     argv = sys.argv[1:]

@@ -123,6 +123,22 @@ def test_collapse_probe_reads_a_t2i_run(lora_run, base, data):
     assert all(r["grad_adv"] > 0 and r["grad_con"] > 0 for r in rows[1:-1])
 
 
+def test_collapse_probe_reads_an_adaption_checkpoint(lora_run, base, data):
+    # the same probe on the adaption stage's last checkpoint: per t, the adapted student's x̂_0 and the x̂_0 its
+    # v-target implies; the target's error grows as α_t -> 0 (the teacher's ε error times σ_t / α_t)
+    sys.path.insert(0, os.path.join(ROOT, "notebooks"))
+    import collapse_probe
+    ckpt = os.path.join(lora_run, "ckpt-00000004.pt")
+    assert yoso.read_checkpoint(ckpt)["extra"]["phase"] == "adapt"
+    rows = collapse_probe.probe_t2i(ckpt, 4, ["--base", base, "--data", data, "--preset", "smoke"])
+    assert rows[0]["what"] == "real" and rows[0]["tiling"] < 1
+    assert [(r["t"], r["what"]) for r in rows[1:]] == [(t, w) for t in collapse_probe.LADDER
+                                                        for w in ("student", "target")]
+    assert all(math.isfinite(r[k]) for r in rows for k in ("mse", "tiling"))
+    target = {r["t"]: r["mse"] for r in rows if r["what"] == "target"}
+    assert target[0] < 0.05 < target[999] and target[999] > 10 * target[250]
+
+
 def test_adapted_schedule_has_zero_terminal_snr(lora_run):
     from diffusers import LCMScheduler
     s = LCMScheduler.from_pretrained(os.path.join(lora_run, "scheduler"))
