@@ -595,7 +595,8 @@ def table(a):
     students = sorted({k.split("@")[0].rsplit("_", 1)[0] for k in res if k.split("@")[0].endswith("step")
                        and not k.startswith(("teacher", "real"))})
     verdict = {}
-    for route, what in ROUTES + tuple((s, "ablation") for s in students if s.startswith("abl-")):
+    others = sorted({re.sub(r"_s\d+$", "", s) for s in students} - {r for r, _ in ROUTES})   # ablations, all seeds
+    for route, what in ROUTES + tuple((s, "ablation") for s in others):
         print(f"-- {route}: {what}")
         for name in [s for s in students if s == route or re.fullmatch(rf"{route}_s\d+", s)]:
             for k in ("1", "2", "ddim20"):
