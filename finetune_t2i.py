@@ -480,9 +480,9 @@ def train(cfg: T2IConfig, command: str) -> int:
     block = pipe.vae_scale_factor * pipe.transformer.config.patch_size   # pixels per token: the tiling's tile
     collapse = yoso.CollapseMeter(decode(pipe.vae, data.latents(n_div)), device, block=block) if n_div > 1 else None
     stop = yoso.Stop()
-    guard = yoso.DivergenceGuard(cfg.max_skipped, cfg.saturation_gap, cfg.saturation_steps)
     step, adapted = (resume["step"], resume["adapted"]) if resume else (0, False)   # global step
     ipi = grid = None
+    skipped = 0                                                 # non-finite (skipped) steps, both phases
     first = PHASES.index(resume["phase"]) if resume else 0      # earlier: done in an earlier run
 
     for phase in [p for p in PHASES[first:] if cfg.stage in (p, "all")]:
@@ -550,13 +550,13 @@ def train(cfg: T2IConfig, command: str) -> int:
             yoso.plot_metrics(log.path)                         # metrics.png beside metrics.jsonl
 
         if start < total:
-            done, reason = yoso.run_loop(
+            done, reason, n_skipped = yoso.run_loop(
                 step_fn, start, total, every=[(cfg.ckpt_every, save), (cfg.sample_every, sample)] if dist.main else [],
                 log=lambda step, **m: log.write(step=offset + step, phase=phase, **m), log_every=cfg.log_every,
-                guard=guard, stop=stop, world=dist.world, main=dist.main, desc=phase)
-            if dist.main and reason == "diverged":              # keep the last good checkpoint
-                guard.report(offset + done, cfg.out)
-            elif dist.main:
+                guard=(cfg.max_skipped, cfg.saturation_gap, cfg.saturation_steps), run_dir=cfg.out, stop=stop,
+                world=dist.world, main=dist.main, desc=phase)
+            skipped += n_skipped
+            if dist.main and reason != "diverged":              # diverged: the last good checkpoint stays
                 save(done)
                 sample(done)
                 if reason == "interrupted":
@@ -569,7 +569,7 @@ def train(cfg: T2IConfig, command: str) -> int:
     if dist.main:
         with (swapped(params, ema) if cfg.stage != "adapt" else contextlib.nullcontext()):   # adapt-only: as trained
             export(cfg, model, ycfg, ipi, command, grid)
-        print(f"done: {step} steps, {guard.total} skipped; out {cfg.out}")
+        print(f"done: {step} steps, {skipped} skipped; out {cfg.out}")
     return 0
 
 

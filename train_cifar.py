@@ -331,18 +331,15 @@ def train(args) -> int:
             metrics.write(step=s, **collapse(x[:n_div]))
         yoso.plot_metrics(metrics.path)                        # metrics.png beside metrics.jsonl
 
-    guard = yoso.DivergenceGuard(cfg.max_skipped, cfg.saturation_gap, cfg.saturation_steps)
     stop = yoso.Stop(cfg.minutes, cfg.ckpt_minutes, spent)   # made last: the clock starts at step 1
     wall_mark = lambda s: save(s, mark=stop.marks * cfg.ckpt_minutes) if stop.new_mark else None
     every = [(cfg.ckpt_every, save), (cfg.sample_every, grid), (1, wall_mark)] if main else []
-    step, reason = yoso.run_loop(step_fn, step, cfg.steps, every=every, log_every=cfg.log_every, guard=guard, stop=stop,
-                                 log=lambda **m: metrics.write(**m, elapsed=round(stop.elapsed(), 2)),
-                                 world=dist.world, main=main)
-    if not main:
+    guard = (cfg.max_skipped, cfg.saturation_gap, cfg.saturation_steps)
+    step, reason, skipped = yoso.run_loop(step_fn, step, cfg.steps, every=every, log_every=cfg.log_every, stop=stop,
+                                          log=lambda **m: metrics.write(**m, elapsed=round(stop.elapsed(), 2)),
+                                          guard=guard, run_dir=out, world=dist.world, main=main)
+    if not main or reason == "diverged":                       # diverged: the last good checkpoint stays the newest
         return 3 if reason == "diverged" else 0
-    if reason == "diverged":                                   # keep the last good checkpoint: write nothing
-        guard.report(step, out)
-        return 3
     save(step)
     if stop.out_of_time and cfg.ckpt_minutes:                  # the budget's own mark
         save(step, mark=cfg.minutes)
@@ -356,7 +353,7 @@ def train(args) -> int:
         yoso.plot_metrics(metrics.path)
         print(f"FID ({args.fid} {args.steps}-step EMA samples): {score:.3f}")
     budget = f" (wall-clock budget of {cfg.minutes:g} min reached)" if stop.out_of_time else ""
-    print(f"done: {step} steps{budget}, {guard.total} skipped; run dir {out}")
+    print(f"done: {step} steps{budget}, {skipped} skipped; run dir {out}")
     return 0
 
 def main(argv=None) -> int:

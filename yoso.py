@@ -224,7 +224,7 @@ def generator_loss(D: nn.Module, x0_hat: Tensor, target: Tensor, x0: Tensor, t: 
                    t_C: Tensor, c, *, sched: NoiseSchedule, cfg: YOSOConfig, distance: Callable) -> dict:
     """L_G and its three terms per sample (Sec. 2 step 3); x0_hat = G(x_t, t) with its graph."""
     if cfg.lambda_adv > 0:                                       # softplus(−D(x̂, t))
-        L_adv = generator_adv_loss(D(x0_hat, t, c), cfg.gan_loss == "batch_mean")
+        L_adv = logistic_loss(D(x0_hat, t, c), True, cfg.gan_loss == "batch_mean")
     else:                                                        # λ_adv = 0: no D (ablation)
         L_adv = torch.zeros(len(t), device=t.device)
     w_con = consistency_weight(t, t_C, sched, cfg.gamma)
@@ -236,11 +236,6 @@ def generator_loss(D: nn.Module, x0_hat: Tensor, target: Tensor, x0: Tensor, t: 
     return dict(L_adv=L_adv, L_con=L_con, L_rec=L_rec, loss_G=loss_G)
 
 # --- the pieces ---------------------------------------------------------------------------------
-
-def sample_noise_levels(B: int, cfg: YOSOConfig, device) -> tuple[Tensor, Tensor, Tensor]:
-    """t ~ U{0..T-1}, with its t_D and t_C   (Sec. 2 step 1)."""
-    t = torch.randint(0, cfg.T, (B,), device=device)
-    return (t, *noise_levels(t, cfg))
 
 def consistency_weight(t: Tensor, t_C: Tensor, sched: NoiseSchedule, gamma: float) -> Tensor:
     """w_con(t) = min(1 / (σ_t/α_t − σ_{t_C}/α_{t_C}), γ)   (Sec. 2 step 3)."""
@@ -255,10 +250,6 @@ def reconstruction_weight(t: Tensor, sched: NoiseSchedule, gamma: float, form: s
     already per-sample loss); far stronger at high t, and > 0 at T-1 on zero terminal SNR."""
     w = sched.snr(t).clamp(max=gamma)
     return w.mean().expand_as(w) if form == "released" else w
-
-def generator_adv_loss(logits_fake: Tensor, batch_mean: bool = False) -> Tensor:
-    """L_adv = softplus(−D(x̂))   (Sec. 2 step 3)."""
-    return logistic_loss(logits_fake, True, batch_mean)
 
 def mse_distance(a: Tensor, b: Tensor, cond=None) -> Tensor:
     """d(a, b) for training from scratch: per-sample MSE in pixel space."""
@@ -515,12 +506,11 @@ def train_step(G: nn.Module, D: nn.Module, opt_G, opt_D, x0: Tensor, cond=None, 
     # --- 1. noise levels and inputs: one x_0, one ε, three steps ---------------------------------
     # Drawn for the whole batch before splitting, so grad_accum does not change the random stream;
     # or given (`noise` = (t, ε), e.g. yoso.step_noise: the same draws for any process count).
-    if noise is None:
-        t, t_D, t_C = sample_noise_levels(x0.shape[0], cfg, device)
-        eps = torch.randn(x0.shape, device=device, dtype=x0.dtype)   # randn_like follows the layout
-    else:
-        t, eps = (v.to(device) for v in noise)
-        t_D, t_C = noise_levels(t, cfg)
+    if noise is None:                                          # t ~ U{0..T-1}, ε ~ N(0, I)
+        noise = (torch.randint(0, cfg.T, (x0.shape[0],), device=device),
+                 torch.randn(x0.shape, device=device, dtype=x0.dtype))   # randn_like: the layout
+    t, eps = (v.to(device) for v in noise)
+    t_D, t_C = noise_levels(t, cfg)
     full = dict(x0=x0, t=t, t_D=t_D, t_C=t_C, x_t=sched.add_noise(x0, eps, t),
                 x_tD=sched.add_noise(x0, eps, t_D), x_tC=sched.add_noise(x0, eps, t_C))
     if x0.shape[0] % grad_accum:
@@ -711,16 +701,15 @@ def transplant_delta(target_base: dict, source_base: dict, source_tuned: dict) -
     return out, kept
 
 
-# ==== 9. Run plumbing of both scripts: checkpoints, metrics, DDP, the loop ========================
+# ==== 9. Run plumbing of both scripts: checkpoints, metrics, DDP, collapse figures, loop ========
 # torchvision, tqdm and matplotlib are imported where used: the method needs torch alone.
 
 class UserError(ValueError):
     """A problem with the user's input or settings: run_cli prints it as ONE line, exit code 2."""
 
 def save_checkpoint(path: str, step: int, modules: dict, optimizers: dict, extra: dict = None):
-    """One torch.save file: weights, optimiser (and GradScaler) states, the step and `extra`. Atomic
-    (temp file, fsync, rename): a crash mid-write leaves the previous file whole. No RNG state: all
-    training randomness is a function of (seed, step) (step_noise, batch_indices)."""
+    """One torch.save file: weights, optimiser (and GradScaler) states, step, `extra`; atomic (temp
+    file, fsync, rename). No RNG state: training randomness is a function of (seed, step)."""
     state = dict(step=step, extra=extra or {}, modules={k: unwrap(m).state_dict() for k, m in
                  modules.items()}, optimizers={k: o.state_dict() for k, o in optimizers.items()})
     with open(path + ".tmp", "wb") as f:
@@ -756,8 +745,7 @@ def load_checkpoint(path: str, modules: dict, optimizers: dict) -> dict:
         try:
             unwrap(m).load_state_dict(ckpt["modules"][name])
         except (RuntimeError, KeyError) as e:
-            lines = str(e).strip().splitlines()
-            why = lines[min(1, len(lines) - 1)].strip()
+            why = str(e).strip().splitlines()[-1].strip()     # size mismatch for ... / 'G'
             raise UserError(f"{path}: '{name}' does not match this model ({why}); "
                             "was it written with another preset or architecture?") from None
     for name, opt in optimizers.items():
@@ -818,8 +806,7 @@ def open_run(run_dir: str, resume: bool, how_to_resume: str, grids: str, script:
     """Where a run starts. A new run never writes into an earlier run's folder: None, or a UserError
     saying how to continue that one. A resume: the newest intact checkpoint's `extra` (it holds
     `mark`, which `script` writes) with its path and step; metrics lines and grids (glob `grids`;
-    the step: a name's last number) past that step, left by a skipped damaged checkpoint, are
-    dropped, so the run reads as one."""
+    the step: a name's last number) past that step, left by a skipped damaged checkpoint, go."""
     if not resume:
         check_out_dir(run_dir)
         found = [n for n in ("config.json", "yoso_config.json", "metrics.jsonl")
@@ -1007,72 +994,57 @@ class Stop:
         self.out_of_time, self.new_mark, self.marks = bool(v[1]), int(v[2]) > self.marks, int(v[2])
         return bool(v[0]) or self.out_of_time
 
-class DivergenceGuard:
-    """Gives up after `max_skipped` non-finite (skipped) steps in a row; warns once when
-    D(real) − D(fake) stays above `gap` for `patience` steps (a saturated D: G learns nothing)."""
-
-    def __init__(self, max_skipped: int, gap: float, patience: int):
-        self.max_skipped, self.gap, self.patience = max_skipped, gap, patience
-        self.in_row = self.total = self.saturated = 0
-        self.warned = self.diverged = False
-
-    def update(self, stats: dict) -> Optional[str]:
-        """Feed one step's stats; returns a message to print, or None."""
-        self.in_row = self.in_row + 1 if stats["skipped"] else 0
-        self.total += stats["skipped"]
-        self.diverged = self.in_row >= self.max_skipped
-        if self.diverged:
-            return f"training diverged: {self.in_row} steps in a row had non-finite gradients"
-        gap = stats.get("D_real", 0) - stats.get("D_fake", 0)
-        self.saturated = self.saturated + 1 if gap > self.gap else 0
-        if self.saturated >= self.patience and not self.warned:
-            self.warned = True
-            return (f"warning: D(real) - D(fake) has stayed above {self.gap} for {self.saturated} "
-                    "steps; D is saturated and G learns little (lower lr, or check the data)")
-
-    def report(self, step: int, run_dir: str) -> None:
-        last = list_checkpoints(run_dir)
-        print(f"error: training diverged at step {step} ({self.in_row} non-finite steps in a row); "
-              f"last good checkpoint: {last[-1] if last else 'none'}; lower lr or check the data",
-              file=sys.stderr)
-
 def run_loop(step_fn: Callable, start: int, total: int, *, every: list, log: Callable,
-             log_every: int, guard: DivergenceGuard, stop: Stop, world: int = 1, main: bool = True,
-             desc: str = "train") -> tuple[int, str]:
+             log_every: int, stop: Stop, guard: tuple, run_dir: str, world: int = 1,
+             main: bool = True, desc: str = "train") -> tuple[int, str, int]:
     """step_fn(step) for step = start..total-1 under tqdm, logging interval means (over ranks under
-    DDP), with the guard and the stop; `every` = [(n, fn)]: fn(step) after each n-th step but the
-    last. Returns (steps done, "done" | "interrupted" | "diverged")."""
+    DDP); `every` = [(n, fn)]: fn(step) after each n-th step but the last. guard = (max_skipped,
+    gap, patience): give up after max_skipped non-finite (skipped) steps in a row, naming run_dir's
+    last good checkpoint; warn when D(real) − D(fake) has stayed above gap for patience steps (a
+    saturated D: G learns little). Returns (steps done, "done" | "interrupted" | "diverged",
+    steps skipped)."""
     from tqdm import tqdm
+    max_skipped, max_gap, patience = guard
     sums, n, t0, step, reason = {}, 0, time.time(), start, "done"
+    in_row = skipped = saturated = 0                # non-finite steps in a row, in all; D saturated
     with tqdm(total=total, initial=start, desc=desc, disable=not main, dynamic_ncols=True) as bar:
         while step < total:
             stats = step_fn(step)
             if world > 1:                             # the GLOBAL batch's figures, as one process's
                 v = torch.tensor(list(stats.values()), dtype=torch.float64)
                 torch.distributed.all_reduce(v)
-                skipped = int(v[list(stats).index("skipped")] > 0)
-                stats = dict(zip(stats, (v / world).tolist())) | {"skipped": skipped}
+                any_skipped = int(v[list(stats).index("skipped")] > 0)
+                stats = dict(zip(stats, (v / world).tolist())) | {"skipped": any_skipped}
             step, n = step + 1, n + 1
-            if (message := guard.update(stats)) and main:
-                tqdm.write(message, file=sys.stderr)
+            in_row, skipped = (in_row + 1) * stats["skipped"], skipped + stats["skipped"]
+            gap = stats.get("D_real", 0) - stats.get("D_fake", 0)
+            saturated = saturated + 1 if gap > max_gap else 0
+            if saturated == patience and main:
+                tqdm.write(f"warning: D(real) - D(fake) has stayed above {max_gap} for {patience} "
+                           "steps; D is saturated and G learns little (lower lr, or check the "
+                           "data)", file=sys.stderr)
             sums = {k: sums.get(k, 0.0) + v for k, v in stats.items()}
             shown = {k: f"{v:.3f}" for k, v in stats.items() if k.startswith("loss")}
             if "D_real" in stats:
                 shown["D_gap"] = f"{stats['D_real'] - stats['D_fake']:.2f}"
-            bar.set_postfix(shown, skipped=guard.total, refresh=False)   # this step's figures
+            bar.set_postfix(shown, skipped=skipped, refresh=False)   # this step's figures
             bar.update(1)
             if step % log_every == 0 or step == total:
                 means = {k: v / n for k, v in sums.items() if k != "skipped"}
-                log(step=step, **means, skipped=int(sums["skipped"]), skipped_total=guard.total,
+                log(step=step, **means, skipped=int(sums["skipped"]), skipped_total=skipped,
                     it_s=n / (time.time() - t0))
                 sums, n, t0 = {}, 0, time.time()
-            if guard.diverged or stop.requested(world):
-                reason = "diverged" if guard.diverged else "interrupted"
+            if in_row >= max_skipped or stop.requested(world):
+                reason = "diverged" if in_row >= max_skipped else "interrupted"
                 break
             for every_n, fn in every:
                 if step % every_n == 0 and step < total:
                     fn(step)
-    return step, reason
+    if reason == "diverged" and main:             # the last good checkpoint stays the newest
+        last = (list_checkpoints(run_dir) or ["none"])[-1]
+        print(f"error: training diverged ({in_row} non-finite steps in a row); last good "
+              f"checkpoint: {last}; lower lr or check the data", file=sys.stderr)
+    return step, reason, skipped
 
 def batch_indices(n: int, step: int, batch: int, seed: int) -> Tensor:
     """Indices of the GLOBAL batch at `step`, from a fresh permutation per epoch (dropping the last

@@ -349,14 +349,18 @@ def test_data_order_is_a_permutation_per_epoch_and_ranks_split_the_global_batch(
     assert torch.equal(torch.cat(halves), full)
 
 
-def test_divergence_guard_counts_and_warns():
-    g = yoso.DivergenceGuard(max_skipped=3, gap=5.0, patience=2)
+def test_run_loop_gives_up_after_non_finite_steps_in_a_row_and_warns_once_on_a_saturated_d(tmp_path, capsys):
     ok, bad = dict(skipped=0, D_real=0.0, D_fake=0.0), dict(skipped=1, D_real=0.0, D_fake=0.0)
-    assert [g.update(s) for s in (bad, bad, ok, bad, bad)] == [None] * 5 and not g.diverged    # not in a row
-    assert "diverged" in g.update(bad) and g.diverged and g.total == 5
-    g = yoso.DivergenceGuard(max_skipped=3, gap=5.0, patience=2)
     sat = dict(skipped=0, D_real=4.0, D_fake=-4.0)
-    assert g.update(sat) is None and "saturated" in g.update(sat) and g.update(sat) is None    # warns once
+    run = lambda seq: yoso.run_loop(lambda s: seq[s], 0, len(seq), every=[], log=lambda **m: None, log_every=1,
+                                    stop=yoso.Stop(), guard=(3, 5.0, 2), run_dir=str(tmp_path))
+    assert run([bad, bad, ok, bad, bad, ok]) == (6, "done", 4)               # never 3 in a row
+    (tmp_path / "ckpt-00000004.pt").write_bytes(b"")
+    assert run([bad, bad, ok, bad, bad, bad, ok, ok]) == (6, "diverged", 5)  # the 3rd in a row: stop there
+    err = capsys.readouterr().err
+    assert "training diverged (3 non-finite steps in a row)" in err and "ckpt-00000004.pt" in err
+    assert run([sat, sat, sat, sat]) == (4, "done", 0)
+    assert capsys.readouterr().err.count("saturated") == 1                  # once, at the 2nd step in a row
 
 
 def test_save_image_grid(tmp_path):

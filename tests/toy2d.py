@@ -179,7 +179,7 @@ def rec_step(G, opt_G, x0, *, sched, cfg) -> dict:
 
     Its minimiser is the posterior mean E[x_0 | x_t], which at t = T−1 (no signal) is the data mean.
     """
-    t, _, _ = yoso.sample_noise_levels(x0.shape[0], cfg, x0.device)
+    t = torch.randint(0, cfg.T, (x0.shape[0],), device=x0.device)
     x_t = sched.add_noise(x0, torch.randn_like(x0), t)
     x0_hat = yoso.predict_x0(G, x_t, t, None, sched, cfg)
     loss = yoso.weighted_mse(x0_hat, x0, yoso.reconstruction_weight(t, sched, cfg.gamma)).mean()
@@ -200,7 +200,8 @@ def gan_step(G, D, opt_G, opt_D, x0, *, sched, cfg, noised: bool) -> dict:
     """
     B = x0.shape[0]
     if noised:
-        t, s, _ = yoso.sample_noise_levels(B, cfg, x0.device)
+        t = torch.randint(0, cfg.T, (B,), device=x0.device)
+        s, _ = yoso.noise_levels(t, cfg)
         x_t = sched.add_noise(x0, torch.randn_like(x0), t)
         renoise = lambda x: sched.add_noise(x, torch.randn_like(x), s)
     else:
@@ -216,7 +217,7 @@ def gan_step(G, D, opt_G, opt_D, x0, *, sched, cfg, noised: bool) -> dict:
     yoso.optimizer_step(opt_D, D.parameters(), None, max_norm=None)
     # G step, D frozen so its parameters collect no gradient
     D.requires_grad_(False)
-    L_adv = yoso.generator_adv_loss(D(renoise(x0_hat), s)).mean()
+    L_adv = yoso.logistic_loss(D(renoise(x0_hat), s), real=True).mean()   # softplus(−D(x̂))
     L_rec = yoso.weighted_mse(x0_hat, x0, yoso.reconstruction_weight(t, sched, cfg.gamma)).mean() if noised else 0 * L_adv
     loss_G = L_adv + cfg.lambda_rec * L_rec
     opt_G.zero_grad(set_to_none=True)
