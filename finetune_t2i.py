@@ -54,7 +54,6 @@ class T2IConfig:
     grad_checkpointing: bool = True     # recompute transformer blocks in backward: memory for ~30% time
     feature_block: int | None = None    # perceptual features after this many blocks; None = the middle (Sec. 4.1)
     disc_blocks: int | None = None      # blocks copied into D; None = the first half (as SD's down+mid half)
-    d_mbstd: int = 0                    # minibatch-std group in D's head (0 = off, as released)
     max_tokens: int = 120               # T5 tokens, PixArt-α's max_sequence_length
     teacher_steps: int = 20             # DPM-Solver++ steps when --prompts makes the data
     teacher_guidance: float = 4.5       # PixArt-α's default classifier-free guidance for those samples
@@ -420,7 +419,7 @@ def build(cfg: T2IConfig, device):
     torch.manual_seed(cfg.seed)
     side = (cfg.resolution // pipe.vae_scale_factor if cfg.resolution else tf.config.sample_size) // tf.config.patch_size
     trunk = PixArtTrunk(tf, cfg.disc_blocks or len(tf.transformer_blocks) // 2, cfg.grad_checkpointing)
-    D = yoso.FeatureDiscriminator(trunk, tf.inner_dim, grid=side * side, mbstd_group=cfg.d_mbstd).to(device)   # fp32
+    D = yoso.FeatureDiscriminator(trunk, tf.inner_dim, grid=side * side).to(device)   # fp32
     if cfg.grad_checkpointing:
         tf.enable_gradient_checkpointing()
     if cfg.lora_rank > 0:

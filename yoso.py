@@ -9,6 +9,10 @@ notebooks/method.md (the paper restated, and what the released code executes whe
 
 THE OBJECTIVE is on one screen at the top of section 4 (search "# ==== 4."): L_D and L_G's three
 terms at their three noise levels, in paper symbols, and the four functions train_step calls.
+Sections, in the order one training step touches them: 1. config; 2. noise schedule and the
+zero-terminal-SNR fix; 3. x_0-parameterisation; 4. losses; 5. discriminators, R1; 6. train step:
+D step, G step, EMA; 7. sampling, informative prior; 8. quick adaption, weight transplant; 9. run
+plumbing of both scripts.
 
 Paper symbol -> code name
     T, t, t_D, t_C ...... cfg.T, t (integer step 0..T-1), t_D = t − k_D, t_C = t − k_C
@@ -24,13 +28,6 @@ Paper symbol -> code name
     L_D; L_G, L_adv, L_con, L_rec  discriminator_loss; generator_loss (returns all four)
     sg[·] ............... torch.no_grad() / .detach()
     μ̂, ŝ (IPI) .......... ipi.mean, ipi.std
-
-Sections, in the order one training step touches them: 1. config; 2. noise schedule and the
-zero-terminal-SNR fix (Sec. 4.3); 3. forward process and x_0-parameterisation (Sec. 1); 4. losses: the
-objective, its weights and distances, the fused op (Sec. 2, 4.1); 5. discriminators, R1 (Sec. 3, 4.2);
-6. train step: D step, G step, EMA (Sec. 2); 7. sampling, informative prior (Sec. 1, 4.3); 8. quick
-adaption, weight transplant (Sec. 4.3, 4.4); 9. run plumbing of both scripts: checkpoints, metrics, DDP,
-collapse figures, the loop.
 """
 from __future__ import annotations
 
@@ -180,8 +177,7 @@ def boundary_scalings(t: Tensor, sigma_data: float = 0.5,
     return c_skip, c_out
 
 def predict_x0(G: nn.Module, x_t: Tensor, t: Tensor, cond, sched: NoiseSchedule, cfg: YOSOConfig) -> Tensor:
-    """G_θ(x_t, t, c): the one-step x_0 prediction of any G called as G(x_t, t, cond), shaped
-    like x_t (Sec. 1)."""
+    """G_θ(x_t, t, c): the one-step x_0 prediction of any G(x_t, t, cond), shaped like x_t."""
     alpha_t, sigma_t = sched.alpha_sigma(t, x_t.ndim)
     x0_hat = x0_from_output(G(x_t, t, cond), x_t, alpha_t, sigma_t, cfg.prediction_type)
     if cfg.boundary_scaling:
@@ -245,9 +241,8 @@ def consistency_weight(t: Tensor, t_C: Tensor, sched: NoiseSchedule, gamma: floa
     return w.clamp(max=gamma).float()
 
 def reconstruction_weight(t: Tensor, sched: NoiseSchedule, gamma: float, form: str = "paper") -> Tensor:
-    """w_rec(t) = min(SNR_t, γ) per sample (Sec. 2 step 3), shape (B,). form="released": every
-    sample gets the BATCH MEAN of min(SNR_t, γ), as train_yoso_lora.py executes (its mean over an
-    already per-sample loss); far stronger at high t, and > 0 at T-1 on zero terminal SNR."""
+    """w_rec(t) = min(SNR_t, γ) per sample (Sec. 2 step 3), shape (B,). form="released": each
+    sample gets the BATCH MEAN of min(SNR_t, γ), as train_yoso_lora.py executes (Sec. 2)."""
     w = sched.snr(t).clamp(max=gamma)
     return w.mean().expand_as(w) if form == "released" else w
 
@@ -257,8 +252,7 @@ def mse_distance(a: Tensor, b: Tensor, cond=None) -> Tensor:
 
 def latent_perceptual_distance(features: Callable) -> Callable:
     """d(a, b) = mean ‖F(a) − F(b)‖², F = `features(x, cond)` of a FROZEN network (the
-    pre-trained denoiser at t = 0; Sec. 4.1). The target b is a stop-gradient sample: F(b) runs
-    without a graph."""
+    pre-trained denoiser at t = 0; Sec. 4.1); b is a stop-gradient target: F(b) has no graph."""
     def distance(a: Tensor, b: Tensor, cond=None) -> Tensor:
         with torch.no_grad():
             f_b = features(b, cond)
@@ -301,9 +295,8 @@ def logistic_loss(logits: Tensor, real: bool, batch_mean: bool = False) -> Tenso
 
 def weighted_mse(a: Tensor, b: Tensor, w: Optional[Tensor] = None) -> Tensor:
     """Per-sample w · ‖a − b‖² / dim, shape (B,)."""
-    if w is None:
-        w = torch.ones(a.shape[0], device=a.device)
-    return _WeightedMSE.apply(a, b, w.detach())
+    w = torch.ones(a.shape[0], device=a.device) if w is None else w.detach()
+    return _WeightedMSE.apply(a, b, w)
 
 
 # ==== 5. Discriminators (Sec. 3 from scratch; Sec. 4.2 latent) ====================================
@@ -311,29 +304,25 @@ def weighted_mse(a: Tensor, b: Tensor, w: Optional[Tensor] = None) -> Tensor:
 def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
     """Sinusoidal embedding of integer steps t (B,) -> (B, dim)."""
     half = dim // 2
-    freqs = -math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32)
-    freqs = torch.exp(freqs / half)
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
     args = t.float()[:, None] * freqs[None]
     return torch.cat([args.cos(), args.sin()], dim=1)
 
 class DiscriminatorHead(nn.Module):
     """The released head (train_yoso_lora.py's out_head; Sec. 4.2): GroupNorm → SiLU → attention
     pooling → SiLU → Linear(·, 1); feature map (B, C, H, W) or tokens (B, N, C) -> logits (B,).
-    Pooling is CLIP's AttentionPool2d as released: the mean token put before the N tokens, a LEARNED
-    positional embedding of N + 1 rows added, the mean token's query over all N + 1 keys and values,
-    projected to `out_dim`. Without positions D cannot tell one good token copied everywhere from a
-    picture. `grid` = N (square); another square grid interpolates the embedding (said once).
-    mbstd_group > 0 (not released): the tokens' batch_std joins the pooled token before `proj`."""
+    Pooling is CLIP's AttentionPool2d: the mean token put before the N tokens, a LEARNED positional
+    embedding of N + 1 rows added (another square grid interpolates it, said once), the mean
+    token's query over all N + 1 keys and values, projected to `out_dim`."""
 
     def __init__(self, channels: int, grid: int, head_channels: int = 16, out_dim: int = 512,
-                 groups: int = 32, mbstd_group: int = 0):
+                 groups: int = 32):
         super().__init__()
-        self.mbstd_group = mbstd_group
         self.norm = nn.GroupNorm(math.gcd(groups, channels), channels)
         self.pos = nn.Parameter(torch.randn(grid + 1, channels) / channels ** 0.5)   # row 0: mean
         self.qkv = nn.Linear(channels, 3 * channels)           # released: a 1x1 Conv1d, same map
         self.heads = max(1, channels // head_channels)         # released: 1280 / 16 = 80 heads
-        self.proj = nn.Linear(channels + (mbstd_group > 0), out_dim)
+        self.proj = nn.Linear(channels, out_dim)
         self.fc = nn.Linear(out_dim, 1)
         self._warned = False
 
@@ -369,22 +358,15 @@ class DiscriminatorHead(nn.Module):
         w = (q @ k.transpose(-1, -2)).float() / math.sqrt(d)
         w = torch.softmax(w, -1).to(v.dtype)                            # (B, heads, 1, N + 1)
         pooled = (w @ v).reshape(B, C)                  # written out: R1 needs its double backward
-        if self.mbstd_group:                            # the token rows' std over the batch
-            std = batch_std(h[:, 1:], self.mbstd_group)
-            pooled = torch.cat([pooled, std[:, None].to(v.dtype)], 1)
         return self.fc(F.silu(self.proj(pooled))).squeeze(1)   # (B,)
 
-def batch_std(h: Tensor, group: int) -> Tensor:
-    """StyleGAN's minibatch-std statistic: h (B, ...) -> (B,), the std over groups of `group`
-    samples (i, i + B/g, ...), averaged over every other dim; copies give 0."""
+def minibatch_std(h: Tensor, group: int) -> Tensor:
+    """StyleGAN's minibatch-std channel (DDGAN's CIFAR D): h (B, C, H, W) -> (B, C + 1, H, W), the
+    std over groups of `group` samples (i, i + B/g, ...), averaged over C, H, W; copies give 0."""
     B = h.shape[0]
     g = math.gcd(group, B)
     y = h.float().view(g, B // g, *h.shape[1:])
-    return (y.var(0, unbiased=False) + 1e-8).sqrt().flatten(1).mean(1).repeat(g)
-
-def minibatch_std(h: Tensor, group: int) -> Tensor:
-    """h (B, C, H, W) -> (B, C + 1, H, W), the batch_std channel added (DDGAN's CIFAR D)."""
-    y = batch_std(h, group).to(h.dtype)
+    y = (y.var(0, unbiased=False) + 1e-8).sqrt().flatten(1).mean(1).repeat(g).to(h.dtype)
     return torch.cat([h, y.view(-1, 1, 1, 1).expand(-1, 1, *h.shape[2:])], 1)
 
 class _DBlock(nn.Module):
@@ -438,10 +420,10 @@ class FeatureDiscriminator(nn.Module):
     """Latent D of Sec. 4.2: a trainable copy of the pre-trained denoiser's first blocks
     (`features(x, t, cond)` -> (B, N, C) or (B, C, H, W), N = `grid` tokens) + the head."""
 
-    def __init__(self, features: nn.Module, channels: int, grid: int, mbstd_group: int = 0):
+    def __init__(self, features: nn.Module, channels: int, grid: int):
         super().__init__()
         self.features = features
-        self.head = DiscriminatorHead(channels, grid, mbstd_group=mbstd_group)
+        self.head = DiscriminatorHead(channels, grid)
 
     def forward(self, x: Tensor, t: Tensor, cond=None) -> Tensor:
         return self.head(self.features(x, t, cond))
@@ -748,13 +730,12 @@ def load_checkpoint(path: str, modules: dict, optimizers: dict) -> dict:
             why = str(e).strip().splitlines()[-1].strip()     # size mismatch for ... / 'G'
             raise UserError(f"{path}: '{name}' does not match this model ({why}); "
                             "was it written with another preset or architecture?") from None
-    for name, opt in optimizers.items():
-        if (state := ckpt["optimizers"].get(name)) is None:    # a GradScaler the run did not have
-            continue
-        if isinstance(opt, torch.optim.Optimizer):             # hyperparameters: the loading ones
-            state["param_groups"] = [g | {k: v for k, v in mine.items() if k != "params"}
-                                     for g, mine in zip(state["param_groups"], opt.param_groups)]
-        opt.load_state_dict(state)
+    for name, opt in optimizers.items():                       # a GradScaler the run lacked: skip
+        if (state := ckpt["optimizers"].get(name)) is not None:
+            if isinstance(opt, torch.optim.Optimizer):         # hyperparameters: the loading ones
+                state["param_groups"] = [g | {k: v for k, v in mine.items() if k != "params"}
+                                         for g, mine in zip(state["param_groups"], opt.param_groups)]
+            opt.load_state_dict(state)
     return {"step": ckpt["step"], "extra": ckpt["extra"]}
 
 def list_checkpoints(run_dir: str) -> list:
@@ -1123,21 +1104,18 @@ def plot_metrics(jsonl: str) -> Optional[str]:
               ("one-step samples (EMA, fixed noise): 1 ≈ data", ("diversity", "tiling")),
               ("one-step FID (EMA)", ("fid",))]
     keep = lambda r, k, i: k in r and math.isfinite(r[k]) and (i or r[k] > 0)   # log axis: > 0
-    curves = [[(k, [(r["step"], r[k]) for r in rows if keep(r, k, i)]) for k in keys]
-              for i, (_, keys) in enumerate(panels)]
-    shown = [(title, c) for (title, _), c in zip(panels, curves) if any(pts for _, pts in c)]
-    if not shown:
+    shown = [(i, title, {k: pts for k in keys if (pts := [(r["step"], r[k]) for r in rows if keep(r, k, i)])})
+             for i, (title, keys) in enumerate(panels)]
+    if not (shown := [panel for panel in shown if panel[2]]):
         return None
     import matplotlib
     matplotlib.use("Agg")                                      # files only; no display needed
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(1, len(shown), figsize=(5 * len(shown), 3.6), squeeze=False)
-    for ax, (title, c) in zip(axes[0], shown):
-        for key, pts in c:
-            if pts:
-                style = "-" if title.startswith(("losses", "D(")) else "o-"
-                ax.plot(*zip(*pts), style, ms=3, lw=1, label=key)
-        ax.set(xlabel="step", title=title, yscale="log" if title.startswith("losses") else "linear")
+    for ax, (i, title, curves) in zip(axes[0], shown):        # panels 0, 1 per step; 2, 3 per grid
+        for key, pts in curves.items():
+            ax.plot(*zip(*pts), "-" if i < 2 else "o-", ms=3, lw=1, label=key)
+        ax.set(xlabel="step", title=title, yscale="log" if i == 0 else "linear")
         ax.legend(fontsize=8)
     fig.tight_layout()
     png = os.path.join(os.path.dirname(os.path.abspath(jsonl)), "metrics.png")
