@@ -215,7 +215,7 @@ def perceptual_features(base: FrozenBase, n_blocks: int, checkpoint: bool = Fals
 def adaption_loss(G, frozen: FrozenBase, x0, cond, teacher_sched, student_sched, teacher_pred: str, amp, noise):
     """Quick adaption (Sec. 4.3), Stage I or II: MSE(v_student, v_target); noise = (t, ε)."""
     t, eps = (v.to(x0.device) for v in noise)
-    x_t_teacher, x_t_student = yoso.adaption_inputs(x0, eps, t, teacher_sched, student_sched)
+    x_t_teacher, x_t_student = teacher_sched.add_noise(x0, eps, t), student_sched.add_noise(x0, eps, t)
     with torch.no_grad(), frozen(), amp():
         teacher_out = frozen.denoiser(x_t_teacher, t, cond).float()
     target = yoso.adaption_target(teacher_out, x_t_teacher, t, teacher_sched, student_sched, teacher_pred)

