@@ -513,7 +513,8 @@ def train(cfg: T2IConfig, command: str) -> int:
         def step_fn(k: int) -> dict:
             idx = yoso.batch_indices(len(data), offset + k, cfg.batch_size, cfg.seed)   # pure function of the step
             x0, cond = data.get(yoso.rank_slice(idx, dist).tolist())
-            t, eps = yoso.step_noise(cfg.batch_size, x0.shape[1:], ycfg.T, offset + k, cfg.seed, dist)
+            t, eps = yoso.step_noise(cfg.batch_size, x0.shape[1:], ycfg.T, offset + k, cfg.seed, dist,
+                                     ycfg.one_step_share)
             if phase == "yoso":
                 stats = yoso.train_step(G_ddp, D_ddp, optimizers["G"], optimizers["D"], x0, cond, sched=sched, cfg=ycfg,
                                         distance=distance, grad_accum=cfg.grad_accum, amp_dtype=amp_dtype,

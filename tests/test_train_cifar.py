@@ -349,6 +349,24 @@ def test_data_order_is_a_permutation_per_epoch_and_ranks_split_the_global_batch(
     assert torch.equal(torch.cat(halves), full)
 
 
+def test_one_step_share_puts_that_share_of_t_at_t_minus_1_and_leaves_the_rest_uniform():
+    kw = dict(batch=4000, shape=(1,), T=1000, step=3, seed=0, dist=yoso.Dist())
+    t0, eps0 = yoso.step_noise(**kw)                                    # the paper: t ~ U{0..T-1}
+    t, eps = yoso.step_noise(**kw, one_step_share=0.5)
+    moved = t != t0
+    assert (t[moved] == 999).all() and 0.46 < (t == 999).float().mean() < 0.54
+    assert not torch.equal(eps, eps0) and eps.std().sub(1).abs() < 0.05     # its own draw; ε still N(0, I)
+    assert (yoso.step_noise(**kw, one_step_share=1.0)[0] == 999).all()
+    torch.manual_seed(0)                                                 # train_step's own draw (no `noise`)
+    paper, share = yoso.draw_t(8, 1000), yoso.draw_t(4000, 1000, 0.25)
+    torch.manual_seed(0)
+    assert torch.equal(paper, torch.randint(0, 1000, (8,))) and 0.21 < (share == 999).float().mean() < 0.29
+    halves = [yoso.step_noise(**kw | dict(dist=yoso.Dist(rank=r, world=2)), one_step_share=0.5)[0] for r in (0, 1)]
+    assert torch.equal(torch.cat(halves), t)                             # ranks split one global draw
+    with pytest.raises(ValueError, match="one_step_share"):
+        yoso.YOSOConfig(one_step_share=1.5)
+
+
 def test_run_loop_gives_up_after_non_finite_steps_in_a_row_and_warns_once_on_a_saturated_d(tmp_path, capsys):
     ok, bad = dict(skipped=0, D_real=0.0, D_fake=0.0), dict(skipped=1, D_real=0.0, D_fake=0.0)
     sat = dict(skipped=0, D_real=4.0, D_fake=-4.0)
@@ -462,6 +480,10 @@ def test_no_gpu_and_no_preset_trains_the_cpu_preset_and_says_so(cifar_like_folde
     said = [line for line in r.stdout.splitlines() if "paper preset" in line]
     assert len(said) == 1 and "`cpu` preset instead" in said[0] and "--preset paper" in said[0]
     assert json.load(open(tmp_path / "r" / "config.json"))["preset"] == "cpu"
+    got = yoso.resolve_precision("auto", torch.device("cpu"))  # precision "auto": bf16 only where it runs natively
+    assert f"precision {got}" in r.stdout and "departures" in said[0]
+    native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    assert got == ("bf16" if native else "fp32") and yoso.resolve_precision("fp16", torch.device("cpu")) == "fp16"
     # an explicit --preset paper is obeyed (its batch of 256 is then too large for 24 images)
     r = cli("--preset", "paper", "--data", cifar_like_folder, "--out", tmp_path / "p", env=env)
     assert_one_error_line(r, "batch of 256")
