@@ -388,7 +388,7 @@ def export(cfg: T2IConfig, model: nn.Module, ycfg, ipi, command: str, grid: str 
                  rescale_betas_zero_snr=ycfg.zero_terminal_snr).save_pretrained(os.path.join(out, "scheduler"))
     if ipi is not None:
         save_file(ipi.state_dict(), os.path.join(out, "ipi.safetensors"))
-    run = dict(base=path, settings=dataclasses.asdict(cfg), yoso=ycfg.to_dict())
+    run = dict(base=path, settings=dataclasses.asdict(cfg), yoso=dataclasses.asdict(ycfg))
     json.dump(run, open(os.path.join(out, "yoso_config.json"), "w"), indent=1, default=str)
     # the card's code: bf16 on a GPU, clean_caption off (it needs bs4, ftfy), no binning (a no-op at the model's size)
     use = f"""import torch

@@ -16,7 +16,7 @@ Exit codes: 0 done (or interrupted and checkpointed), 2 bad input or settings, 3
 from __future__ import annotations
 
 import argparse, contextlib, copy, hashlib, io, json, math, os, pathlib, shutil, sys, time, zipfile
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Callable, Optional
 
 import numpy as np
@@ -291,7 +291,7 @@ def train(args) -> int:
         yoso.load_checkpoint(resume["path"], modules, optimizers)   # another architecture: UserError
     if main:
         os.makedirs(out, exist_ok=True)
-        pathlib.Path(out, "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+        pathlib.Path(out, "config.json").write_text(json.dumps(asdict(cfg), indent=2))
         n_G, n_D = (sum(p.numel() for p in m.parameters()) / 1e6 for m in (G, D))
         print(f"{len(images)} training images{f', {corrupt} corrupt files skipped' if corrupt else ''}; run dir {out}; "
               f"world {dist.world}\npreset {cfg.preset}: G {n_G:.1f}M params, D {n_D:.1f}M params, batch {cfg.batch_size}, "
@@ -317,7 +317,7 @@ def train(args) -> int:
 
     def save(s: int, mark: Optional[float] = None) -> None:    # rank 0's, as grid: the others write nothing
         epoch, index = divmod(s, len(images) // cfg.batch_size)
-        extra = dict(config=cfg.to_dict(), data=dict(n=len(images), seed=cfg.seed, epoch=epoch, index=index),
+        extra = dict(config=asdict(cfg), data=dict(n=len(images), seed=cfg.seed, epoch=epoch, index=index),
                      elapsed=round(stop.elapsed(), 3))
         if mark is None:
             yoso.save_run_checkpoint(out, s, modules, optimizers, keep=cfg.keep, extra=extra)

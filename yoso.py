@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import ast, contextlib, dataclasses, glob, importlib.util, json, math, os, pathlib, re, signal, sys
 import tempfile, time, warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 import torch
@@ -93,9 +93,6 @@ class YOSOConfig:
         if self.zero_terminal_snr and self.prediction_type == "epsilon":
             raise ValueError("prediction_type epsilon with zero_terminal_snr gives x̂_0 = ±inf "
                              "at t = T-1 (α = 0); use v_prediction or sample")
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 # ==== 2. Noise schedule and the zero-terminal-SNR fix (Sec. 4.3) ==================================
@@ -267,12 +264,10 @@ def latent_perceptual_distance(features: Callable) -> Callable:
         return weighted_mse(features(a, cond), f_b)
     return distance
 
-# --- The fused op behind the losses: hand-written backward, the same code on CPU and CUDA ---
-# One saved tensor, float32 maths whatever the autocast dtype (benchmarks/README.md: 0.42-0.50x
-# eager's time on the CPU). The logistic loss stays plain softplus: a Function lost there.
-
-def _upcast(x: Tensor) -> Tensor:
-    return x if x.dtype == torch.float64 else x.float()
+# --- The fused op behind the losses, the same code on CPU and CUDA (benchmarks/README.md:
+# 0.42-0.50x eager's CPU time): one saved tensor, float32 maths whatever the autocast dtype.
+# The logistic loss stays plain softplus: a Function lost there ---
+_upcast = lambda x: x if x.dtype == torch.float64 else x.float()
 
 class _WeightedMSE(torch.autograd.Function):
     """w_i · mean_j (a_ij − b_ij)² per sample i. Saves only a − b (and w); no grad to w."""
@@ -759,15 +754,15 @@ def check_out_dir(path: str, flag: str = "--out") -> None:
     parent = os.path.abspath(path)
     while not os.path.exists(parent):             # the nearest existing part must be a folder
         parent = os.path.dirname(parent)
-    if not os.path.isdir(parent):
-        why = "is a file, not a folder" if parent == os.path.abspath(path) else \
-            f"{parent} is a file, so no folder can be made under it"
-        raise UserError(f"{flag} {path}: {why}; choose another {flag}")
+    why = None if os.path.isdir(parent) else "is a file, not a folder" if parent == os.path.abspath(path) \
+        else f"{parent} is a file, so no folder can be made under it"
     try:
-        tempfile.TemporaryFile(dir=parent).close()             # deleted as it closes
+        if not why:                                            # a write test, deleted as it closes
+            tempfile.TemporaryFile(dir=parent).close()
     except OSError as e:
-        raise UserError(f"{flag} {path}: cannot write in {parent} ({e.strerror}); "
-                        f"choose another {flag}") from None
+        why = f"cannot write in {parent} ({e.strerror})"
+    if why:
+        raise UserError(f"{flag} {path}: {why}; choose another {flag}")
 
 def open_run(run_dir: str, resume: bool, how_to_resume: str, grids: str, script: str, mark: str):
     """Where a run starts. A new run never writes into an earlier run's folder: None, or a UserError
@@ -1092,10 +1087,9 @@ def plot_metrics(jsonl: str) -> Optional[str]:
              for i, (title, keys) in enumerate(panels)]
     if not (shown := [panel for panel in shown if panel[2]]):
         return None
-    import matplotlib
-    matplotlib.use("Agg")                                      # files only; no display needed
-    import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, len(shown), figsize=(5 * len(shown), 3.6), squeeze=False)
+    from matplotlib.figure import Figure                       # no pyplot: files only, no display
+    fig = Figure(figsize=(5 * len(shown), 3.6))
+    axes = fig.subplots(1, len(shown), squeeze=False)
     for ax, (i, title, curves) in zip(axes[0], shown):        # panels 0, 1 per step; 2, 3 per grid
         for key, pts in curves.items():
             ax.plot(*zip(*pts), "-" if i < 2 else "o-", ms=3, lw=1, label=key)
@@ -1104,6 +1098,5 @@ def plot_metrics(jsonl: str) -> Optional[str]:
     fig.tight_layout()
     png = os.path.join(os.path.dirname(os.path.abspath(jsonl)), "metrics.png")
     fig.savefig(png + ".tmp.png", dpi=80)
-    plt.close(fig)
     os.replace(png + ".tmp.png", png)
     return png

@@ -2,6 +2,7 @@
 
 CPU only, offline. The smoke preset with a handful of steps keeps each run to seconds.
 """
+import dataclasses
 import importlib.util
 import json
 import os
@@ -242,7 +243,7 @@ def test_a_checkpoint_written_before_the_torch_save_format_still_samples(tmp_pat
     import safetensors.torch
     cfg = tc.make_config("smoke")
     G = tc.UNetGenerator(cfg)
-    old = cfg.to_dict()
+    old = dataclasses.asdict(cfg)
     old["batch"], old["amp"] = old.pop("batch_size"), "none"
     del old["precision"]
     path = str(tmp_path / "ckpt-00000007.safetensors")

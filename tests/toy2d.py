@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import math
 import os
@@ -272,7 +273,7 @@ def run_study(out_dir: str, steps: int = 10_000, seeds=(0, 1, 2), datasets=("rin
     samples, the training curve, and 1000 of the samples for plots."""
     os.makedirs(out_dir, exist_ok=True)
     cfg = toy_config()
-    results = dict(config=cfg.to_dict(), steps=steps, batch=256, seeds=list(seeds), runs=[])
+    results = dict(config=dataclasses.asdict(cfg), steps=steps, batch=256, seeds=list(seeds), runs=[])
     log = lambda msg: print(msg, flush=True)
     for name in datasets:
         data = DATASETS[name]()
