@@ -37,6 +37,7 @@ from typing import Callable, Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 Tensor = torch.Tensor
 
@@ -498,21 +499,24 @@ def train_step(G: nn.Module, D: nn.Module, opt_G, opt_D, x0: Tensor, cond=None, 
     D.requires_grad_(True)
     opt_D.zero_grad(set_to_none=True)
     r1_now = use_D and cfg.r1_gamma > 0 and step % cfg.r1_every == 0
+    # R1 differentiates D's input gradient: fused attention kernels (flash, CPU) have no double backward
+    r1_attention = lambda: sdpa_kernel(SDPBackend.MATH) if r1_now else contextlib.nullcontext()
     for i, m in enumerate(micro):
         B = m["x0"].shape[0]
         with autocast():
             real, m["target"] = self_cooperative_samples(G_plain, m["x_tD"], m["t_D"], m["x_tC"],
                                                          m["t_C"], m["c"], sched, cfg, use_D)
         if use_D:                                  # real first: its D graph goes before G's exists
-            with no_sync(D), autocast():           # DDP: the fake term's backward syncs
-                real = real.detach().requires_grad_(r1_now)
-                logits_real = D(real, m["t"], m["c"])
-                loss_real = discriminator_loss(logits_real, None, batch_mean).mean()
-                if r1_now:                                     # lazy R1, scaled by its interval
-                    r1 = r1_penalty(logits_real, real, cfg.r1_gamma).mean()
-                    loss_real = loss_real + cfg.r1_every * r1
-                    add(R1=r1)
-            scale(loss_real / grad_accum, scaler_D).backward()
+            with r1_attention():
+                with no_sync(D), autocast():       # DDP: the fake term's backward syncs
+                    real = real.detach().requires_grad_(r1_now)
+                    logits_real = D(real, m["t"], m["c"])
+                    loss_real = discriminator_loss(logits_real, None, batch_mean).mean()
+                    if r1_now:                                 # lazy R1, scaled by its interval
+                        r1 = r1_penalty(logits_real, real, cfg.r1_gamma).mean()
+                        loss_real = loss_real + cfg.r1_every * r1
+                        add(R1=r1)
+                scale(loss_real / grad_accum, scaler_D).backward()
         with torch.set_grad_enabled(keep_graph), autocast():  # G(x_t): D's fake now, x̂ later
             x0_hat = predict_x0(G, m["x_t"], m["t"], m["c"], sched, cfg)
         m["x0_hat"] = x0_hat if keep_graph else None

@@ -219,6 +219,16 @@ def test_lora_step_updates_only_adapter_and_discriminator(base):
     assert len(list(params)) == sum("lora_" in n for n in before["G"])                  # EMA covers the adapters
 
 
+def test_r1_on_the_latent_discriminator_runs_with_gradient_checkpointing(base):
+    # R1 differentiates D's input gradient through attention: the fused CPU / GPU kernels have no double
+    # backward ("derivative for aten::_scaled_dot_product_flash_attention_for_cpu_backward is not implemented")
+    cfg = smoke_config(base, grad_checkpointing=True)               # the users' default
+    cfg = ft.replace(cfg, yoso=ft.replace(cfg.yoso, r1_gamma=0.1, r1_every=1, k_D=999))
+    (_, model, D, _, _, _), before, stats = one_yoso_step(cfg)
+    assert stats["skipped"] == 0 and stats["R1"] > 0 and math.isfinite(stats["R1"])
+    assert any(not torch.equal(p, before["D"][n]) for n, p in D.named_parameters())
+
+
 def test_full_fine_tuning_keeps_a_frozen_copy(base):
     (_, model, _, frozen, params, _), before, stats = one_yoso_step(smoke_config(base, lora_rank=0))
     assert frozen.transformer is not model and len(list(params)) == len(list(model.parameters()))
