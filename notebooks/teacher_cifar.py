@@ -425,7 +425,10 @@ def evaluate(a):
         else:
             imgs, labels = generate(a, row)
         t_gen = time.time() - t0
-        mu, sig = train_cifar.feature_stats((imgs[i:i + 100] for i in range(0, len(imgs), 100)), features)
+        kept = []                                               # the features too: within-class diversity
+        mu, sig = train_cifar.feature_stats((imgs[i:i + 100] for i in range(0, len(imgs), 100)),
+                                            lambda b: kept.append(features(b)) or kept[-1])
+        feats = torch.cat(kept)
         with torch.no_grad():
             acc = (clf(to_unit(imgs)).argmax(1) == labels).float().mean().item()
         np.savez(os.path.join(a.out, f"stats-{name}-n{a.n}.npz"), mu=mu, sigma=sig)
@@ -433,6 +436,7 @@ def evaluate(a):
             if os.path.isfile(t20) else None
         results[key] = dict(fid=train_cifar.frechet_distance(mu, sig, mu_r, sig_r), fid_to_teacher20=to_teacher,
                             adherence=acc, tiling=tiling(imgs), n=a.n, n_ref=a.n_ref, steps=row["steps"],
+                            class_diversity=class_diversity(feats, labels),
                             cfg=row.get("cfg", 1.0), model=os.path.basename(row.get("student", "teacher")),
                             gen_seconds=round(t_gen, 1), eval_seconds=round(time.time() - t0, 1))
         print(key, results[key], flush=True)
@@ -440,6 +444,12 @@ def evaluate(a):
         png = f"{name}.png" if name.startswith("teacher") or a.tag else f"teacher_{name}.png"
         save_image(grid.float() / 255, os.path.join(grids, png), nrow=4)
         json.dump(results, open(path, "w"), indent=1)
+
+
+def class_diversity(feats: torch.Tensor, labels: torch.Tensor) -> float:
+    """Mean over classes of the mean pairwise Inception-feature distance among one prompt's images: how much the
+    noise still changes the picture (0: one image per prompt). Compare rows by their ratio to the teacher's."""
+    return float(np.mean([yoso.feature_diversity(feats[labels == c]) for c in labels.unique()]))
 
 
 def tiling(imgs: torch.Tensor) -> float:
