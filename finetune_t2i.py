@@ -546,13 +546,13 @@ def train(cfg: T2IConfig, command: str) -> int:
                 sample_grid(grid, G, pipe.vae, sample_cond, noise, s_sched, s_cfg, amp)
                 if collapse:                                 # collapse: diversity -> 0, tiling -> 1
                     images = generate(G, pipe.vae, div_cond, start_noise(n_div, cfg.seed + 1), s_sched, s_cfg, amp)
-                    log.write(step=offset + k, phase=phase, **collapse(images))
+                    log(step=offset + k, phase=phase, **collapse(images))
             yoso.plot_metrics(log.path)                         # metrics.png beside metrics.jsonl
 
         if start < total:
             done, reason, n_skipped = yoso.run_loop(
                 step_fn, start, total, every=[(cfg.ckpt_every, save), (cfg.sample_every, sample)] if dist.main else [],
-                log=lambda step, **m: log.write(step=offset + step, phase=phase, **m), log_every=cfg.log_every,
+                log=lambda step, **m: log(step=offset + step, phase=phase, **m), log_every=cfg.log_every,
                 guard=(cfg.max_skipped, cfg.saturation_gap, cfg.saturation_steps), run_dir=cfg.out, stop=stop,
                 world=dist.world, main=dist.main, desc=phase)
             skipped += n_skipped

@@ -66,6 +66,7 @@ class TrainConfig(yoso.YOSOConfig):
                              "fixed_t -1 (off) or in [0, T); got " + ", ".join(f"{k}={getattr(self, k)!r}" for k in
                              ("steps", "batch_size", "minutes", "ckpt_minutes", "precision", "fixed_t")))
 
+CACHE = os.environ.get("YOSO_CACHE", os.path.expanduser("~/.cache/yoso"))   # FID reference stats
 PRESETS = {
     "paper": {},
     # an hour, bf16 where native, EMA 0.99, DDGAN's D guards; NOT the paper: k_D 999, half at t = T-1 (nb 02 §5g-5h)
@@ -204,7 +205,7 @@ def fid_of(G: nn.Module, n: int, cfg: TrainConfig, images: torch.Tensor, incepti
     path = yoso.resolve_inception(inception)
     features = yoso.inception_features(path, device)
     key = f"{hashlib.sha1(images.numpy().tobytes()).hexdigest()}|{os.path.abspath(path)}|{os.path.getsize(path)}"
-    mu_r, sigma_r = reference_stats(images, features, key, yoso.CACHE)
+    mu_r, sigma_r = reference_stats(images, features, key, CACHE)
     return frechet_distance(*feature_stats(generated_batches(G, n, cfg, device, steps), features), mu_r, sigma_r)
 
 def load_generator(ckpt: str, overrides: tuple = (), device=None) -> tuple[nn.Module, TrainConfig, dict]:
@@ -240,8 +241,8 @@ def run_sample(args) -> int:
     if args.fid:
         images = reference_subset(load_images(args.data or cfg.data, cfg.resolution)[0], args.fid_ref)
         score = fid_of(G, args.fid, cfg, images, args.inception, device, args.steps)
-        yoso.MetricsLog(os.path.join(out, "metrics.jsonl")).write(step=meta["step"], fid=score, fid_n=args.fid,
-                                                                  fid_steps=args.steps)
+        yoso.MetricsLog(os.path.join(out, "metrics.jsonl"))(step=meta["step"], fid=score, fid_n=args.fid,
+                                                            fid_steps=args.steps)
         print(f"FID ({args.fid} {args.steps}-step EMA samples vs {len(images)} training images): {score:.3f}")
         return 0
     stem = os.path.splitext(args.npz)[0] if args.npz else os.path.join(out, f"samples-{meta['step']:08d}-{args.steps}step")
@@ -329,7 +330,7 @@ def train(args) -> int:
         x = yoso.sample(G_ema, fixed_noise, sched=sched, cfg=cfg)   # one step, EMA generator
         yoso.save_image_grid(x, os.path.join(out, f"samples-{s:08d}.png"))
         if collapse:                                           # collapse shows as diversity -> 0
-            metrics.write(step=s, **collapse(x[:n_div]))
+            metrics(step=s, **collapse(x[:n_div]))
         yoso.plot_metrics(metrics.path)                        # metrics.png beside metrics.jsonl
 
     stop = yoso.Stop(cfg.minutes, cfg.ckpt_minutes, spent)   # made last: the clock starts at step 1
@@ -337,7 +338,7 @@ def train(args) -> int:
     every = [(cfg.ckpt_every, save), (cfg.sample_every, grid), (1, wall_mark)] if main else []
     guard = (cfg.max_skipped, cfg.saturation_gap, cfg.saturation_steps)
     step, reason, skipped = yoso.run_loop(step_fn, step, cfg.steps, every=every, log_every=cfg.log_every, stop=stop,
-                                          log=lambda **m: metrics.write(**m, elapsed=round(stop.elapsed(), 2)),
+                                          log=lambda **m: metrics(**m, elapsed=round(stop.elapsed(), 2)),
                                           guard=guard, run_dir=out, world=dist.world, main=main)
     if not main or reason == "diverged":                       # diverged: the last good checkpoint stays the newest
         return 3 if reason == "diverged" else 0
@@ -350,7 +351,7 @@ def train(args) -> int:
         return 0
     if args.fid:
         score = fid_of(G_ema, args.fid, cfg, reference_subset(images, args.fid_ref), args.inception, device, args.steps)
-        metrics.write(step=step, fid=score, fid_n=args.fid, fid_steps=args.steps)
+        metrics(step=step, fid=score, fid_n=args.fid, fid_steps=args.steps)
         yoso.plot_metrics(metrics.path)
         print(f"FID ({args.fid} {args.steps}-step EMA samples): {score:.3f}")
     budget = f" (wall-clock budget of {cfg.minutes:g} min reached)" if stop.out_of_time else ""

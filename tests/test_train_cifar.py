@@ -311,7 +311,7 @@ def test_fid_pipeline_with_a_small_random_feature_network(tmp_path, monkeypatch)
             return images[i].float() / 127.5 - 1
     monkeypatch.setattr(yoso, "resolve_inception", lambda path: __file__)
     monkeypatch.setattr(yoso, "inception_features", lambda path, device: features)
-    monkeypatch.setattr(yoso, "CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(tc, "CACHE", str(tmp_path / "cache"))
     cfg_x0 = tc.make_config("smoke", overrides=("prediction_type='sample'",))
     fid_real = tc.fid_of(Replay(), 200, cfg_x0, images, None, "cpu")
     fid_mean = tc.fid_of(lambda x, t, c=None: torch.zeros_like(x), 200, cfg_x0, images, None, "cpu")
