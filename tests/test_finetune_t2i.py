@@ -23,6 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import finetune_t2i as ft  # noqa: E402
 import tiny_pixart  # noqa: E402
+import warm  # noqa: E402
 import yoso  # noqa: E402
 from conftest import checkpoint_tensors  # noqa: E402
 
@@ -32,12 +33,15 @@ from conftest import checkpoint_tensors  # noqa: E402
 torch.set_num_threads(1)
 
 
-ENV = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+ENV = {**os.environ, **warm.IMPORT_TIME_ENV}         # offline, one thread, quiet
 SCRIPT = os.path.join(ROOT, "finetune_t2i.py")
 
 
 def run_script(*args, env=None, torchrun=False):
-    launcher = ["-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}"] if torchrun else []
+    """`python finetune_t2i.py *args` in its own process (tests/warm.py: forked, its imports done once)."""
+    if not torchrun:
+        return warm.run(SCRIPT, args, {**ENV, **(env or {})}, ROOT, timeout=300)
+    launcher = ["-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}"]
     return subprocess.run([sys.executable, *launcher, SCRIPT, *map(str, args)],
                           capture_output=True, text=True, cwd=ROOT, env={**ENV, **(env or {})}, timeout=300)
 

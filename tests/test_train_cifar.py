@@ -1,4 +1,4 @@
-"""train_cifar.py: the CLI end to end (subprocess: exit codes, files written) and its helpers (imports).
+"""train_cifar.py: the CLI end to end (own process: exit codes, output, files written) and its helpers (imports).
 
 CPU only, offline. The smoke preset with a handful of steps keeps each run to seconds.
 """
@@ -16,13 +16,14 @@ import pytest
 import torch
 
 import train_cifar as tc
+import warm
 import yoso
 from conftest import checkpoint_tensors
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "train_cifar.py")
-# One thread per process: runs stay bit-reproducible and do not fight over the cores.
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+# One thread per process (runs stay bit-reproducible and do not fight over the cores), offline, quiet.
+ENV = {**os.environ, **warm.IMPORT_TIME_ENV}
 
 
 def free_port():
@@ -33,8 +34,8 @@ def free_port():
 
 
 def cli(*args, env=None, timeout=240):
-    return subprocess.run([sys.executable, SCRIPT, *map(str, args)], cwd=ROOT, env={**ENV, **(env or {})},
-                          capture_output=True, text=True, timeout=timeout)
+    """`python train_cifar.py *args` in its own process (tests/warm.py: forked, its imports done once)."""
+    return warm.run(SCRIPT, args, {**ENV, **(env or {})}, ROOT, timeout)
 
 
 def assert_one_error_line(r, *words):
