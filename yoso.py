@@ -314,8 +314,8 @@ def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tens
 class DiscriminatorHead(nn.Module):
     """The released head (Sec. 4.2): GroupNorm → SiLU → attention pooling → SiLU → Linear(·, 1);
     feature map (B, C, H, W) or tokens (B, N, C) -> logits (B,). Pooling is CLIP's AttentionPool2d:
-    the mean token, put first, queries all N + 1 tokens, a LEARNED positional embedding added
-    (another square grid interpolates it, said once); the result is projected to `out_dim`."""
+    the mean token, put first, queries all N + 1 tokens, a LEARNED positional embedding added (so
+    N is fixed: `grid` tokens); the result is projected to `out_dim`."""
 
     def __init__(self, channels: int, grid: int, head_channels: int = 16, out_dim: int = 512,
                  groups: int = 32):
@@ -326,30 +326,15 @@ class DiscriminatorHead(nn.Module):
         self.heads = max(1, channels // head_channels)         # released: 1280 / 16 = 80 heads
         self.proj = nn.Linear(channels, out_dim)
         self.fc = nn.Linear(out_dim, 1)
-        self._warned = False
-
-    def positions(self, n: int) -> Tensor:
-        """The (n + 1, C) positional embedding; token rows interpolated when n is another grid."""
-        if n + 1 == len(self.pos):
-            return self.pos
-        g0, g = math.isqrt(len(self.pos) - 1), math.isqrt(n)
-        if g * g != n or g0 * g0 != len(self.pos) - 1:
-            raise ValueError(f"D's head was built for {len(self.pos) - 1} tokens and got {n}: "
-                             "only square grids interpolate")
-        if not self._warned:
-            print(f"note: D's positional embedding interpolated from a {g0}x{g0} to a {g}x{g} "
-                  "token grid", file=sys.stderr)
-            self._warned = True
-        grid = F.interpolate(self.pos[1:].T.reshape(1, -1, g0, g0).float(), size=(g, g),
-                             mode="bicubic", align_corners=False).to(self.pos.dtype)
-        return torch.cat([self.pos[:1], grid.reshape(-1, n).T])
 
     def forward(self, h: Tensor) -> Tensor:
         h = h.flatten(2) if h.ndim == 4 else h.transpose(1, 2)   # (B, C, N)
+        if (n := h.shape[2]) + 1 != len(self.pos):
+            raise ValueError(f"D's head was built for {len(self.pos) - 1} tokens and got {n}")
         h = F.silu(self.norm(h))
         h = torch.cat([h.mean(2, keepdim=True), h], 2).transpose(1, 2)   # (B, N + 1, C), mean 1st
         B, N1, C = h.shape
-        h = h + self.positions(N1 - 1).to(h.dtype)
+        h = h + self.pos.to(h.dtype)
         d = C // self.heads
         W_q, W_kv = self.qkv.weight.split([C, 2 * C])                  # only the mean token asks
         b_q, b_kv = self.qkv.bias.split([C, 2 * C])
@@ -758,15 +743,13 @@ def check_out_dir(path: str, flag: str = "--out") -> None:
     parent = os.path.abspath(path)
     while not os.path.exists(parent):                          # the nearest existing part
         parent = os.path.dirname(parent)
-    if not os.path.isdir(parent):
-        why = "is a file, not a folder" if parent == os.path.abspath(path) else \
-            f"{parent} is a file, so no folder can be made under it"
-        raise UserError(f"{flag} {path}: {why}; choose another {flag}")
     try:
         tempfile.TemporaryFile(dir=parent).close()             # a write test, gone as it closes
     except OSError as e:
-        raise UserError(f"{flag} {path}: cannot write in {parent} ({e.strerror}); "
-                        f"choose another {flag}") from None
+        why = f"cannot write in {parent} ({e.strerror})" if os.path.isdir(parent) else \
+            "is a file, not a folder" if parent == os.path.abspath(path) else \
+            f"{parent} is a file, so no folder can be made under it"
+        raise UserError(f"{flag} {path}: {why}; choose another {flag}") from None
 
 def open_run(run_dir: str, resume: bool, how_to_resume: str, grids: str, script: str, mark: str):
     """Where a run starts. A new run never writes into an earlier run's folder: None, or a UserError
