@@ -68,10 +68,11 @@ def run(script: str, args, env: dict, cwd: str, timeout: float) -> subprocess.Co
     """subprocess.run([sys.executable, script, *args], env=env, cwd=cwd, capture_output=True, text=True,
     timeout=timeout), from the warm server where `env` agrees with it on what is read at import time."""
     args = [str(a) for a in args]
-    if not _server:
+    forkserver = "forkserver" in multiprocessing.get_all_start_methods()       # not on Windows
+    if forkserver and not _server:
         _server.update(_start())
-    keys = {k for k in {*env, *_server["env"]} if k in IMPORT_TIME_ENV or k.startswith(IMPORT_TIME_PREFIXES)}
-    if any(env.get(k) != _server["env"].get(k) for k in keys):
+    keys = {k for k in {*env, *_server.get("env", {})} if k in IMPORT_TIME_ENV or k.startswith(IMPORT_TIME_PREFIXES)}
+    if not forkserver or any(env.get(k) != _server["env"].get(k) for k in keys):
         return subprocess.run([sys.executable, script, *args], env=env, cwd=cwd, capture_output=True, text=True,
                               timeout=timeout)
     with tempfile.TemporaryDirectory() as d:
