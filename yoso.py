@@ -743,13 +743,15 @@ def check_out_dir(path: str, flag: str = "--out") -> None:
     parent = os.path.abspath(path)
     while not os.path.exists(parent):                          # the nearest existing part
         parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        why = "is a file, not a folder" if parent == os.path.abspath(path) else \
+            f"{parent} is a file, so no folder can be made under it"
+        raise UserError(f"{flag} {path}: {why}; choose another {flag}")
     try:
         tempfile.TemporaryFile(dir=parent).close()             # a write test, gone as it closes
     except OSError as e:
-        why = f"cannot write in {parent} ({e.strerror})" if os.path.isdir(parent) else \
-            "is a file, not a folder" if parent == os.path.abspath(path) else \
-            f"{parent} is a file, so no folder can be made under it"
-        raise UserError(f"{flag} {path}: {why}; choose another {flag}") from None
+        raise UserError(f"{flag} {path}: cannot write in {parent} ({e.strerror}); "
+                        f"choose another {flag}") from None
 
 def open_run(run_dir: str, resume: bool, how_to_resume: str, grids: str, script: str, mark: str):
     """Where a run starts. A new run never writes into an earlier run's folder: None, or a UserError
