@@ -53,6 +53,9 @@ def _script_main(script: str, args: list, env: dict, cwd: str, out: str, err: st
 
 
 def _start() -> dict:
+    """The server, or {"ctx": None} where there is none (no forkserver on Windows; one that fails to start)."""
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        return {"ctx": None}
     old = dict(os.environ)
     os.environ.update(IMPORT_TIME_ENV)
     try:
@@ -63,6 +66,8 @@ def _start() -> dict:
         fresh = subprocess.run([sys.executable, "-c", "import sys, json; print(json.dumps(sys.path[1:]))"],
                                capture_output=True, text=True, check=True).stdout
         return dict(ctx=ctx, env=dict(os.environ), path=json.loads(fresh))     # sys.path past the script's folder
+    except (OSError, ValueError, subprocess.SubprocessError):
+        return {"ctx": None}
     finally:
         os.environ.clear()
         os.environ.update(old)
@@ -72,11 +77,10 @@ def run(script: str, args, env: dict, cwd: str, timeout: float) -> subprocess.Co
     """subprocess.run([sys.executable, script, *args], env=env, cwd=cwd, capture_output=True, text=True,
     timeout=timeout), from the warm server where `env` agrees with it on what is read at import time."""
     args = [str(a) for a in args]
-    forkserver = "forkserver" in multiprocessing.get_all_start_methods()       # not on Windows
-    if forkserver and not _server:
+    if not _server:
         _server.update(_start())
     keys = {k for k in {*env, *_server.get("env", {})} if k in IMPORT_TIME_ENV or k.startswith(IMPORT_TIME_PREFIXES)}
-    if not forkserver or any(env.get(k) != _server["env"].get(k) for k in keys):
+    if _server["ctx"] is None or any(env.get(k) != _server["env"].get(k) for k in keys):
         return subprocess.run([sys.executable, script, *args], env=env, cwd=cwd, capture_output=True, text=True,
                               timeout=timeout)
     with tempfile.TemporaryDirectory() as d:
