@@ -789,9 +789,12 @@ class MetricsLog:
     path: str
     enabled: bool = True                       # rank 0 only
 
-    def __call__(self, **fields) -> None:
-        if self.enabled:                       # the folder too: --sample --fid may name a new one
+    def __post_init__(self):                   # the folder, once: --sample --fid may name a new one
+        if self.enabled:
             os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+
+    def __call__(self, **fields) -> None:
+        if self.enabled:
             with open(self.path, "a") as f:
                 f.write(json.dumps({"time": round(time.time(), 3), **fields}) + "\n")
 

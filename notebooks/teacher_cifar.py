@@ -425,10 +425,8 @@ def evaluate(a):
         else:
             imgs, labels = generate(a, row)
         t_gen = time.time() - t0
-        kept = []                                               # the features too: within-class diversity
-        mu, sig = train_cifar.feature_stats((imgs[i:i + 100] for i in range(0, len(imgs), 100)),
-                                            lambda b: kept.append(features(b)) or kept[-1])
-        feats = torch.cat(kept)
+        feats = torch.cat([features(imgs[i:i + 100]) for i in range(0, len(imgs), 100)])   # once: FID, diversity
+        mu, sig = train_cifar.feature_stats([feats], lambda f: f)
         with torch.no_grad():
             acc = (clf(to_unit(imgs)).argmax(1) == labels).float().mean().item()
         np.savez(os.path.join(a.out, f"stats-{name}-n{a.n}.npz"), mu=mu, sigma=sig)
