@@ -212,7 +212,8 @@ def self_cooperative_samples(G: nn.Module, x_tD: Tensor, t_D: Tensor, x_tC: Tens
     consistency target (step 3), as ONE batched forward; real is None without a D."""
     if not with_real:
         return None, predict_x0(G, x_tC, t_C, c, sched, cfg)
-    both = predict_x0(G, torch.cat([x_tD, x_tC]), torch.cat([t_D, t_C]), cat_cond(c, c), sched, cfg)
+    c2 = map_cond(lambda v: torch.cat([v, v]), c)              # c for both halves of the batch
+    both = predict_x0(G, torch.cat([x_tD, x_tC]), torch.cat([t_D, t_C]), c2, sched, cfg)
     return both.chunk(2)
 
 def discriminator_loss(logits_real: Optional[Tensor], logits_fake: Optional[Tensor],
@@ -225,10 +226,8 @@ def discriminator_loss(logits_real: Optional[Tensor], logits_fake: Optional[Tens
 def generator_loss(D: nn.Module, x0_hat: Tensor, target: Tensor, x0: Tensor, t: Tensor,
                    t_C: Tensor, c, *, sched: NoiseSchedule, cfg: YOSOConfig, distance: Callable) -> dict:
     """L_G and its three terms per sample (Sec. 2 step 3); x0_hat = G(x_t, t) with its graph."""
-    if cfg.lambda_adv > 0:                                       # softplus(−D(x̂, t))
-        L_adv = logistic_loss(D(x0_hat, t, c), True, cfg.gan_loss == "batch_mean")
-    else:                                                        # λ_adv = 0: no D (ablation)
-        L_adv = torch.zeros(len(t), device=t.device)
+    L_adv = (logistic_loss(D(x0_hat, t, c), True, cfg.gan_loss == "batch_mean")   # softplus(−D(x̂, t))
+             if cfg.lambda_adv > 0 else torch.zeros(len(t), device=t.device))  # λ_adv = 0: no D
     w_con = consistency_weight(t, t_C, sched, cfg.gamma)
     w_rec = reconstruction_weight(t, sched, cfg.gamma, cfg.rec_weight)
     L_con = w_con * distance(x0_hat, target, c)                  # w_con d(x̂, sg G(x_tC, t_C))
@@ -307,7 +306,7 @@ def weighted_mse(a: Tensor, b: Tensor, w: Optional[Tensor] = None) -> Tensor:
 def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
     """Sinusoidal embedding of integer steps t (B,) -> (B, dim)."""
     half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device) / half)
     args = t.float()[:, None] * freqs[None]
     return torch.cat([args.cos(), args.sin()], dim=1)
 
@@ -315,17 +314,16 @@ class DiscriminatorHead(nn.Module):
     """The released head (Sec. 4.2): GroupNorm → SiLU → attention pooling → SiLU → Linear(·, 1);
     feature map (B, C, H, W) or tokens (B, N, C) -> logits (B,). Pooling is CLIP's AttentionPool2d:
     the mean token, put first, queries all N + 1 tokens, a LEARNED positional embedding added (so
-    N is fixed: `grid` tokens); the result is projected to `out_dim`."""
+    N is fixed: `grid` tokens); the result is projected to 512 dims."""
 
-    def __init__(self, channels: int, grid: int, head_channels: int = 16, out_dim: int = 512,
-                 groups: int = 32):
+    def __init__(self, channels: int, grid: int):
         super().__init__()
-        self.norm = nn.GroupNorm(math.gcd(groups, channels), channels)
+        self.norm = nn.GroupNorm(math.gcd(32, channels), channels)
         self.pos = nn.Parameter(torch.randn(grid + 1, channels) / channels ** 0.5)   # row 0: mean
         self.qkv = nn.Linear(channels, 3 * channels)           # released: a 1x1 Conv1d, same map
-        self.heads = max(1, channels // head_channels)         # released: 1280 / 16 = 80 heads
-        self.proj = nn.Linear(channels, out_dim)
-        self.fc = nn.Linear(out_dim, 1)
+        self.heads = max(1, channels // 16)                    # released: 1280 / 16 = 80 heads
+        self.proj = nn.Linear(channels, 512)                   # released: output_dim 512
+        self.fc = nn.Linear(512, 1)
 
     def forward(self, h: Tensor) -> Tensor:
         h = h.flatten(2) if h.ndim == 4 else h.transpose(1, 2)   # (B, C, N)
@@ -424,18 +422,15 @@ def unwrap(module: nn.Module) -> nn.Module:
     """The module inside DistributedDataParallel (or the module itself)."""
     return getattr(module, "module", module)
 
-def cat_cond(*conds):
-    """Concatenate conditionings along the batch: None, a tensor, or a dict of tensors."""
-    if isinstance(conds[0], dict):
-        return {k: cat_cond(*(c[k] for c in conds)) for k in conds[0]}
-    return None if conds[0] is None else torch.cat(conds)
-
-def split_cond(cond, n: int):
-    """Split a conditioning into n equal micro-batches (inverse of cat_cond)."""
+def map_cond(fn: Callable, cond):
+    """fn on each tensor of a conditioning: None, a tensor, or a (nested) dict of tensors."""
     if isinstance(cond, dict):
-        parts = {k: split_cond(v, n) for k, v in cond.items()}
-        return [{k: parts[k][i] for k in cond} for i in range(n)]
-    return [None] * n if cond is None else list(cond.chunk(n))
+        return {k: map_cond(fn, v) for k, v in cond.items()}
+    return None if cond is None else fn(cond)
+
+def split_cond(cond, n: int) -> list:
+    """A conditioning (or a dict of a micro-batch's inputs) as n equal micro-batches."""
+    return [map_cond(lambda v: v.chunk(n)[i], cond) for i in range(n)]
 
 def train_step(G: nn.Module, D: nn.Module, opt_G, opt_D, x0: Tensor, cond=None, *,
                sched: NoiseSchedule, cfg: YOSOConfig, G_ema: Optional[nn.Module] = None,
@@ -448,8 +443,7 @@ def train_step(G: nn.Module, D: nn.Module, opt_G, opt_D, x0: Tensor, cond=None, 
     (recomputed in the G step when grad_accum > 1). G, D may be DDP-wrapped; scaler_G/D: fp16
     GradScalers; `step` times the lazy R1. Returns diagnostics."""
     device = x0.device
-    autocast = lambda: torch.autocast(device.type, dtype=amp_dtype or torch.float32,
-                                      enabled=amp_dtype is not None)
+    autocast = lambda: torch.autocast(device.type, amp_dtype, enabled=amp_dtype is not None)
     G_plain, D_plain = unwrap(G), unwrap(D)
     batch_mean = cfg.gan_loss == "batch_mean"
     keep_graph = grad_accum == 1
@@ -457,7 +451,7 @@ def train_step(G: nn.Module, D: nn.Module, opt_G, opt_D, x0: Tensor, cond=None, 
     # DDP all-reduces gradients on a backward outside no_sync: only the last micro-batch's
     no_sync = lambda m, last=False: m.no_sync() if hasattr(m, "no_sync") and not last \
         else contextlib.nullcontext()
-    names = ["loss_D", "D_real", "D_fake", "L_adv", "L_con", "L_rec", "loss_G"] + (["R1"] if cfg.r1_gamma > 0 else [])
+    names = "loss_D D_real D_fake L_adv L_con L_rec loss_G".split() + ["R1"] * (cfg.r1_gamma > 0)
     stats = dict.fromkeys(names, torch.zeros((), device=device))   # micro-batch means, on device
 
     def add(**figures):
@@ -472,12 +466,10 @@ def train_step(G: nn.Module, D: nn.Module, opt_G, opt_D, x0: Tensor, cond=None, 
     t, eps = (v.to(device) for v in noise)
     t_D, t_C = noise_levels(t, cfg)
     full = dict(x0=x0, t=t, t_D=t_D, t_C=t_C, x_t=sched.add_noise(x0, eps, t),
-                x_tD=sched.add_noise(x0, eps, t_D), x_tC=sched.add_noise(x0, eps, t_C))
+                x_tD=sched.add_noise(x0, eps, t_D), x_tC=sched.add_noise(x0, eps, t_C), c=cond)
     if x0.shape[0] % grad_accum:
         raise ValueError(f"batch {x0.shape[0]} is not divisible by grad_accum={grad_accum}")
-    parts = {k: v.chunk(grad_accum) for k, v in full.items()}
-    conds = split_cond(cond, grad_accum)
-    micro = [{k: parts[k][i] for k in parts} | {"c": c} for i, c in enumerate(conds)]
+    micro = split_cond(full, grad_accum)                       # [{x0, t, ..., c}] per micro-batch
 
     # --- 2. D step: L_D's real term, then its fake term, each backward at once --------------------
     use_D = cfg.lambda_adv > 0                                 # λ_adv = 0: the no-D ablation
@@ -502,6 +494,7 @@ def train_step(G: nn.Module, D: nn.Module, opt_G, opt_D, x0: Tensor, cond=None, 
                         loss_real = loss_real + cfg.r1_every * r1
                         add(R1=r1)
                 scale(loss_real / grad_accum, scaler_D).backward()
+            add(loss_D=loss_real, D_real=logits_real.float().mean())
         with torch.set_grad_enabled(keep_graph), autocast():  # G(x_t): D's fake now, x̂ later
             x0_hat = predict_x0(G, m["x_t"], m["t"], m["c"], sched, cfg)
         m["x0_hat"] = x0_hat if keep_graph else None
@@ -512,16 +505,12 @@ def train_step(G: nn.Module, D: nn.Module, opt_G, opt_D, x0: Tensor, cond=None, 
         # (batch_mean's softplus of the mean logit does not split: it runs whole).
         pieces = min(2, B) if keep_graph and not batch_mean else 1
         halves = zip(x0_hat.detach().chunk(pieces), m["t"].chunk(pieces), split_cond(m["c"], pieces))
-        loss_fake, sum_fake = 0.0, 0.0
         for j, (fake, t_j, c_j) in enumerate(halves):
             with no_sync(D, i * pieces + j == grad_accum * pieces - 1), autocast():
                 logits_fake = D(fake, t_j, c_j)
                 loss = discriminator_loss(None, logits_fake, batch_mean).mean() * (len(fake) / B)
             scale(loss / grad_accum, scaler_D).backward()
-            loss_fake = loss_fake + loss.detach()
-            sum_fake = sum_fake + logits_fake.detach().float().sum()
-        add(loss_D=loss_real.detach() + loss_fake, D_real=logits_real.detach().float().mean(),
-            D_fake=sum_fake / B)
+            add(loss_D=loss, D_fake=logits_fake.float().sum() / B)
     grad_norm_D = optimizer_step(opt_D, D.parameters(), scaler_D, max_norm=None) if use_D else 0.0
 
     # --- 3. G step: D frozen (its plain module, so DDP does not wait for D's gradients) -----------
@@ -549,7 +538,6 @@ def train_step(G: nn.Module, D: nn.Module, opt_G, opt_D, x0: Tensor, cond=None, 
 def optimizer_step(opt, params, scaler, max_norm: Optional[float]) -> float:
     """Unscale, clip (when max_norm) and step, unless the gradient is non-finite: then the step is
     skipped, so a NaN / inf never reaches the weights (Sec. 2 step 4). Returns the grad norm."""
-    params = [p for p in params if p.grad is not None]
     if scaler is not None:
         scaler.unscale_(opt)
     norm = float(torch.nn.utils.clip_grad_norm_(params, math.inf if max_norm is None else max_norm))
@@ -564,7 +552,7 @@ def optimizer_step(opt, params, scaler, max_norm: Optional[float]) -> float:
 @torch.no_grad()
 def ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
     """θ_ema ← decay·θ_ema + (1 − decay)·θ as ONE multi-tensor op; buffers (norm stats) copied."""
-    torch._foreach_lerp_(list(ema.parameters()), [p.detach() for p in model.parameters()], 1.0 - decay)
+    torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1.0 - decay)
     for b_ema, b in zip(ema.buffers(), model.buffers()):
         b_ema.copy_(b)
 
@@ -672,17 +660,8 @@ def save_checkpoint(path: str, step: int, modules: dict, optimizers: dict, extra
     os.replace(path + ".tmp", path)
 
 def read_checkpoint(path: str) -> dict:
-    """{step, extra, modules, optimizers}, memory-mapped; a cut-off or foreign file is a UserError.
-    A *.safetensors one (before 2026-12-03) holds weights and meta: it samples, it cannot resume."""
+    """{step, extra, modules, optimizers}, memory-mapped; a cut-off or foreign file: UserError."""
     try:
-        if path.endswith(".safetensors"):
-            from safetensors import safe_open
-            with safe_open(path, "pt") as f:
-                meta, modules = json.loads(f.metadata()["yoso"]), {}
-                for k in f.keys():
-                    name, _, key = k.partition("/")
-                    modules.setdefault(name, {})[key] = f.get_tensor(k)
-            return dict(step=meta["step"], extra=meta["extra"], modules=modules, optimizers={})
         ckpt = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
         if isinstance(ckpt, dict) and {"step", "extra", "modules"} <= ckpt.keys():
             return ckpt
@@ -840,14 +819,6 @@ def run_cli(body: Callable[[], int]) -> int:
                 os._exit(code)
     return code
 
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """A script's `precision`; "auto": bf16 where it runs natively (a bf16 GPU; a CPU with
-    avx512_bf16 or AMX: ~0.66x fp32's step there, ~20x slower without), else fp32."""
-    probes = ("avx512_bf16", "amx_tile")               # torch.cpu's; an older torch: none, fp32
-    native = torch.cuda.is_bf16_supported() if device.type == "cuda" else \
-        any(getattr(torch.cpu, f"_is_{k}_supported", bool)() for k in probes)
-    return precision if precision != "auto" else "bf16" if native else "fp32"
-
 def to_uint8(images: Tensor) -> Tensor:
     return ((images.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
 
@@ -887,9 +858,7 @@ def feature_diversity(feats: Tensor) -> float:
 def token_tiling(images: Tensor, block: int) -> float:
     """Mean cosine similarity over images and pairs of block x block tiles (each minus its mean),
     a tile per latent token (block = VAE factor x patch): ~0 if unrelated, 1 if all show one."""
-    B, C, H, W = images.shape
-    x = images.float().reshape(B, C, H // block, block, W // block, block)
-    x = x.permute(0, 2, 4, 1, 3, 5).reshape(B, -1, C * block * block)   # (B, tiles, tile pixels)
+    x = F.unfold(images.float(), block, stride=block).mT.contiguous()   # (B, tiles, tile pixels)
     x = F.normalize(x - x.mean(2, keepdim=True), dim=2)
     off_diagonal = ~torch.eye(x.shape[1], dtype=torch.bool, device=x.device)
     return (x @ x.transpose(1, 2))[:, off_diagonal].mean().item()
@@ -1020,11 +989,8 @@ def step_noise(batch: int, shape: tuple, T: int, step: int, seed: int, dist: Dis
 
 def config_keys(cfg) -> list:
     """The --set keys of a config dataclass (SUB.KEY for a nested one)."""
-    keys = []
-    for f in dataclasses.fields(cfg):
-        value = getattr(cfg, f.name)
-        keys += [f"{f.name}.{k}" for k in config_keys(value)] if dataclasses.is_dataclass(value) else [f.name]
-    return keys
+    nested = lambda v: [f".{k}" for k in config_keys(v)] if dataclasses.is_dataclass(v) else [""]
+    return [f.name + k for f in dataclasses.fields(cfg) for k in nested(getattr(cfg, f.name))]
 
 def apply_overrides(cfg, items):
     """`--set KEY=VALUE` items onto a config dataclass (KEY may be SUB.KEY: yoso.lr). Values are
